@@ -1,0 +1,23 @@
+"""Registry of on-disk formats by name."""
+from __future__ import annotations
+
+from ..errors import SpecError
+from .base import Format
+from .gptq import GPTQFormat
+
+FORMATS: dict[str, type[Format]] = {GPTQFormat.name: GPTQFormat}
+
+
+def get_format(name: str) -> type[Format]:
+    if name not in FORMATS:
+        raise SpecError(f"unknown format {name!r}", f"choose one of {', '.join(sorted(FORMATS))}")
+    return FORMATS[name]
+
+
+def format_for_config(qconfig: dict) -> type[Format]:
+    """The reader for a checkpoint's `quantization_config`."""
+    method = str(qconfig.get("quant_method", "")).lower()
+    if method not in FORMATS:
+        raise SpecError(f"quant_method {method!r} is not a format this tool reads",
+                        f"readable: {', '.join(sorted(FORMATS))}")
+    return FORMATS[method]

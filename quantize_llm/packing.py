@@ -1,0 +1,76 @@
+"""Pure bit packing into int32 words (FORMATS.md §1.4).
+
+The GPTQ rule, used along either dimension: split the codes along the packed dimension into blocks
+of 32; each block is a 32*bits-bit little-endian string (code k at bits [k*bits, (k+1)*bits)) cut
+into `bits` consecutive int32 words. For 2/4/8 bits no code straddles a word; for 3 bits codes 10
+and 21 of each block do.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MASK32 = (1 << 32) - 1
+
+
+def _to_int32(words: Tensor) -> Tensor:
+    """Unsigned 32-bit values held in int64 -> the same bits as int32 (two's complement)."""
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Number of words that hold `n` codes; n must fill whole words (whole blocks for 3 bits)."""
+    if bits == 3:
+        if n % 32:
+            raise ValueError(f"3-bit packing needs a multiple of 32 values, got {n}")
+        return n // 32 * 3
+    if (n * bits) % 32:
+        raise ValueError(f"{bits}-bit packing needs a multiple of {32 // bits} values, got {n}")
+    return n * bits // 32
+
+
+def pack_int32(codes: Tensor, bits: int, dim: int = 0) -> Tensor:
+    """Pack unsigned codes (< 2^bits) of a 2-D tensor along `dim` into int32 words.
+
+    codes (n, m) with dim=0 -> (n*bits/32, m); with dim=1, (m, n) -> (m, n*bits/32).
+    Does not modify `codes`.
+    """
+    if dim == 1:
+        return pack_int32(codes.t(), bits, 0).t().contiguous()
+    n, m = codes.shape
+    n_words = packed_length(n, bits)
+    if n % 32:  # 2/4/8 bits: pad to whole blocks, then drop the words that hold only padding
+        codes = torch.cat([codes, codes.new_zeros(32 - n % 32, m)])
+    c = codes.to(torch.int64).reshape(-1, 32, m)                        # (blocks, 32, m)
+    words = torch.zeros(c.shape[0], bits, m, dtype=torch.int64, device=codes.device)
+    for k in range(32):
+        start = k * bits                                                # bit offset in the string
+        j, off = divmod(start, 32)
+        words[:, j] |= (c[:, k] << off) & _MASK32
+        if off + bits > 32:                                             # straddles into word j+1
+            words[:, j + 1] |= c[:, k] >> (32 - off)
+    return _to_int32(words.reshape(-1, m)[:n_words]).contiguous()
+
+
+def unpack_int32(words: Tensor, bits: int, n: int, dim: int = 0) -> Tensor:
+    """Inverse of `pack_int32`: int32 words -> uint8 codes, `n` codes along `dim`."""
+    if dim == 1:
+        return unpack_int32(words.t(), bits, n, 0).t().contiguous()
+    m = words.shape[1]
+    if words.shape[0] != packed_length(n, bits):
+        raise ValueError(f"{words.shape[0]} words cannot hold {n} {bits}-bit codes")
+    w = words.to(torch.int64) & _MASK32
+    n_blocks = -(-n // 32)
+    full = n_blocks * bits
+    if w.shape[0] < full:
+        w = torch.cat([w, w.new_zeros(full - w.shape[0], m)])
+    w = w.reshape(n_blocks, bits, m)                                    # (blocks, bits, m)
+    out = torch.empty(n_blocks, 32, m, dtype=torch.int64, device=words.device)
+    mask = (1 << bits) - 1
+    for k in range(32):
+        j, off = divmod(k * bits, 32)
+        v = w[:, j] >> off
+        if off + bits > 32:
+            v = v | (w[:, j + 1] << (32 - off))
+        out[:, k] = v & mask
+    return out.reshape(-1, m)[:n].to(torch.uint8).contiguous()

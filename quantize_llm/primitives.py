@@ -1,0 +1,103 @@
+"""Pure per-group math for integer grids: parameters, codes, dequantization.
+
+Nothing here holds a module, a file or a device: tensors in, new tensors out, inputs untouched.
+Conventions (FORMATS.md §1.3): codes are unsigned in [0, 2^bits); `zero` is in the integer domain;
+`w' = scale * (code - zero)`. Scales are rounded to float16 (the formats' contract) *before* codes
+are computed, so the dequantized weight is exactly what every reader of the checkpoint will see.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FP16_TINY = 2.0 ** -24   # smallest positive float16 (subnormal): a scale never rounds to 0 below it
+FP16_MAX = 65504.0
+
+
+def minmax_params(w: Tensor, bits: int, sym: bool, min_zero: int = 0) -> tuple[Tensor, Tensor]:
+    """Scale and zero per row of `w` (rows, n), min/max with 0 forced into the range.
+
+    Returns `scale` float16 (rows,) and `zero` int32 (rows,). Does not modify `w`.
+    sym: zero = 2^(bits-1), scale = 2*amax / maxq. asym: scale = (max - min) / maxq,
+    zero = round(-min / scale) clamped to [min_zero, maxq]; when the clamp raises the zero (only
+    possible with min_zero > 0, e.g. GPTQ v1 cannot store 0), the scale is recomputed so that the
+    group's maximum stays representable with that zero.
+    """
+    maxq = 2 ** bits - 1
+    w = w.float()
+    xmin = w.amin(dim=1).clamp(max=0)                                   # (rows,)
+    xmax = w.amax(dim=1).clamp(min=0)                                   # (rows,)
+    empty = (xmin == 0) & (xmax == 0)
+    # An all-zero group would give scale 0; (-1, 1) dequantizes it exactly to zeros anyway.
+    xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    if sym:
+        amax = torch.maximum(xmin.abs(), xmax)
+        scale = 2 * amax / maxq
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        scale = (xmax - xmin) / maxq
+        zero = torch.round(-xmin / scale)
+        raised = zero < min_zero
+        zero = zero.clamp(min_zero, maxq)
+        scale = torch.where(raised, xmax / (maxq - zero), scale)
+    return to_fp16_scale(scale), zero.to(torch.int32)
+
+
+def to_fp16_scale(scale: Tensor) -> Tensor:
+    """Round a positive float scale to float16, never to 0 or inf (overflow raises ValueError)."""
+    if bool((scale > FP16_MAX).any()):
+        raise ValueError(f"a scale of {float(scale.max()):.4g} exceeds the float16 range")
+    return scale.clamp(min=FP16_TINY).to(torch.float16)
+
+
+def expand_groups(t: Tensor, g_idx: Tensor) -> Tensor:
+    """Per-group tensor (out, G) -> per-column (out, in) by `g_idx` (in,)."""
+    return t.index_select(1, g_idx.long())
+
+
+def default_g_idx(in_features: int, group_size: int, device: torch.device | None = None) -> Tensor:
+    """g_idx[i] = i // group_size (group_size -1 = one group): the order without act-order."""
+    gs = in_features if group_size == -1 else group_size
+    return (torch.arange(in_features, device=device) // gs).to(torch.int32)
+
+
+def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor, bits: int) -> Tensor:
+    """Codes uint8 (out, in) = clamp(round(w / scale) + zero, 0, maxq), per column's group.
+
+    `w` (out, in) float; `scale` float16 (out, G); `zero` int32 (out, G); `g_idx` int32 (in,).
+    """
+    s = expand_groups(scale, g_idx).float()                             # (out, in)
+    z = expand_groups(zero, g_idx).float()                              # (out, in)
+    q = torch.round(w.float() / s) + z
+    return q.clamp(0, 2 ** bits - 1).to(torch.uint8)
+
+
+def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """w' = scale * (code - zero) per column's group; (out, in) in `dtype`.
+
+    Exact in float32: a float16 scale times an integer below 2^9 needs at most 20 mantissa bits.
+    """
+    s = expand_groups(scale, g_idx).to(dtype)                           # (out, in)
+    z = expand_groups(zero, g_idx).to(dtype)                            # (out, in)
+    return (codes.to(dtype) - z) * s
+
+
+def rtn_group_params(w: Tensor, bits: int, group_size: int, sym: bool,
+                     min_zero: int = 0) -> tuple[Tensor, Tensor]:
+    """Min-max scale and zero for consecutive groups of `w` (out, in); a partial last group is fine.
+
+    Returns `scale` float16 (out, G) and `zero` int32 (out, G). Does not modify `w`.
+    """
+    out_features, in_features = w.shape
+    gs = in_features if group_size == -1 else group_size
+    n_groups = -(-in_features // gs)
+    pad = n_groups * gs - in_features
+    w = w.float()
+    if pad:
+        # Repeating the last column keeps the partial group's min and max unchanged.
+        w = torch.cat([w, w[:, -1:].expand(out_features, pad)], dim=1)  # (out, G*gs)
+    rows = w.reshape(out_features * n_groups, gs)                       # (out*G, gs)
+    scale, zero = minmax_params(rows, bits, sym, min_zero)
+    return scale.view(out_features, n_groups), zero.view(out_features, n_groups)

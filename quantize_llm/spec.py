@@ -1,0 +1,80 @@
+"""QuantSpec: what the stored numbers look like, validated before any model is touched."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import SpecError
+
+INT_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How every quantized Linear is stored (independent of how the numbers were chosen).
+
+    Algorithm knobs (GPTQ damping, AWQ grid, ...) live in each algorithm's own Options class.
+    """
+
+    method: str = "rtn"                   # algorithm name in the registry (algorithms/__init__.py)
+    bits: int = 4                         # bits per integer code: 2, 3, 4 or 8
+    group_size: int = 128                 # weights per scale along in_features; -1 = per output channel
+    sym: bool = True                      # symmetric grid: zero fixed at 2^(bits-1)
+    act_order: bool = False               # whether a non-trivial g_idx may be stored
+    format: str = "gptq"                  # on-disk format name in the registry (formats/__init__.py)
+    min_zero: int = 0                     # smallest storable integer zero (GPTQ v1 cannot store 0)
+    keep_dense: tuple[str, ...] = field(default=())  # regexes: Linears matching stay unquantized
+
+    def __post_init__(self) -> None:
+        if self.bits not in INT_BITS:
+            raise SpecError(f"--bits {self.bits} is not supported",
+                            f"choose one of {', '.join(map(str, INT_BITS))}; 4 is the usual choice")
+        if self.group_size == 0 or self.group_size < -1:
+            raise SpecError(f"--group-size {self.group_size} is not valid",
+                            "use a positive number of weights per group (128 is typical) or -1 for per channel")
+        if not 0 <= self.min_zero < 2 ** self.bits - 1:
+            raise SpecError(f"min_zero {self.min_zero} is outside [0, {2 ** self.bits - 2}]")
+        object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
+        for pattern in self.keep_dense:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise SpecError(f"--keep-dense {pattern!r} is not a valid regular expression: {exc}",
+                                "quote the pattern, e.g. --keep-dense 'mlp\\.down_proj'") from None
+
+    @property
+    def maxq(self) -> int:
+        """Largest integer code: 2^bits - 1."""
+        return 2 ** self.bits - 1
+
+    def n_groups(self, in_features: int) -> int:
+        """Number of groups along in_features; the last one may be partial."""
+        if self.group_size == -1:
+            return 1
+        return -(-in_features // self.group_size)
+
+    def effective_group_size(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def is_dense(self, module_name: str) -> bool:
+        """True when `module_name` matches a --keep-dense pattern (re.search)."""
+        return any(re.search(p, module_name) for p in self.keep_dense)
+
+    def replace(self, **changes: Any) -> "QuantSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["keep_dense"] = list(self.keep_dense)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"unknown setting(s) {', '.join(unknown)}",
+                            f"known settings are {', '.join(sorted(known))}")
+        return cls(**dict(data))
