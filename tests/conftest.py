@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random checkpoints per architecture, built from transformers configs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# Every width is a multiple of 32 (the GPTQ layout needs it); two blocks keep tests fast.
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+TINY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(COMMON, tie_word_embeddings=False)),
+    "llama-tied": ("LlamaConfig", dict(COMMON, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(COMMON)),
+    "qwen2": ("Qwen2Config", dict(COMMON)),
+    "qwen3": ("Qwen3Config", dict(COMMON, head_dim=16)),
+    "gemma": ("GemmaConfig", dict(COMMON, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(COMMON, head_dim=16, sliding_window=64)),
+    "gemma3": ("Gemma3TextConfig", dict(COMMON, head_dim=16, sliding_window=64)),
+    "phi3": ("Phi3Config", dict(COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "opt": ("OPTConfig", dict(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                              num_attention_heads=4, max_position_embeddings=256,
+                              word_embed_proj_dim=64, pad_token_id=1)),
+}
+ARCHS = [a for a in TINY_CONFIGS if a != "llama-tied"]
+
+
+def build_tiny(arch: str, folder: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+               max_shard_size: str | None = None, tokenizer: bool = True) -> Path:
+    """Save a randomly initialised tiny model of `arch` (with a byte tokenizer) into `folder`."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls_name, kwargs = TINY_CONFIGS[arch]
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():  # random init is tiny; widen it so quantization error is visible
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0, 0.08)
+    folder.mkdir(parents=True, exist_ok=True)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kw)
+    if tokenizer:
+        byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def byte_tokenizer():
+    """A 256-token byte-level tokenizer (no merges), enough to run eval on tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> Callable[..., Path]:
+    """tiny_model(arch, **kw) -> folder of a saved tiny checkpoint (see build_tiny)."""
+    counter = iter(range(1000))
+
+    def make(arch: str = "llama", **kw) -> Path:
+        return build_tiny(arch, tmp_path / f"{arch}-src{next(counter)}", **kw)
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never reach the hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
