@@ -24,9 +24,10 @@ def minmax_params(w: Tensor, bits: int, sym: bool, min_zero: int = 0) -> tuple[T
     group's maximum stays representable with that zero.
     """
     maxq = 2 ** bits - 1
-    w = w.float()
-    xmin = w.amin(dim=1).clamp(max=0)                                   # (rows,)
-    xmax = w.amax(dim=1).clamp(min=0)                                   # (rows,)
+    # min/max are exact in float32; the arithmetic on them runs in float64 so that the float16
+    # scale and the rounded zero do not depend on float32 rounding at a tie.
+    xmin = w.float().amin(dim=1).clamp(max=0).double()                 # (rows,)
+    xmax = w.float().amax(dim=1).clamp(min=0).double()                 # (rows,)
     empty = (xmin == 0) & (xmax == 0)
     # An all-zero group would give scale 0; (-1, 1) dequantizes it exactly to zeros anyway.
     xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)

@@ -1,0 +1,278 @@
+"""Write a checkpoint folder: safetensors shards, the index, config.json, then one atomic rename.
+
+The only module that knows about shards, the index file, the temp folder and the rename
+(FORMATS.md §5). Tensors are streamed: `add` appends a tensor's bytes to per-shard temporary data
+files (one per alignment class, so the final buffer needs no padding) and forgets them; closing a
+shard writes the header and concatenates those files. Nothing appears at OUT until `finish` renames
+the finished temp folder into place; any failure before that leaves OUT as it was.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import torch
+from torch import Tensor
+
+from ..errors import OutputError
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+_ALIGNMENTS = (8, 4, 2, 1)                        # data buffer order: descending itemsize (§5.1)
+_COPY_CHUNK = 16 * 1024**2
+_OVERWRITE_HINT = "pass --overwrite to replace it, or choose another -o"
+
+# torch dtype -> safetensors dtype string (§5.1); the optional ones exist only in newer torch.
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+    torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float32: "F32", torch.float64: "F64", torch.complex64: "C64",
+}
+for _attr, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
+                     ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
+                     ("float8_e8m0fnu", "F8_E8M0"), ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+                     ("float8_e5m2fnuz", "F8_E5M2FNUZ")):
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[getattr(torch, _attr)] = _code
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+class _Shard:
+    """One shard being written: a buffered temp data file per alignment class, plus the metadata."""
+
+    def __init__(self, folder: Path, index: int) -> None:
+        self.folder, self.index = folder, index
+        self.files: dict[int, BinaryIO] = {}
+        # per alignment class, in append order: (name, safetensors dtype, shape, byte length)
+        self.entries: dict[int, list[tuple[str, str, list[int], int]]] = {a: [] for a in _ALIGNMENTS}
+        self.nbytes = 0
+
+    def data_path(self, align: int) -> Path:
+        return self.folder / f"shard-{self.index:05d}.align{align}.bin"
+
+    def append(self, name: str, dtype: str, shape: list[int], data: memoryview, align: int) -> None:
+        if align not in self.files:
+            self.files[align] = open(self.data_path(align), "wb", buffering=1024**2)
+        self.files[align].write(data)
+        self.entries[align].append((name, dtype, shape, len(data)))
+        self.nbytes += len(data)
+
+    def close(self, path: Path) -> None:
+        """Write the safetensors file at `path` (header, then data by descending alignment)."""
+        for f in self.files.values():
+            f.close()
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for align in _ALIGNMENTS:                  # each class's total is a multiple of the next one's
+            for name, dtype, shape, length in self.entries[align]:
+                header[name] = {"dtype": dtype, "shape": shape,
+                                "data_offsets": [offset, offset + length]}
+                offset += length
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)            # §5.4.2: pad with spaces so the buffer is 8-aligned
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(text)))
+            out.write(text)
+            for align in _ALIGNMENTS:
+                if align in self.files:
+                    with open(self.data_path(align), "rb") as src:
+                        shutil.copyfileobj(src, out, _COPY_CHUNK)
+        self.discard()
+
+    def discard(self) -> None:
+        for align, f in self.files.items():
+            f.close()
+            self.data_path(align).unlink(missing_ok=True)
+        self.files = {}
+
+
+class CheckpointWriter:
+    """Stream tensors into safetensors shards inside a temp folder next to `out`; rename on finish.
+
+    with CheckpointWriter(out, overwrite=False, max_shard_bytes=2 * 1024**3) as w:
+        w.add("model.embed_tokens.weight", tensor)      # any device, dtype, layout; bytes not kept
+        ...
+        w.finish(config=config_dict, files={"quantize_config.json": text})
+
+    Raises OutputError up front when OUT exists (without overwrite) or is a file, when its parent
+    is missing or not writable, or when `expected_bytes` (x1.1) exceed the free space. Leaving the
+    block by an exception (KeyboardInterrupt included) or without `finish` removes the temp folder.
+    """
+
+    def __init__(self, out: Path | str, *, overwrite: bool = False,
+                 max_shard_bytes: int = 2 * 1024**3, expected_bytes: int | None = None) -> None:
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.out = out = Path(out).absolute()
+        self.overwrite, self.max_shard_bytes = overwrite, max_shard_bytes
+        parent = out.parent
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out} is a file, not a folder", "choose another -o")
+        if out.exists() and not overwrite:
+            raise OutputError(f"{out} already exists", _OVERWRITE_HINT)
+        if not parent.is_dir():
+            raise OutputError(f"the parent folder {parent} does not exist or is not a folder",
+                              "create it first, or choose another -o")
+        if expected_bytes is not None:
+            free, need = shutil.disk_usage(parent).free, int(expected_bytes * 1.1)
+            if free < need:
+                raise OutputError(f"not enough disk space in {parent}: the checkpoint needs about "
+                                  f"{_gib(need)}, {_gib(free)} is free",
+                                  "free some space, or choose another -o")
+        try:
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        except OSError as e:
+            raise OutputError(f"cannot write into {parent}: {e.strerror}",
+                              "choose a writable folder with -o") from None
+        self._shard = _Shard(self._tmp, 1)
+        self._shard_paths: list[Path] = []         # closed shards, provisional names in the temp folder
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (1-based shard index, bytes)
+        self._total = 0
+        self._final_names: list[str] = []
+        self._done = False
+
+    # --- context manager -------------------------------------------------------------------------
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if not self._done:
+            if exc_type is None:
+                log.warning("checkpoint for %s abandoned: finish() was never called", self.out)
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop everything written so far; OUT is untouched. Safe to call more than once."""
+        self._shard.discard()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._done = True
+
+    # --- properties --------------------------------------------------------------------------------
+    @property
+    def tmp_dir(self) -> Path:
+        return self._tmp
+
+    @property
+    def total_bytes(self) -> int:
+        """Tensor bytes added so far (the index's `total_size`; headers excluded)."""
+        return self._total
+
+    @property
+    def shard_files(self) -> list[str]:
+        """Final shard file names; empty until `finish` has run."""
+        return list(self._final_names)
+
+    def sizes_by_name(self) -> dict[str, int]:
+        """Bytes of each tensor added so far, by name."""
+        return {name: size for name, (_, size) in self._where.items()}
+
+    # --- writing -----------------------------------------------------------------------------------
+    def add(self, name: str, tensor: Tensor) -> None:
+        """Append `tensor` (any device/layout; not modified) to the current shard as `name`."""
+        if self._done:
+            raise RuntimeError("this CheckpointWriter is finished or aborted")
+        if not name or name == "__metadata__":
+            raise ValueError(f"invalid tensor name {name!r}")
+        if name in self._where:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
+        align = min(tensor.element_size(), 8)
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._shard.nbytes and self._shard.nbytes + nbytes > self.max_shard_bytes:
+            self._close_shard()
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,): C order (§5.4.4)
+        data = memoryview(t.view(torch.uint8).numpy())          # (nbytes,) raw little-endian bytes
+        self._shard.append(name, SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), data, align)
+        self._where[name] = (self._shard.index, nbytes)
+        self._total += nbytes
+
+    def _close_shard(self) -> None:
+        path = self._tmp / f"shard-{self._shard.index:05d}.safetensors"
+        self._shard.close(path)
+        self._shard_paths.append(path)
+        self._shard = _Shard(self._tmp, self._shard.index + 1)
+
+    def finish(self, *, config: dict, files: dict[str, bytes | str | Path] | None = None) -> Path:
+        """Close the last shard, write the index, config.json and `files`, then move into OUT.
+
+        `files` maps a plain file name (no folders) to its content; a Path is copied.
+        """
+        if self._done:
+            raise RuntimeError("this CheckpointWriter is finished or aborted")
+        files = dict(files or {})
+        for fname in files:
+            if (not fname or fname in (".", "..") or "/" in fname or "\\" in fname or os.sep in fname
+                    or Path(fname).is_absolute()):
+                raise ValueError(f"extra file name {fname!r} must be a plain file name")
+            if fname in (CONFIG_FILE, INDEX_FILE) or fname.endswith(".safetensors"):
+                raise ValueError(f"extra file name {fname!r} clashes with a checkpoint file")
+        if any(self._shard.entries.values()) or not self._shard_paths:  # no tensors -> one empty file
+            self._close_shard()
+        n = len(self._shard_paths)
+        self._final_names = [SINGLE_FILE] if n == 1 else [
+            f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        for path, final in zip(self._shard_paths, self._final_names):
+            path.rename(self._tmp / final)
+        if n > 1:  # §5.3: total_size is the tensor bytes; transformers needs "metadata" to exist
+            weight_map = {k: self._final_names[i - 1] for k, (i, _) in sorted(self._where.items())}
+            index = {"metadata": {"total_size": self._total}, "weight_map": weight_map}
+            (self._tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (self._tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        for fname, content in files.items():
+            if isinstance(content, Path):
+                shutil.copy2(content, self._tmp / fname)
+            elif isinstance(content, str):
+                (self._tmp / fname).write_text(content)
+            else:
+                (self._tmp / fname).write_bytes(content)
+        self._sync()
+        self._move_into_place()
+        self._done = True
+        return self.out
+
+    def _sync(self) -> None:
+        """fsync every file and the folder, so the rename never exposes unwritten data (best effort)."""
+        for path in [*self._tmp.iterdir(), self._tmp]:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+
+    def _move_into_place(self) -> None:
+        out = self.out
+        if out.exists() or out.is_symlink():
+            if not self.overwrite:  # appeared while we were writing
+                raise OutputError(f"{out} already exists", _OVERWRITE_HINT)
+            trash = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+            os.rename(out, trash)
+            try:
+                os.rename(self._tmp, out)
+            except BaseException:
+                os.rename(trash, out)
+                raise
+            if trash.is_symlink() or not trash.is_dir():
+                trash.unlink()
+            else:
+                shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(self._tmp, out)

@@ -1,0 +1,85 @@
+"""Independent float64 / pure-Python references, used only by tests.
+
+Written from FORMATS.md's prose, not from the package's code: a different algorithm (Python
+integers and bit strings) so that a bug in quantize_llm cannot hide in both.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rtn_f64(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0):
+    """Float64 RTN per FORMATS.md §1.3 with float16 scales and GPTQ-v1's minimum zero.
+
+    Returns (codes int64 (out, in), scale float64 (out, G) holding float16 values,
+    zero int64 (out, G), quotient float64 (out, in) = w / scale, for tie detection).
+    """
+    w = w.double()
+    out_f, in_f = w.shape
+    gs = in_f if group_size == -1 else group_size
+    n_groups = math.ceil(in_f / gs)
+    maxq = 2 ** bits - 1
+    codes = torch.zeros(out_f, in_f, dtype=torch.int64)
+    quot = torch.zeros(out_f, in_f, dtype=torch.float64)
+    scale = torch.zeros(out_f, n_groups, dtype=torch.float64)
+    zero = torch.zeros(out_f, n_groups, dtype=torch.int64)
+    for g in range(n_groups):
+        cols = slice(g * gs, min((g + 1) * gs, in_f))
+        grp = w[:, cols]
+        xmin = torch.clamp(grp.min(dim=1).values, max=0)
+        xmax = torch.clamp(grp.max(dim=1).values, min=0)
+        both0 = (xmin == 0) & (xmax == 0)
+        xmin[both0], xmax[both0] = -1.0, 1.0
+        if sym:
+            amax = torch.maximum(-xmin, xmax)
+            s = 2 * amax / maxq
+            z = torch.full((out_f,), 2 ** (bits - 1), dtype=torch.float64)
+        else:
+            s = (xmax - xmin) / maxq
+            z = torch.round(-xmin / s)
+            low = z < min_zero
+            z = z.clamp(min_zero, maxq)
+            s = torch.where(low, xmax / (maxq - z), s)
+        s16 = s.to(torch.float16).double()
+        q = grp / s16[:, None]
+        quot[:, cols] = q
+        codes[:, cols] = torch.clamp(torch.round(q) + z[:, None], 0, maxq).long()
+        scale[:, g], zero[:, g] = s16, z.long()
+    return codes, scale, zero, quot
+
+
+def dequant_f64(codes, scale, zero, g_idx) -> torch.Tensor:
+    g = g_idx.long()
+    return (codes.double() - zero[:, g].double()) * scale[:, g].double()
+
+
+def unpack_column_bits(words: list[int], bits: int, n: int) -> list[int]:
+    """FORMATS.md §1.4 read literally: each block of `bits` words is one little-endian bit string."""
+    values = []
+    for block in range(math.ceil(n / 32)):
+        chunk = words[block * bits:(block + 1) * bits]
+        string = 0
+        for j, word in enumerate(chunk):
+            string |= (word & 0xFFFFFFFF) << (32 * j)
+        for k in range(32):
+            if len(values) < n:
+                values.append((string >> (k * bits)) & ((1 << bits) - 1))
+    return values
+
+
+def decode_gptq(qweight, qzeros, scales, g_idx, bits: int, v2: bool = False) -> torch.Tensor:
+    """Float64 weight (out, in) from GPTQ tensors, per FORMATS.md §1.2-1.5, one column at a time."""
+    rows, out_f = qweight.shape
+    in_f = rows * 32 // bits
+    n_groups = scales.shape[0]
+    w = torch.zeros(out_f, in_f, dtype=torch.float64)
+    zero_rows = [unpack_column_bits(qzeros[g].tolist(), bits, out_f) for g in range(n_groups)]
+    for c in range(out_f):
+        codes = unpack_column_bits(qweight[:, c].tolist(), bits, in_f)
+        for i in range(in_f):
+            g = int(g_idx[i])
+            z = zero_rows[g][c] + (0 if v2 else 1)
+            w[c, i] = float(scales[g, c]) * (codes[i] - z)
+    return w
