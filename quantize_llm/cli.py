@@ -1,0 +1,216 @@
+"""The command line: one thin function per subcommand; `main()` is the one error boundary.
+
+Exit codes: 0 done, 1 the run failed, 2 bad input, 130 interrupted.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+try:  # typer vendors its own copy of click from 0.2x on; its exceptions are the ones raised
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older typer
+    import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import QuantizeError, UsageError
+from .spec import QuantSpec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Quantize LLM weights into checkpoints that transformers "
+                  "and vLLM load.")
+
+
+class _Stdout:
+    """Results go to stdout; wide enough off a terminal that names are never cut."""
+
+    def print(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(*args, **kwargs)
+
+
+out = _Stdout()
+
+ModelArg = Annotated[str, typer.Argument(help="A local checkpoint folder, a Hugging Face hub id, or a hub cache entry.",
+                                         show_default=False)]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder to write (created atomically).",
+                                         show_default=False)]
+BitsOpt = Annotated[int, typer.Option("--bits", "-b", help="Bits per weight: 2, 3, 4 or 8.")]
+GroupSizeOpt = Annotated[int, typer.Option("--group-size", "-g", help="Weights per scale along in_features; -1 = per output channel.")]
+SymOpt = Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (zero fixed; vLLM's fast kernels) or asymmetric (per-group zero).")]
+KeepDenseOpt = Annotated[Optional[list[str]], typer.Option("--keep-dense", help="Regex of Linear names to leave unquantized (repeatable).", show_default=False)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
+ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 2GB or 500MB.")]
+LogJsonOpt = Annotated[Optional[Path], typer.Option("--log-json", help="Append one JSON event per line to this file ('-' = stdout).", show_default=False)]
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2*1000^3 bytes, '500MiB' -> 500*1024^2; a plain number is bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--max-shard-size {text!r} is not a size", "write it like 2GB or 500MB")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    size = int(float(m.group(1)) * base ** power)
+    if size <= 0:
+        raise UsageError(f"--max-shard-size {text!r} must be positive", "write it like 2GB or 500MB")
+    return size
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000
+    return str(nbytes)
+
+
+def _run_quantize(model: str, output: Path, spec: QuantSpec, *, device: str, overwrite: bool,
+                  max_shard_size: str, log_json: Path | None) -> None:
+    from .pipeline import quantize
+    from .progress import Reporter
+
+    argv = click.globals.get_current_context().find_root().obj or sys.argv[1:]
+    command = "quantize-llm " + " ".join(shlex.quote(str(a)) for a in argv)
+    with Reporter(log_json, label=spec.method) as reporter:
+        summary = quantize(model, output, spec, device=device, overwrite=overwrite,
+                           max_shard_bytes=parse_size(max_shard_size), on_event=reporter, command=command)
+    table = Table(title=f"{spec.method} w{spec.bits}g{spec.group_size} {'sym' if spec.sym else 'asym'}")
+    table.add_column("blocks", justify="right")
+    table.add_column("wall time", justify="right")
+    table.add_column("input size", justify="right")
+    table.add_column("output size", justify="right")
+    table.add_column("bits/weight", justify="right")
+    table.add_column("peak RSS", justify="right")
+    table.add_row(str(summary.blocks), f"{summary.seconds:.1f} s", _human(summary.input_bytes),
+                  _human(summary.output_bytes), f"{summary.bits_per_weight:.3f}", f"{summary.peak_rss_mb:.0f} MB")
+    out.print(table)
+    worst = sorted(summary.layers, key=lambda r: -r.metrics.get("rel_error", 0))[:5]
+    if worst:
+        layers = Table(title="largest relative weight error ||W - W'|| / ||W||")
+        layers.add_column("layer")
+        layers.add_column("shape")
+        layers.add_column("rel. error", justify="right")
+        for r in worst:
+            layers.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.metrics['rel_error']:.4f}")
+        out.print(layers)
+    out.print(f"wrote {summary.output}")
+
+
+@app.command(help="Quantize MODEL with round-to-nearest (no calibration data needed).\n\n"
+             "Example: quantize-llm rtn ./SmolLM2-135M-Instruct -o smol-w4g128 --bits 4 --group-size 128")
+def rtn(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: GroupSizeOpt = 128,
+        sym: SymOpt = True, keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto",
+        overwrite: OverwriteOpt = False, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
+    spec = QuantSpec(method="rtn", bits=bits, group_size=group_size, sym=sym, keep_dense=tuple(keep_dense or ()))
+    _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
+                  log_json=log_json)
+
+
+@app.command(help="List the quantized modules of a checkpoint, its size and its real bits per weight.\n\n"
+             "Example: quantize-llm inspect smol-w4g128")
+def inspect(path: Annotated[str, typer.Argument(help="A quantized checkpoint folder or hub id.")],
+            all_modules: Annotated[bool, typer.Option("--all", help="List every module, not a summary by name.")] = False) -> None:
+    from .inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(path)
+    table = Table(title=f"{info.path} ({info.quant_method})")
+    for col in ("module", "bits", "group", "sym", "shape (out x in)", "bytes"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    rows: dict[str, list] = {}
+    for m in info.modules:
+        key = m.name if all_modules else re.sub(r"\.\d+\.", ".*.", m.name)
+        row = rows.setdefault(key, [key, m.bits, m.group_size, m.sym, m.shape, 0, 0])
+        row[5] += m.nbytes
+        row[6] += 1
+    for key, (name, bits, gs, sym, shape, nbytes, count) in rows.items():
+        label = name if count == 1 else f"{name} (x{count})"
+        table.add_row(label, str(bits), "channel" if gs == -1 else str(gs), "yes" if sym else "no",
+                      f"{shape[0]} x {shape[1]}", f"{nbytes:,}")
+    out.print(table)
+    out.print(f"quantized modules: {len(info.modules)}   quantized weights: {info.quantized_params:,}")
+    out.print(f"quantized tensors: {_human(info.quantized_bytes)}   whole checkpoint: {_human(info.total_bytes)}")
+    out.print(f"bits per weight: {info.bits_per_weight:.3f} (codes, scales, zeros and g_idx)")
+
+
+@app.command(name="eval", help="Perplexity on a text file (BENCHMARKS.md protocol Q); with --baseline, "
+             "also the KL divergence to the unquantized model.\n\n"
+             "Example: quantize-llm eval smol-w4g128 --dataset wiki.test.raw --baseline ./SmolLM2-135M-Instruct")
+def eval_(model: ModelArg,
+          dataset: Annotated[Path, typer.Option("--dataset", help="UTF-8 text file, read as one string.", show_default=False)],
+          seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window.")] = 512,
+          windows: Annotated[int, typer.Option("--windows", help="Number of windows; 0 = the whole text.")] = 40,
+          baseline: Annotated[Optional[str], typer.Option("--baseline", help="Unquantized model for KL and the perplexity ratio.", show_default=False)] = None,
+          device: DeviceOpt = "auto", log_json: LogJsonOpt = None) -> None:
+    from .evaluate import run_eval
+    from .progress import Reporter
+
+    with Reporter(log_json, label="eval") as reporter:
+        result = run_eval(model, dataset, seqlen=seqlen, windows=windows, baseline=baseline, device=device,
+                          on_event=reporter)
+    table = Table(title=f"{model} on {dataset.name} ({result.windows} x {result.seqlen} tokens)")
+    table.add_column("model")
+    table.add_column("perplexity", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_column("KL to baseline", justify="right")
+    if result.baseline_perplexity is not None:
+        table.add_row(str(baseline), f"{result.baseline_perplexity:.3f}", "1.000", "-")
+        table.add_row(model, f"{result.perplexity:.3f}", f"{result.ppl_ratio:.4f}", f"{result.kl:.5f}")
+    else:
+        table.add_row(model, f"{result.perplexity:.3f}", "-", "-")
+    out.print(table)
+
+
+@app.command(help="Versions and the state of the CUDA kernel.")
+def env() -> None:
+    import torch
+    import transformers
+
+    from .runtime.ops import kernel_status
+
+    status = kernel_status()
+    out.print(f"quantize-llm {__version__}")
+    out.print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}")
+    out.print(f"CUDA available: {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
+    out.print(f"dequant-matmul kernel: {'available' if status.available else 'not available'} ({status.reason})")
+
+
+def _fail(message: str, code: int) -> None:
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the app and maps every expected failure to one line and an exit code."""
+    debug = bool(os.environ.get("QUANTIZE_LLM_DEBUG"))
+    try:
+        code = app(args=argv, prog_name="quantize-llm", standalone_mode=False,
+                   obj=list(sys.argv[1:] if argv is None else argv))
+    except QuantizeError as exc:
+        if debug:
+            raise
+        _fail(exc.one_line(), exc.exit_code)
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:
+        exc.show()
+        raise SystemExit(2) from None
+    except click.ClickException as exc:
+        command = f" {exc.ctx.info_name}" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
+        _fail(f"{exc.format_message()} (see quantize-llm{command} --help)", 2)
+    except (KeyboardInterrupt, getattr(click.exceptions, "Abort", KeyboardInterrupt)):
+        _fail("interrupted; nothing was written", 130)
+    except Exception as exc:  # noqa: BLE001  (the one boundary: no traceback without QUANTIZE_LLM_DEBUG)
+        if debug:
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+              "(rerun with QUANTIZE_LLM_DEBUG=1 for a traceback, and report it)", 1)
+    if code == 130:  # typer turns KeyboardInterrupt into exit code 130 itself
+        _fail("interrupted; nothing was written", 130)
+    raise SystemExit(code if isinstance(code, int) else 0)

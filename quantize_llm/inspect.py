@@ -1,0 +1,59 @@
+"""Describe a quantized checkpoint from its headers alone: modules, sizes, real bits per weight."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ModelError
+from .formats import format_for_config
+from .models.load import CheckpointReader, resolve_model
+
+
+@dataclass
+class ModuleInfo:
+    name: str
+    bits: int
+    group_size: int
+    sym: bool
+    shape: tuple[int, int]        # (out_features, in_features)
+    nbytes: int                   # packed codes + scales + zeros + g_idx (bias excluded)
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    quant_method: str
+    modules: list[ModuleInfo] = field(default_factory=list)
+    total_bytes: int = 0          # every tensor in the checkpoint
+    quantized_bytes: int = 0
+    quantized_params: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per quantized weight, scales, zeros and g_idx included."""
+        return 8 * self.quantized_bytes / max(self.quantized_params, 1)
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    folder = resolve_model(str(path))
+    with CheckpointReader(folder) as reader:
+        qconfig = reader.config.get("quantization_config")
+        if not qconfig:
+            raise ModelError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)",
+                             "quantize it first, e.g. quantize-llm rtn MODEL -o OUT")
+        fmt = format_for_config(qconfig)
+        info = CheckpointInfo(str(folder), str(qconfig.get("quant_method")), total_bytes=reader.total_bytes)
+        names = set(reader.names())
+        bits = int(qconfig["bits"])
+        for name in reader.names():
+            if not name.endswith(".qweight"):
+                continue
+            prefix = name[: -len(".qweight")]
+            rows, out_features = reader.shape(name)
+            in_features = rows * 32 // bits
+            nbytes = sum(reader.nbytes(f"{prefix}.{t}") for t in fmt.tensor_names if f"{prefix}.{t}" in names)
+            info.modules.append(ModuleInfo(prefix, bits, int(qconfig.get("group_size", -1)),
+                                           bool(qconfig.get("sym", True)), (out_features, in_features), nbytes))
+            info.quantized_bytes += nbytes
+            info.quantized_params += out_features * in_features
+    return info

@@ -1,0 +1,272 @@
+"""quantize(): check the whole plan, then stream the checkpoint through the runner into a writer.
+
+The only place that knows about devices, memory and order (DESIGN.md, "Pipeline").
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import __version__
+from .algorithms import get_algorithm
+from .calibration.sequential import BlockPlan, LayerReport, LinearPlan, run
+from .errors import CheckpointError, ModelError, SpecError, UsageError
+from .formats import get_format
+from .formats.checkpoint import CheckpointWriter
+from .models.architectures import ArchitectureMap, get_architecture
+from .models.load import CheckpointReader, build_skeleton, resolve_model
+from .spec import QuantSpec
+
+EventHandler = Callable[[str, dict], None]
+
+# Files carried from the source folder beside the weights (tokenizer, generation settings, license).
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                 "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                 "chat_template.json", "generation_config.json", "*.tiktoken", "LICENSE*")
+
+
+@dataclass
+class Summary:
+    """What a run did, for the summary table, the JSON log and the model card."""
+
+    model: str
+    output: str
+    spec: dict
+    blocks: int
+    seconds: float
+    input_bytes: int
+    output_bytes: int
+    quantized_params: int
+    quantized_bytes: int          # bytes of the quantized Linears' packed tensors (no bias)
+    bits_per_weight: float        # 8 * quantized_bytes / quantized_params
+    peak_rss_mb: float
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> the first CUDA device when present, else CPU; an unusable device is a UsageError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device} was asked for but CUDA is not available here",
+                             "use --device cpu or --device auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible",
+                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device} is not supported", "use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def plan_blocks(reader: CheckpointReader, arch: ArchitectureMap, skeleton: nn.Module,
+                spec: QuantSpec) -> list[BlockPlan]:
+    """Every block's Linears, checked against the architecture map, the spec and the format."""
+    fmt = get_format(spec.format)
+    try:
+        layers = skeleton.get_submodule(arch.layers)
+    except AttributeError:
+        raise ModelError(f"the model has no {arch.layers}, where this architecture keeps its blocks") from None
+    names = reader.names()
+    present = set(names)
+    plans = []
+    for i, block in enumerate(layers):
+        prefix = f"{arch.layers}.{i}."
+        found = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        unknown = sorted(found - set(arch.linears))
+        if unknown:
+            raise ModelError(f"block {i} holds Linear {unknown[0]} that the architecture map does not know",
+                             "add it to models/architectures.py, or report the model")
+        linears = []
+        for local in arch.linears:
+            name = prefix + local
+            if f"{name}.weight" not in present:
+                raise CheckpointError(f"tensor {name}.weight is missing from the checkpoint",
+                                      "the checkpoint is incomplete or not of the architecture it declares")
+            out_features, in_features = reader.shape(f"{name}.weight")
+            quantize = not spec.is_dense(name)
+            if quantize:
+                reason = fmt.check_shape(spec, out_features, in_features)
+                if reason is not None:
+                    raise SpecError(f"{name}: the {fmt.name} format cannot hold this layer ({reason})",
+                                    f"keep it unquantized with --keep-dense '{re.escape(name)}$'")
+            linears.append(LinearPlan(name, local, out_features, in_features, quantize))
+        tensors = tuple(n for n in names if n.startswith(prefix))
+        plans.append(BlockPlan(i, prefix, tuple(linears), tensors))
+    if not plans:
+        raise ModelError(f"the model has no decoder blocks under {arch.layers}")
+    if not any(lp.quantize for p in plans for lp in p.linears):
+        raise SpecError("--keep-dense leaves no Linear to quantize", "loosen the --keep-dense patterns")
+    return plans
+
+
+def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec) -> int:
+    """Upper estimate of the written checkpoint's tensor bytes (for the disk-space check)."""
+    total = reader.total_bytes
+    for p in plans:
+        for lp in p.linears:
+            if lp.quantize:
+                groups = spec.n_groups(lp.in_features)
+                total -= reader.nbytes(f"{lp.name}.weight")
+                total += (lp.out_features * lp.in_features * spec.bits // 8
+                          + groups * lp.out_features * (2 + spec.bits / 8) + 4 * lp.in_features)
+    return int(total)
+
+
+def modules_in_block(plans: list[BlockPlan], arch: ArchitectureMap) -> tuple[list[list[str]], dict]:
+    """`modules_in_block_to_quantize` (GPTQ config) and `dynamic` exclusions for uneven --keep-dense."""
+    quantized_somewhere = {lp.local for p in plans for lp in p.linears if lp.quantize}
+    groups = [[n for n in group if n in quantized_somewhere] for group in arch.sequential]
+    dynamic = {f"-:^{re.escape(lp.name)}$": {} for p in plans for lp in p.linears
+               if not lp.quantize and lp.local in quantized_somewhere}
+    return [g for g in groups if g], dynamic
+
+
+def carried_files(folder: Path) -> dict[str, Path]:
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pat) for pat in CARRIED_FILES):
+            files[path.name] = path
+    return files
+
+
+def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object | None = None,
+             device: str = "auto", overwrite: bool = False, max_shard_bytes: int = 2 * 1024 ** 3,
+             on_event: EventHandler | None = None, command: str | None = None) -> Summary:
+    """Quantize MODEL (folder, hub id or cache entry) with `spec` and write OUT atomically."""
+    emit = on_event or (lambda kind, data: None)
+    start = time.perf_counter()
+    fmt = get_format(spec.format)
+    reason = fmt.supports(spec)
+    if reason is not None:
+        raise SpecError(reason)
+    spec = spec.replace(min_zero=fmt.min_zero(spec))
+    algorithm = get_algorithm(spec.method)(spec, options)
+    dev = resolve_device(device)
+    output = Path(output).expanduser()
+
+    folder = resolve_model(model)
+    with CheckpointReader(folder) as reader:
+        config = reader.config
+        if config.get("quantization_config"):
+            raise ModelError(f"{model} is already quantized "
+                             f"({config['quantization_config'].get('quant_method', 'unknown method')})",
+                             "start from the unquantized checkpoint")
+        arch = get_architecture(config)
+        plans = plan_blocks(reader, arch, build_skeleton(folder, config), spec)
+        block_tensors = {n for p in plans for n in p.tensors}
+        outside = [n for n in reader.names() if n not in block_tensors]
+
+        read = lambda name: reader.read(name, check_finite=True)  # noqa: E731
+        reports: list[LayerReport] = []
+        q_params = q_bytes = 0
+        with CheckpointWriter(output, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                              expected_bytes=estimate_output_bytes(reader, plans, spec)) as writer:
+            emit("start", {"model": model, "output": str(output), "blocks": len(plans), "spec": spec.to_dict(),
+                           "device": str(dev), "input_bytes": reader.total_bytes})
+            for name in outside:                       # embeddings, final norm, untied lm_head
+                writer.add(name, read(name))
+            for result in run(plans, algorithm, read, dev):
+                for name, (qw, bias) in result.quantized.items():
+                    for local, tensor in fmt.encode(qw).items():
+                        writer.add(f"{name}.{local}", tensor)
+                        q_bytes += tensor.numel() * tensor.element_size()
+                    if bias is not None:
+                        writer.add(f"{name}.bias", bias.to(torch.float16))
+                    q_params += qw.codes.numel()
+                for name, tensor in result.passthrough.items():
+                    writer.add(name, tensor)
+                reports.extend(result.reports)
+                emit("block", {"index": result.index, "blocks": len(plans), "seconds": result.seconds,
+                               "peak_rss_mb": peak_rss_mb(),
+                               "layers": [asdict(r) for r in result.reports]})
+            in_block, dynamic = modules_in_block(plans, arch)
+            extra: dict[str, Any] = {"meta": {"quantizer": [f"quantize-llm:{__version__}"],
+                                              "method": spec.method, "spec": spec.to_dict()}}
+            if dynamic:
+                extra["dynamic"] = dynamic
+            qconfig = fmt.quantization_config(spec, in_block, extra)
+            summary = Summary(model=model, output=str(output), spec=spec.to_dict(), blocks=len(plans),
+                              seconds=0.0, input_bytes=reader.total_bytes, output_bytes=writer.total_bytes,
+                              quantized_params=q_params, quantized_bytes=q_bytes,
+                              bits_per_weight=8 * q_bytes / max(q_params, 1), peak_rss_mb=0.0,
+                              layers=reports)
+            files: dict[str, Any] = dict(carried_files(folder))
+            files["quantize_config.json"] = json_text(qconfig)
+            files["README.md"] = model_card(summary, qconfig, command, folder)
+            writer.finish(config={**config, "quantization_config": qconfig}, files=files)
+    summary.seconds = time.perf_counter() - start
+    summary.peak_rss_mb = peak_rss_mb()
+    emit("done", {k: v for k, v in summary.to_dict().items() if k != "layers"})
+    return summary
+
+
+def json_text(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2) + "\n"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def model_card(summary: Summary, qconfig: dict, command: str | None, folder: Path) -> str:
+    """README.md for the output: what was done, with which settings, and how to load it."""
+    spec = summary.spec
+    source_license = _front_matter_value(folder / "README.md", "license")
+    head = ["---", "library_name: transformers", f"tags: [quantize-llm, {qconfig['quant_method']}, "
+            f"{spec['bits']}-bit, {spec['method']}]"]
+    if source_license:
+        head.append(f"license: {source_license}")
+    if "/" in summary.model and not Path(summary.model).exists():
+        head.append(f"base_model: {summary.model}")
+    head.append("---")
+    gs = "per channel" if spec["group_size"] == -1 else str(spec["group_size"])
+    rows = [("method", spec["method"]), ("bits", spec["bits"]), ("group size", gs),
+            ("symmetric", spec["sym"]), ("act-order", spec["act_order"]),
+            ("format", f"{qconfig['quant_method']} ({qconfig.get('checkpoint_format', '')})"),
+            ("kept unquantized", ", ".join(spec["keep_dense"]) or "embeddings, norms, lm_head"),
+            ("bits per weight (quantized Linears, scales and zeros included)", f"{summary.bits_per_weight:.3f}"),
+            ("quantized parameters", f"{summary.quantized_params:,}"),
+            ("tool", f"quantize-llm {__version__}")]
+    table = ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    cmd = command or f"quantize-llm {spec['method']} {summary.model}"
+    body = [f"# {Path(summary.output).name}", "",
+            f"`{summary.model}` quantized to {spec['bits']}-bit with {spec['method'].upper()} by quantize-llm "
+            f"{__version__}, stored in the {qconfig['quant_method'].upper()} layout that transformers "
+            "(with optimum and gptqmodel) and vLLM load.", "", *table, "", "## Command", "", "```",
+            cmd, "```", "", "## Loading", "", "```python", "from quantize_llm import load_quantized",
+            f"model = load_quantized(\"{Path(summary.output).name}\")", "```", ""]
+    return "\n".join(head + [""] + body)
+
+
+def _front_matter_value(readme: Path, key: str) -> str | None:
+    try:
+        lines = readme.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not lines or lines[0].strip() != "---":
+        return None
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        if line.startswith(f"{key}:"):
+            return line.split(":", 1)[1].strip() or None
+    return None

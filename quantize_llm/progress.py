@@ -1,0 +1,78 @@
+"""Turn pipeline events into what people and batch jobs see.
+
+Progress goes to stderr: a rich bar with ETA on a terminal, one plain line per block otherwise.
+`--log-json FILE` adds one JSON object per event and line (`-` = stdout), flushed as written.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class Reporter:
+    """Callable event handler: `reporter(kind, data)`; use as a context manager."""
+
+    def __init__(self, log_json: Path | None = None, *, stderr: IO[str] | None = None,
+                 label: str = "quantizing") -> None:
+        self.stderr = stderr or sys.stderr
+        self.console = Console(file=self.stderr, stderr=True)
+        self.interactive = self.stderr.isatty()
+        self.label = label
+        self.progress: Progress | None = None
+        self.task = None
+        self.log: IO[str] | None = None
+        self.log_path = log_json
+
+    def __enter__(self) -> "Reporter":
+        if self.log_path is not None:
+            self.log = sys.stdout if str(self.log_path) == "-" else open(self.log_path, "a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.log is not None and self.log is not sys.stdout:
+            self.log.close()
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if self.log is not None:
+            self.log.write(json.dumps({"event": kind, "time": round(time.time(), 3), **data}, default=str) + "\n")
+            self.log.flush()
+        getattr(self, f"_on_{kind}", lambda d: None)(data)
+
+    def _on_start(self, data: dict) -> None:
+        total = data.get("blocks")
+        if self.interactive:
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("blocks"), TimeElapsedColumn(), TextColumn("eta"),
+                                     TimeRemainingColumn(), console=self.console, transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=total)
+        else:
+            self.stderr.write(f"{self.label} {data.get('model')} -> {data.get('output')}: {total} blocks "
+                              f"on {data.get('device')}\n")
+            self.stderr.flush()
+
+    def _on_block(self, data: dict) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task)
+        elif not self.interactive:
+            self.stderr.write(f"block {data['index'] + 1}/{data['blocks']} done in {data['seconds']:.2f}s "
+                              f"(peak RSS {data['peak_rss_mb']:.0f} MB)\n")
+            self.stderr.flush()
+
+    def _on_done(self, data: dict) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        if self.log is not None:
+            self("warning", {"message": message})

@@ -1,0 +1,289 @@
+"""End to end through the CLI's error boundary: happy paths and every bad input of the foundation."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantize_llm.cli import main
+from reference import dequant_f64, rtn_f64
+
+
+def cli(*args: str) -> int:
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name)
+
+
+def fake_quantized_logits(src: Path, bits: int, group_size: int, sym: bool, ids: torch.Tensor,
+                          dense: str | None = None) -> torch.Tensor:
+    """Logits of the source model with every block Linear replaced by its float64 RTN reference."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name and not (dense and re.search(dense, name)):
+            w = module.weight.data
+            codes, scale, zero, _ = rtn_f64(w, bits, group_size, sym, 0 if sym else 1)
+            g_idx = torch.arange(w.shape[1]) // (w.shape[1] if group_size == -1 else group_size)
+            module.weight.data = dequant_f64(codes, scale, zero, g_idx).float()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+ARCH_CASES = [("llama", 4, 32, True), ("llama-tied", 4, 64, False), ("mistral", 8, -1, True),
+              ("qwen2", 3, 32, False), ("qwen3", 2, 32, True), ("gemma", 4, 32, False),
+              ("gemma2", 4, 32, True), ("gemma3", 4, 32, True), ("phi3", 4, 64, False), ("opt", 4, 32, True)]
+
+
+@pytest.mark.parametrize("arch,bits,group_size,sym", ARCH_CASES)
+def test_rtn_writes_a_checkpoint_that_loads_to_the_fake_quantized_logits(tiny_model, tmp_path, arch, bits,
+                                                                           group_size, sym):
+    from quantize_llm import load_quantized
+
+    src = tiny_model(arch)
+    out = tmp_path / "out"
+    assert cli("rtn", src, "-o", out, "--bits", bits, "--group-size", group_size,
+               "--sym" if sym else "--asym") == 0
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = load_quantized(out, dtype=torch.float32)
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, fake_quantized_logits(src, bits, group_size, sym, ids), rtol=0, atol=2e-5)
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig == json.loads((out / "quantize_config.json").read_text())
+    assert (qconfig["bits"], qconfig["group_size"], qconfig["sym"], qconfig["quant_method"]) == (bits, group_size, sym, "gptq")
+    assert qconfig["checkpoint_format"] == qconfig["format"] == "gptq" and qconfig["desc_act"] is False
+    assert leftovers(tmp_path) == []
+
+
+def test_checkpoint_layout_files_and_model_card(tiny_model, tmp_path, capsys):
+    from safetensors import safe_open
+
+    src = tiny_model("llama", max_shard_size="100KB")        # sharded input
+    out = tmp_path / "out"
+    assert cli("rtn", src, "-o", out, "--bits", 4, "--group-size", 32, "--max-shard-size", "150KB") == 0
+    stdout = capsys.readouterr().out
+    assert "bits/weight" in stdout and "wrote" in stdout
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", s) for s in shards)
+    keys = {}
+    for shard in shards:
+        with safe_open(out / shard, "pt") as f:
+            keys.update({k: f.get_tensor(k) for k in f.keys()})
+    assert set(keys) == set(index["weight_map"])
+    p = "model.layers.0.self_attn.q_proj"
+    assert f"{p}.weight" not in keys
+    assert keys[f"{p}.qweight"].shape == (64 * 4 // 32, 64) and keys[f"{p}.qweight"].dtype == torch.int32
+    assert keys[f"{p}.qzeros"].shape == (2, 64 * 4 // 32) and (keys[f"{p}.qzeros"] == 0x77777777).all()
+    assert keys[f"{p}.scales"].shape == (2, 64) and keys[f"{p}.scales"].dtype == torch.float16
+    assert keys[f"{p}.g_idx"].tolist() == [i // 32 for i in range(64)]
+    assert keys["model.embed_tokens.weight"].dtype == torch.float32 and "lm_head.weight" in keys
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
+        assert (out / name).exists(), name
+    card = (out / "README.md").read_text()
+    assert "quantize-llm rtn" in card and "group size | 32" in card and "bits per weight" in card
+
+
+def test_partial_last_group(tmp_path):
+    """in_features 96 with group 64: the GPTQ layout stores ceil(96/64) = 2 groups."""
+    import transformers
+    from quantize_llm import load_quantized
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
+                                   num_attention_heads=3, num_key_value_heads=1, head_dim=32)
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+    out = tmp_path / "out"
+    assert cli("rtn", src, "-o", out, "--group-size", 64, "--asym") == 0
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        got = load_quantized(out, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(got, fake_quantized_logits(src, 4, 64, False, ids), rtol=0, atol=2e-5)
+
+
+def test_keep_dense_and_uneven_skips(tiny_model, tmp_path):
+    from safetensors import safe_open
+
+    src = tiny_model("llama")
+    out = tmp_path / "out"
+    assert cli("rtn", src, "-o", out, "--keep-dense", r"mlp\.down_proj", "--keep-dense", r"layers\.1\.self_attn\.o_proj") == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.mlp.down_proj.weight" in names and "model.layers.0.mlp.down_proj.qweight" not in names
+    assert "model.layers.1.self_attn.o_proj.weight" in names and "model.layers.0.self_attn.o_proj.qweight" in names
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert ["mlp.down_proj"] not in qconfig["modules_in_block_to_quantize"]
+    assert list(qconfig["dynamic"]) == [r"-:^model\.layers\.1\.self_attn\.o_proj$"]
+    assert qconfig["meta"]["spec"]["keep_dense"] == [r"mlp\.down_proj", r"layers\.1\.self_attn\.o_proj"]
+
+
+def test_same_inputs_give_byte_identical_files(tiny_model, tmp_path):
+    src = tiny_model("qwen2")
+    for name in ("a", "b"):
+        assert cli("rtn", src, "-o", tmp_path / name, "--asym") == 0
+    for f in ("model.safetensors", "config.json", "quantize_config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
+def test_inspect_reports_modules_and_bits_per_weight(tiny_model, tmp_path, capsys):
+    src = tiny_model("llama")
+    out = tmp_path / "out"
+    assert cli("rtn", src, "-o", out, "--group-size", 32) == 0
+    capsys.readouterr()
+    assert cli("inspect", out) == 0
+    text = capsys.readouterr().out
+    # 4 bits + fp16 scale/32 + 4-bit zero/32 + int32 g_idx per input over `out` rows
+    linears = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64), "g": (128, 64), "u": (128, 64), "d": (64, 128)}
+    bits = sum(o * i * 4 + (i // 32) * o * (16 + 4) + 32 * i for o, i in linears.values())
+    params = sum(o * i for o, i in linears.values())
+    assert f"bits per weight: {bits / params:.3f}" in text
+    assert "self_attn.q_proj" in text and "(x2)" in text
+
+
+def test_log_json_events(tiny_model, tmp_path):
+    log = tmp_path / "log.jsonl"
+    assert cli("rtn", tiny_model("llama"), "-o", tmp_path / "out", "--log-json", log) == 0
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "block", "block", "done"]
+    assert events[1]["index"] == 0 and "seconds" in events[1] and events[1]["layers"][0]["metrics"]["rel_error"] > 0
+    assert events[-1]["bits_per_weight"] > 4
+
+
+# ---- bad input: one line on stderr, exit code 2, nothing left behind -------------------------------
+
+def expect_error(capsys, args, needle: str, code: int = 2) -> str:
+    capsys.readouterr()
+    assert cli(*args) == code
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # progress lines may come before it
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    assert re.search(needle, err), err
+    return err
+
+
+def test_missing_path(capsys, tmp_path):
+    expect_error(capsys, ["rtn", tmp_path / "nope", "-o", tmp_path / "out"], "no such folder|does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_config(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    expect_error(capsys, ["rtn", tmp_path / "empty", "-o", tmp_path / "out"], "config.json")
+
+
+def test_unknown_architecture_lists_known(capsys, tiny_model, tmp_path):
+    src = tiny_model("llama")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["MysteryForCausalLM"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    expect_error(capsys, ["rtn", src, "-o", tmp_path / "out"], "MysteryForCausalLM.*LlamaForCausalLM")
+
+
+def test_pickle_only_checkpoint_is_refused(capsys, tiny_model, tmp_path):
+    src = tiny_model("llama")
+    (src / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, src / "pytorch_model.bin")
+    expect_error(capsys, ["rtn", src, "-o", tmp_path / "out"], "safetensors")
+
+
+@pytest.mark.parametrize("args,needle", [(["--bits", "5"], "--bits 5"), (["--group-size", "0"], "--group-size 0"),
+                                         (["--device", "cuda:7"], "cuda"), (["--max-shard-size", "lots"], "size")])
+def test_bad_options(capsys, tiny_model, tmp_path, args, needle):
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    expect_error(capsys, ["rtn", tiny_model("llama"), "-o", tmp_path / "out", *args], needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(capsys, tiny_model, tmp_path):
+    src = tiny_model("llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    expect_error(capsys, ["rtn", src, "-o", out], "--overwrite")
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert cli("rtn", src, "-o", out, "--overwrite") == 0
+    assert not (out / "mine.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_unwritable_output(capsys, tiny_model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    expect_error(capsys, ["rtn", tiny_model("llama"), "-o", blocker / "out"], "file|folder|writ")
+
+
+def test_truncated_and_corrupt_safetensors(capsys, tiny_model, tmp_path):
+    src = tiny_model("llama")
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    expect_error(capsys, ["rtn", src, "-o", tmp_path / "out"], "model.safetensors")
+    (src / "model.safetensors").write_bytes((10 ** 9).to_bytes(8, "little") + b"{}")
+    expect_error(capsys, ["rtn", src, "-o", tmp_path / "out"], "header")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shard,needle", [("model-00009-of-00009.safetensors", "missing|not found|does not exist"),
+                                          ("../outside.safetensors", r"\.\.|outside|escape")])
+def test_bad_index(capsys, tiny_model, tmp_path, shard, needle):
+    src = tiny_model("llama", max_shard_size="100KB")
+    index_path = src / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    index_path.write_text(json.dumps(index))
+    expect_error(capsys, ["rtn", src, "-o", tmp_path / "out"], needle)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_weight_names_the_tensor(capsys, tiny_model, tmp_path, value):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_model("llama")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = value
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    expect_error(capsys, ["rtn", src, "-o", tmp_path / "out"], r"model\.layers\.1\.mlp\.up_proj\.weight")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_ctrl_c_removes_the_temporary_folder(tmp_path):
+    """SIGINT mid-run: exit 130, one line, no OUT and no temporary folder."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=1024, num_hidden_layers=48,
+                                   num_attention_heads=4, num_key_value_heads=4)
+    src = tmp_path / "src"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "quantize_llm", "rtn", str(src), "-o", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    lines = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if line.startswith("block 2/"):
+            break
+        assert line, "".join(lines)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err
+    assert not out.exists() and leftovers(tmp_path) == []
