@@ -59,6 +59,11 @@ def unpack_int32(words: Tensor, bits: int, n: int, dim: int = 0) -> Tensor:
     m = words.shape[1]
     if words.shape[0] != packed_length(n, bits):
         raise ValueError(f"{words.shape[0]} words cannot hold {n} {bits}-bit codes")
+    if bits != 3:   # no code straddles a word: one shift per field, all words at once
+        per_word = 32 // bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device).view(1, per_word, 1)
+        fields = (words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)     # (words, per_word, m)
+        return fields.reshape(-1, m)[:n].to(torch.uint8).contiguous()
     w = words.to(torch.int64) & _MASK32
     n_blocks = -(-n // 32)
     full = n_blocks * bits

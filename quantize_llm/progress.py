@@ -47,15 +47,16 @@ class Reporter:
         getattr(self, f"_on_{kind}", lambda d: None)(data)
 
     def _on_start(self, data: dict) -> None:
-        total = data.get("blocks")
+        total = data.get("total", data.get("blocks"))
+        unit = data.get("unit", "blocks")
         if self.interactive:
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("blocks"), TimeElapsedColumn(), TextColumn("eta"),
+                                     TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"),
                                      TimeRemainingColumn(), console=self.console, transient=False)
             self.progress.start()
             self.task = self.progress.add_task(self.label, total=total)
         else:
-            self.stderr.write(f"{self.label} {data.get('model')} -> {data.get('output')}: {total} blocks "
+            self.stderr.write(f"{self.label} {data.get('model')} -> {data.get('output')}: {total} {unit} "
                               f"on {data.get('device')}\n")
             self.stderr.flush()
 
@@ -65,6 +66,13 @@ class Reporter:
         elif not self.interactive:
             self.stderr.write(f"block {data['index'] + 1}/{data['blocks']} done in {data['seconds']:.2f}s "
                               f"(peak RSS {data['peak_rss_mb']:.0f} MB)\n")
+            self.stderr.flush()
+
+    def _on_window(self, data: dict) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task)
+        elif not self.interactive and ((data["index"] + 1) % 10 == 0 or data["index"] + 1 == data["total"]):
+            self.stderr.write(f"window {data['index'] + 1}/{data['total']}\n")
             self.stderr.flush()
 
     def _on_done(self, data: dict) -> None:

@@ -1,0 +1,1 @@
+"""Runtime: the dequant-matmul op, QuantLinear, and loading quantized checkpoints into models."""

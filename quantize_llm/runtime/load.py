@@ -1,0 +1,124 @@
+"""Load a quantized checkpoint into a transformers model whose quantized Linears are QuantLinear.
+
+checkpoint folder -> Format.decode per quantized module -> QuantizedWeight -> QuantLinear, then every
+other tensor (embeddings, norms, lm_head, Linears kept dense) loaded as is. Only our own reader
+touches the files: safetensors only, trust_remote_code off, no transformers quantizer involved.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from ..errors import CheckpointError, ModelError, UsageError
+from ..formats import format_for_config
+from ..models.load import CheckpointReader, build_skeleton, resolve_model
+from .qlinear import QuantLinear
+
+BACKENDS = ("auto", "torch", "cuda")
+
+
+def load_quantized(path: str | Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None, backend: str = "auto") -> PreTrainedModel:
+    """A quantized checkpoint (folder, hub id or cache entry) as an eval-mode model on `device`.
+
+    dtype: activations, norms, embeddings and biases (default: the checkpoint's config dtype,
+    else float32); scales stay float16. backend: "auto" or "torch" run the PyTorch op.
+    """
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
+    if backend == "cuda":
+        raise UsageError("the CUDA kernel is not available yet",
+                         "use backend 'auto' or 'torch' (the PyTorch implementation)")
+    folder = resolve_model(str(path))
+    with CheckpointReader(folder) as reader:
+        config = reader.config
+        qconfig = config.get("quantization_config")
+        if not qconfig:
+            raise ModelError(f"{folder} is not a quantized checkpoint; load it with transformers",
+                             "AutoModelForCausalLM.from_pretrained(folder), or quantize it first")
+        fmt = format_for_config(qconfig)
+        dtype = dtype or config_dtype(config)
+        model = build_skeleton(folder, config)
+        names = reader.names()
+        present = set(names)
+        used: set[str] = set()
+        prefixes = [n[: -len(".qweight")] for n in names if n.endswith(".qweight")]
+        for prefix in prefixes:
+            local = {t: f"{prefix}.{t}" for t in fmt.tensor_names if f"{prefix}.{t}" in present}
+            used.update(local.values())
+            try:
+                qw = fmt.decode({t: reader.read(full) for t, full in local.items()}, qconfig)
+            except KeyError as exc:
+                raise CheckpointError(f"{prefix}.{exc.args[0]} is missing from the checkpoint") from None
+            except ValueError as exc:
+                raise CheckpointError(f"{prefix}: cannot read its {fmt.name} tensors ({exc})") from None
+            linear = _dense_linear(model, prefix)
+            if qw.shape != (linear.out_features, linear.in_features):
+                raise CheckpointError(f"{prefix}: quantized shape {list(qw.shape)} does not match the "
+                                      f"model's [{linear.out_features}, {linear.in_features}]")
+            bias = _bias_for(reader, present, prefix, linear)
+            used.add(f"{prefix}.bias")
+            _set_module(model, prefix, QuantLinear.from_quantized(qw, bias, dtype))
+        rest = {n: reader.read(n) for n in names if n not in used}
+    _load_dense(model, rest, dtype)
+    model.tie_weights()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise CheckpointError(f"{name} is missing from the checkpoint in {folder}")
+    return model.to(device).eval()
+
+
+def config_dtype(config: Mapping[str, Any]) -> torch.dtype:
+    """The model dtype config.json declares ("dtype" or the older "torch_dtype"), else float32."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, str(name).replace("torch.", ""), None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _dense_linear(model: nn.Module, prefix: str) -> nn.Linear:
+    try:
+        module = model.get_submodule(prefix)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        raise CheckpointError(f"the checkpoint quantizes {prefix}, which is not a Linear of this model")
+    return module
+
+
+def _bias_for(reader: Any, present: set[str], prefix: str, linear: nn.Linear) -> Tensor | None:
+    name = f"{prefix}.bias"
+    if linear.bias is None:
+        if name in present:
+            raise CheckpointError(f"unexpected tensor {name}: the model's {prefix} has no bias")
+        return None
+    if name not in present:
+        raise CheckpointError(f"{name} is missing from the checkpoint")
+    return reader.read(name)
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _load_dense(model: nn.Module, tensors: dict[str, Tensor], dtype: torch.dtype) -> None:
+    """Assign the unquantized tensors to the model's parameters/buffers (floats cast to `dtype`)."""
+    expected = model.state_dict(keep_vars=True)
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    state = {}
+    for name, t in tensors.items():
+        if name not in expected:
+            if any(p.search(name) for p in ignore):
+                continue
+            raise CheckpointError(f"unexpected tensor {name}: the model has no such parameter",
+                                  "is config.json the one this checkpoint was written with?")
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{name} has shape {list(t.shape)}, the model expects "
+                                  f"{list(expected[name].shape)}")
+        state[name] = t.to(dtype) if t.dtype.is_floating_point else t
+    model.load_state_dict(state, strict=False, assign=True)

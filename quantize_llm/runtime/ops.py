@@ -1,0 +1,113 @@
+"""The `quantize_llm::dequant_matmul` op: y = x @ dequantize(packed weight)^T.
+
+Defined once with `torch.library.custom_op`; its body is the plain-PyTorch reference, which
+`torch.library` uses for every device ("default"). A later issue adds a CUDA kernel through
+`torch.library.register_kernel("quantize_llm::dequant_matmul", "cuda")` in runtime/cuda.py, and
+`kernel_status()` will then report whether it loaded; the reference stays what that kernel is
+tested against.
+
+Runtime layout (GPTQ packing, FORMATS.md §1.2/§1.4, but with TRUE zero points, the v2 convention
+of §1.5, so the op never needs to know which convention a checkpoint used):
+
+    x        float (tokens, in)            activations; float16/bfloat16 are computed in float32
+    qweight  int32 (in*bits/32, out)       codes packed along in
+    scales   float (G, out)                per-group scale (float16 as stored, or any float)
+    qzeros   int32 (G, out*bits/32)        true zero points packed along out
+    g_idx    int32 (in,)                   group of every input column (act-order allowed)
+    -> y     x.dtype (tokens, out)         y[t, o] = sum_i x[t, i] * scales[g, o] * (q[i, o] - z[g, o]),
+                                           g = g_idx[i]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..packing import packed_length, unpack_int32
+
+BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Whether a native kernel serves the op on this machine, and why (not)."""
+
+    available: bool
+    reason: str
+
+
+def kernel_status() -> KernelStatus:
+    """What `quantize-llm env` reports about the native kernel."""
+    return KernelStatus(False, "no CUDA kernel is built yet; using the PyTorch implementation")
+
+
+def _check(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
+           bits: int, group_size: int) -> None:
+    """Raise ValueError, naming the argument, when the inputs do not form a valid call."""
+    if bits not in BITS:
+        raise ValueError(f"dequant_matmul: bits must be one of {BITS}, got {bits}")
+    if group_size == 0 or group_size < -1:
+        raise ValueError(f"dequant_matmul: group_size must be positive or -1, got {group_size}")
+    if x.dim() != 2 or not x.dtype.is_floating_point:
+        raise ValueError(f"dequant_matmul: x must be a 2-D float tensor (tokens, in), got "
+                         f"{x.dtype} {tuple(x.shape)}")
+    for name, t, dim in (("qweight", qweight, 2), ("qzeros", qzeros, 2), ("g_idx", g_idx, 1)):
+        if t.dtype != torch.int32 or t.dim() != dim:
+            raise ValueError(f"dequant_matmul: {name} must be a {dim}-D int32 tensor, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    if scales.dim() != 2 or not scales.dtype.is_floating_point:
+        raise ValueError(f"dequant_matmul: scales must be a 2-D float tensor (G, out), got "
+                         f"{scales.dtype} {tuple(scales.shape)}")
+    in_features, out_features = x.shape[1], qweight.shape[1]
+    n_groups = scales.shape[0]
+    try:
+        want_rows, want_cols = packed_length(in_features, bits), packed_length(out_features, bits)
+    except ValueError as exc:
+        raise ValueError(f"dequant_matmul: {exc}") from None
+    if qweight.shape[0] != want_rows:
+        raise ValueError(f"dequant_matmul: qweight {tuple(qweight.shape)} does not hold "
+                         f"{in_features} inputs at {bits} bits (need {want_rows} rows)")
+    if scales.shape[1] != out_features:
+        raise ValueError(f"dequant_matmul: scales {tuple(scales.shape)} does not fit "
+                         f"{out_features} outputs")
+    if tuple(qzeros.shape) != (n_groups, want_cols):
+        raise ValueError(f"dequant_matmul: qzeros {tuple(qzeros.shape)} should be "
+                         f"({n_groups}, {want_cols}) for {n_groups} groups, {out_features} outputs")
+    if tuple(g_idx.shape) != (in_features,):
+        raise ValueError(f"dequant_matmul: g_idx {tuple(g_idx.shape)} should be ({in_features},)")
+
+
+def dequantize_packed(qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor, bits: int,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """The weight the packed tensors stand for, transposed: (in, out) in `dtype`.
+
+    Layout as in the module docstring; inputs are not modified.
+    """
+    in_features, out_features = g_idx.shape[0], qweight.shape[1]
+    codes = unpack_int32(qweight, bits, in_features, dim=0)               # (in, out) uint8
+    zero = unpack_int32(qzeros, bits, out_features, dim=1)                # (G, out) uint8
+    g = g_idx.long()
+    return (codes.to(dtype) - zero.to(dtype)[g]) * scales.to(dtype)[g]   # (in, out)
+
+
+@torch.library.custom_op("quantize_llm::dequant_matmul", mutates_args=())
+def dequant_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
+                   bits: int, group_size: int) -> Tensor:
+    """x (tokens, in) @ dequantized weight -> (tokens, out) in x.dtype (see the module docstring).
+
+    The reference path: dequantizes the whole weight on every call. group_size is part of the
+    schema for kernels; g_idx alone says which group each input column uses.
+    """
+    _check(x, qweight, scales, qzeros, g_idx, bits, group_size)
+    # Half-precision inputs are computed in float32: the codes times the scale are exact there.
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    w = dequantize_packed(qweight, scales, qzeros, g_idx, bits, compute)  # (in, out)
+    return (x.to(compute) @ w).to(x.dtype)                                # (tokens, out)
+
+
+@dequant_matmul.register_fake
+def _(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
+      bits: int, group_size: int) -> Tensor:
+    _check(x, qweight, scales, qzeros, g_idx, bits, group_size)
+    return x.new_empty(x.shape[0], qweight.shape[1])

@@ -1,0 +1,90 @@
+"""QuantLinear: a Linear whose weight is held packed in the runtime layout of runtime/ops.py."""
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..packing import pack_int32, packed_length
+from ..qweight import QuantizedWeight
+from . import ops  # importing it defines torch.ops.quantize_llm.dequant_matmul
+
+logger = logging.getLogger(__name__)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W stored as packed integer codes (runtime layout, see runtime/ops.py).
+
+    Buffers (persistent, so they move with `.to()` and show in `state_dict()`; note that the zeros
+    are the TRUE zero points, not a checkpoint's v1 "zero - 1"):
+        qweight  int32 (in*bits/32, out)   codes packed along in
+        qzeros   int32 (G, out*bits/32)    true zero points packed along out
+        scales   float16 (G, out)          kept in float16 whatever the model dtype: converting a
+                                           float16 scale to bfloat16 would round it
+        g_idx    int32 (in,)               group of each input column
+        bias     model dtype (out,) or None
+    """
+
+    SUPPORTED_BITS: ClassVar[tuple[int, ...]] = ops.BITS   # the PyTorch path takes any group size
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 bias: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if bits not in self.SUPPORTED_BITS:
+            raise ValueError(f"QuantLinear supports {self.SUPPORTED_BITS}-bit codes, not {bits}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        n_groups = 1 if group_size == -1 else -(-in_features // group_size)
+        i32 = dict(dtype=torch.int32, device=device)
+        self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, **i32))
+        self.register_buffer("qzeros", torch.zeros(n_groups, packed_length(out_features, bits), **i32))
+        self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", torch.zeros(in_features, **i32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None,
+                       dtype: torch.dtype) -> "QuantLinear":
+        """Pack `qw` (codes (out, in), scale/zero (out, G)) into a new module on qw's device.
+
+        Zero points outside [0, 2^bits) cannot be packed; they only come from a corrupt v1 write
+        (a zero of 0 stored as -1, FORMATS.md §1.5) and are clamped, with a warning.
+        """
+        out_features, in_features = qw.shape
+        bits = qw.spec.bits
+        module = cls(in_features, out_features, bits, qw.spec.group_size, bias is not None,
+                     dtype, qw.codes.device)
+        zero = qw.zero.to(torch.int32)                                        # (out, G)
+        clamped = zero.clamp(0, 2 ** bits - 1)
+        if not torch.equal(clamped, zero):
+            logger.warning("%d zero points outside [0, %d] were clamped (a v1 checkpoint written "
+                           "with a zero of 0?)", int((clamped != zero).sum()), 2 ** bits - 1)
+        module.qweight = pack_int32(qw.codes.t().contiguous(), bits, dim=0)   # (in*b/32, out)
+        module.qzeros = pack_int32(clamped.t().contiguous(), bits, dim=1)     # (G, out*b/32)
+        module.scales = qw.scale.t().contiguous().to(torch.float16)           # (G, out)
+        module.g_idx = qw.group_index().to(torch.int32).contiguous()          # (in,)
+        if bias is not None:
+            module.bias = bias.detach().to(dtype).contiguous()                # (out,)
+        return module
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight this module applies, (out, in) in `dtype` (for tests and debugging)."""
+        w = ops.dequantize_packed(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits,
+                                  dtype)                                      # (in, out)
+        return w.t().contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in) -> (..., out) in x.dtype."""
+        y = torch.ops.quantize_llm.dequant_matmul(
+            x.reshape(-1, self.in_features),                                 # (tokens, in)
+            self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.group_size)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)                   # (..., out)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
