@@ -83,3 +83,63 @@ def decode_gptq(qweight, qzeros, scales, g_idx, bits: int, v2: bool = False) -> 
             z = zero_rows[g][c] + (0 if v2 else 1)
             w[c, i] = float(scales[g, c]) * (codes[i] - z)
     return w
+
+
+def gptq_f64(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, *, min_zero: int = 0,
+             damp: float = 0.01, act_order: bool = False, static_groups: bool = False):
+    """GPTQ one column at a time in float64, no lazy blocks (Frantar et al. 2023, Alg. 1).
+
+    Group parameters: min-max of the group's current (error-updated) columns at its first column;
+    with static groups, of the original columns. Returns (dequantized (out, in) float64 in the
+    original column order, g_idx list).
+    """
+    W = w.double().clone()
+    H = h.double().clone()
+    out_f, in_f = W.shape
+    gs = in_f if group_size == -1 else group_size
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    maxq = 2 ** bits - 1
+
+    def params(cols):
+        s, z, _, _ = (None, None, None, None)
+        xmin = torch.clamp(cols.min(dim=1).values, max=0)
+        xmax = torch.clamp(cols.max(dim=1).values, min=0)
+        both0 = (xmin == 0) & (xmax == 0)
+        xmin[both0], xmax[both0] = -1.0, 1.0
+        if sym:
+            amax = torch.maximum(-xmin, xmax)
+            s = 2 * amax / maxq
+            z = torch.full((out_f,), 2.0 ** (bits - 1), dtype=torch.float64)
+        else:
+            s = (xmax - xmin) / maxq
+            z = torch.round(-xmin / s)
+            low = z < min_zero
+            z = z.clamp(min_zero, maxq)
+            s = torch.where(low, xmax / (maxq - z), s)
+        return s.to(torch.float16).double(), z
+
+    static = None
+    if static_groups:
+        static = [params(W[:, g * gs:(g + 1) * gs]) for g in range(math.ceil(in_f / gs))]
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(in_f)
+    W, H = W[:, perm], H[perm][:, perm]
+    H = H + damp * torch.diagonal(H).mean() * torch.eye(in_f, dtype=torch.float64)
+    Hinv = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    Q = torch.zeros_like(W)
+    g_idx = [0] * in_f
+    for j in range(in_f):
+        if static_groups:
+            g = int(perm[j]) // gs
+            s, z = static[g]
+        else:
+            g = j // gs
+            if j % gs == 0:
+                s, z = params(W[:, j:j + gs])
+        g_idx[int(perm[j])] = g
+        q = torch.clamp(torch.round(W[:, j] / s) + z, 0, maxq)
+        Q[:, j] = s * (q - z)
+        err = (W[:, j] - Q[:, j]) / Hinv[j, j]
+        W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
+    return Q[:, torch.argsort(perm)], g_idx

@@ -1,0 +1,145 @@
+"""GPTQ (Frantar et al., ICLR 2023): quantize columns one at a time, spreading each column's
+rounding error over the columns not yet quantized through the inverse Hessian of the layer input.
+
+The solve is a pure function; `GPTQ` (the registered algorithm) only accumulates Hessians from the
+inputs the runner shows it and calls the solve per Linear.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import RunError, SpecError
+from ..primitives import minmax_params, rtn_group_params
+from ..qweight import QuantizedWeight
+from ..spec import QuantSpec
+from . import register
+from .base import LayerContext
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    block_size: int = 128          # columns per lazy-update block (not the quantization group)
+    damp: float = 0.01             # added to diag(H), as a fraction of mean(diag(H))
+    damp_max: float = 1.0          # damping is doubled after a failed Cholesky, up to this bound
+    static_groups: bool = False    # with act-order: groups fixed on the original column order
+    true_sequential: bool = True   # quantize q/k/v, then o, then gate/up, then down, re-running between
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
+        if not 0 < self.damp <= self.damp_max:
+            raise SpecError(f"--damp {self.damp} must be in (0, {self.damp_max}]", "0.01 is typical")
+
+
+@dataclass(frozen=True)
+class GPTQStats:
+    damp: float                    # damping fraction finally used
+    dead_columns: int              # inputs that never fired (diag(H) == 0), quantized as zeros
+    seconds: float
+
+
+def _cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of H^-1 after damping; damping doubles on failure (returns the one used)."""
+    n = hessian.shape[0]
+    mean_diag = float(torch.diagonal(hessian).mean())
+    while True:
+        h = hessian.clone()
+        h.diagonal().add_(damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)                         # (n, n) = H^-1
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, damp
+        if damp >= damp_max:
+            raise ValueError(f"the Hessian ({n}x{n}) is not positive definite even with damping {damp:g}")
+        damp = min(damp * 2, damp_max)
+
+
+@torch.no_grad()
+def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
+                  options: GPTQOptions = GPTQOptions()) -> tuple[QuantizedWeight, GPTQStats]:
+    """Quantize a (out, in) weight with GPTQ given the (in, in) Hessian sum X^T X of its inputs.
+
+    Does not modify `weight` or `hessian`. Works in float32 on their device (float64 when `weight`
+    is float64, which the tests use to compare with a column-by-column reference).
+    Groups are consecutive columns in processing order (the act-order permutation when
+    spec.act_order, unless options.static_groups); a last group shorter than group_size is fine.
+    Each group's scale and zero come from the group's columns as they stand when its first column
+    is reached (so they include the error already propagated into them).
+    """
+    start = time.perf_counter()
+    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.to(dt).clone()                                           # (out, in)
+    h = hessian.to(dt).clone()                                          # (in, in)
+    out_features, in_features = w.shape
+    gs = spec.effective_group_size(in_features)
+    n_groups = math.ceil(in_features / gs)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0                                                 # a never-seen input: any value
+    w[:, dead] = 0.0                                                    # ... and its weight is moot
+
+    # Static groups: scale and zero fixed up front from the original columns (FORMATS.md §1.6).
+    static = rtn_group_params(w, spec.bits, spec.group_size, spec.sym, spec.min_zero) \
+        if options.static_groups else None
+    perm = None
+    if spec.act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv, damp = _cholesky_inverse_upper(h, options.damp, options.damp_max)
+    del h
+
+    # original column index of processing position j
+    order = perm if perm is not None else torch.arange(in_features, device=w.device)
+    # group of each processing position: static groups follow the original columns
+    group_of = (order // gs) if options.static_groups else (torch.arange(in_features, device=w.device) // gs)
+    scale = torch.zeros(out_features, n_groups, dtype=torch.float16, device=w.device)
+    zero = torch.zeros(out_features, n_groups, dtype=torch.int32, device=w.device)
+    if static is not None:
+        scale, zero = static
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=w.device)
+    maxq = spec.maxq
+    cur_s = cur_z = w.new_zeros(out_features)
+    for i1 in range(0, in_features, options.block_size):
+        i2 = min(i1 + options.block_size, in_features)
+        w1 = w[:, i1:i2].clone()                                        # (out, b)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = int(group_of[j])
+            if static is None:
+                if j % gs == 0:
+                    # The group's columns as they stand now. Past this block they have not yet
+                    # received this block's errors (the lazy update): apply those here.
+                    beyond = min(j + gs, in_features) - i2
+                    cols = w1[:, i:i + gs]
+                    if beyond > 0:
+                        late = w[:, i2:i2 + beyond] - err1[:, :i] @ hinv[i1:j, i2:i2 + beyond]
+                        cols = torch.cat([cols, late], dim=1)
+                    scale[:, g], zero[:, g] = minmax_params(cols, spec.bits, spec.sym, spec.min_zero)
+                    cur_s, cur_z = scale[:, g].to(dt), zero[:, g].to(dt)
+            else:
+                cur_s, cur_z = scale[:, g].to(dt), zero[:, g].to(dt)
+            col = w1[:, i]
+            q = torch.clamp(torch.round(col / cur_s) + cur_z, 0, maxq)
+            codes[:, j] = q.to(torch.uint8)
+            err = (col - cur_s * (q - cur_z)) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    g_idx = None
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        codes = codes[:, invperm]
+        if not options.static_groups:
+            g_idx = group_of[invperm].to(torch.int32)                   # (in,) original order
+    qw = QuantizedWeight(codes=codes.contiguous(), scale=scale, zero=zero, g_idx=g_idx, spec=spec)
+    return qw, GPTQStats(damp=damp, dead_columns=int(dead.sum()), seconds=time.perf_counter() - start)
