@@ -73,16 +73,28 @@ def _human(nbytes: float) -> str:
     return str(nbytes)
 
 
+DatasetOpt = Annotated[str, typer.Option("--dataset", help="Calibration text: a .txt/.jsonl/.json/.parquet file, "
+                                          "a datasets hub id (org/name[:config[:split]]), or 'self' (the model "
+                                          "writes its own).")]
+NSamplesOpt = Annotated[int, typer.Option("--nsamples", help="Calibration sequences.")]
+SeqlenOpt = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration sequence (capped by the model's context).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for self-generated calibration text.")]
+TextColumnOpt = Annotated[str, typer.Option("--text-column", help="Column or field holding the text.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Calibration sequences per forward pass.")]
+
+
 def _run_quantize(model: str, output: Path, spec: QuantSpec, *, device: str, overwrite: bool,
-                  max_shard_size: str, log_json: Path | None) -> None:
+                  max_shard_size: str, log_json: Path | None, options: object | None = None,
+                  calibration: object | None = None, batch_size: int = 8) -> None:
     from .pipeline import quantize
     from .progress import Reporter
 
     argv = click.globals.get_current_context().find_root().obj or sys.argv[1:]
     command = "quantize-llm " + " ".join(shlex.quote(str(a)) for a in argv)
     with Reporter(log_json, label=spec.method) as reporter:
-        summary = quantize(model, output, spec, device=device, overwrite=overwrite,
-                           max_shard_bytes=parse_size(max_shard_size), on_event=reporter, command=command)
+        summary = quantize(model, output, spec, options=options, calibration=calibration, device=device,
+                           overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
+                           batch_size=batch_size, on_event=reporter, command=command)
     table = Table(title=f"{spec.method} w{spec.bits}g{spec.group_size} {'sym' if spec.sym else 'asym'}")
     table.add_column("blocks", justify="right")
     table.add_column("wall time", justify="right")
@@ -93,14 +105,28 @@ def _run_quantize(model: str, output: Path, spec: QuantSpec, *, device: str, ove
     table.add_row(str(summary.blocks), f"{summary.seconds:.1f} s", _human(summary.input_bytes),
                   _human(summary.output_bytes), f"{summary.bits_per_weight:.3f}", f"{summary.peak_rss_mb:.0f} MB")
     out.print(table)
+    if summary.timings:
+        total = sum(summary.timings.values())
+        out.print("time by stage: " + ", ".join(f"{k} {v:.1f} s ({100 * v / max(total, 1e-9):.0f}%)"
+                                                 for k, v in sorted(summary.timings.items(), key=lambda kv: -kv[1])))
+    if summary.calibration:
+        c = summary.calibration
+        out.print(f"calibration: {c['source']}, {c['nsamples']} x {c['seqlen']} tokens, sha256 {c['sha256'][:16]}...")
     worst = sorted(summary.layers, key=lambda r: -r.metrics.get("rel_error", 0))[:5]
     if worst:
-        layers = Table(title="largest relative weight error ||W - W'|| / ||W||")
+        what = "output error ||WX - QX|| / ||WX||" if summary.calibration else "weight error ||W - W'|| / ||W||"
+        layers = Table(title=f"largest relative {what}")
         layers.add_column("layer")
         layers.add_column("shape")
         layers.add_column("rel. error", justify="right")
+        if summary.calibration:
+            layers.add_column("damp", justify="right")
+            layers.add_column("seconds", justify="right")
         for r in worst:
-            layers.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.metrics['rel_error']:.4f}")
+            cells = [r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.metrics['rel_error']:.4f}"]
+            if summary.calibration:
+                cells += [f"{r.metrics.get('damp', 0):g}", f"{r.seconds:.2f}"]
+            layers.add_row(*cells)
         out.print(layers)
     out.print(f"wrote {summary.output}")
 
@@ -115,11 +141,37 @@ def rtn(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Group
                   log_json=log_json)
 
 
+@app.command(help="Quantize MODEL with GPTQ: error-compensating rounding from calibration data.\n\n"
+             "Example: quantize-llm gptq ./SmolLM2-135M-Instruct -o smol-gptq --bits 4 --dataset c4.parquet")
+def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: GroupSizeOpt = 128,
+         sym: SymOpt = True,
+         act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="Quantize columns by decreasing activation (desc_act); stores g_idx.")] = False,
+         static_groups: Annotated[bool, typer.Option("--static-groups", help="With --act-order: fix groups on the original column order (trivial g_idx).")] = False,
+         damp: Annotated[float, typer.Option("--damp", help="Added to diag(H) as a fraction of its mean.")] = 0.01,
+         block_size: Annotated[int, typer.Option("--block-size", help="Columns per lazy-update block.")] = 128,
+         true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Re-run the block between q/k/v, o, gate/up and down.")] = True,
+         dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
+         text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
+         keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
+         max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
+    from .algorithms.gptq import GPTQOptions
+    from .calibration.data import CalibrationSpec
+
+    spec = QuantSpec(method="gptq", bits=bits, group_size=group_size, sym=sym, act_order=act_order and not static_groups,
+                     keep_dense=tuple(keep_dense or ()))
+    if static_groups and not act_order:
+        raise UsageError("--static-groups only changes something together with --act-order", "add --act-order or drop --static-groups")
+    options = GPTQOptions(block_size=block_size, damp=damp, static_groups=static_groups, true_sequential=true_sequential)
+    calibration = CalibrationSpec(source=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, text_column=text_column)
+    _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
+                  log_json=log_json, options=options, calibration=calibration, batch_size=batch_size)
+
+
 @app.command(help="List the quantized modules of a checkpoint, its size and its real bits per weight.\n\n"
              "Example: quantize-llm inspect smol-w4g128")
 def inspect(path: Annotated[str, typer.Argument(help="A quantized checkpoint folder or hub id.")],
             all_modules: Annotated[bool, typer.Option("--all", help="List every module, not a summary by name.")] = False) -> None:
-    from .inspect import inspect_checkpoint
+    from .inspection import inspect_checkpoint
 
     info = inspect_checkpoint(path)
     table = Table(title=f"{info.path} ({info.quant_method})")

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import __version__
 from .algorithms import get_algorithm
-from .calibration.sequential import BlockPlan, LayerReport, LinearPlan, run
+from .calibration.sequential import BlockPlan, Calibration, LayerReport, LinearPlan, Timer, run
 from .errors import CheckpointError, ModelError, SpecError, UsageError
 from .formats import get_format
 from .formats.checkpoint import CheckpointWriter
@@ -49,6 +49,8 @@ class Summary:
     bits_per_weight: float        # 8 * quantized_bytes / quantized_params
     peak_rss_mb: float
     layers: list[LayerReport] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)   # seconds per stage
+    calibration: dict[str, Any] | None = None                 # source, sha256, samples, rule
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,10 +147,39 @@ def carried_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def load_calibration_tokens(folder: Path, config: dict, cal_spec: Any, dev: torch.device,
+                            emit: EventHandler) -> Any:
+    """Calibration tokens for a calibrated algorithm (see calibration/data.py)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .calibration.data import CalibrationSpec, load_calibration
+
+    cal_spec = cal_spec or CalibrationSpec()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"no usable tokenizer in {folder} ({' '.join(str(exc).split())[:160]})",
+                         "calibration needs the model's tokenizer files beside its weights") from None
+
+    def model_loader() -> nn.Module:
+        dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                    trust_remote_code=False).to(dev).eval()
+
+    max_context = config.get("max_position_embeddings") or config.get("n_positions")
+    return load_calibration(cal_spec, tokenizer, model_loader=model_loader, max_context=max_context,
+                            warn=lambda message: emit("warning", {"message": message}))
+
+
 def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object | None = None,
-             device: str = "auto", overwrite: bool = False, max_shard_bytes: int = 2 * 1024 ** 3,
+             calibration: Any = None, device: str = "auto", overwrite: bool = False,
+             max_shard_bytes: int = 2 * 1024 ** 3, batch_size: int = 8,
              on_event: EventHandler | None = None, command: str | None = None) -> Summary:
-    """Quantize MODEL (folder, hub id or cache entry) with `spec` and write OUT atomically."""
+    """Quantize MODEL (folder, hub id or cache entry) with `spec` and write OUT atomically.
+
+    `options` are the algorithm's own (e.g. GPTQOptions); `calibration` a CalibrationSpec for
+    algorithms that need data (default: self-generated text).
+    """
     emit = on_event or (lambda kind, data: None)
     start = time.perf_counter()
     fmt = get_format(spec.format)
@@ -168,22 +199,38 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                              f"({config['quantization_config'].get('quant_method', 'unknown method')})",
                              "start from the unquantized checkpoint")
         arch = get_architecture(config)
-        plans = plan_blocks(reader, arch, build_skeleton(folder, config), spec)
+        skeleton = build_skeleton(folder, config)
+        plans = plan_blocks(reader, arch, skeleton, spec)
         block_tensors = {n for p in plans for n in p.tensors}
         outside = [n for n in reader.names() if n not in block_tensors]
 
         read = lambda name: reader.read(name, check_finite=True)  # noqa: E731
         reports: list[LayerReport] = []
         q_params = q_bytes = 0
+        timer = Timer()
         with CheckpointWriter(output, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
                               expected_bytes=estimate_output_bytes(reader, plans, spec)) as writer:
+            cal = cal_info = None
+            if algorithm.needs_calibration:
+                t = time.perf_counter()
+                cal_set = load_calibration_tokens(folder, config, calibration, dev, emit)
+                timer.add("calibration data", t)
+                cal_info = {"source": cal_set.source, "sha256": cal_set.sha256,
+                            "nsamples": int(cal_set.tokens.shape[0]), "seqlen": int(cal_set.tokens.shape[1]),
+                            "rule": cal_set.rule}
+                cal = Calibration(skeleton, arch.layers, arch.sequential, cal_set.tokens,
+                                  true_sequential=getattr(options, "true_sequential", True),
+                                  batch_size=batch_size, dtype=torch.float32)
             emit("start", {"model": model, "output": str(output), "blocks": len(plans), "spec": spec.to_dict(),
                            "device": str(dev), "input_bytes": reader.total_bytes})
             for name in outside:                       # embeddings, final norm, untied lm_head
                 writer.add(name, read(name))
-            for result in run(plans, algorithm, read, dev):
+            for result in run(plans, algorithm, read, dev, cal, timer):
+                t = time.perf_counter()
+                encoded = {name: fmt.encode(qw) for name, (qw, _) in result.quantized.items()}
+                t = timer.add("packing", t)
                 for name, (qw, bias) in result.quantized.items():
-                    for local, tensor in fmt.encode(qw).items():
+                    for local, tensor in encoded[name].items():
                         writer.add(f"{name}.{local}", tensor)
                         q_bytes += tensor.numel() * tensor.element_size()
                     if bias is not None:
@@ -191,13 +238,23 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                     q_params += qw.codes.numel()
                 for name, tensor in result.passthrough.items():
                     writer.add(name, tensor)
+                timer.add("write", t)
                 reports.extend(result.reports)
                 emit("block", {"index": result.index, "blocks": len(plans), "seconds": result.seconds,
                                "peak_rss_mb": peak_rss_mb(),
                                "layers": [asdict(r) for r in result.reports]})
             in_block, dynamic = modules_in_block(plans, arch)
-            extra: dict[str, Any] = {"meta": {"quantizer": [f"quantize-llm:{__version__}"],
-                                              "method": spec.method, "spec": spec.to_dict()}}
+            meta: dict[str, Any] = {"quantizer": [f"quantize-llm:{__version__}"], "method": spec.method,
+                                    "spec": spec.to_dict()}
+            if options is not None:
+                meta["options"] = asdict(options)
+            if cal_info is not None:
+                meta["calibration"] = cal_info
+            extra: dict[str, Any] = {"meta": meta}
+            for key, attr in (("damp_percent", "damp"), ("static_groups", "static_groups"),
+                              ("true_sequential", "true_sequential")):
+                if hasattr(options, attr):
+                    extra[key] = getattr(options, attr)
             if dynamic:
                 extra["dynamic"] = dynamic
             qconfig = fmt.quantization_config(spec, in_block, extra)
@@ -205,11 +262,14 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                               seconds=0.0, input_bytes=reader.total_bytes, output_bytes=writer.total_bytes,
                               quantized_params=q_params, quantized_bytes=q_bytes,
                               bits_per_weight=8 * q_bytes / max(q_params, 1), peak_rss_mb=0.0,
-                              layers=reports)
+                              layers=reports, timings=dict(timer.seconds), calibration=cal_info)
             files: dict[str, Any] = dict(carried_files(folder))
             files["quantize_config.json"] = json_text(qconfig)
             files["README.md"] = model_card(summary, qconfig, command, folder)
+            t = time.perf_counter()
             writer.finish(config={**config, "quantization_config": qconfig}, files=files)
+            timer.add("write", t)
+    summary.timings = dict(timer.seconds)
     summary.seconds = time.perf_counter() - start
     summary.peak_rss_mb = peak_rss_mb()
     emit("done", {k: v for k, v in summary.to_dict().items() if k != "layers"})
@@ -245,6 +305,10 @@ def model_card(summary: Summary, qconfig: dict, command: str | None, folder: Pat
             ("kept unquantized", ", ".join(spec["keep_dense"]) or "embeddings, norms, lm_head"),
             ("bits per weight (quantized Linears, scales and zeros included)", f"{summary.bits_per_weight:.3f}"),
             ("quantized parameters", f"{summary.quantized_params:,}"),
+            *([("calibration", f"{summary.calibration['source']}: {summary.calibration['nsamples']} x "
+                               f"{summary.calibration['seqlen']} tokens"),
+               ("calibration tokens SHA-256", summary.calibration["sha256"]),
+               ("calibration rule", summary.calibration["rule"])] if summary.calibration else []),
             ("tool", f"quantize-llm {__version__}")]
     table = ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     cmd = command or f"quantize-llm {spec['method']} {summary.model}"

@@ -80,7 +80,5 @@ class Reporter:
             self.progress.stop()
             self.progress = None
 
-    def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
-        if self.log is not None:
-            self("warning", {"message": message})
+    def _on_warning(self, data: dict) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {data['message']}", highlight=False, soft_wrap=True)

@@ -16,12 +16,15 @@ class LayerContext:
 
     index     block number
     weights   local Linear name -> weight (out, in) on the work device, only those to quantize
+    input_of  local Linear name -> the name its input statistics were observed under (Linears
+              that share an input, like q/k/v, are observed once, under the group's first name)
     block     the materialized block module when the algorithm needs calibration, else None
     report    callback taking (linear name, metrics dict) for the per-layer report
     """
 
     index: int
     weights: dict[str, Tensor]
+    input_of: dict[str, str] = field(default_factory=dict)
     block: nn.Module | None = None
     report: Callable[[str, dict], None] = field(default=lambda name, metrics: None)
 
@@ -33,7 +36,7 @@ class Algorithm(Protocol):
     def __init__(self, spec: QuantSpec, options: object | None = None) -> None: ...
 
     def observe(self, linear_name: str, x: Tensor) -> None:
-        """Accumulate statistics from one Linear's input x (tokens, in)."""
+        """Accumulate statistics from the input x (..., in) of a Linear (or group sharing it)."""
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
         """Quantize the Linears of one block; returns local name -> result."""

@@ -143,3 +143,47 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
             g_idx = group_of[invperm].to(torch.int32)                   # (in,) original order
     qw = QuantizedWeight(codes=codes.contiguous(), scale=scale, zero=zero, g_idx=g_idx, spec=spec)
     return qw, GPTQStats(damp=damp, dead_columns=int(dead.sum()), seconds=time.perf_counter() - start)
+
+
+@register
+class GPTQ:
+    """The registered algorithm: Hessians X^T X accumulated in float32 from the runner's hooks."""
+
+    name: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+
+    def __init__(self, spec: QuantSpec, options: GPTQOptions | None = None) -> None:
+        self.spec = spec
+        self.options = options or GPTQOptions()
+        self.hessians: dict[str, Tensor] = {}
+
+    def observe(self, linear_name: str, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()                          # (tokens, in)
+        h = self.hessians.get(linear_name)
+        if h is None:
+            h = self.hessians[linear_name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        h.addmm_(x.t(), x)
+
+    def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
+        results = {}
+        for name, weight in layer.weights.items():
+            key = layer.input_of.get(name, name)
+            if key not in self.hessians:
+                raise RunError(f"block {layer.index}: no calibration inputs reached {name}")
+            h = self.hessians[key]
+            try:
+                qw, stats = gptq_quantize(weight, h, self.spec, self.options)
+            except ValueError as exc:
+                raise RunError(f"block {layer.index} {name}: {exc}",
+                               f"raise --damp (now {self.options.damp}) or use more calibration samples") from None
+            w = weight.float()
+            diff = w - qw.dequantize(torch.float32)
+            # ||WX - QX||^2 = tr(D H D^T) with D = W - Q and H = X^T X: no need to keep X.
+            num = float(((diff @ h) * diff).sum())
+            den = float(((w @ h) * w).sum())
+            layer.report(name, {"rel_error": math.sqrt(max(num, 0.0) / max(den, 1e-30)), "damp": stats.damp,
+                                "dead_columns": stats.dead_columns, "seconds": stats.seconds})
+            results[name] = qw
+        for key in {layer.input_of.get(n, n) for n in layer.weights}:
+            self.hessians.pop(key, None)
+        return results

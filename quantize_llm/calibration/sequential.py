@@ -2,18 +2,24 @@
 
 `run()` yields, for each block in order, the quantized results of its Linears and the block's
 other tensors, so the caller can encode and write them and drop them before the next block is read.
-Algorithms that need calibration statistics hook into the same loop (block inputs captured, hooks
-on the Linears, quantized outputs propagated to the next block); the runner asks each algorithm
-what it needs through `needs_calibration`.
+
+Calibrated algorithms (`needs_calibration`) get the block's real inputs: the calibration tokens
+are run once through everything before block 0 (`capture_inputs`), which also records the keyword
+arguments every block receives (masks, rotary embeddings). Then, per block: its weights are loaded
+onto the work device, its Linears are quantized stage by stage (true-sequential: q/k/v, then o,
+then gate/up, then down), each stage's forward pass stopping as soon as the inputs it needs have
+been observed; the quantized (fake-quant) block finally produces the next block's inputs, so
+quantization error propagates.
 """
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..algorithms.base import Algorithm, LayerContext
 from ..errors import RunError
@@ -41,7 +47,7 @@ class BlockPlan:
 
 @dataclass
 class LayerReport:
-    """What happened to one Linear: rel_error = ||W - W'||_F / ||W||_F of the weight."""
+    """What happened to one Linear; metrics such as rel_error, damp."""
 
     name: str
     shape: tuple[int, int]
@@ -58,39 +64,242 @@ class BlockResult:
     seconds: float
 
 
-def run(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Tensor],
-        device: torch.device) -> Iterator[BlockResult]:
+@dataclass
+class Calibration:
+    """What calibrated runs need besides the checkpoint."""
+
+    skeleton: nn.Module          # the model on the meta device (models.load.build_skeleton)
+    layers: str                  # ArchitectureMap.layers
+    sequential: tuple[tuple[str, ...], ...]
+    tokens: Tensor               # int64 (n, L)
+    true_sequential: bool = True
+    batch_size: int = 8
+    dtype: torch.dtype = torch.float32
+
+
+class _Stop(Exception):
+    """Raised by a hook once a forward pass has produced everything the current stage needs."""
+
+
+class Timer:
+    """Seconds spent per named stage (forward, hessian, solve, read, ...)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def add(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] += now - since
+        return now
+
+
+def run(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Tensor], device: torch.device,
+        calibration: Calibration | None = None, timer: Timer | None = None) -> Iterator[BlockResult]:
     """Quantize block after block; `read(name)` returns a checkpoint tensor (checked finite)."""
+    timer = timer or Timer()
     if algorithm.needs_calibration:
-        raise RunError(f"the {algorithm.name} algorithm needs calibration, which this runner "
-                       "does not provide yet")
+        if calibration is None:
+            raise RunError(f"the {algorithm.name} algorithm needs calibration data")
+        yield from _run_calibrated(blocks, algorithm, read, device, calibration, timer)
+        return
     for plan in blocks:
-        start = time.perf_counter()
+        start = t = time.perf_counter()
         todo = [lp for lp in plan.linears if lp.quantize]
-        weight_names = {f"{lp.name}.weight" for lp in todo}
-        bias_names = {f"{lp.name}.bias" for lp in todo}
         weights = {lp.local: read(f"{lp.name}.weight").to(device) for lp in todo}
-        reports: list[LayerReport] = []
+        t = timer.add("read", t)
         extra: dict[str, dict] = {lp.local: {} for lp in todo}
-
-        def report(local: str, metrics: dict) -> None:
-            extra[local].update(metrics)
-
         with torch.no_grad():
             results = algorithm.quantize_layer(LayerContext(index=plan.index, weights=weights,
-                                                            report=report))
-        quantized: dict[str, tuple[QuantizedWeight, Tensor | None]] = {}
+                                                            report=lambda n, m: extra[n].update(m)))
+        t = timer.add("solve", t)
+        reports = []
         for lp in todo:
-            qw = results[lp.local]
             w = weights[lp.local].float()
-            err = torch.linalg.norm(w - qw.dequantize(torch.float32)) / torch.linalg.norm(w).clamp_min(1e-30)
-            bias_name = f"{lp.name}.bias"
-            bias = read(bias_name) if bias_name in plan.tensors else None
-            quantized[lp.name] = (qw.to("cpu"), bias)
-            metrics = {"rel_error": float(err), **extra[lp.local]}
-            reports.append(LayerReport(lp.name, (lp.out_features, lp.in_features),
-                                       float(metrics.pop("seconds", 0.0)), metrics))
-        del weights, results
-        passthrough = {name: read(name) for name in plan.tensors
-                       if name not in weight_names and name not in bias_names}
-        yield BlockResult(plan.index, quantized, passthrough, reports, time.perf_counter() - start)
+            err = torch.linalg.norm(w - results[lp.local].dequantize()) / torch.linalg.norm(w).clamp_min(1e-30)
+            extra[lp.local].setdefault("rel_error", float(err))
+            reports.append(_report(lp, extra[lp.local]))
+        yield _finish(plan, {lp.local: results[lp.local] for lp in todo}, read, reports, start, timer)
+
+
+def _report(lp: LinearPlan, metrics: dict) -> LayerReport:
+    metrics = dict(metrics)
+    return LayerReport(lp.name, (lp.out_features, lp.in_features), float(metrics.pop("seconds", 0.0)), metrics)
+
+
+def _finish(plan: BlockPlan, results: dict[str, QuantizedWeight], read: Callable[[str], Tensor],
+            reports: list[LayerReport], start: float, timer: Timer) -> BlockResult:
+    """Bundle a block's results with its untouched tensors (norms, dense Linears) read as stored."""
+    t = time.perf_counter()
+    quantized, skip = {}, set()
+    for lp in plan.linears:
+        if lp.local not in results:
+            continue
+        bias_name = f"{lp.name}.bias"
+        bias = read(bias_name) if bias_name in plan.tensors else None
+        quantized[lp.name] = (results[lp.local].to("cpu"), bias)
+        skip.update({f"{lp.name}.weight", bias_name})
+    passthrough = {name: read(name) for name in plan.tensors if name not in skip}
+    timer.add("read", t)
+    return BlockResult(plan.index, quantized, passthrough, reports, time.perf_counter() - start)
+
+
+# ---- calibrated path -----------------------------------------------------------------------------
+
+class _Recorder(nn.Module):
+    """Stands in for block `index` while capturing: records what the block would receive."""
+
+    def __init__(self, index: int, last: int, calls: list[list[dict]], inputs: list[Tensor]) -> None:
+        super().__init__()
+        self.index, self.last, self.calls, self.inputs = index, last, calls, inputs
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args:
+            raise RunError("a decoder block was called with positional arguments beyond hidden_states; "
+                           "this architecture is not supported by the calibrated runner")
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        kwargs["use_cache"] = False
+        self.calls[self.index].append(kwargs)
+        if self.index == 0:
+            self.inputs.append(hidden_states)
+        if self.index == self.last:
+            raise _Stop
+        return hidden_states
+
+
+def _materialize(module: nn.Module, prefix: str, read: Callable[[str], Tensor], device: torch.device,
+                 dtype: torch.dtype, skip: tuple[str, ...] = ()) -> list[str]:
+    """Replace `module`'s meta parameters by checkpoint tensors (floats cast to dtype); buffers to device.
+
+    Returns the names of the parameters loaded.
+    """
+    loaded = []
+    for name, param in list(module.named_parameters()):
+        if any(name.startswith(s) for s in skip):
+            continue
+        value = read(prefix + name)
+        value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        _set(module, name, nn.Parameter(value, requires_grad=False))
+        loaded.append(name)
+    for name, buf in list(module.named_buffers()):
+        if any(name.startswith(s) for s in skip) or buf.device.type == "meta":
+            continue
+        _set(module, name, buf.to(device), buffer=True)
+    return loaded
+
+
+def _set(module: nn.Module, name: str, value: Tensor, buffer: bool = False) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if buffer:
+        owner._buffers[leaf] = value
+    else:
+        owner._parameters[leaf] = value
+
+
+def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torch.device
+                   ) -> tuple[list[Tensor], list[list[dict]]]:
+    """Run the tokens through everything before block 0, in batches.
+
+    Returns block 0's inputs per batch (B, L, hidden) and, per block, the keyword arguments it
+    receives per batch. The embedding weights are released afterwards.
+    """
+    layers_path = cal.layers
+    base_path, _, _ = layers_path.rpartition(".")
+    base = cal.skeleton.get_submodule(base_path)
+    layers = cal.skeleton.get_submodule(layers_path)
+    loaded = _materialize(base, base_path + "." if base_path else "", read, device, cal.dtype,
+                          skip=(layers_path[len(base_path) + 1:] + ".",))
+    calls: list[list[dict]] = [[] for _ in range(len(layers))]
+    inputs: list[Tensor] = []
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Recorder(i, len(layers) - 1, calls, inputs)
+    try:
+        with torch.no_grad():
+            for batch in cal.tokens.split(cal.batch_size):
+                try:
+                    base(input_ids=batch.to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        for name in loaded:   # release the embeddings; the skeleton's blocks are untouched
+            _set(base, name, nn.Parameter(torch.empty_like(base.get_parameter(name), device="meta"),
+                                          requires_grad=False))
+    return inputs, calls
+
+
+def _block_forward(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Tensor],
+                    device: torch.device, cal: Calibration, timer: Timer) -> Iterator[BlockResult]:
+    t = time.perf_counter()
+    inputs, calls = capture_inputs(cal, read, device)
+    timer.add("forward", t)
+    layers = cal.skeleton.get_submodule(cal.layers)
+    for plan in blocks:
+        start = t = time.perf_counter()
+        block = layers[plan.index]
+        _materialize(block, plan.prefix, read, device, cal.dtype)
+        t = timer.add("read", t)
+        quantize = {lp.local: lp for lp in plan.linears if lp.quantize}
+        groups = [tuple(n for n in g if n in quantize) for g in cal.sequential]
+        groups = [g for g in groups if g]
+        stages = [[g] for g in groups] if cal.true_sequential else [groups]
+        input_of = {name: g[0] for g in groups for name in g}
+        results: dict[str, QuantizedWeight] = {}
+        extra: dict[str, dict] = {name: {} for name in quantize}
+        with torch.no_grad():
+            for stage in stages:
+                t = _observe_stage(block, stage, algorithm, inputs, calls[plan.index], timer, t)
+                names = [n for g in stage for n in g]
+                weights = {n: block.get_submodule(n).weight.detach() for n in names}
+                stage_results = algorithm.quantize_layer(LayerContext(
+                    index=plan.index, weights=weights, input_of=input_of, block=block,
+                    report=lambda n, m: extra[n].update(m)))
+                t = timer.add("solve", t)
+                for n in names:   # later stages see the quantized weights (fake-quant)
+                    linear = block.get_submodule(n)
+                    linear.weight.data = stage_results[n].dequantize(linear.weight.dtype)
+                results.update(stage_results)
+            inputs = [_block_forward(block, x, kw) for x, kw in zip(inputs, calls[plan.index])]
+            timer.add("forward", t)
+        block.to("meta")
+        reports = [_report(quantize[n], extra[n]) for n in quantize]
+        yield _finish(plan, results, read, reports, start, timer)
+
+
+def _observe_stage(block: nn.Module, stage: list[tuple[str, ...]], algorithm: Algorithm, inputs: list[Tensor],
+                   calls: list[dict], timer: Timer, t: float) -> float:
+    """Forward the calibration inputs through `block` just far enough to observe the stage's inputs."""
+    last = stage[-1][0]
+    hessian_seconds = [0.0]
+
+    def hook(name: str) -> Callable:
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            h0 = time.perf_counter()
+            algorithm.observe(name, args[0])
+            hessian_seconds[0] += time.perf_counter() - h0
+            if name == last:
+                raise _Stop
+        return pre_hook
+
+    handles = [block.get_submodule(g[0]).register_forward_pre_hook(hook(g[0])) for g in stage]
+    try:
+        for x, kwargs in zip(inputs, calls):
+            try:
+                _block_forward(block, x, kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    now = time.perf_counter()
+    timer.seconds["hessian"] += hessian_seconds[0]
+    timer.seconds["forward"] += now - t - hessian_seconds[0]
+    return now
