@@ -164,6 +164,7 @@ def run_eval(model: str, dataset: Path, *, seqlen: int = 512, windows: int | Non
     dataset = Path(dataset).expanduser()
     if not dataset.is_file():
         raise UsageError(f"--dataset {dataset} is not a file", "pass a UTF-8 text file, e.g. wiki.test.raw")
+    _warn_if_calibrated_on(model, dataset, emit)
     net, tokenizer = load_for_eval(model, dev)
     ref = None
     if baseline is not None:
@@ -179,3 +180,15 @@ def run_eval(model: str, dataset: Path, *, seqlen: int = 512, windows: int | Non
                                                                                  "total": total}))
     emit("done", {"model": model, "baseline": baseline, **result.__dict__})
     return result
+
+
+def _warn_if_calibrated_on(model: str, dataset: Path, emit: Callable[[str, dict], None]) -> None:
+    """Evaluating on the calibration text flatters the model: say so."""
+    from .calibration.data import same_file
+
+    with CheckpointReader(resolve_model(model)) as reader:
+        qconfig = reader.config.get("quantization_config") or {}
+    path = ((qconfig.get("meta") or {}).get("calibration") or {}).get("path")
+    if path and same_file(path, dataset):
+        emit("warning", {"message": f"{dataset} is the text {model} was calibrated on; "
+                                    "its perplexity here is not a fair measure"})

@@ -218,6 +218,9 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 cal_info = {"source": cal_set.source, "sha256": cal_set.sha256,
                             "nsamples": int(cal_set.tokens.shape[0]), "seqlen": int(cal_set.tokens.shape[1]),
                             "rule": cal_set.rule}
+                source = getattr(calibration, "source", "self")
+                if source != "self" and Path(source).expanduser().is_file():
+                    cal_info["path"] = str(Path(source).expanduser().resolve())
                 cal = Calibration(skeleton, arch.layers, arch.sequential, cal_set.tokens,
                                   true_sequential=getattr(options, "true_sequential", True),
                                   batch_size=batch_size, dtype=torch.float32)
