@@ -103,7 +103,7 @@ def _run_quantize(model: str, output: Path, spec: QuantSpec, *, device: str, ove
     table.add_column("bits/weight", justify="right")
     table.add_column("peak RSS", justify="right")
     table.add_row(str(summary.blocks), f"{summary.seconds:.1f} s", _human(summary.input_bytes),
-                  _human(summary.output_bytes), f"{summary.bits_per_weight:.3f}", f"{summary.peak_rss_mb:.0f} MB")
+                  _human(summary.output_bytes), f"{summary.bits_per_weight:.3f}", f"{summary.peak_rss_mb:.0f} MiB")
     out.print(table)
     if summary.timings:
         total = sum(summary.timings.values())

@@ -65,7 +65,7 @@ class Reporter:
             self.progress.advance(self.task)
         elif not self.interactive:
             self.stderr.write(f"block {data['index'] + 1}/{data['blocks']} done in {data['seconds']:.2f}s "
-                              f"(peak RSS {data['peak_rss_mb']:.0f} MB)\n")
+                              f"(peak RSS {data['peak_rss_mb']:.0f} MiB)\n")
             self.stderr.flush()
 
     def _on_window(self, data: dict) -> None:

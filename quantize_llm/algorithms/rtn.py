@@ -12,6 +12,8 @@ from ..spec import QuantSpec
 from . import register
 from .base import LayerContext
 
+ROWS_ELEMENTS = 1 << 22   # elements per slice of rows processed at once (16 MiB in float32)
+
 
 @torch.no_grad()
 def rtn_quantize(weight: Tensor, spec: QuantSpec) -> QuantizedWeight:
@@ -19,10 +21,19 @@ def rtn_quantize(weight: Tensor, spec: QuantSpec) -> QuantizedWeight:
 
     Does not modify `weight`; works in float32 whatever its dtype.
     """
-    w = weight.float()
-    scale, zero = rtn_group_params(w, spec.bits, spec.group_size, spec.sym, spec.min_zero)
-    g_idx = default_g_idx(w.shape[1], spec.group_size, w.device)
-    codes = quantize_codes(w, scale, zero, g_idx, spec.bits)
+    out_features, in_features = weight.shape
+    g_idx = default_g_idx(in_features, spec.group_size, weight.device)
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=weight.device)
+    n_groups = spec.n_groups(in_features)
+    scale = torch.empty(out_features, n_groups, dtype=torch.float16, device=weight.device)
+    zero = torch.empty(out_features, n_groups, dtype=torch.int32, device=weight.device)
+    # Rows are independent: work on slices so float32 temporaries stay small for large layers.
+    step = max(1, ROWS_ELEMENTS // in_features)
+    for r in range(0, out_features, step):
+        w = weight[r:r + step].float()                                  # (rows, in)
+        s, z = rtn_group_params(w, spec.bits, spec.group_size, spec.sym, spec.min_zero)
+        codes[r:r + step] = quantize_codes(w, s, z, g_idx, spec.bits)
+        scale[r:r + step], zero[r:r + step] = s, z
     return QuantizedWeight(codes=codes, scale=scale, zero=zero, g_idx=None, spec=spec)
 
 

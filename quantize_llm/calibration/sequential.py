@@ -13,6 +13,7 @@ quantization error propagates.
 """
 from __future__ import annotations
 
+import ctypes
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -103,22 +104,46 @@ def run(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Ten
         yield from _run_calibrated(blocks, algorithm, read, device, calibration, timer)
         return
     for plan in blocks:
-        start = t = time.perf_counter()
-        todo = [lp for lp in plan.linears if lp.quantize]
-        weights = {lp.local: read(f"{lp.name}.weight").to(device) for lp in todo}
-        t = timer.add("read", t)
-        extra: dict[str, dict] = {lp.local: {} for lp in todo}
-        with torch.no_grad():
-            results = algorithm.quantize_layer(LayerContext(index=plan.index, weights=weights,
-                                                            report=lambda n, m: extra[n].update(m)))
-        t = timer.add("solve", t)
+        start = time.perf_counter()
+        results: dict[str, QuantizedWeight] = {}
         reports = []
-        for lp in todo:
-            w = weights[lp.local].float()
-            err = torch.linalg.norm(w - results[lp.local].dequantize()) / torch.linalg.norm(w).clamp_min(1e-30)
-            extra[lp.local].setdefault("rel_error", float(err))
-            reports.append(_report(lp, extra[lp.local]))
-        yield _finish(plan, {lp.local: results[lp.local] for lp in todo}, read, reports, start, timer)
+        for lp in (lp for lp in plan.linears if lp.quantize):   # one weight in memory at a time
+            t = time.perf_counter()
+            weight = read(f"{lp.name}.weight").to(device)
+            t = timer.add("read", t)
+            metrics: dict = {}
+            with torch.no_grad():
+                qw = algorithm.quantize_layer(LayerContext(index=plan.index, weights={lp.local: weight},
+                                                           report=lambda n, m: metrics.update(m)))[lp.local]
+            t = timer.add("solve", t)
+            metrics.setdefault("rel_error", weight_error(weight, qw))
+            results[lp.local] = qw
+            reports.append(_report(lp, metrics))
+            del weight
+        yield _finish(plan, results, read, reports, start, timer)
+        release_memory()
+
+
+def weight_error(weight: Tensor, qw: QuantizedWeight) -> float:
+    """||W - W'||_F / ||W||_F, over slices of rows to keep temporaries small."""
+    num = den = 0.0
+    g_idx = qw.group_index()
+    step = max(1, (1 << 22) // weight.shape[1])
+    for r in range(0, weight.shape[0], step):
+        w = weight[r:r + step].float()
+        deq = QuantizedWeight(qw.codes[r:r + step], qw.scale[r:r + step], qw.zero[r:r + step], g_idx,
+                              qw.spec).dequantize()
+        num += float(((w - deq) ** 2).sum())
+        den += float((w ** 2).sum())
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and peak RSS creeps up)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to do
+        pass
 
 
 def _report(lp: LinearPlan, metrics: dict) -> LayerReport:
@@ -272,6 +297,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         block.to("meta")
         reports = [_report(quantize[n], extra[n]) for n in quantize]
         yield _finish(plan, results, read, reports, start, timer)
+        release_memory()
 
 
 def _observe_stage(block: nn.Module, stage: list[tuple[str, ...]], algorithm: Algorithm, inputs: list[Tensor],

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Quality and speed of each method on a real model, BENCHMARKS.md protocol Q.
+
+For every setting: perplexity on WikiText-2 (40 x 512 tokens by default), its ratio to the
+unquantized model, the real bits per weight stored, the quantization wall time, and that time
+divided by one plain forward pass of the calibration set through the unquantized model measured
+in the same run (the unavoidable cost). Calibration: the first 64 C4 documents of at least 512
+tokens, first 512 tokens each (--nsamples 64 --seqlen 512 over the parquet, in file order).
+
+    python scripts/bench_quality.py                      # every setting
+    python scripts/bench_quality.py --only rtn-w4g128 gptq-w4g128
+
+The model defaults to SmolLM2-135M-Instruct built by scripts/build_smollm2.py; the data default to
+../shared/data beside the repository (pass --calib/--eval elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    method: str
+    bits: int
+    group_size: int
+    sym: bool = False
+    act_order: bool = False
+    calibration: str = "c4"           # c4 | self
+    options: dict = field(default_factory=dict)
+
+
+SETTINGS = [
+    Setting("rtn-w8g128", "rtn", 8, 128),
+    Setting("rtn-w4g128", "rtn", 4, 128),
+    Setting("rtn-w4-channel", "rtn", 4, -1),
+    Setting("rtn-w3g128", "rtn", 3, 128),
+    Setting("gptq-w4g128", "gptq", 4, 128),
+    Setting("gptq-w3g128", "gptq", 3, 128),
+    Setting("gptq-w4-channel", "gptq", 4, -1),
+    Setting("gptq-w4g128-actorder", "gptq", 4, 128, act_order=True),
+    Setting("gptq-w4g128-self", "gptq", 4, 128, calibration="self"),
+]
+
+
+def default_model() -> Path:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_smollm2.py")], check=True,
+                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return Path(out)
+
+
+def forward_seconds(model_dir: Path, tokens: torch.Tensor, batch_size: int) -> float:
+    """One plain forward pass of the calibration set through the unquantized model (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in tokens.split(batch_size):
+            model(batch, use_cache=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--calib", type=Path, default=SHARED / "c4" / "c4_validation_2k.parquet")
+    parser.add_argument("--eval", type=Path, default=SHARED / "wikitext-2-raw" / "wiki.test.raw")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--only", nargs="*", default=None, help="setting names to run")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from quantize_llm.algorithms.gptq import GPTQOptions
+    from quantize_llm.calibration.data import CalibrationSpec, load_calibration
+    from quantize_llm.evaluate import evaluate, load_for_eval, make_windows, tokenize_text
+    from quantize_llm.pipeline import quantize
+    from quantize_llm.spec import QuantSpec
+
+    for path in (args.calib, args.eval):
+        if not path.is_file():
+            sys.exit(f"error: {path} not found (pass --calib / --eval)")
+    model_dir = args.model or default_model()
+    settings = [s for s in SETTINGS if args.only is None or s.name in args.only]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    windows = make_windows(tokenize_text(args.eval, tokenizer), 512, args.windows)
+    c4 = CalibrationSpec(source=str(args.calib), nsamples=args.nsamples, seqlen=args.seqlen)
+    cal_tokens = load_calibration(c4, tokenizer).tokens
+    fwd = forward_seconds(model_dir, cal_tokens, args.batch_size)
+    base_model, _ = load_for_eval(str(model_dir))
+    base = evaluate(base_model, windows)
+    del base_model
+    rows = [{"setting": "unquantized", "ppl": base.perplexity, "ratio": 1.0, "bpw": 16.0, "seconds": 0.0,
+             "fwd_ratio": 0.0}]
+    print(f"plain forward pass of the calibration set ({args.nsamples} x {args.seqlen}): {fwd:.1f} s")
+    print(f"unquantized perplexity: {base.perplexity:.3f}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in settings:
+            out = Path(tmp) / s.name
+            spec = QuantSpec(method=s.method, bits=s.bits, group_size=s.group_size, sym=s.sym, act_order=s.act_order)
+            options = GPTQOptions(**s.options) if s.method == "gptq" else None
+            cal = (CalibrationSpec(source="self", nsamples=args.nsamples, seqlen=args.seqlen)
+                   if s.calibration == "self" else c4)
+            t = time.perf_counter()
+            summary = quantize(str(model_dir), out, spec, options=options, calibration=cal, device="cpu",
+                               batch_size=args.batch_size)
+            seconds = time.perf_counter() - t
+            model, _ = load_for_eval(str(out))
+            result = evaluate(model, windows)
+            del model
+            row = {"setting": s.name, "ppl": result.perplexity, "ratio": result.perplexity / base.perplexity,
+                   "bpw": summary.bits_per_weight, "seconds": seconds, "fwd_ratio": seconds / fwd,
+                   "timings": summary.timings}
+            rows.append(row)
+            stages = ", ".join(f"{k} {v:.0f}s" for k, v in sorted(summary.timings.items(), key=lambda kv: -kv[1]))
+            print(f"{s.name:24s} ppl {row['ppl']:8.3f}  x{row['ratio']:.3f}  {row['bpw']:.3f} bpw  "
+                  f"{seconds:6.1f} s = {row['fwd_ratio']:.2f} forward passes  [{stages}]", flush=True)
+    print()
+    print(f"| setting | perplexity | ratio to unquantized | bits/weight | time | time / forward pass |")
+    print(f"|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {r['bpw']:.3f} | {r['seconds']:.0f} s | "
+              f"{r['fwd_ratio']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# End-to-end demo: build SmolLM2-135M-Instruct, quantize it with RTN (4-bit, group 128, asym),
+# inspect the result and compare its perplexity with the original.
+#
+# Usage: bash scripts/demo.sh [WORKDIR]     (default ./demo-out; PYTHON=... picks the interpreter)
+# Needs: quantize-llm on PATH (pip install -e .[demo]), which also brings the gguf package.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORK="${1:-demo-out}"
+PYTHON="${PYTHON:-python3}"
+
+if ! command -v quantize-llm >/dev/null 2>&1; then
+    echo "error: quantize-llm is not on PATH; install the project first: pip install -e '.[demo]'" >&2
+    exit 1
+fi
+mkdir -p "$WORK"
+
+MODEL="$("$PYTHON" "$ROOT/scripts/build_smollm2.py" "$WORK/SmolLM2-135M-Instruct" | tail -n 1)"
+QUANT="$WORK/smol-w4g128"
+quantize-llm rtn "$MODEL" -o "$QUANT" --bits 4 --group-size 128 --asym --overwrite
+quantize-llm inspect "$QUANT"
+
+# WikiText-2 test split where the shared data folder exists; otherwise Python's own documentation
+# (its text, hence the figures, vary with the Python version).
+TEXT="$(dirname "$ROOT")/shared/data/wikitext-2-raw/wiki.test.raw"
+if [[ -f "$TEXT" ]]; then
+    echo "evaluation text: WikiText-2 test split ($TEXT)" >&2
+else
+    TEXT="$WORK/eval.txt"
+    "$PYTHON" -c "import pydoc_data.topics as t; print('\n\n'.join(t.topics.values()))" > "$TEXT"
+    echo "evaluation text: Python's pydoc topics ($TEXT); WikiText-2 not found" >&2
+fi
+quantize-llm eval "$QUANT" --dataset "$TEXT" --baseline "$MODEL"
