@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end demo: build SmolLM2-135M-Instruct, quantize it with RTN (4-bit, group 128, asym),
+# End-to-end demo: build SmolLM2-135M-Instruct, quantize it with GPTQ (4-bit, group 128, asym),
 # inspect the result and compare its perplexity with the original.
 #
 # Usage: bash scripts/demo.sh [WORKDIR]     (default ./demo-out; PYTHON=... picks the interpreter)
@@ -17,8 +17,13 @@ fi
 mkdir -p "$WORK"
 
 MODEL="$("$PYTHON" "$ROOT/scripts/build_smollm2.py" "$WORK/SmolLM2-135M-Instruct" | tail -n 1)"
-QUANT="$WORK/smol-w4g128"
-quantize-llm rtn "$MODEL" -o "$QUANT" --bits 4 --group-size 128 --asym --overwrite
+QUANT="$WORK/smol-gptq-w4g128"
+# Calibration: C4 validation documents where the shared data folder exists (BENCHMARKS.md protocol Q);
+# otherwise text the model writes itself, which needs no data at all.
+CALIB="$(dirname "$ROOT")/shared/data/c4/c4_validation_2k.parquet"
+[[ -f "$CALIB" ]] || CALIB=self
+quantize-llm gptq "$MODEL" -o "$QUANT" --bits 4 --group-size 128 --asym --overwrite \
+    --dataset "$CALIB" --nsamples 64 --seqlen 512
 quantize-llm inspect "$QUANT"
 
 # WikiText-2 test split where the shared data folder exists; otherwise Python's own documentation
