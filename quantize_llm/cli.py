@@ -80,6 +80,7 @@ NSamplesOpt = Annotated[int, typer.Option("--nsamples", help="Calibration sequen
 SeqlenOpt = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration sequence (capped by the model's context).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for self-generated calibration text.")]
 TextColumnOpt = Annotated[str, typer.Option("--text-column", help="Column or field holding the text.")]
+ClipOpt = Annotated[str, typer.Option("--clip", help="Group range: minmax, or mse (shrink the range where it lowers the rounding error).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Calibration sequences per forward pass.")]
 
 
@@ -95,7 +96,9 @@ def _run_quantize(model: str, output: Path, spec: QuantSpec, *, device: str, ove
         summary = quantize(model, output, spec, options=options, calibration=calibration, device=device,
                            overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
                            batch_size=batch_size, on_event=reporter, command=command)
-    table = Table(title=f"{spec.method} w{spec.bits}g{spec.group_size} {'sym' if spec.sym else 'asym'}")
+    grid = (f"{spec.codebook} b{spec.blocksize}{' double-quant' if spec.double_quant else ''}" if spec.codebook != "int"
+            else f"w{spec.bits}g{spec.group_size} {'sym' if spec.sym else 'asym'}")
+    table = Table(title=f"{spec.method} {grid}")
     table.add_column("blocks", justify="right")
     table.add_column("wall time", justify="right")
     table.add_column("input size", justify="right")
@@ -134,11 +137,13 @@ def _run_quantize(model: str, output: Path, spec: QuantSpec, *, device: str, ove
 @app.command(help="Quantize MODEL with round-to-nearest (no calibration data needed).\n\n"
              "Example: quantize-llm rtn ./SmolLM2-135M-Instruct -o smol-w4g128 --bits 4 --group-size 128")
 def rtn(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: GroupSizeOpt = 128,
-        sym: SymOpt = True, keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto",
+        sym: SymOpt = True, clip: ClipOpt = "minmax", keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto",
         overwrite: OverwriteOpt = False, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
+    from .algorithms.rtn import RTNOptions
+
     spec = QuantSpec(method="rtn", bits=bits, group_size=group_size, sym=sym, keep_dense=tuple(keep_dense or ()))
     _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
-                  log_json=log_json)
+                  log_json=log_json, options=RTNOptions(clip=clip))
 
 
 @app.command(help="Quantize MODEL with GPTQ: error-compensating rounding from calibration data.\n\n"
@@ -150,6 +155,7 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
          damp: Annotated[float, typer.Option("--damp", help="Added to diag(H) as a fraction of its mean.")] = 0.01,
          block_size: Annotated[int, typer.Option("--block-size", help="Columns per lazy-update block.")] = 128,
          true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Re-run the block between q/k/v, o, gate/up and down.")] = True,
+         clip: ClipOpt = "minmax",
          dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
          text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
          keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
@@ -161,8 +167,38 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
                      keep_dense=tuple(keep_dense or ()))
     if static_groups and not act_order:
         raise UsageError("--static-groups only changes something together with --act-order", "add --act-order or drop --static-groups")
-    options = GPTQOptions(block_size=block_size, damp=damp, static_groups=static_groups, true_sequential=true_sequential)
+    options = GPTQOptions(block_size=block_size, damp=damp, static_groups=static_groups, true_sequential=true_sequential,
+                          clip=clip)
     calibration = CalibrationSpec(source=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, text_column=text_column)
+    _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
+                  log_json=log_json, options=options, calibration=calibration, batch_size=batch_size)
+
+
+@app.command(help="Quantize MODEL to NF4 or FP4 in the bitsandbytes layout that stock transformers (with "
+             "bitsandbytes) loads. --rounding gptq chooses the 4-bit codes with GPTQ's error feedback from "
+             "calibration data, on the same per-block absmax.\n\n"
+             "Example: quantize-llm nf4 ./SmolLM2-135M-Instruct -o smol-nf4\n\n"
+             "Example: quantize-llm nf4 ./SmolLM2-135M-Instruct -o smol-nf4-gptq --rounding gptq --dataset c4.parquet")
+def nf4(model: ModelArg, output: OutputOpt,
+        blocksize: Annotated[int, typer.Option("--blocksize", help="Weights per absmax, over the flattened weight: 64 .. 4096.")] = 64,
+        double_quant: Annotated[bool, typer.Option("--double-quant/--no-double-quant", help="Store the absmax as 8-bit codes with nested statistics (bitsandbytes' double quantization).")] = True,
+        quant_type: Annotated[str, typer.Option("--quant-type", help="The 4-bit codebook: nf4 or fp4.")] = "nf4",
+        rounding: Annotated[str, typer.Option("--rounding", help="nearest (bitsandbytes' own, no data) or gptq (needs calibration data).")] = "nearest",
+        damp: Annotated[float, typer.Option("--damp", help="With --rounding gptq: added to diag(H) as a fraction of its mean.")] = 0.01,
+        block_size: Annotated[int, typer.Option("--block-size", help="With --rounding gptq: columns per lazy-update block.")] = 128,
+        true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="With --rounding gptq: re-run the block between q/k/v, o, gate/up and down.")] = True,
+        dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
+        text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
+        keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
+        max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
+    from .algorithms.nf4 import NF4Options
+    from .calibration.data import CalibrationSpec
+
+    spec = QuantSpec(method="nf4", format="bnb", codebook=quant_type, blocksize=blocksize, double_quant=double_quant,
+                     keep_dense=tuple(keep_dense or ()))
+    options = NF4Options(rounding=rounding, block_size=block_size, damp=damp, true_sequential=true_sequential)
+    calibration = CalibrationSpec(source=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, text_column=text_column) \
+        if rounding == "gptq" else None
     _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
                   log_json=log_json, options=options, calibration=calibration, batch_size=batch_size)
 
@@ -180,17 +216,21 @@ def inspect(path: Annotated[str, typer.Argument(help="A quantized checkpoint fol
     rows: dict[str, list] = {}
     for m in info.modules:
         key = m.name if all_modules else re.sub(r"\.\d+\.", ".*.", m.name)
-        row = rows.setdefault(key, [key, m.bits, m.group_size, m.sym, m.shape, 0, 0])
+        group = f"{m.codebook} b{m.group_size}" if m.codebook != "int" else \
+            "channel" if m.group_size == -1 else str(m.group_size)
+        sym = "-" if m.codebook != "int" else "yes" if m.sym else "no"
+        row = rows.setdefault(key, [key, m.bits, group, sym, m.shape, 0, 0])
         row[5] += m.nbytes
         row[6] += 1
-    for key, (name, bits, gs, sym, shape, nbytes, count) in rows.items():
+    for key, (name, bits, group, sym, shape, nbytes, count) in rows.items():
         label = name if count == 1 else f"{name} (x{count})"
-        table.add_row(label, str(bits), "channel" if gs == -1 else str(gs), "yes" if sym else "no",
-                      f"{shape[0]} x {shape[1]}", f"{nbytes:,}")
+        table.add_row(label, str(bits), group, sym, f"{shape[0]} x {shape[1]}", f"{nbytes:,}")
     out.print(table)
     out.print(f"quantized modules: {len(info.modules)}   quantized weights: {info.quantized_params:,}")
     out.print(f"quantized tensors: {_human(info.quantized_bytes)}   whole checkpoint: {_human(info.total_bytes)}")
-    out.print(f"bits per weight: {info.bits_per_weight:.3f} (codes, scales, zeros and g_idx)")
+    what = "codes, absmax and their nested statistics" if any(m.codebook != "int" for m in info.modules) \
+        else "codes, scales, zeros and g_idx"
+    out.print(f"bits per weight: {info.bits_per_weight:.3f} ({what})")
 
 
 @app.command(name="eval", help="Perplexity on a text file (BENCHMARKS.md protocol Q); with --baseline, "

@@ -1,4 +1,5 @@
-"""Describe a quantized checkpoint from its headers alone: modules, sizes, real bits per weight."""
+"""Describe a quantized checkpoint from its headers (and bnb's small JSON blobs): modules, sizes, real
+bits per weight."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ class ModuleInfo:
     group_size: int
     sym: bool
     shape: tuple[int, int]        # (out_features, in_features)
-    nbytes: int                   # packed codes + scales + zeros + g_idx (bias excluded)
+    nbytes: int                   # packed codes + scales + zeros + g_idx, or codes + absmax (bias excluded)
+    codebook: str = "int"         # nf4/fp4: group_size is the absmax block size
 
 
 @dataclass
@@ -44,16 +46,17 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         fmt = format_for_config(qconfig)
         info = CheckpointInfo(str(folder), str(qconfig.get("quant_method")), total_bytes=reader.total_bytes)
         names = set(reader.names())
-        bits = int(qconfig["bits"])
         for name in reader.names():
-            if not name.endswith(".qweight"):
+            marker = next((m for m in fmt.markers if name.endswith(f".{m}")), None)
+            if marker is None:
                 continue
-            prefix = name[: -len(".qweight")]
-            rows, out_features = reader.shape(name)
-            in_features = rows * 32 // bits
-            nbytes = sum(reader.nbytes(f"{prefix}.{t}") for t in fmt.tensor_names if f"{prefix}.{t}" in names)
-            info.modules.append(ModuleInfo(prefix, bits, int(qconfig.get("group_size", -1)),
-                                           bool(qconfig.get("sym", True)), (out_features, in_features), nbytes))
+            prefix = name[: -len(marker) - 1]
+            local = {t: f"{prefix}.{t}" for t in fmt.tensor_names if f"{prefix}.{t}" in names}
+            header = fmt.describe(qconfig, {t: reader.shape(full) for t, full in local.items()},
+                                  lambda t: reader.read(local[t]))
+            nbytes = sum(reader.nbytes(full) for full in local.values())
+            info.modules.append(ModuleInfo(prefix, header.bits, header.group_size, header.sym, header.shape,
+                                           nbytes, header.codebook))
             info.quantized_bytes += nbytes
-            info.quantized_params += out_features * in_features
+            info.quantized_params += header.shape[0] * header.shape[1]
     return info

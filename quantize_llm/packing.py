@@ -1,4 +1,4 @@
-"""Pure bit packing into int32 words (FORMATS.md §1.4).
+"""Pure bit packing: int32 words (FORMATS.md §1.4) and bitsandbytes' uint8 nibbles (§3.2).
 
 The GPTQ rule, used along either dimension: split the codes along the packed dimension into blocks
 of 32; each block is a 32*bits-bit little-endian string (code k at bits [k*bits, (k+1)*bits)) cut
@@ -79,3 +79,23 @@ def unpack_int32(words: Tensor, bits: int, n: int, dim: int = 0) -> Tensor:
             v = v | (w[:, j + 1] << (32 - off))
         out[:, k] = v & mask
     return out.reshape(-1, m)[:n].to(torch.uint8).contiguous()
+
+
+def pack_nibbles(codes: Tensor, pad: int = 0) -> Tensor:
+    """bitsandbytes' 4-bit packing: flat codes (< 16, any shape, row-major) -> uint8 (ceil(n/2), 1).
+
+    Element 2k goes to the HIGH nibble of byte k, element 2k+1 to the low nibble. An odd count is
+    padded with the code `pad` (bitsandbytes pads with the code of 0.0). Does not modify `codes`.
+    """
+    flat = codes.reshape(-1).to(torch.uint8)                            # (n,)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_full((1,), pad)])
+    return ((flat[0::2] << 4) | flat[1::2]).view(-1, 1).contiguous()    # (ceil(n/2), 1)
+
+
+def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
+    """Inverse of `pack_nibbles`: uint8 bytes (any shape) -> the first `n` codes, uint8 (n,)."""
+    flat = packed.reshape(-1).to(torch.uint8)
+    if flat.numel() != -(-n // 2):
+        raise ValueError(f"{flat.numel()} bytes cannot hold {n} 4-bit codes (need {-(-n // 2)})")
+    return torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n].contiguous()

@@ -8,7 +8,7 @@ import fnmatch
 import re
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,9 +123,13 @@ def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec
     for p in plans:
         for lp in p.linears:
             if lp.quantize:
-                groups = spec.n_groups(lp.in_features)
+                n = lp.out_features * lp.in_features
                 total -= reader.nbytes(f"{lp.name}.weight")
-                total += (lp.out_features * lp.in_features * spec.bits // 8
+                if spec.codebook != "int":   # codes, a float32 absmax per block, small tables
+                    total += n // 2 + 1 + 4 * (n // spec.blocksize + 1) + 2048
+                    continue
+                groups = spec.n_groups(lp.in_features)
+                total += (n * spec.bits // 8
                           + groups * lp.out_features * (2 + spec.bits / 8) + 4 * lp.in_features)
     return int(total)
 
@@ -188,6 +192,9 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
         raise SpecError(reason)
     spec = spec.replace(min_zero=fmt.min_zero(spec))
     algorithm = get_algorithm(spec.method)(spec, options)
+    if spec.codebook not in getattr(algorithm, "codebooks", ("int",)):
+        raise SpecError(f"the {spec.method} algorithm does not produce {spec.codebook} codes",
+                        "use the nf4 command for nf4/fp4")
     dev = resolve_device(device)
     output = Path(output).expanduser()
 
@@ -230,14 +237,16 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 writer.add(name, read(name))
             for result in run(plans, algorithm, read, dev, cal, timer):
                 t = time.perf_counter()
-                encoded = {name: fmt.encode(qw) for name, (qw, _) in result.quantized.items()}
+                # Formats that record the weight's dtype (bnb) get the checkpoint's, not the work dtype.
+                encoded = {name: fmt.encode(replace(qw, source_dtype=reader.dtype(f"{name}.weight")))
+                           for name, (qw, _) in result.quantized.items()}
                 t = timer.add("packing", t)
                 for name, (qw, bias) in result.quantized.items():
                     for local, tensor in encoded[name].items():
                         writer.add(f"{name}.{local}", tensor)
                         q_bytes += tensor.numel() * tensor.element_size()
                     if bias is not None:
-                        writer.add(f"{name}.bias", bias.to(torch.float16))
+                        writer.add(f"{name}.bias", bias if fmt.bias_dtype is None else bias.to(fmt.bias_dtype))
                     q_params += qw.codes.numel()
                 for name, tensor in result.passthrough.items():
                     writer.add(name, tensor)
@@ -260,15 +269,20 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                     extra[key] = getattr(options, attr)
             if dynamic:
                 extra["dynamic"] = dynamic
-            qconfig = fmt.quantization_config(spec, in_block, extra)
+            quantized = {lp.name for p in plans for lp in p.linears if lp.quantize}
+            dense = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+            model_dtype = config.get("dtype") or config.get("torch_dtype")
+            qconfig = fmt.quantization_config(spec, in_block, extra, dense_modules=dense,
+                                              dtype=str(model_dtype).removeprefix("torch.") if model_dtype else None)
             summary = Summary(model=model, output=str(output), spec=spec.to_dict(), blocks=len(plans),
                               seconds=0.0, input_bytes=reader.total_bytes, output_bytes=writer.total_bytes,
                               quantized_params=q_params, quantized_bytes=q_bytes,
                               bits_per_weight=8 * q_bytes / max(q_params, 1), peak_rss_mb=0.0,
                               layers=reports, timings=dict(timer.seconds), calibration=cal_info)
             files: dict[str, Any] = dict(carried_files(folder))
-            files["quantize_config.json"] = json_text(qconfig)
-            files["README.md"] = model_card(summary, qconfig, command, folder)
+            if fmt.config_file:
+                files[fmt.config_file] = json_text(qconfig)
+            files["README.md"] = model_card(summary, qconfig, command, folder, fmt.description)
             t = time.perf_counter()
             writer.finish(config={**config, "quantization_config": qconfig}, files=files)
             timer.add("write", t)
@@ -290,7 +304,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def model_card(summary: Summary, qconfig: dict, command: str | None, folder: Path) -> str:
+def model_card(summary: Summary, qconfig: dict, command: str | None, folder: Path,
+               layout: str = "GPTQ layout that transformers (with optimum and gptqmodel) and vLLM load") -> str:
     """README.md for the output: what was done, with which settings, and how to load it."""
     spec = summary.spec
     source_license = _front_matter_value(folder / "README.md", "license")
@@ -302,11 +317,16 @@ def model_card(summary: Summary, qconfig: dict, command: str | None, folder: Pat
         head.append(f"base_model: {summary.model}")
     head.append("---")
     gs = "per channel" if spec["group_size"] == -1 else str(spec["group_size"])
-    rows = [("method", spec["method"]), ("bits", spec["bits"]), ("group size", gs),
-            ("symmetric", spec["sym"]), ("act-order", spec["act_order"]),
-            ("format", f"{qconfig['quant_method']} ({qconfig.get('checkpoint_format', '')})"),
+    grid = [("bits", spec["bits"]), ("group size", gs), ("symmetric", spec["sym"]), ("act-order", spec["act_order"]),
+            ("format", f"{qconfig['quant_method']} ({qconfig.get('checkpoint_format', '')})")]
+    stored = "scales and zeros included"
+    if spec["codebook"] != "int":   # a 4-bit table with a per-block absmax: no groups, zeros or order
+        grid = [("codebook", spec["codebook"]), ("block size", spec["blocksize"]),
+                ("double quantization", spec["double_quant"]), ("format", qconfig["quant_method"])]
+        stored = "absmax and nested statistics included"
+    rows = [("method", spec["method"]), *grid,
             ("kept unquantized", ", ".join(spec["keep_dense"]) or "embeddings, norms, lm_head"),
-            ("bits per weight (quantized Linears, scales and zeros included)", f"{summary.bits_per_weight:.3f}"),
+            (f"bits per weight (quantized Linears, {stored})", f"{summary.bits_per_weight:.3f}"),
             ("quantized parameters", f"{summary.quantized_params:,}"),
             *([("calibration", f"{summary.calibration['source']}: {summary.calibration['nsamples']} x "
                                f"{summary.calibration['seqlen']} tokens"),
@@ -317,8 +337,7 @@ def model_card(summary: Summary, qconfig: dict, command: str | None, folder: Pat
     cmd = command or f"quantize-llm {spec['method']} {summary.model}"
     body = [f"# {Path(summary.output).name}", "",
             f"`{summary.model}` quantized to {spec['bits']}-bit with {spec['method'].upper()} by quantize-llm "
-            f"{__version__}, stored in the {qconfig['quant_method'].upper()} layout that transformers "
-            "(with optimum and gptqmodel) and vLLM load.", "", *table, "", "## Command", "", "```",
+            f"{__version__}, stored in the {layout}.", "", *table, "", "## Command", "", "```",
             cmd, "```", "", "## Loading", "", "```python", "from quantize_llm import load_quantized",
             f"model = load_quantized(\"{Path(summary.output).name}\")", "```", ""]
     return "\n".join(head + [""] + body)

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import SpecError
+from .nf4codes import BLOCKSIZES, CODEBOOKS as TABLE_CODEBOOKS
 
 INT_BITS = (2, 3, 4, 8)
+CODEBOOKS = ("int", *TABLE_CODEBOOKS)    # "int": integer grid; nf4/fp4: bitsandbytes' 4-bit tables
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,8 @@ class QuantSpec:
     """How every quantized Linear is stored (independent of how the numbers were chosen).
 
     Algorithm knobs (GPTQ damping, AWQ grid, ...) live in each algorithm's own Options class.
+    With a 4-bit codebook (nf4, fp4) bits is 4 and group_size, sym, act_order and min_zero play
+    no part: blocksize and double_quant say how the absmax statistics are stored.
     """
 
     method: str = "rtn"                   # algorithm name in the registry (algorithms/__init__.py)
@@ -26,8 +30,19 @@ class QuantSpec:
     format: str = "gptq"                  # on-disk format name in the registry (formats/__init__.py)
     min_zero: int = 0                     # smallest storable integer zero (GPTQ v1 cannot store 0)
     keep_dense: tuple[str, ...] = field(default=())  # regexes: Linears matching stay unquantized
+    codebook: str = "int"                 # "int" (scale * (code - zero)) or a 4-bit table: "nf4", "fp4"
+    blocksize: int = 64                   # nf4/fp4: weights per absmax, flat over the row-major weight
+    double_quant: bool = True             # nf4/fp4: absmax stored as 8-bit codes + nested absmax (bnb)
 
     def __post_init__(self) -> None:
+        if self.codebook not in CODEBOOKS:
+            raise SpecError(f"--quant-type {self.codebook} is not supported",
+                            "choose nf4 or fp4 (4-bit codebooks); integer grids use the rtn and gptq commands")
+        if self.blocksize not in BLOCKSIZES:
+            raise SpecError(f"--blocksize {self.blocksize} is not supported",
+                            f"choose one of {', '.join(map(str, BLOCKSIZES))}; 64 is bitsandbytes' default")
+        if self.codebook != "int" and self.bits != 4:
+            raise SpecError(f"--bits {self.bits} does not fit the {self.codebook} codebook", "its codes are 4-bit")
         if self.bits not in INT_BITS:
             raise SpecError(f"--bits {self.bits} is not supported",
                             f"choose one of {', '.join(map(str, INT_BITS))}; 4 is the usual choice")

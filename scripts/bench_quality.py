@@ -40,6 +40,9 @@ class Setting:
     act_order: bool = False
     calibration: str = "c4"           # c4 | self
     options: dict = field(default_factory=dict)
+    codebook: str = "int"             # int | nf4 | fp4 (nf4/fp4: the bitsandbytes format)
+    blocksize: int = 64               # nf4/fp4: weights per absmax
+    rounding: str = "nearest"         # nf4/fp4: nearest | gptq
 
 
 SETTINGS = [
@@ -52,6 +55,12 @@ SETTINGS = [
     Setting("gptq-w4-channel", "gptq", 4, -1),
     Setting("gptq-w4g128-actorder", "gptq", 4, 128, act_order=True),
     Setting("gptq-w4g128-self", "gptq", 4, 128, calibration="self"),
+    # NF4 (bitsandbytes layout, double-quantized absmax per 64 weights) with bitsandbytes' own
+    # nearest rounding, then with GPTQ rounding on the same absmax, beside GPTQ int4 at group 64:
+    # the bits/weight column counts every stored byte (absmax and nested statistics included).
+    Setting("nf4-b64", "nf4", 4, -1, codebook="nf4"),
+    Setting("nf4-b64-gptq", "nf4", 4, -1, codebook="nf4", rounding="gptq"),
+    Setting("gptq-w4g64", "gptq", 4, 64),
 ]
 
 
@@ -89,6 +98,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from quantize_llm.algorithms.gptq import GPTQOptions
+    from quantize_llm.algorithms.nf4 import NF4Options
     from quantize_llm.calibration.data import CalibrationSpec, load_calibration
     from quantize_llm.evaluate import evaluate, load_for_eval, make_windows, tokenize_text
     from quantize_llm.pipeline import quantize
@@ -114,8 +124,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for s in settings:
             out = Path(tmp) / s.name
-            spec = QuantSpec(method=s.method, bits=s.bits, group_size=s.group_size, sym=s.sym, act_order=s.act_order)
-            options = GPTQOptions(**s.options) if s.method == "gptq" else None
+            if s.codebook != "int":
+                spec = QuantSpec(method=s.method, format="bnb", codebook=s.codebook, blocksize=s.blocksize)
+                options = NF4Options(rounding=s.rounding, **s.options)
+            else:
+                spec = QuantSpec(method=s.method, bits=s.bits, group_size=s.group_size, sym=s.sym,
+                                 act_order=s.act_order)
+                options = GPTQOptions(**s.options) if s.method == "gptq" else None
             cal = (CalibrationSpec(source="self", nsamples=args.nsamples, seqlen=args.seqlen)
                    if s.calibration == "self" else c4)
             t = time.perf_counter()

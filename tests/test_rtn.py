@@ -74,3 +74,28 @@ def test_spec_round_trips_and_rejects_unknown_keys():
     assert QuantSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(SpecError, match="unknown setting"):
         QuantSpec.from_dict({"bits": 4, "groupsize": 128})
+
+
+def test_mse_clip_search_matches_brute_force_and_never_loses_to_minmax():
+    from quantize_llm.primitives import minmax_params, mse_params
+
+    torch.manual_seed(3)
+    w = torch.randn(16, 64) * 0.05
+    w[0, 0] = 1.0                                                  # an outlier that min-max must cover
+    s, z = mse_params(w, 3, False, 1)
+    def err(scale, zero, row):
+        sc, zr = scale.double(), zero.double()
+        q = torch.clamp(torch.round(w[row].double() / sc) + zr, 0, 7)
+        return float(((sc * (q - zr) - w[row].double()).abs() ** 2.4).sum())
+    for row in range(16):
+        best = None
+        for i in range(0, 81):                                     # brute force over the same grid
+            p = 1 - i / 100
+            lo = torch.tensor([[float(w[row].min().clamp(max=0)) * p, float(w[row].max().clamp(min=0)) * p]])
+            ts, tz = minmax_params(lo, 3, False, 1)
+            e = err(ts[0], tz[0], row)
+            if best is None or e < best - 1e-12:
+                best = e
+        assert err(s[row], z[row], row) == pytest.approx(best, rel=1e-5)
+        ms, mz = minmax_params(w[row:row + 1], 3, False, 1)
+        assert err(s[row], z[row], row) <= err(ms[0], mz[0], row) + 1e-12

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RunError, SpecError
-from ..primitives import minmax_params, rtn_group_params
+from ..primitives import CLIPS, row_params, rtn_group_params
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
 from . import register
@@ -29,12 +29,15 @@ class GPTQOptions:
     damp_max: float = 1.0          # damping is doubled after a failed Cholesky, up to this bound
     static_groups: bool = False    # with act-order: groups fixed on the original column order
     true_sequential: bool = True   # quantize q/k/v, then o, then gate/up, then down, re-running between
+    clip: str = "minmax"           # group range: min-max, or "mse" (shrink it where rounding error drops)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
         if not 0 < self.damp <= self.damp_max:
             raise SpecError(f"--damp {self.damp} must be in (0, {self.damp_max}]", "0.01 is typical")
+        if self.clip not in CLIPS:
+            raise SpecError(f"--clip {self.clip} is not known", f"choose one of {', '.join(CLIPS)}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
     w[:, dead] = 0.0                                                    # ... and its weight is moot
 
     # Static groups: scale and zero fixed up front from the original columns (FORMATS.md §1.6).
-    static = rtn_group_params(w, spec.bits, spec.group_size, spec.sym, spec.min_zero) \
+    static = rtn_group_params(w, spec.bits, spec.group_size, spec.sym, spec.min_zero, options.clip) \
         if options.static_groups else None
     perm = None
     if spec.act_order:
@@ -103,9 +106,12 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
     zero = torch.zeros(out_features, n_groups, dtype=torch.int32, device=w.device)
     if static is not None:
         scale, zero = static
-    codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=w.device)
+    qcodes = torch.zeros_like(w)                                        # (out, in) codes, as floats
     maxq = spec.maxq
+    groups = group_of.tolist()                                          # plain ints: no per-column syncs
+    diag = torch.diagonal(hinv).tolist()
     cur_s = cur_z = w.new_zeros(out_features)
+    current = -1                                                        # group whose params are in cur_s
     for i1 in range(0, in_features, options.block_size):
         i2 = min(i1 + options.block_size, in_features)
         w1 = w[:, i1:i2].clone()                                        # (out, b)
@@ -113,28 +119,28 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            g = int(group_of[j])
-            if static is None:
-                if j % gs == 0:
-                    # The group's columns as they stand now. Past this block they have not yet
-                    # received this block's errors (the lazy update): apply those here.
-                    beyond = min(j + gs, in_features) - i2
-                    cols = w1[:, i:i + gs]
-                    if beyond > 0:
-                        late = w[:, i2:i2 + beyond] - err1[:, :i] @ hinv[i1:j, i2:i2 + beyond]
-                        cols = torch.cat([cols, late], dim=1)
-                    scale[:, g], zero[:, g] = minmax_params(cols, spec.bits, spec.sym, spec.min_zero)
-                    cur_s, cur_z = scale[:, g].to(dt), zero[:, g].to(dt)
-            else:
-                cur_s, cur_z = scale[:, g].to(dt), zero[:, g].to(dt)
+            g = groups[j]
+            if static is None and j % gs == 0:
+                # The group's columns as they stand now. Past this block they have not yet
+                # received this block's errors (the lazy update): apply those here.
+                beyond = min(j + gs, in_features) - i2
+                cols = w1[:, i:i + gs]
+                if beyond > 0:
+                    late = w[:, i2:i2 + beyond] - err1[:, :i] @ hinv[i1:j, i2:i2 + beyond]
+                    cols = torch.cat([cols, late], dim=1)
+                scale[:, g], zero[:, g] = row_params(cols, spec.bits, spec.sym, spec.min_zero, options.clip)
+                current = -1
+            if g != current:
+                cur_s, cur_z, current = scale[:, g].to(dt), zero[:, g].to(dt), g
             col = w1[:, i]
-            q = torch.clamp(torch.round(col / cur_s) + cur_z, 0, maxq)
-            codes[:, j] = q.to(torch.uint8)
-            err = (col - cur_s * (q - cur_z)) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            q = torch.round(col / cur_s).add_(cur_z).clamp_(0, maxq)
+            qcodes[:, j] = q
+            err = (col - cur_s * (q - cur_z)).div_(diag[j])
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)                # rank-1 update of the block
             err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)              # lazy update of the rest
 
+    codes = qcodes.to(torch.uint8)
     g_idx = None
     if perm is not None:
         invperm = torch.argsort(perm)
@@ -165,25 +171,37 @@ class GPTQ:
         h.addmm_(x.t(), x)
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
+        """Linears sharing an input share a Hessian; GPTQ treats rows independently, so their
+        weights are stacked and solved together (one factorization, one column loop), which gives
+        exactly the result of solving each alone."""
+        by_input: dict[str, list[str]] = {}
+        for name in layer.weights:
+            by_input.setdefault(layer.input_of.get(name, name), []).append(name)
         results = {}
-        for name, weight in layer.weights.items():
-            key = layer.input_of.get(name, name)
+        for key, names in by_input.items():
             if key not in self.hessians:
-                raise RunError(f"block {layer.index}: no calibration inputs reached {name}")
-            h = self.hessians[key]
+                raise RunError(f"block {layer.index}: no calibration inputs reached {names[0]}")
+            h = self.hessians.pop(key)
+            stacked = torch.cat([layer.weights[n] for n in names], dim=0)   # (sum of out, in)
             try:
-                qw, stats = gptq_quantize(weight, h, self.spec, self.options)
+                qw, stats = gptq_quantize(stacked, h, self.spec, self.options)
             except ValueError as exc:
-                raise RunError(f"block {layer.index} {name}: {exc}",
+                raise RunError(f"block {layer.index} {', '.join(names)}: {exc}",
                                f"raise --damp (now {self.options.damp}) or use more calibration samples") from None
-            w = weight.float()
-            diff = w - qw.dequantize(torch.float32)
-            # ||WX - QX||^2 = tr(D H D^T) with D = W - Q and H = X^T X: no need to keep X.
-            num = float(((diff @ h) * diff).sum())
-            den = float(((w @ h) * w).sum())
-            layer.report(name, {"rel_error": math.sqrt(max(num, 0.0) / max(den, 1e-30)), "damp": stats.damp,
-                                "dead_columns": stats.dead_columns, "seconds": stats.seconds})
-            results[name] = qw
-        for key in {layer.input_of.get(n, n) for n in layer.weights}:
-            self.hessians.pop(key, None)
+            row = 0
+            for name in names:
+                rows = layer.weights[name].shape[0]
+                part = QuantizedWeight(codes=qw.codes[row:row + rows].contiguous(),
+                                       scale=qw.scale[row:row + rows].contiguous(),
+                                       zero=qw.zero[row:row + rows].contiguous(), g_idx=qw.g_idx, spec=qw.spec)
+                row += rows
+                w = layer.weights[name].float()
+                diff = w - part.dequantize(torch.float32)
+                # ||WX - QX||^2 = tr(D H D^T) with D = W - Q and H = X^T X: no need to keep X.
+                num = float(((diff @ h) * diff).sum())
+                den = float(((w @ h) * w).sum())
+                layer.report(name, {"rel_error": math.sqrt(max(num, 0.0) / max(den, 1e-30)), "damp": stats.damp,
+                                    "dead_columns": stats.dead_columns,
+                                    "seconds": stats.seconds * rows / stacked.shape[0]})
+                results[name] = part
         return results

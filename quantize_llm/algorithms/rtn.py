@@ -1,12 +1,14 @@
 """Round-to-nearest: min-max scale and zero per group, no calibration."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from ..primitives import default_g_idx, quantize_codes, rtn_group_params
+from ..errors import SpecError
+from ..primitives import CLIPS, default_g_idx, quantize_codes, rtn_group_params
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
 from . import register
@@ -15,8 +17,17 @@ from .base import LayerContext
 ROWS_ELEMENTS = 1 << 22   # elements per slice of rows processed at once (16 MiB in float32)
 
 
+@dataclass(frozen=True)
+class RTNOptions:
+    clip: str = "minmax"      # group range: min-max, or "mse" (shrink it where rounding error drops)
+
+    def __post_init__(self) -> None:
+        if self.clip not in CLIPS:
+            raise SpecError(f"--clip {self.clip} is not known", f"choose one of {', '.join(CLIPS)}")
+
+
 @torch.no_grad()
-def rtn_quantize(weight: Tensor, spec: QuantSpec) -> QuantizedWeight:
+def rtn_quantize(weight: Tensor, spec: QuantSpec, clip: str = "minmax") -> QuantizedWeight:
     """Quantize a (out, in) weight to the nearest point of its group's min-max grid.
 
     Does not modify `weight`; works in float32 whatever its dtype.
@@ -31,7 +42,7 @@ def rtn_quantize(weight: Tensor, spec: QuantSpec) -> QuantizedWeight:
     step = max(1, ROWS_ELEMENTS // in_features)
     for r in range(0, out_features, step):
         w = weight[r:r + step].float()                                  # (rows, in)
-        s, z = rtn_group_params(w, spec.bits, spec.group_size, spec.sym, spec.min_zero)
+        s, z = rtn_group_params(w, spec.bits, spec.group_size, spec.sym, spec.min_zero, clip)
         codes[r:r + step] = quantize_codes(w, s, z, g_idx, spec.bits)
         scale[r:r + step], zero[r:r + step] = s, z
     return QuantizedWeight(codes=codes, scale=scale, zero=zero, g_idx=None, spec=spec)
@@ -42,11 +53,12 @@ class RTN:
     name: ClassVar[str] = "rtn"
     needs_calibration: ClassVar[bool] = False
 
-    def __init__(self, spec: QuantSpec, options: object | None = None) -> None:
+    def __init__(self, spec: QuantSpec, options: RTNOptions | None = None) -> None:
         self.spec = spec
+        self.options = options or RTNOptions()
 
     def observe(self, linear_name: str, x: Tensor) -> None:
         """RTN needs no statistics."""
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
-        return {name: rtn_quantize(w, self.spec) for name, w in layer.weights.items()}
+        return {name: rtn_quantize(w, self.spec, self.options.clip) for name, w in layer.weights.items()}

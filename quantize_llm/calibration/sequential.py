@@ -127,12 +127,10 @@ def run(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Ten
 def weight_error(weight: Tensor, qw: QuantizedWeight) -> float:
     """||W - W'||_F / ||W||_F, over slices of rows to keep temporaries small."""
     num = den = 0.0
-    g_idx = qw.group_index()
     step = max(1, (1 << 22) // weight.shape[1])
     for r in range(0, weight.shape[0], step):
         w = weight[r:r + step].float()
-        deq = QuantizedWeight(qw.codes[r:r + step], qw.scale[r:r + step], qw.zero[r:r + step], g_idx,
-                              qw.spec).dequantize()
+        deq = qw.dequantize_rows(r, min(r + step, weight.shape[0]))
         num += float(((w - deq) ** 2).sum())
         den += float((w ** 2).sum())
     return (num / max(den, 1e-30)) ** 0.5

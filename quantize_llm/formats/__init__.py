@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from ..errors import SpecError
 from .base import Format
+from .bnb import BnbFormat
 from .gptq import GPTQFormat
 
-FORMATS: dict[str, type[Format]] = {GPTQFormat.name: GPTQFormat}
+FORMATS: dict[str, type[Format]] = {GPTQFormat.name: GPTQFormat, BnbFormat.name: BnbFormat}
 
 
 def get_format(name: str) -> type[Format]:
@@ -17,7 +18,8 @@ def get_format(name: str) -> type[Format]:
 def format_for_config(qconfig: dict) -> type[Format]:
     """The reader for a checkpoint's `quantization_config`."""
     method = str(qconfig.get("quant_method", "")).lower()
-    if method not in FORMATS:
+    by_method = {fmt.quant_method: fmt for fmt in FORMATS.values()}
+    if method not in by_method:
         raise SpecError(f"quant_method {method!r} is not a format this tool reads",
-                        f"readable: {', '.join(sorted(FORMATS))}")
-    return FORMATS[method]
+                        f"readable: {', '.join(sorted(by_method))}")
+    return by_method[method]

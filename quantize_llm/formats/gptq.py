@@ -7,7 +7,7 @@ with zeros of at least 1 (`min_zero`), the writer rule of §1.5. Both v1 and v2 
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -16,16 +16,24 @@ from ..packing import pack_int32, unpack_int32
 from ..primitives import default_g_idx
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
+from .base import ModuleHeader
 
 V1, V2 = "gptq", "gptq_v2"
 
 
 class GPTQFormat:
     name: ClassVar[str] = "gptq"
+    quant_method: ClassVar[str] = "gptq"
     tensor_names: ClassVar[tuple[str, ...]] = ("qweight", "qzeros", "scales", "g_idx")
+    markers: ClassVar[tuple[str, ...]] = ("qweight",)
+    bias_dtype: ClassVar[torch.dtype | None] = torch.float16    # §1.2: the bias is float16
+    config_file: ClassVar[str | None] = "quantize_config.json"  # §1.1: AutoGPTQ/GPTQModel read it first
+    description: ClassVar[str] = "GPTQ layout that transformers (with optimum and gptqmodel) and vLLM load"
 
     @staticmethod
     def supports(spec: QuantSpec) -> str | None:
+        if spec.codebook != "int":
+            return f"the gptq format stores integer grids, not the {spec.codebook} codebook; use the bnb format"
         if spec.bits not in (2, 3, 4, 8):
             return f"the gptq format stores 2, 3, 4 or 8-bit integers, not {spec.bits}-bit"
         return None
@@ -88,8 +96,17 @@ class GPTQFormat:
                                zero=zero.t().contiguous(), g_idx=g_idx, spec=spec)
 
     @staticmethod
-    def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]],
-                            extra: Mapping[str, Any]) -> dict[str, Any]:
+    def describe(qconfig: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                 read: Callable[[str], Tensor]) -> ModuleHeader:
+        bits = int(qconfig["bits"])
+        rows, out_features = shapes["qweight"]
+        return ModuleHeader(bits, int(qconfig.get("group_size", -1)), bool(qconfig.get("sym", True)),
+                            (out_features, rows * 32 // bits))
+
+    @staticmethod
+    def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]], extra: Mapping[str, Any], *,
+                            dense_modules: Sequence[str] = (), dtype: str | None = None) -> dict[str, Any]:
+        # Dense Linears are implied by modules_in_block_to_quantize and `dynamic` (in `extra`).
         config: dict[str, Any] = {
             "quant_method": "gptq",
             "bits": spec.bits,

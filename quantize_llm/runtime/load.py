@@ -1,4 +1,5 @@
-"""Load a quantized checkpoint into a transformers model whose quantized Linears are QuantLinear.
+"""Load a quantized checkpoint into a transformers model whose quantized Linears are QuantLinear
+(integer grids) or NF4Linear (NF4/FP4 codebooks).
 
 checkpoint folder -> Format.decode per quantized module -> QuantizedWeight -> QuantLinear, then every
 other tensor (embeddings, norms, lm_head, Linears kept dense) loaded as is. Only our own reader
@@ -17,7 +18,7 @@ from transformers import PreTrainedModel
 from ..errors import CheckpointError, ModelError, UsageError
 from ..formats import format_for_config
 from ..models.load import CheckpointReader, build_skeleton, resolve_model
-from .qlinear import QuantLinear
+from .qlinear import NF4Linear, QuantLinear
 
 BACKENDS = ("auto", "torch", "cuda")
 
@@ -27,7 +28,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
     """A quantized checkpoint (folder, hub id or cache entry) as an eval-mode model on `device`.
 
     dtype: activations, norms, embeddings and biases (default: the checkpoint's config dtype,
-    else float32); scales stay float16. backend: "auto" or "torch" run the PyTorch op.
+    else float32); scales stay as stored (float16; an NF4 absmax float32). backend: "auto" or
+    "torch" run the PyTorch path.
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
@@ -47,7 +49,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
         names = reader.names()
         present = set(names)
         used: set[str] = set()
-        prefixes = [n[: -len(".qweight")] for n in names if n.endswith(".qweight")]
+        prefixes = [n[: -len(m) - 1] for n in names for m in fmt.markers if n.endswith(f".{m}")]
         for prefix in prefixes:
             local = {t: f"{prefix}.{t}" for t in fmt.tensor_names if f"{prefix}.{t}" in present}
             used.update(local.values())
@@ -63,7 +65,8 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
                                       f"model's [{linear.out_features}, {linear.in_features}]")
             bias = _bias_for(reader, present, prefix, linear)
             used.add(f"{prefix}.bias")
-            _set_module(model, prefix, QuantLinear.from_quantized(qw, bias, dtype))
+            module_cls = NF4Linear if qw.is_codebook else QuantLinear
+            _set_module(model, prefix, module_cls.from_quantized(qw, bias, dtype))
         rest = {n: reader.read(n) for n in names if n not in used}
     _load_dense(model, rest, dtype)
     model.tie_weights()

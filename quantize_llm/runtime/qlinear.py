@@ -1,4 +1,5 @@
-"""QuantLinear: a Linear whose weight is held packed in the runtime layout of runtime/ops.py."""
+"""QuantLinear (integer grids, packed in the runtime layout of runtime/ops.py) and NF4Linear
+(bitsandbytes' 4-bit codebooks): Linears whose weight is held packed."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..packing import pack_int32, packed_length
+from .. import nf4codes
+from ..packing import pack_int32, pack_nibbles, packed_length, unpack_nibbles
 from ..qweight import QuantizedWeight
 from . import ops  # importing it defines torch.ops.quantize_llm.dequant_matmul
 
@@ -88,3 +90,61 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
+
+
+class NF4Linear(nn.Module):
+    """y = x W^T + b with W stored in bitsandbytes' 4-bit codebook layout (NF4 or FP4).
+
+    Buffers (persistent):
+        weight_packed  uint8 (ceil(out*in/2),)  codes of the row-major flattened weight, two per
+                                                byte, high nibble first (FORMATS.md §3.2)
+        absmax         float32 (nblocks,)       per block of `blocksize` flat values; a nested
+                                                (double-quantized) absmax is expanded at load time,
+                                                to the same float32 values bitsandbytes computes
+        code           float32 (16,)            the codebook's table
+        bias           model dtype (out,) or None
+    The PyTorch path: dequantize the whole weight in float32 (table[code] * absmax, as bitsandbytes
+    does), then one matmul; float16/bfloat16 inputs are computed in float32, like QuantLinear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, codebook: str, blocksize: int,
+                 bias: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.codebook, self.blocksize = codebook, blocksize
+        n = in_features * out_features
+        self.register_buffer("weight_packed", torch.zeros(-(-n // 2), dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.ones(-(-n // blocksize), dtype=torch.float32, device=device))
+        self.register_buffer("code", nf4codes.code_table(codebook, device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> "NF4Linear":
+        """Pack a codebook result (codes (out, in), absmax flat or nested) on qw's device."""
+        out_features, in_features = qw.shape
+        module = cls(in_features, out_features, qw.spec.codebook, qw.spec.blocksize, bias is not None,
+                     dtype, qw.codes.device)
+        module.weight_packed = pack_nibbles(qw.codes).view(-1)                # (ceil(n/2),)
+        module.absmax = qw.scale_tensor().float().contiguous()                # (nblocks,)
+        if bias is not None:
+            module.bias = bias.detach().to(dtype).contiguous()                # (out,)
+        return module
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight this module applies, (out, in) in `dtype`."""
+        n = self.in_features * self.out_features
+        codes = unpack_nibbles(self.weight_packed, n).long()                  # (n,)
+        block = torch.arange(n, device=codes.device) // self.blocksize
+        w = self.code[codes] * self.absmax[block]                             # (n,) float32
+        return w.view(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in) -> (..., out) in x.dtype."""
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        bias = None if self.bias is None else self.bias.to(compute)
+        return torch.nn.functional.linear(x.to(compute), self.dequantize_weight(compute), bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"codebook={self.codebook}, blocksize={self.blocksize}, bias={self.bias is not None}")

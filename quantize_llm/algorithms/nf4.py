@@ -1,0 +1,189 @@
+"""NF4 / FP4 (bitsandbytes' 4-bit codebooks), with nearest or GPTQ rounding.
+
+Nearest rounding reproduces `bitsandbytes.functional.quantize_4bit` bit for bit (nf4codes.py).
+GPTQ rounding keeps the same per-block absmax, fixed first from the original weight (and, with
+double quantization, taken as the reader will see it after the nested 8-bit round trip), then
+picks each column's codes on that fixed grid with GPTQ's error feedback through the inverse
+Hessian of the layer input (Frantar et al. 2023, Alg. 1, with the grid fixed instead of per-group
+min-max). The result is stored in exactly the layout bitsandbytes reads.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .. import nf4codes
+from ..errors import RunError, SpecError
+from ..qweight import NestedAbsmax, QuantizedWeight
+from ..spec import QuantSpec
+from . import register
+from .base import LayerContext
+from .gptq import _cholesky_inverse_upper
+
+ROUNDINGS = ("nearest", "gptq")
+CHUNK_ELEMENTS = 1 << 22   # weights per slice for nearest rounding (blocks are independent)
+
+
+@dataclass(frozen=True)
+class NF4Options:
+    rounding: str = "nearest"      # "nearest" (bitsandbytes) or "gptq" (error feedback, needs calibration)
+    block_size: int = 128          # gptq rounding: columns per lazy-update block
+    damp: float = 0.01             # gptq rounding: added to diag(H), as a fraction of mean(diag(H))
+    damp_max: float = 1.0          # gptq rounding: damping doubles after a failed Cholesky, up to this
+    true_sequential: bool = True   # gptq rounding: quantize q/k/v, then o, then gate/up, then down
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise SpecError(f"--rounding {self.rounding} is not supported", f"choose {' or '.join(ROUNDINGS)}")
+        if self.block_size < 1:
+            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
+        if not 0 < self.damp <= self.damp_max:
+            raise SpecError(f"--damp {self.damp} must be in (0, {self.damp_max}]", "0.01 is typical")
+
+
+@dataclass(frozen=True)
+class RoundingStats:
+    damp: float                    # damping fraction finally used
+    dead_columns: int              # inputs that never fired (diag(H) == 0), quantized as zeros
+    seconds: float
+
+
+def _absmax_statistics(absmax: Tensor, spec: QuantSpec) -> Tensor | NestedAbsmax:
+    """The stored form of a float32 absmax (nblocks,): itself, or double-quantized (FORMATS.md §3.3).
+
+    The nested statistics are computed on the CPU, as bitsandbytes' CPU path does: a CUDA mean would
+    sum in another order and could move the offset by an ulp. (Its CPU mean, torch's, also depends
+    on the thread count beyond 32768 blocks; both sides use the same call.)
+    """
+    if not spec.double_quant:
+        return absmax
+    codes, nested, offset = nf4codes.double_quantize(absmax.cpu())
+    return NestedAbsmax(codes, nested, offset, nf4codes.dynamic_map()).to(absmax.device)
+
+
+@torch.no_grad()
+def nf4_quantize(weight: Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Nearest rounding of a (out, in) weight onto spec.codebook, bit-exact with bitsandbytes.
+
+    Does not modify `weight`; works in float32 on slices of whole blocks.
+    """
+    out_features, in_features = weight.shape
+    flat = weight.reshape(-1)                                           # (n,) row-major
+    n = flat.numel()
+    step = max(1, CHUNK_ELEMENTS // spec.blocksize) * spec.blocksize    # whole blocks per slice
+    codes = torch.empty(n, dtype=torch.uint8, device=weight.device)
+    absmax = []
+    for start in range(0, n, step):
+        c, a = nf4codes.quantize_4bit(flat[start:start + step], spec.codebook, spec.blocksize)
+        codes[start:start + step] = c
+        absmax.append(a)
+    return QuantizedWeight(codes=codes.view(out_features, in_features),
+                           scale=_absmax_statistics(torch.cat(absmax), spec), zero=None, g_idx=None,
+                           spec=spec, source_dtype=weight.dtype)
+
+
+@torch.no_grad()
+def nf4_gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
+                      options: NF4Options = NF4Options()) -> tuple[QuantizedWeight, RoundingStats]:
+    """GPTQ rounding of a (out, in) weight onto the codebook grid of fixed per-block absmax.
+
+    `hessian` (in, in) is X^T X of the layer inputs. Does not modify either. Works in float32
+    (float64 when `weight` is float64, which the tests use against a column-by-column reference).
+    The absmax of every block comes from the original weight, as nearest rounding would store it;
+    the grid of column j in row r is table * absmax_eff[(r*in + j) // blocksize], where absmax_eff
+    is the absmax a reader dequantizes (the nested round trip included).
+    """
+    start = time.perf_counter()
+    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    out_features, in_features = weight.shape
+    stats = _absmax_statistics(nf4codes.block_absmax(weight, spec.blocksize), spec)
+    absmax = (stats.dequantize() if isinstance(stats, NestedAbsmax) else stats).to(dt)  # (nblocks,) as read
+    row_start = torch.arange(out_features, device=weight.device) * in_features           # (out,) flat index
+    table = nf4codes.code_table(spec.codebook, weight.device)
+    order, bounds = nf4codes.thresholds(table)                          # nearest entry, as nf4codes
+    table_dt = table.to(dt)
+
+    w = weight.to(dt).clone()                                           # (out, in)
+    h = hessian.to(dt).clone()                                          # (in, in)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0                                                 # a never-seen input: any value
+    w[:, dead] = 0.0                                                    # ... and its weight is moot
+    hinv, damp = _cholesky_inverse_upper(h, options.damp, options.damp_max)
+    del h
+
+    codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=w.device)
+    for i1 in range(0, in_features, options.block_size):
+        i2 = min(i1 + options.block_size, in_features)
+        w1 = w[:, i1:i2].clone()                                        # (out, b)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        cols = torch.arange(i1, i2, device=w.device)
+        s1 = absmax[(row_start[:, None] + cols[None, :]) // spec.blocksize]  # (out, b) grid scale
+        # An all-zero block has absmax 0: every code dequantizes to 0 there; scale its values to 0.
+        inv1 = torch.where(s1 > 0, 1.0 / torch.where(s1 > 0, s1, torch.ones_like(s1)), torch.zeros_like(s1))
+        for i in range(i2 - i1):
+            col, s = w1[:, i], s1[:, i]                                 # (out,), (out,)
+            q = order[torch.bucketize((col * inv1[:, i]).float(), bounds)]   # thresholds in float32
+            codes[:, i1 + i] = q.to(torch.uint8)
+            err = (col - table_dt[q] * s) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    qw = QuantizedWeight(codes=codes, scale=stats, zero=None, g_idx=None, spec=spec, source_dtype=weight.dtype)
+    return qw, RoundingStats(damp=damp, dead_columns=int(dead.sum()), seconds=time.perf_counter() - start)
+
+
+@register
+class NF4:
+    """The registered algorithm; calibrated (Hessians X^T X in float32) only for GPTQ rounding."""
+
+    name: ClassVar[str] = "nf4"
+    codebooks: ClassVar[tuple[str, ...]] = nf4codes.CODEBOOKS
+
+    def __init__(self, spec: QuantSpec, options: NF4Options | None = None) -> None:
+        if spec.codebook not in self.codebooks:
+            raise SpecError(f"--quant-type {spec.codebook} is not supported by nf4",
+                            f"choose {' or '.join(self.codebooks)}")
+        self.spec = spec
+        self.options = options or NF4Options()
+        self.needs_calibration = self.options.rounding == "gptq"
+        self.hessians: dict[str, Tensor] = {}
+
+    def observe(self, linear_name: str, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()                          # (tokens, in)
+        h = self.hessians.get(linear_name)
+        if h is None:
+            h = self.hessians[linear_name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        h.addmm_(x.t(), x)
+
+    def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
+        if not self.needs_calibration:
+            return {name: nf4_quantize(w, self.spec) for name, w in layer.weights.items()}
+        results = {}
+        for name, weight in layer.weights.items():
+            key = layer.input_of.get(name, name)
+            if key not in self.hessians:
+                raise RunError(f"block {layer.index}: no calibration inputs reached {name}")
+            h = self.hessians[key]
+            try:
+                qw, stats = nf4_gptq_quantize(weight, h, self.spec, self.options)
+            except ValueError as exc:
+                raise RunError(f"block {layer.index} {name}: {exc}",
+                               f"raise --damp (now {self.options.damp}) or use more calibration samples") from None
+            w = weight.float()
+            diff = w - qw.dequantize(torch.float32)
+            # ||WX - QX||^2 = tr(D H D^T) with D = W - Q and H = X^T X: no need to keep X.
+            num = float(((diff @ h) * diff).sum())
+            den = float(((w @ h) * w).sum())
+            layer.report(name, {"rel_error": math.sqrt(max(num, 0.0) / max(den, 1e-30)), "damp": stats.damp,
+                                "dead_columns": stats.dead_columns, "seconds": stats.seconds})
+            results[name] = qw
+        for key in {layer.input_of.get(n, n) for n in layer.weights}:
+            self.hessians.pop(key, None)
+        return results
