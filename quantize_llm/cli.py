@@ -155,7 +155,7 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
          damp: Annotated[float, typer.Option("--damp", help="Added to diag(H) as a fraction of its mean.")] = 0.01,
          block_size: Annotated[int, typer.Option("--block-size", help="Columns per lazy-update block.")] = 128,
          true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Re-run the block between q/k/v, o, gate/up and down.")] = True,
-         clip: ClipOpt = "minmax",
+         clip: ClipOpt = "mse",
          dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
          text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
          keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,

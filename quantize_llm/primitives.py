@@ -88,10 +88,12 @@ def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor,
 CLIPS = ("minmax", "mse")
 
 
-def row_params(w: Tensor, bits: int, sym: bool, min_zero: int = 0, clip: str = "minmax") -> tuple[Tensor, Tensor]:
-    """Scale and zero per row of `w` by min-max range (`clip="minmax"`) or clip search ("mse")."""
+def row_params(w: Tensor, bits: int, sym: bool, min_zero: int = 0, clip: str = "minmax",
+               weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Scale and zero per row of `w` by min-max range (`clip="minmax"`) or clip search ("mse",
+    optionally weighting each column's error by `weights`)."""
     if clip == "mse":
-        return mse_params(w, bits, sym, min_zero)
+        return mse_params(w, bits, sym, min_zero, weights)
     return minmax_params(w, bits, sym, min_zero)
 
 
@@ -114,34 +116,27 @@ def rtn_group_params(w: Tensor, bits: int, group_size: int, sym: bool,
     return scale.view(out_features, n_groups), zero.view(out_features, n_groups)
 
 
-def mse_params(w: Tensor, bits: int, sym: bool, min_zero: int = 0, grid: int = 100,
-               max_shrink: float = 0.8, norm: float = 2.4) -> tuple[Tensor, Tensor]:
+def mse_params(w: Tensor, bits: int, sym: bool, min_zero: int = 0, weights: Tensor | None = None,
+               grid: int = 100, max_shrink: float = 0.8) -> tuple[Tensor, Tensor]:
     """Like `minmax_params`, but the range is shrunk where that lowers the rounding error.
 
     For each row of `w` (rows, n), the ranges (p*min, p*max) for p = 1, 1 - 1/grid, ... down to
-    1 - max_shrink are tried and the one minimizing sum |w - w'|^norm is kept (the clip search of
-    the GPTQ authors' quantizer, `mse=True`). Returns float16 scale (rows,), int32 zero (rows,).
+    1 - max_shrink are tried and the one with the least squared error sum_c weights[c] (w - w')^2
+    is kept (the clip search of the GPTQ authors' quantizer; `weights` (n,), e.g. the Hessian
+    diagonal of those input columns, makes it activation-aware). Returns float16 scale (rows,) and
+    int32 zero (rows,). Does not modify `w`.
     """
     w = w.float()
-    xmin = w.amin(dim=1).clamp(max=0)
-    xmax = w.amax(dim=1).clamp(min=0)
-    best_s, best_z = minmax_params(w, bits, sym, min_zero)
-    best_err = _row_error(w, best_s, best_z, bits, norm)
-    for i in range(1, int(max_shrink * grid) + 1):
-        p = 1 - i / grid
-        trial = torch.stack([xmin * p, xmax * p], dim=1)                # (rows, 2): the shrunk range
-        s, z = minmax_params(trial, bits, sym, min_zero)
-        err = _row_error(w, s, z, bits, norm)
-        better = err < best_err
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
-        best_err = torch.where(better, err, best_err)
-    return best_s, best_z
-
-
-def _row_error(w: Tensor, scale: Tensor, zero: Tensor, bits: int, norm: float) -> Tensor:
-    """sum over each row of |w - dequant(quant(w))|^norm; w (rows, n), scale/zero (rows,)."""
-    s = scale.float()[:, None]
-    z = zero.float()[:, None]
-    q = torch.clamp(torch.round(w / s) + z, 0, 2 ** bits - 1)
-    return ((s * (q - z) - w).abs() ** norm).sum(dim=1)
+    rows, n = w.shape
+    p = 1 - torch.arange(0, int(max_shrink * grid) + 1, device=w.device, dtype=torch.float64) / grid   # (T,)
+    xmin = w.amin(dim=1).clamp(max=0).double()
+    xmax = w.amax(dim=1).clamp(min=0).double()
+    trials = torch.stack([(xmin[None] * p[:, None]).reshape(-1), (xmax[None] * p[:, None]).reshape(-1)], dim=1)
+    s, z = minmax_params(trials, bits, sym, min_zero)                   # (T*rows,)
+    s, z = s.view(len(p), rows), z.view(len(p), rows)                   # (T, rows)
+    sf, zf = s.float()[..., None], z.float()[..., None]                 # (T, rows, 1)
+    q = torch.clamp(torch.round(w[None] / sf) + zf, 0, 2 ** bits - 1)   # (T, rows, n)
+    err = (sf * (q - zf) - w[None]) ** 2
+    err = (err * weights.float()).sum(-1) if weights is not None else err.sum(-1)   # (T, rows)
+    best = err.argmin(dim=0, keepdim=True)                              # (1, rows): first minimum
+    return s.gather(0, best)[0], z.gather(0, best)[0]

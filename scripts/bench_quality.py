@@ -46,21 +46,23 @@ class Setting:
 
 
 SETTINGS = [
-    Setting("rtn-w8g128", "rtn", 8, 128),
     Setting("rtn-w4g128", "rtn", 4, 128),
-    Setting("rtn-w4-channel", "rtn", 4, -1),
     Setting("rtn-w3g128", "rtn", 3, 128),
+    Setting("rtn-w4-channel", "rtn", 4, -1),
     Setting("gptq-w4g128", "gptq", 4, 128),
     Setting("gptq-w3g128", "gptq", 3, 128),
     Setting("gptq-w4-channel", "gptq", 4, -1),
     Setting("gptq-w4g128-actorder", "gptq", 4, 128, act_order=True),
     Setting("gptq-w4g128-self", "gptq", 4, 128, calibration="self"),
+    # The group range by min-max, as the GPTQ authors' code does by default: what --clip mse buys.
+    Setting("gptq-w4g128-minmax", "gptq", 4, 128, options={"clip": "minmax"}),
     # NF4 (bitsandbytes layout, double-quantized absmax per 64 weights) with bitsandbytes' own
     # nearest rounding, then with GPTQ rounding on the same absmax, beside GPTQ int4 at group 64:
     # the bits/weight column counts every stored byte (absmax and nested statistics included).
     Setting("nf4-b64", "nf4", 4, -1, codebook="nf4"),
     Setting("nf4-b64-gptq", "nf4", 4, -1, codebook="nf4", rounding="gptq"),
     Setting("gptq-w4g64", "gptq", 4, 64),
+    Setting("rtn-w8g128", "rtn", 8, 128),
 ]
 
 

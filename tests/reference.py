@@ -86,7 +86,7 @@ def decode_gptq(qweight, qzeros, scales, g_idx, bits: int, v2: bool = False) -> 
 
 
 def gptq_f64(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, *, min_zero: int = 0,
-             damp: float = 0.01, act_order: bool = False, static_groups: bool = False):
+             damp: float = 0.01, act_order: bool = False, static_groups: bool = False, clip: str = "minmax"):
     """GPTQ one column at a time in float64, no lazy blocks (Frantar et al. 2023, Alg. 1).
 
     Group parameters: min-max of the group's current (error-updated) columns at its first column;
@@ -102,8 +102,26 @@ def gptq_f64(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: 
     W[:, dead] = 0.0
     maxq = 2 ** bits - 1
 
-    def params(cols):
-        s, z, _, _ = (None, None, None, None)
+    def params(cols, weights=None):
+        if clip == "mse":   # brute force: every shrink 1, 0.99, ..., 0.2 of the range, weighted error
+            best = None
+            for i in range(81):
+                p = 1 - i / 100
+                lo = torch.clamp(cols.min(dim=1).values, max=0) * p
+                hi = torch.clamp(cols.max(dim=1).values, min=0) * p
+                s, z = minmax(torch.stack([lo, hi], dim=1))
+                q = torch.clamp(torch.round(cols / s[:, None]) + z[:, None], 0, maxq)
+                e = (((s[:, None] * (q - z[:, None]) - cols) ** 2) * weights).sum(dim=1)
+                if best is None:
+                    best = (e, s, z)
+                else:
+                    better = e < best[0]
+                    best = (torch.where(better, e, best[0]), torch.where(better, s, best[1]),
+                            torch.where(better, z, best[2]))
+            return best[1], best[2]
+        return minmax(cols)
+
+    def minmax(cols):
         xmin = torch.clamp(cols.min(dim=1).values, max=0)
         xmax = torch.clamp(cols.max(dim=1).values, min=0)
         both0 = (xmin == 0) & (xmax == 0)
@@ -125,6 +143,7 @@ def gptq_f64(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: 
         static = [params(W[:, g * gs:(g + 1) * gs]) for g in range(math.ceil(in_f / gs))]
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(in_f)
     W, H = W[:, perm], H[perm][:, perm]
+    hdiag = torch.diagonal(H).clone()
     H = H + damp * torch.diagonal(H).mean() * torch.eye(in_f, dtype=torch.float64)
     Hinv = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
     Q = torch.zeros_like(W)
@@ -136,7 +155,7 @@ def gptq_f64(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: 
         else:
             g = j // gs
             if j % gs == 0:
-                s, z = params(W[:, j:j + gs])
+                s, z = params(W[:, j:j + gs], hdiag[j:j + gs])
         g_idx[int(perm[j])] = g
         q = torch.clamp(torch.round(W[:, j] / s) + z, 0, maxq)
         Q[:, j] = s * (q - z)

@@ -86,7 +86,7 @@ def test_mse_clip_search_matches_brute_force_and_never_loses_to_minmax():
     def err(scale, zero, row):
         sc, zr = scale.double(), zero.double()
         q = torch.clamp(torch.round(w[row].double() / sc) + zr, 0, 7)
-        return float(((sc * (q - zr) - w[row].double()).abs() ** 2.4).sum())
+        return float(((sc * (q - zr) - w[row].double()) ** 2).sum())
     for row in range(16):
         best = None
         for i in range(0, 81):                                     # brute force over the same grid

@@ -29,7 +29,7 @@ class GPTQOptions:
     damp_max: float = 1.0          # damping is doubled after a failed Cholesky, up to this bound
     static_groups: bool = False    # with act-order: groups fixed on the original column order
     true_sequential: bool = True   # quantize q/k/v, then o, then gate/up, then down, re-running between
-    clip: str = "minmax"           # group range: min-max, or "mse" (shrink it where rounding error drops)
+    clip: str = "mse"              # group range: "mse" (shrunk where the diag(H)-weighted error drops) or "minmax"
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -95,6 +95,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
     if spec.act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
+    hdiag = torch.diagonal(h).clone()                                   # (in,) in processing order
     hinv, damp = _cholesky_inverse_upper(h, options.damp, options.damp_max)
     del h
 
@@ -128,7 +129,9 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
                 if beyond > 0:
                     late = w[:, i2:i2 + beyond] - err1[:, :i] @ hinv[i1:j, i2:i2 + beyond]
                     cols = torch.cat([cols, late], dim=1)
-                scale[:, g], zero[:, g] = row_params(cols, spec.bits, spec.sym, spec.min_zero, options.clip)
+                # clip search weighs each column's rounding error by its input energy diag(H)
+                scale[:, g], zero[:, g] = row_params(cols, spec.bits, spec.sym, spec.min_zero, options.clip,
+                                                     hdiag[j:j + cols.shape[1]])
                 current = -1
             if g != current:
                 cur_s, cur_z, current = scale[:, g].to(dt), zero[:, g].to(dt), g

@@ -26,7 +26,7 @@ def test_matches_columnwise_float64_reference(bits, group_size, sym, act_order, 
     w, x = make_layer(48, 160)
     h = x.double().t() @ x.double()
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, min_zero=0 if sym else 1)
-    got, stats = gptq_quantize(w.double(), h, spec, GPTQOptions(block_size=32, static_groups=static))
+    got, stats = gptq_quantize(w.double(), h, spec, GPTQOptions(block_size=32, static_groups=static, clip="minmax"))
     want, g_idx = gptq_f64(w, h, bits, group_size, sym, min_zero=spec.min_zero, act_order=act_order,
                            static_groups=static)
     torch.testing.assert_close(got.dequantize(torch.float64), want, rtol=0, atol=1e-9)
@@ -37,8 +37,8 @@ def test_matches_columnwise_float64_reference(bits, group_size, sym, act_order, 
 def test_float32_path_agrees_with_float64():
     w, x = make_layer(64, 128)
     spec = QuantSpec(bits=4, group_size=32, sym=False, min_zero=1)
-    a, _ = gptq_quantize(w, x.t() @ x, spec)
-    b, _ = gptq_quantize(w.double(), x.double().t() @ x.double(), spec)
+    a, _ = gptq_quantize(w, x.t() @ x, spec, GPTQOptions(clip="minmax"))
+    b, _ = gptq_quantize(w.double(), x.double().t() @ x.double(), spec, GPTQOptions(clip="minmax"))
     assert (a.codes != b.codes).float().mean() < 0.01
 
 
@@ -87,3 +87,25 @@ def test_inputs_are_not_modified():
     w0, h0 = w.clone(), h.clone()
     gptq_quantize(w, h, QuantSpec(bits=3, group_size=32, act_order=True))
     assert torch.equal(w, w0) and torch.equal(h, h0)
+
+
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, False), (3, 48, True)])
+def test_mse_clip_matches_reference_with_weighted_brute_force(bits, group_size, act_order):
+    w, x = make_layer(24, 96)
+    h = x.double().t() @ x.double()
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=False, act_order=act_order, min_zero=1)
+    got, _ = gptq_quantize(w.double(), h, spec, GPTQOptions(block_size=32, clip="mse"))
+    want, _ = gptq_f64(w, h, bits, group_size, False, min_zero=1, act_order=act_order, clip="mse")
+    torch.testing.assert_close(got.dequantize(torch.float64), want, rtol=0, atol=1e-9)
+
+
+def test_mse_clip_lowers_output_error():
+    w, x = make_layer(64, 128)
+    w[:, 3] *= 8                                            # outlier weights stretch every min-max range
+    spec = QuantSpec(bits=3, group_size=64, sym=False, min_zero=1)
+    h = x.t() @ x
+    err = {}
+    for clip in ("minmax", "mse"):
+        qw, _ = gptq_quantize(w, h, spec, GPTQOptions(clip=clip))
+        err[clip] = torch.linalg.norm(x @ (qw.dequantize() - w).t())
+    assert err["mse"] < err["minmax"]
