@@ -10,6 +10,25 @@ import math
 import torch
 
 
+def minmax_f64(cols: torch.Tensor, bits: int, sym: bool, min_zero: int = 0):
+    """Float64 min-max scale (rounded to float16 values) and zero per row, FORMATS.md §1.3."""
+    maxq = 2 ** bits - 1
+    xmin = torch.clamp(cols.min(dim=1).values, max=0)
+    xmax = torch.clamp(cols.max(dim=1).values, min=0)
+    both0 = (xmin == 0) & (xmax == 0)
+    xmin[both0], xmax[both0] = -1.0, 1.0
+    if sym:
+        s = 2 * torch.maximum(-xmin, xmax) / maxq
+        z = torch.full_like(s, 2.0 ** (bits - 1))
+    else:
+        s = (xmax - xmin) / maxq
+        z = torch.round(-xmin / s)
+        low = z < min_zero
+        z = z.clamp(min_zero, maxq)
+        s = torch.where(low, xmax / (maxq - z), s)
+    return s.to(torch.float16).double(), z
+
+
 def rtn_f64(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0):
     """Float64 RTN per FORMATS.md §1.3 with float16 scales and GPTQ-v1's minimum zero.
 
@@ -28,21 +47,7 @@ def rtn_f64(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: in
     for g in range(n_groups):
         cols = slice(g * gs, min((g + 1) * gs, in_f))
         grp = w[:, cols]
-        xmin = torch.clamp(grp.min(dim=1).values, max=0)
-        xmax = torch.clamp(grp.max(dim=1).values, min=0)
-        both0 = (xmin == 0) & (xmax == 0)
-        xmin[both0], xmax[both0] = -1.0, 1.0
-        if sym:
-            amax = torch.maximum(-xmin, xmax)
-            s = 2 * amax / maxq
-            z = torch.full((out_f,), 2 ** (bits - 1), dtype=torch.float64)
-        else:
-            s = (xmax - xmin) / maxq
-            z = torch.round(-xmin / s)
-            low = z < min_zero
-            z = z.clamp(min_zero, maxq)
-            s = torch.where(low, xmax / (maxq - z), s)
-        s16 = s.to(torch.float16).double()
+        s16, z = minmax_f64(grp, bits, sym, min_zero)
         q = grp / s16[:, None]
         quot[:, cols] = q
         codes[:, cols] = torch.clamp(torch.round(q) + z[:, None], 0, maxq).long()
@@ -122,21 +127,7 @@ def gptq_f64(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: 
         return minmax(cols)
 
     def minmax(cols):
-        xmin = torch.clamp(cols.min(dim=1).values, max=0)
-        xmax = torch.clamp(cols.max(dim=1).values, min=0)
-        both0 = (xmin == 0) & (xmax == 0)
-        xmin[both0], xmax[both0] = -1.0, 1.0
-        if sym:
-            amax = torch.maximum(-xmin, xmax)
-            s = 2 * amax / maxq
-            z = torch.full((out_f,), 2.0 ** (bits - 1), dtype=torch.float64)
-        else:
-            s = (xmax - xmin) / maxq
-            z = torch.round(-xmin / s)
-            low = z < min_zero
-            z = z.clamp(min_zero, maxq)
-            s = torch.where(low, xmax / (maxq - z), s)
-        return s.to(torch.float16).double(), z
+        return minmax_f64(cols, bits, sym, min_zero)
 
     static = None
     if static_groups:

@@ -47,7 +47,7 @@ class GPTQStats:
     seconds: float
 
 
-def _cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float) -> tuple[Tensor, float]:
+def cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float) -> tuple[Tensor, float]:
     """Upper Cholesky factor of H^-1 after damping; damping doubles on failure (returns the one used)."""
     n = hessian.shape[0]
     mean_diag = float(torch.diagonal(hessian).mean())
@@ -96,7 +96,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
     hdiag = torch.diagonal(h).clone()                                   # (in,) in processing order
-    hinv, damp = _cholesky_inverse_upper(h, options.damp, options.damp_max)
+    hinv, damp = cholesky_inverse_upper(h, options.damp, options.damp_max)
     del h
 
     # original column index of processing position j
@@ -154,6 +154,15 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
     return qw, GPTQStats(damp=damp, dead_columns=int(dead.sum()), seconds=time.perf_counter() - start)
 
 
+def accumulate_hessian(hessians: dict[str, Tensor], name: str, x: Tensor) -> None:
+    """hessians[name] += X^T X in float32 for inputs x (..., in); created on first use."""
+    x = x.reshape(-1, x.shape[-1]).float()                              # (tokens, in)
+    h = hessians.get(name)
+    if h is None:
+        h = hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+    h.addmm_(x.t(), x)
+
+
 @register
 class GPTQ:
     """The registered algorithm: Hessians X^T X accumulated in float32 from the runner's hooks."""
@@ -167,11 +176,7 @@ class GPTQ:
         self.hessians: dict[str, Tensor] = {}
 
     def observe(self, linear_name: str, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()                          # (tokens, in)
-        h = self.hessians.get(linear_name)
-        if h is None:
-            h = self.hessians[linear_name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-        h.addmm_(x.t(), x)
+        accumulate_hessian(self.hessians, linear_name, x)
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
         """Linears sharing an input share a Hessian; GPTQ treats rows independently, so their

@@ -23,7 +23,7 @@ from ..qweight import NestedAbsmax, QuantizedWeight
 from ..spec import QuantSpec
 from . import register
 from .base import LayerContext
-from .gptq import _cholesky_inverse_upper
+from .gptq import accumulate_hessian, cholesky_inverse_upper
 
 ROUNDINGS = ("nearest", "gptq")
 CHUNK_ELEMENTS = 1 << 22   # weights per slice for nearest rounding (blocks are independent)
@@ -113,7 +113,7 @@ def nf4_gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0                                                 # a never-seen input: any value
     w[:, dead] = 0.0                                                    # ... and its weight is moot
-    hinv, damp = _cholesky_inverse_upper(h, options.damp, options.damp_max)
+    hinv, damp = cholesky_inverse_upper(h, options.damp, options.damp_max)
     del h
 
     codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=w.device)
@@ -156,11 +156,7 @@ class NF4:
         self.hessians: dict[str, Tensor] = {}
 
     def observe(self, linear_name: str, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()                          # (tokens, in)
-        h = self.hessians.get(linear_name)
-        if h is None:
-            h = self.hessians[linear_name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-        h.addmm_(x.t(), x)
+        accumulate_hessian(self.hessians, linear_name, x)
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
         if not self.needs_calibration:
