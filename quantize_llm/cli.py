@@ -131,7 +131,27 @@ def _run_quantize(model: str, output: Path, spec: QuantSpec, *, device: str, ove
                 cells += [f"{r.metrics.get('damp', 0):g}", f"{r.seconds:.2f}"]
             layers.add_row(*cells)
         out.print(layers)
+    scaled = [r for r in summary.layers if "alpha" in r.metrics]
+    if scaled:
+        _print_awq_groups(scaled)
     out.print(f"wrote {summary.output}")
+
+
+def _print_awq_groups(reports: list) -> None:
+    """AWQ's scale search, per Linear name over all blocks (every block's figures are in --log-json)."""
+    rows: dict[str, list] = {}
+    for r in reports:
+        key = re.sub(r"\.\d+\.", ".*.", r.name)
+        rows.setdefault(key, []).append(r.metrics)
+    table = Table(title="AWQ scale search (mean over blocks; error of the inspected module, relative)")
+    for col in ("layer", "alpha", "error at alpha 0 (RTN)", "error at chosen alpha"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for key, ms in rows.items():
+        n = len(ms)
+        table.add_row(f"{key} (x{n})", f"{sum(m['alpha'] for m in ms) / n:.2f}",
+                      f"{sum(m['search_error_before'] for m in ms) / n:.3g}",
+                      f"{sum(m['search_error_after'] for m in ms) / n:.3g}")
+    out.print(table)
 
 
 @app.command(help="Quantize MODEL with round-to-nearest (no calibration data needed).\n\n"
@@ -169,6 +189,37 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
         raise UsageError("--static-groups only changes something together with --act-order", "add --act-order or drop --static-groups")
     options = GPTQOptions(block_size=block_size, damp=damp, static_groups=static_groups, true_sequential=true_sequential,
                           clip=clip)
+    calibration = CalibrationSpec(source=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, text_column=text_column)
+    _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
+                  log_json=log_json, options=options, calibration=calibration, batch_size=batch_size)
+
+
+@app.command(help="Quantize MODEL with AWQ: per-channel scales searched on calibration data and folded into "
+             "the preceding norm or Linear, then a clip search per group, then rounding (RTN, or GPTQ with "
+             "--then gptq). Writes the GPTQ layout, or the AutoAWQ GEMM layout with --format awq (4-bit).\n\n"
+             "Example: quantize-llm awq ./SmolLM2-135M-Instruct -o smol-awq --bits 4 --dataset c4.parquet")
+def awq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: GroupSizeOpt = 128,
+        sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid or asymmetric (per-group zero, AWQ's default).")] = False,
+        format: Annotated[str, typer.Option("--format", help="gptq (any width) or awq (AutoAWQ GEMM, 4-bit only).")] = "gptq",
+        then: Annotated[str, typer.Option("--then", help="Rounding after scaling and clipping: rtn or gptq.")] = "rtn",
+        grid: Annotated[int, typer.Option("--grid", help="Scale exponents tried per group: alpha = i/grid, i < grid.")] = 20,
+        clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Search each group's range by output error after scaling.")] = True,
+        max_shrink: Annotated[float, typer.Option("--max-shrink", help="The clip search shrinks ranges down to (1 - this).")] = 0.5,
+        search_samples: Annotated[int, typer.Option("--search-samples", help="Calibration sequences the scale search runs the inspected modules on (0 = all).")] = 16,
+        damp: Annotated[float, typer.Option("--damp", help="With --then gptq: added to diag(H) as a fraction of its mean.")] = 0.01,
+        block_size: Annotated[int, typer.Option("--block-size", help="With --then gptq: columns per lazy-update block.")] = 128,
+        true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Re-run the block between q/k/v, o, gate/up and down.")] = True,
+        dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
+        text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
+        keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
+        max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
+    from .algorithms.awq import AWQOptions
+    from .calibration.data import CalibrationSpec
+
+    spec = QuantSpec(method="awq", bits=bits, group_size=group_size, sym=sym, format=format,
+                     keep_dense=tuple(keep_dense or ()))
+    options = AWQOptions(grid=grid, clip=clip, max_shrink=max_shrink, search_samples=search_samples, then=then,
+                         damp=damp, block_size=block_size, true_sequential=true_sequential)
     calibration = CalibrationSpec(source=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, text_column=text_column)
     _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
                   log_json=log_json, options=options, calibration=calibration, batch_size=batch_size)

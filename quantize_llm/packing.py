@@ -99,3 +99,28 @@ def unpack_nibbles(packed: Tensor, n: int) -> Tensor:
     if flat.numel() != -(-n // 2):
         raise ValueError(f"{flat.numel()} bytes cannot hold {n} 4-bit codes (need {-(-n // 2)})")
     return torch.stack([flat >> 4, flat & 0x0F], dim=1).reshape(-1)[:n].contiguous()
+
+
+# AutoAWQ's GEMM order (FORMATS.md §2.3): nibble i of a word holds column 8j + AWQ_ORDER[i].
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def pack_awq(codes: Tensor) -> Tensor:
+    """4-bit codes (rows, cols), cols a multiple of 8 -> int32 (rows, cols/8) in the AWQ order:
+    word j of a row holds columns 8j..8j+7, nibble i (bits 4i..4i+3) column 8j + AWQ_ORDER[i]."""
+    rows, cols = codes.shape
+    if cols % 8:
+        raise ValueError(f"AWQ packing needs a multiple of 8 columns, got {cols}")
+    c = codes.to(torch.int64).reshape(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)]   # nibble order
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
+    return _to_int32((c << shifts).sum(-1)).contiguous()               # disjoint bits: sum == or
+
+
+def unpack_awq(words: Tensor) -> Tensor:
+    """Inverse of `pack_awq`: int32 (rows, cols/8) -> uint8 codes (rows, cols)."""
+    rows, n_words = words.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
+    nibbles = (words.unsqueeze(-1) >> shifts) & 0xF                    # (rows, words, 8) in nibble order
+    out = torch.empty_like(nibbles)
+    out[:, :, list(AWQ_ORDER)] = nibbles                               # nibble i -> column AWQ_ORDER[i]
+    return out.reshape(rows, n_words * 8).to(torch.uint8).contiguous()

@@ -230,7 +230,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                     cal_info["path"] = str(Path(source).expanduser().resolve())
                 cal = Calibration(skeleton, arch.layers, arch.sequential, cal_set.tokens,
                                   true_sequential=getattr(options, "true_sequential", True),
-                                  batch_size=batch_size, dtype=torch.float32)
+                                  batch_size=batch_size, dtype=torch.float32, arch=arch,
+                                  stored_dtype=reader.dtype)
             emit("start", {"model": model, "output": str(output), "blocks": len(plans), "spec": spec.to_dict(),
                            "device": str(dev), "input_bytes": reader.total_bytes})
             for name in outside:                       # embeddings, final norm, untied lm_head

@@ -63,6 +63,10 @@ SETTINGS = [
     Setting("nf4-b64-gptq", "nf4", 4, -1, codebook="nf4", rounding="gptq"),
     Setting("gptq-w4g64", "gptq", 4, 64),
     Setting("rtn-w8g128", "rtn", 8, 128),
+    Setting("awq-w4g128", "awq", 4, 128),
+    Setting("awq-w3g128", "awq", 3, 128),
+    Setting("awq-gptq-w4g128", "awq", 4, 128, options={"then": "gptq"}),
+    Setting("awq-gptq-w3g128", "awq", 3, 128, options={"then": "gptq"}),
 ]
 
 
@@ -99,6 +103,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from quantize_llm.algorithms.awq import AWQOptions
     from quantize_llm.algorithms.gptq import GPTQOptions
     from quantize_llm.algorithms.nf4 import NF4Options
     from quantize_llm.calibration.data import CalibrationSpec, load_calibration
@@ -132,7 +137,8 @@ def main() -> None:
             else:
                 spec = QuantSpec(method=s.method, bits=s.bits, group_size=s.group_size, sym=s.sym,
                                  act_order=s.act_order)
-                options = GPTQOptions(**s.options) if s.method == "gptq" else None
+                options = {"gptq": GPTQOptions, "awq": AWQOptions}[s.method](**s.options) \
+                    if s.method in ("gptq", "awq") else None
             cal = (CalibrationSpec(source="self", nsamples=args.nsamples, seqlen=args.seqlen)
                    if s.calibration == "self" else c4)
             t = time.perf_counter()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 from torch import Tensor, nn
 
@@ -29,6 +29,38 @@ class LayerContext:
     report: Callable[[str, dict], None] = field(default=lambda name, metrics: None)
 
 
+@dataclass
+class BlockContext:
+    """What a block-level algorithm (AWQ) gets before the block's Linears are quantized.
+
+    block         the materialized block (float32 on the work device); the algorithm may rewrite
+                  its parameters as long as the block computes the same function, and must name
+                  every parameter it rewrote in `modified` (local names, e.g. "input_layernorm.weight")
+    inputs        the block's calibration inputs, one (B, L, hidden) tensor per batch
+    calls         the keyword arguments the block receives, per batch
+    quantize      local names of the Linears that will be quantized
+    arch          the model family's ArchitectureMap
+    stored_dtype  local parameter name -> the dtype the checkpoint stores it in
+    capture       capture(hooks, stop, batches=None): forward the first `batches` batches with
+                  pre-hooks {module: fn(batch, args, kwargs)}, each pass ending before `stop` runs
+                  (None: the whole block)
+    forward       forward(i): the block's output for calibration batch i
+    report        callback taking (linear name, metrics dict)
+    """
+
+    index: int
+    block: nn.Module
+    inputs: list[Tensor]
+    calls: list[dict]
+    quantize: tuple[str, ...]
+    arch: Any
+    stored_dtype: dict[str, Any]
+    modified: set[str]
+    capture: Callable[..., None]
+    forward: Callable[[int], Tensor]
+    report: Callable[[str, dict], None] = field(default=lambda name, metrics: None)
+
+
 class Algorithm(Protocol):
     name: ClassVar[str]
     needs_calibration: ClassVar[bool]
@@ -39,4 +71,7 @@ class Algorithm(Protocol):
         """Accumulate statistics from the input x (..., in) of a Linear (or group sharing it)."""
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
-        """Quantize the Linears of one block; returns local name -> result."""
+        """Quantize the Linears of one block; returns local name -> result.
+
+        An algorithm may also define `prepare_block(ctx: BlockContext) -> None`, called once per
+        block before its first stage is observed (block-level algorithms such as AWQ)."""

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..algorithms.base import Algorithm, LayerContext
+from ..algorithms.base import Algorithm, BlockContext, LayerContext
 from ..errors import RunError
 from ..qweight import QuantizedWeight
 
@@ -76,6 +76,8 @@ class Calibration:
     true_sequential: bool = True
     batch_size: int = 8
     dtype: torch.dtype = torch.float32
+    arch: Any = None             # the ArchitectureMap, for block-level algorithms (AWQ)
+    stored_dtype: Callable[[str], torch.dtype] | None = None   # checkpoint dtype of a tensor name
 
 
 class _Stop(Exception):
@@ -150,18 +152,23 @@ def _report(lp: LinearPlan, metrics: dict) -> LayerReport:
 
 
 def _finish(plan: BlockPlan, results: dict[str, QuantizedWeight], read: Callable[[str], Tensor],
-            reports: list[LayerReport], start: float, timer: Timer) -> BlockResult:
-    """Bundle a block's results with its untouched tensors (norms, dense Linears) read as stored."""
+            reports: list[LayerReport], start: float, timer: Timer,
+            rewritten: dict[str, Tensor] | None = None) -> BlockResult:
+    """Bundle a block's results with its other tensors (norms, dense Linears): read as stored, or
+    taken from `rewritten` (full name -> tensor) where a block-level algorithm changed them."""
     t = time.perf_counter()
+    rewritten = rewritten or {}
     quantized, skip = {}, set()
     for lp in plan.linears:
         if lp.local not in results:
             continue
         bias_name = f"{lp.name}.bias"
-        bias = read(bias_name) if bias_name in plan.tensors else None
+        bias = (rewritten[bias_name] if bias_name in rewritten else read(bias_name)) \
+            if bias_name in plan.tensors else None
         quantized[lp.name] = (results[lp.local].to("cpu"), bias)
         skip.update({f"{lp.name}.weight", bias_name})
-    passthrough = {name: read(name) for name in plan.tensors if name not in skip}
+    passthrough = {name: rewritten[name] if name in rewritten else read(name)
+                   for name in plan.tensors if name not in skip}
     timer.add("read", t)
     return BlockResult(plan.index, quantized, passthrough, reports, time.perf_counter() - start)
 
@@ -277,7 +284,20 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         input_of = {name: g[0] for g in groups for name in g}
         results: dict[str, QuantizedWeight] = {}
         extra: dict[str, dict] = {name: {} for name in quantize}
+        modified: set[str] = set()
         with torch.no_grad():
+            prepare = getattr(algorithm, "prepare_block", None)
+            if prepare is not None:   # block-level algorithms (AWQ) rewrite the block first
+                dtype_of = cal.stored_dtype or (lambda name: read(name).dtype)
+                dtypes = {n: dtype_of(plan.prefix + n) for n, _ in block.named_parameters()}
+                prepare(BlockContext(
+                    index=plan.index, block=block, inputs=inputs, calls=calls[plan.index],
+                    quantize=tuple(quantize), arch=cal.arch, stored_dtype=dtypes, modified=modified,
+                    capture=lambda hooks, stop, batches=None: capture(block, inputs, calls[plan.index],
+                                                                      hooks, stop, batches),
+                    forward=lambda i: _block_forward(block, inputs[i], calls[plan.index][i]),
+                    report=lambda n, m: extra[n].update(m) if n in extra else None))
+                t = timer.add("search", t)
             for stage in stages:
                 t = _observe_stage(block, stage, algorithm, inputs, calls[plan.index], timer, t)
                 names = [n for g in stage for n in g]
@@ -292,10 +312,45 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                 results.update(stage_results)
             inputs = [_block_forward(block, x, kw) for x, kw in zip(inputs, calls[plan.index])]
             timer.add("forward", t)
+        rewritten = {plan.prefix + n: block.get_parameter(n).detach().to("cpu", dtypes[n])
+                     for n in sorted(modified)} if modified else {}
         block.to("meta")
         reports = [_report(quantize[n], extra[n]) for n in quantize]
-        yield _finish(plan, results, read, reports, start, timer)
+        yield _finish(plan, results, read, reports, start, timer, rewritten)
         release_memory()
+
+
+def capture(block: nn.Module, inputs: list[Tensor], calls: list[dict],
+            hooks: dict[str, Callable[[int, tuple, dict], None]], stop: str | None, batches: int | None = None) -> None:
+    """Forward the first `batches` (default all) calibration batches through `block`; before each
+    module named in `hooks` runs, call its hook with (batch number, args, kwargs); end each batch's
+    forward pass once the module `stop` is about to run (None: run the whole block)."""
+    batch = [0]
+
+    def make(name: str, fn: Callable) -> Callable:
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            fn(batch[0], args, kwargs)
+            if name == stop:
+                raise _Stop
+        return pre_hook
+
+    handles = [block.get_submodule(name).register_forward_pre_hook(make(name, fn), with_kwargs=True)
+               for name, fn in hooks.items()]
+    if stop is not None and stop not in hooks:
+        handles.append(block.get_submodule(stop).register_forward_pre_hook(make(stop, lambda *a: None),
+                                                                           with_kwargs=True))
+    try:
+        for i, (x, kwargs) in enumerate(zip(inputs, calls)):
+            if batches is not None and i >= batches:
+                break
+            batch[0] = i
+            try:
+                _block_forward(block, x, kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _observe_stage(block: nn.Module, stage: list[tuple[str, ...]], algorithm: Algorithm, inputs: list[Tensor],

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from ..errors import SpecError
+from .awq import AWQFormat
 from .base import Format
 from .bnb import BnbFormat
 from .gptq import GPTQFormat
 
-FORMATS: dict[str, type[Format]] = {GPTQFormat.name: GPTQFormat, BnbFormat.name: BnbFormat}
+FORMATS: dict[str, type[Format]] = {GPTQFormat.name: GPTQFormat, AWQFormat.name: AWQFormat,
+                                    BnbFormat.name: BnbFormat}
 
 
 def get_format(name: str) -> type[Format]:

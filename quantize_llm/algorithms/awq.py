@@ -1,0 +1,410 @@
+"""AWQ (Lin et al., MLSys 2024): activation-aware scaling, then clipping, then rounding.
+
+Per decoder block, before any of its Linears is quantized (`prepare_block`):
+  1. one forward pass over the calibration batches records, for every scaling group of the
+     architecture map (models/architectures.py, `AWQScale`), the mean |x| of each input channel
+     of its Linears, and the inputs of the module the search inspects;
+  2. per group, for alpha = 0, 1/grid, ..., (grid-1)/grid: s = mean|x|^alpha normalized by
+     sqrt(max(s) min(s)); the group's weights W*s are rounded to the grid and divided by s again,
+     and the inspected module's output error on the recorded inputs is measured; the best alpha
+     wins (alpha = 0, i.e. plain rounding, on a tie);
+  3. s is folded: the producing operation (a norm, or the rows of the previous Linear) is divided
+     by s and the group's Linears are multiplied by it, so the block computes the same function.
+Then, stage by stage like GPTQ (`observe` / `quantize_layer`), each Linear's range is clipped per
+group where that lowers its output error (measured through the Hessian X^T X of its real inputs)
+and the weights are rounded to the nearest grid point, or by GPTQ (`then="gptq"`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ModelError, RunError, SpecError
+from ..primitives import default_g_idx, minmax_params, quantize_codes, rtn_group_params
+from ..qweight import QuantizedWeight
+from ..spec import QuantSpec
+from . import register
+from .base import BlockContext, LayerContext
+from .gptq import GPTQOptions, accumulate_hessian, gptq_quantize
+from .rtn import rtn_quantize
+
+THEN = ("rtn", "gptq")
+FOLD_TOLERANCE = 0.02     # folding may change a block's output only by the rounding of stored norms
+TRIAL_ELEMENTS = 1 << 24  # clip search: trials x rows x group columns evaluated at once
+
+
+@dataclass(frozen=True)
+class AWQOptions:
+    grid: int = 20                 # exponents alpha = i / grid, i = 0 .. grid-1
+    clip: bool = True              # search each group's range after scaling
+    clip_grid: int = 20            # clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink
+    max_shrink: float = 0.5
+    search_samples: int = 16       # calibration sequences the scale search runs inspected modules on (0: all)
+    then: str = "rtn"              # rounding after scaling and clipping: "rtn" or "gptq"
+    damp: float = 0.01             # then="gptq": damping of diag(H)
+    block_size: int = 128          # then="gptq": columns per lazy-update block
+    true_sequential: bool = True   # observe q/k/v, then o, then gate/up, then down, re-running between
+
+    def __post_init__(self) -> None:
+        if self.grid < 1:
+            raise SpecError(f"--grid {self.grid} must be at least 1", "20 is AWQ's default")
+        if self.clip_grid < 1:
+            raise SpecError(f"--clip-grid {self.clip_grid} must be at least 1", "20 is AWQ's default")
+        if not 0 <= self.max_shrink < 1:
+            raise SpecError(f"--max-shrink {self.max_shrink} must be in [0, 1)", "0.5 is AWQ's default")
+        if self.search_samples < 0:
+            raise SpecError(f"--search-samples {self.search_samples} must be 0 (all) or more", "16 is the default")
+        if self.then not in THEN:
+            raise SpecError(f"--then {self.then} is not known", f"choose one of {', '.join(THEN)}")
+        if not 0 < self.damp <= 1:
+            raise SpecError(f"--damp {self.damp} must be in (0, 1]", "0.01 is typical")
+        if self.block_size < 1:
+            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
+
+
+def awq_scales(act_mean: Tensor, alpha: float) -> Tensor:
+    """s = act_mean^alpha / sqrt(max * min), computed in the log domain so that flat activations
+    give exactly 1 for every alpha. Channels that never fire are treated as 1e-5 of the largest."""
+    a = act_mean.double()
+    a = a.clamp(min=max(float(a.max()) * 1e-5, 1e-30))
+    log_a = a.log()
+    centre = (log_a.max() + log_a.min()) / 2
+    return torch.exp(alpha * (log_a - centre)).float()
+
+
+def fake_rtn(weight: Tensor, spec: QuantSpec) -> Tensor:
+    """The weight rounded to its min-max grid and dequantized (float32)."""
+    return rtn_quantize(weight, spec).dequantize(torch.float32)
+
+
+def hessian_clip_params(w: Tensor, h: Tensor, spec: QuantSpec, grid: int = 20,
+                        max_shrink: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """Per (row, group) range chosen by output error: for p = 1, 1 - 1/grid, ... 1 - max_shrink,
+    the range (p*min, p*max) is rounded to the grid and scored by d^T H_gg d, d the group's
+    weight error and H_gg the group's block of the input Hessian X^T X; the least error wins
+    (p = 1 on a tie).
+
+    w (out, in) float32; h (in, in). Returns scale float16 (out, G), zero int32 (out, G), and the
+    chosen p (out, G) float32. Does not modify its inputs.
+    """
+    out_features, in_features = w.shape
+    gs = spec.effective_group_size(in_features)
+    n_groups = spec.n_groups(in_features)
+    p = 1 - torch.arange(0, int(max_shrink * grid) + 1, device=w.device, dtype=torch.float64) / grid   # (T,)
+    scale = torch.empty(out_features, n_groups, dtype=torch.float16, device=w.device)
+    zero = torch.empty(out_features, n_groups, dtype=torch.int32, device=w.device)
+    ratio = torch.empty(out_features, n_groups, dtype=torch.float32, device=w.device)
+    for g in range(n_groups):
+        cols = slice(g * gs, min(in_features, (g + 1) * gs))
+        hg = h[cols, cols].float()                                       # (k, k)
+        k = hg.shape[0]
+        step = max(1, TRIAL_ELEMENTS // (len(p) * k))
+        for r in range(0, out_features, step):
+            wg = w[r:r + step, cols].float()                             # (rows, k)
+            rows = wg.shape[0]
+            xmin = wg.amin(dim=1).clamp(max=0).double()
+            xmax = wg.amax(dim=1).clamp(min=0).double()
+            trials = torch.stack([(xmin[None] * p[:, None]).reshape(-1), (xmax[None] * p[:, None]).reshape(-1)], 1)
+            s, z = minmax_params(trials, spec.bits, spec.sym, spec.min_zero)   # (T*rows,)
+            s, z = s.view(len(p), rows), z.view(len(p), rows)
+            sf, zf = s.float()[..., None], z.float()[..., None]              # (T, rows, 1)
+            q = torch.clamp(torch.round(wg[None] / sf) + zf, 0, spec.maxq)
+            d = sf * (q - zf) - wg[None]                                     # (T, rows, k)
+            err = ((d @ hg) * d).sum(-1)                                     # (T, rows)
+            best = err.argmin(dim=0, keepdim=True)                           # first minimum
+            scale[r:r + step, g] = s.gather(0, best)[0]
+            zero[r:r + step, g] = z.gather(0, best)[0]
+            ratio[r:r + step, g] = p.float()[best[0]]
+    return scale, zero, ratio
+
+
+def output_error(w: Tensor, qw: QuantizedWeight, h: Tensor) -> float:
+    """||WX - QX|| / ||WX|| from H = X^T X: tr(D H D^T) / tr(W H W^T), D = W - Q."""
+    w = w.float()
+    diff = w - qw.dequantize(torch.float32)
+    num = float(((diff @ h) * diff).sum())
+    den = float(((w @ h) * w).sum())
+    return math.sqrt(max(num, 0.0) / max(den, 1e-30))
+
+
+@register
+class AWQ:
+    name: ClassVar[str] = "awq"
+    needs_calibration: ClassVar[bool] = True
+
+    def __init__(self, spec: QuantSpec, options: AWQOptions | None = None) -> None:
+        self.spec = spec
+        self.options = options or AWQOptions()
+        self.hessians: dict[str, Tensor] = {}
+        self.no_clip: tuple[str, ...] = ()
+
+    # ---- scale search and folding (once per block) ----------------------------------------------
+
+    def prepare_block(self, ctx: BlockContext) -> None:
+        arch = ctx.arch
+        if arch is None or not arch.awq:
+            raise ModelError("AWQ has no scaling groups for this model family",
+                             "add AWQScale entries to its map in models/architectures.py, or use gptq")
+        self.no_clip = arch.awq_no_clip
+        block = ctx.block
+        groups = []
+        for entry in arch.awq:
+            if not any(name in ctx.quantize for name in entry.layers):
+                continue
+            reason = fold_problem(block, entry)
+            if reason is None:
+                groups.append(entry)
+            else:
+                for name in entry.layers:
+                    ctx.report(name, {"awq_skipped": reason})
+        if not groups:
+            return
+        batch = ctx.inputs[0].shape[0]
+        n_search = len(ctx.inputs) if self.options.search_samples == 0 else \
+            min(len(ctx.inputs), -(-self.options.search_samples // batch))
+        stats = _Capture(block, groups, n_search)
+        ctx.capture(stats.hooks(), None)
+        reference = ctx.forward(0)
+        for entry in groups:
+            s, metrics = self._search(block, entry, stats, ctx.quantize)
+            fold(block, entry, s, ctx.modified, skip={f"{n}.weight" for n in ctx.quantize})
+            for name in entry.layers:
+                ctx.report(name, metrics)
+            stats.release(entry)
+        # Stored norms and dense Linears are rounded to the checkpoint's dtype: later stages and the
+        # next block then see exactly what the checkpoint will hold.
+        for name in ctx.modified:
+            param = block.get_parameter(name)
+            param.data = param.data.to(ctx.stored_dtype[name]).to(param.dtype)
+        change = float((ctx.forward(0) - reference).norm() / reference.norm().clamp(min=1e-30))
+        if not change <= FOLD_TOLERANCE:
+            raise RunError(f"block {ctx.index}: folding the AWQ scales changed the block's output by "
+                           f"{change:.1%}; the family's AWQ groups in models/architectures.py do not fit "
+                           "this model", "use gptq or rtn for this model, and report it")
+
+    def _search(self, block: nn.Module, entry: Any, stats: "_Capture",
+                quantize: tuple[str, ...]) -> tuple[Tensor, dict]:
+        """The best scales for one group, and the metrics of the search."""
+        act_mean = stats.act_mean(entry)
+        names = [n for n in entry.layers if n in quantize]
+        linears = {n: block.get_submodule(n) for n in names}
+        originals = {n: m.weight.data.clone() for n, m in linears.items()}
+        error = stats.error_fn(block, entry)
+        best_err, best_alpha, first_err = math.inf, 0.0, math.nan
+        best_s = torch.ones_like(act_mean)
+        try:
+            for i in range(self.options.grid):
+                alpha = i / self.options.grid
+                s = awq_scales(act_mean, alpha).to(act_mean.device)
+                for n, m in linears.items():
+                    m.weight.data = fake_rtn(originals[n] * s, self.spec) / s
+                err = error(linears, originals)
+                if i == 0:
+                    first_err = err
+                if err < best_err:
+                    best_err, best_alpha, best_s = err, alpha, s
+        finally:
+            for n, m in linears.items():
+                m.weight.data = originals[n]
+        return best_s, {"alpha": best_alpha, "search_error_before": first_err, "search_error_after": best_err}
+
+    # ---- clipping and rounding (stage by stage) --------------------------------------------------
+
+    def observe(self, linear_name: str, x: Tensor) -> None:
+        accumulate_hessian(self.hessians, linear_name, x)
+
+    def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
+        results = {}
+        keys = {layer.input_of.get(name, name) for name in layer.weights}
+        missing = [k for k in keys if k not in self.hessians]
+        if missing:
+            raise RunError(f"block {layer.index}: no calibration inputs reached {missing[0]}")
+        for name, weight in layer.weights.items():
+            start = time.perf_counter()
+            h = self.hessians[layer.input_of.get(name, name)]
+            qw, ratio = self._round(name, weight.float(), h, layer.index)
+            metrics = {"rel_error": output_error(weight, qw, h), "seconds": time.perf_counter() - start}
+            if ratio is not None:
+                metrics["clip"] = ratio
+            layer.report(name, metrics)
+            results[name] = qw
+        for key in keys:
+            del self.hessians[key]
+        return results
+
+    def _round(self, name: str, w: Tensor, h: Tensor, index: int) -> tuple[QuantizedWeight, float | None]:
+        spec, opts = self.spec, self.options
+        clip = opts.clip and name not in self.no_clip
+        if clip:
+            scale, zero, ratio = hessian_clip_params(w, h, spec, opts.clip_grid, opts.max_shrink)
+        else:
+            scale, zero = rtn_group_params(w, spec.bits, spec.group_size, spec.sym, spec.min_zero)
+            ratio = None
+        g_idx = default_g_idx(w.shape[1], spec.group_size, w.device)
+        if opts.then == "rtn":
+            codes = quantize_codes(w, scale, zero, g_idx, spec.bits)
+            qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, g_idx=None, spec=spec)
+        else:
+            # AWQ's clipping, then GPTQ's error-compensating rounding on the clipped weights.
+            if clip:
+                s = scale.float().index_select(1, g_idx.long())
+                z = zero.float().index_select(1, g_idx.long())
+                w = torch.minimum(torch.maximum(w, -z * s), (spec.maxq - z) * s)
+            try:
+                qw, _ = gptq_quantize(w, h.clone(), spec, GPTQOptions(block_size=opts.block_size, damp=opts.damp,
+                                                                      clip="minmax"))
+            except ValueError as exc:
+                raise RunError(f"block {index} {name}: {exc}",
+                               f"raise --damp (now {opts.damp}) or use more calibration samples") from None
+        return qw, (float(ratio.mean()) if ratio is not None else None)
+
+
+def fold_problem(block: nn.Module, entry: Any) -> str | None:
+    """None when `entry`'s scales can be folded in this block, else why not."""
+    try:
+        prev = block.get_submodule(entry.prev)
+        layers = [block.get_submodule(n) for n in entry.layers]
+    except AttributeError as exc:
+        return f"module missing ({exc})"
+    width = layers[0].in_features
+    if any(m.in_features != width for m in layers):
+        return "its Linears differ in input width"
+    if isinstance(prev, nn.Linear):
+        chunks, _ = entry.prev_chunk
+        if prev.out_features != chunks * width:
+            return (f"{entry.prev} has {prev.out_features} outputs, not {chunks} x {width} "
+                    "(grouped-query attention)")
+        return None
+    weight = getattr(prev, "weight", None)
+    if weight is None or weight.shape != (width,):
+        return f"{entry.prev} has no per-channel weight of size {width}"
+    return None
+
+
+def fold(block: nn.Module, entry: Any, s: Tensor, modified: set[str], skip: set[str] = frozenset()) -> None:
+    """Divide `entry.prev` by s and multiply the input columns of `entry.layers` by s, in place.
+
+    Adds the names of the parameters rewritten to `modified`, except those in `skip` (the weights
+    that are about to be quantized, and so written from their quantized result).
+    """
+    prev = block.get_submodule(entry.prev)
+    touched = []
+    if isinstance(prev, nn.Linear):
+        _, index = entry.prev_chunk
+        rows = slice(index * s.numel(), (index + 1) * s.numel())
+        prev.weight.data[rows] /= s[:, None]
+        touched.append(f"{entry.prev}.weight")
+        if prev.bias is not None:
+            prev.bias.data[rows] /= s
+            touched.append(f"{entry.prev}.bias")
+    else:
+        offset = entry.norm_offset
+        prev.weight.data = (prev.weight.data + offset) / s - offset
+        touched.append(f"{entry.prev}.weight")
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.data /= s
+            touched.append(f"{entry.prev}.bias")
+    for name in entry.layers:
+        block.get_submodule(name).weight.data *= s[None, :]
+        touched.append(f"{name}.weight")
+    modified.update(n for n in touched if n not in skip)
+
+
+class _Capture:
+    """Statistics recorded in one forward pass of a block, for the scale search of its groups.
+
+    Per group: the sum of |x| over every token reaching its Linears; and either the inputs of the
+    inspected module for the first `n_search` batches, or, when the inspected module is the
+    group's only Linear, the Hessian X^T X of its input (its output error then needs no forward).
+    """
+
+    def __init__(self, block: nn.Module, groups: list[Any], n_search: int) -> None:
+        self.block, self.groups, self.n_search = block, groups, n_search
+        self.abs_sum: dict[str, Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.inputs: dict[str, list[tuple[tuple, dict]]] = {}
+        self.hessians: dict[str, Tensor] = {}
+
+    @staticmethod
+    def _linear_inspect(entry: Any) -> bool:
+        return entry.layers == (entry.inspect,)
+
+    def hooks(self) -> dict[str, Callable]:
+        fns: dict[str, list[Callable]] = {}
+        for entry in self.groups:
+            first = entry.layers[0]
+            fns.setdefault(first, []).append(self._stat_hook(entry))
+            if not self._linear_inspect(entry):
+                fns.setdefault(entry.inspect, []).append(self._input_hook(entry))
+
+        def chain(fs: list[Callable]) -> Callable:
+            return lambda batch, args, kwargs: [f(batch, args, kwargs) for f in fs]
+        return {name: chain(fs) for name, fs in fns.items()}
+
+    def _stat_hook(self, entry: Any) -> Callable:
+        key = entry.prev
+
+        def hook(batch: int, args: tuple, kwargs: dict) -> None:
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()
+            flat = x.reshape(-1, x.shape[-1]).float()
+            self.abs_sum[key] = self.abs_sum.get(key, 0) + flat.abs().sum(0)
+            self.count[key] = self.count.get(key, 0) + flat.shape[0]
+            if self._linear_inspect(entry):
+                accumulate_hessian(self.hessians, key, flat)
+        return hook
+
+    def _input_hook(self, entry: Any) -> Callable:
+        key = entry.prev
+
+        def hook(batch: int, args: tuple, kwargs: dict) -> None:
+            if batch < self.n_search:
+                self.inputs.setdefault(key, []).append((args, dict(kwargs)))
+        return hook
+
+    def act_mean(self, entry: Any) -> Tensor:
+        if entry.prev not in self.count:
+            raise RunError(f"no calibration inputs reached {entry.layers[0]}")
+        return self.abs_sum[entry.prev] / self.count[entry.prev]
+
+    def error_fn(self, block: nn.Module, entry: Any) -> Callable[[dict, dict], float]:
+        """error(linears, originals): the inspected module's relative output error with the
+        linears' current (trial) weights against the original ones."""
+        if self._linear_inspect(entry):
+            h = self.hessians[entry.prev]
+
+            def linear_error(linears: dict, originals: dict) -> float:
+                num = den = 0.0
+                for n, m in linears.items():
+                    d = originals[n] - m.weight.data
+                    num += float(((d @ h) * d).sum())
+                    den += float(((originals[n] @ h) * originals[n]).sum())
+                return num / max(den, 1e-30)
+            return linear_error
+
+        module = block.get_submodule(entry.inspect)
+        recorded = self.inputs.get(entry.prev, [])
+        if not recorded:
+            raise RunError(f"no calibration inputs reached {entry.inspect}")
+        targets = [_output(module, args, kwargs) for args, kwargs in recorded]
+        den = sum(float((t ** 2).sum()) for t in targets)
+
+        def module_error(linears: dict, originals: dict) -> float:
+            num = 0.0
+            for (args, kwargs), target in zip(recorded, targets):
+                num += float(((_output(module, args, kwargs) - target) ** 2).sum())
+            return num / max(den, 1e-30)
+        return module_error
+
+    def release(self, entry: Any) -> None:
+        for d in (self.abs_sum, self.inputs, self.hessians):
+            d.pop(entry.prev, None)
+
+
+def _output(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    out = module(*args, **kwargs)
+    return (out[0] if isinstance(out, tuple) else out).float()
