@@ -122,13 +122,17 @@ def _run_quantize(model: str, output: Path, spec: QuantSpec, *, device: str, ove
         layers.add_column("layer")
         layers.add_column("shape")
         layers.add_column("rel. error", justify="right")
-        if summary.calibration:
+        damp = any("damp" in r.metrics for r in worst)
+        if damp:
             layers.add_column("damp", justify="right")
+        if summary.calibration:
             layers.add_column("seconds", justify="right")
         for r in worst:
             cells = [r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.metrics['rel_error']:.4f}"]
+            if damp:
+                cells.append(f"{r.metrics.get('damp', 0):g}")
             if summary.calibration:
-                cells += [f"{r.metrics.get('damp', 0):g}", f"{r.seconds:.2f}"]
+                cells.append(f"{r.seconds:.2f}")
             layers.add_row(*cells)
         out.print(layers)
     scaled = [r for r in summary.layers if "alpha" in r.metrics]

@@ -1,0 +1,204 @@
+"""AWQ's pieces against independent references: folding keeps every family's function, the scale
+formula, the search's choices, and the clip search against a brute-force float64 loop."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ARCHS, TINY_CONFIGS
+from quantize_llm.algorithms.awq import (AWQOptions, _Capture, AWQ, awq_scales, fold, fold_problem,
+                                         hessian_clip_params)
+from quantize_llm.errors import SpecError
+from quantize_llm.models.architectures import ARCHITECTURES, AWQScale
+from quantize_llm.spec import QuantSpec
+
+
+def tiny_model(arch: str, mha: bool, seed: int = 0) -> nn.Module:
+    """A float64 tiny model of `arch` with random weights, norms included (so folds are visible)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls_name, kwargs = TINY_CONFIGS[arch]
+    kwargs = dict(kwargs)
+    if mha and "num_key_value_heads" in kwargs:
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kwargs)).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0, 0.08)
+            elif "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif "norm" in name and name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def fold_all(model: nn.Module, arch_map, seed: int = 1) -> int:
+    """Fold random positive scales for every applicable AWQ group of every block; returns how many."""
+    gen = torch.Generator().manual_seed(seed)
+    folded = 0
+    for block in model.get_submodule(arch_map.layers):
+        for entry in arch_map.awq:
+            if fold_problem(block, entry) is not None:
+                continue
+            width = block.get_submodule(entry.layers[0]).in_features
+            s = torch.empty(width, dtype=torch.float64).uniform_(0.3, 3.0, generator=gen)
+            with torch.no_grad():
+                fold(block, entry, s, set())
+            folded += 1
+    return folded
+
+
+@pytest.mark.parametrize("mha", [True, False], ids=["mha", "gqa"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folding_keeps_the_function(arch: str, mha: bool) -> None:
+    model = tiny_model(arch, mha)
+    arch_map = ARCHITECTURES[type(model).__name__]
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        n = fold_all(model, arch_map)
+        after = model(input_ids=ids).logits
+    blocks = len(model.get_submodule(arch_map.layers))
+    # every group folds, except v -> o under grouped-query attention
+    assert n == blocks * (len(arch_map.awq) - (0 if mha or arch == "opt" else 1))
+    # float64 models; Gemma norms compute in float32 whatever the dtype, hence 1e-5
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_gemma_norm_folds_through_one_plus_weight(arch: str) -> None:
+    """Gemma's RMSNorm multiplies by (1 + weight): folding as if it multiplied by weight breaks it."""
+    model = tiny_model(arch, mha=True)
+    arch_map = ARCHITECTURES[type(model).__name__]
+    assert all(e.norm_offset == 1.0 for e in arch_map.awq if "norm" in e.prev)
+    wrong = dataclasses.replace(arch_map, awq=tuple(dataclasses.replace(e, norm_offset=0.0) for e in arch_map.awq))
+    ids = torch.randint(3, 250, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        fold_all(model, wrong)
+        after = model(input_ids=ids).logits
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_gemma2_mlp_scale_goes_into_the_pre_feedforward_norm() -> None:
+    arch_map = ARCHITECTURES["Gemma2ForCausalLM"]
+    mlp = next(e for e in arch_map.awq if e.inspect == "mlp")
+    assert mlp.prev == "pre_feedforward_layernorm"
+
+
+def test_grouped_query_attention_skips_v_to_o() -> None:
+    model = tiny_model("llama", mha=False)
+    block = model.model.layers[0]
+    entry = next(e for e in ARCHITECTURES["LlamaForCausalLM"].awq if e.prev == "self_attn.v_proj")
+    assert "grouped-query" in fold_problem(block, entry)
+
+
+def test_scales_formula() -> None:
+    act = torch.tensor([0.5, 1.0, 4.0, 2.0])
+    for alpha in (0.0, 0.35, 0.95):
+        s = act.double() ** alpha
+        expected = s / (s.max() * s.min()).sqrt()
+        torch.testing.assert_close(awq_scales(act, alpha).double(), expected, rtol=1e-6, atol=0)
+    flat = torch.full((64,), 0.37)
+    for alpha in (0.0, 0.5, 0.95):
+        assert torch.equal(awq_scales(flat, alpha), torch.ones(64))
+
+
+class _Block(nn.Module):
+    """A norm feeding one Linear: the smallest thing a scaling group applies to."""
+
+    def __init__(self, in_features: int = 64, out_features: int = 48, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.ones(in_features), requires_grad=False)
+        self.fc = nn.Linear(in_features, out_features, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(out_features, in_features, generator=g) * 0.05)
+
+
+ENTRY = AWQScale("norm", ("fc",), "fc")
+
+
+def search(block: _Block, x: torch.Tensor, spec: QuantSpec) -> dict:
+    stats = _Capture(block, [ENTRY], n_search=1)
+    for fn in stats.hooks().values():
+        fn(0, (x,), {})
+    _, metrics = AWQ(spec, AWQOptions())._search(block, ENTRY, stats, ("fc",))
+    return metrics
+
+
+def test_flat_activations_choose_alpha_zero() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.where(torch.rand(512, 64, generator=g) < 0.5, -1.0, 1.0)     # |x| = 1 on every channel
+    metrics = search(_Block(), x, QuantSpec(bits=3, group_size=32, sym=False))
+    assert metrics["alpha"] == 0.0
+    assert metrics["search_error_after"] == metrics["search_error_before"]
+
+
+def test_outlier_channels_choose_positive_alpha() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g)
+    x[:, :4] *= 20                                                         # a few salient input channels
+    metrics = search(_Block(), x, QuantSpec(bits=3, group_size=32, sym=False))
+    assert metrics["alpha"] > 0
+    assert metrics["search_error_after"] < 0.9 * metrics["search_error_before"]
+
+
+def brute_force_clip(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, grid: int, max_shrink: float):
+    """Per row and group, every ratio in float64, straight from the definition."""
+    out_features, in_features = w.shape
+    gs = spec.effective_group_size(in_features)
+    ratios = [1 - i / grid for i in range(int(max_shrink * grid) + 1)]
+    chosen = torch.zeros(out_features, spec.n_groups(in_features), dtype=torch.float64)
+    for r in range(out_features):
+        for g in range(spec.n_groups(in_features)):
+            cols = slice(g * gs, min(in_features, (g + 1) * gs))
+            wg = w[r, cols].double()
+            hg = h[cols, cols].double()
+            best, best_p = None, None
+            for p in ratios:
+                lo, hi = min(float(wg.min()), 0.0) * p, max(float(wg.max()), 0.0) * p
+                scale = torch.tensor((hi - lo) / spec.maxq).to(torch.float16).double()
+                zero = min(max(round(-lo / float(scale)), spec.min_zero), spec.maxq)
+                q = torch.clamp(torch.round(wg / scale) + zero, 0, spec.maxq)
+                d = scale * (q - zero) - wg
+                err = float(d @ hg @ d)
+                if best is None or err < best - 1e-12 * abs(best):
+                    best, best_p = err, p
+            chosen[r, g] = best_p
+    return chosen
+
+
+def test_clip_search_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 80, generator=g) * 0.05
+    w[0, 3] = 0.6                                                          # an outlier worth clipping around
+    x = torch.randn(300, 80, generator=g) * torch.linspace(0.1, 3, 80)
+    h = x.t() @ x
+    spec = QuantSpec(bits=3, group_size=32, sym=False)                     # 80 = 32 + 32 + a partial 16
+    scale, zero, ratio = hessian_clip_params(w, h, spec, grid=20, max_shrink=0.5)
+    expected = brute_force_clip(w, h, spec, 20, 0.5)
+    torch.testing.assert_close(ratio.double(), expected, rtol=0, atol=1e-6)
+    assert (ratio < 1).any()
+
+
+def test_clip_search_keeps_full_range_for_unseen_inputs() -> None:
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    _, _, ratio = hessian_clip_params(w, torch.zeros(32, 32), QuantSpec(bits=4, group_size=16, sym=False))
+    assert torch.equal(ratio, torch.ones_like(ratio))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"grid": 0}, "--grid"), ({"max_shrink": 1.0}, "--max-shrink"), ({"then": "hqq"}, "--then"),
+    ({"search_samples": -1}, "--search-samples"), ({"damp": 0}, "--damp"),
+])
+def test_bad_options_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        AWQOptions(**kwargs)
