@@ -229,6 +229,49 @@ def awq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Group
                   log_json=log_json, options=options, calibration=calibration, batch_size=batch_size)
 
 
+@app.command(help="Quantize MODEL with the outlier split: the few most damaging weights (or input channels) "
+             "stay in float16 beside the low-bit codes. Weight mode scores weights by magnitude, or by "
+             "w^2 / [H^-1]_jj with calibration data (always with --inner gptq); channel mode keeps input "
+             "columns whose activations reach the threshold. Writes quantize-llm's outlier layout "
+             "(docs/outlier-format.md), which load_quantized runs.\n\n"
+             "Example: quantize-llm outlier ./SmolLM2-135M-Instruct -o smol-out --bits 3 --inner gptq "
+             "--outlier-fraction 0.005 --dataset c4.parquet")
+def outlier(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4,
+            group_size: Annotated[Optional[int], typer.Option("--group-size", "-g", help="Weights per scale along in_features; -1 = per output channel. Default 128; -1 in channel mode with --bits 8 (LLM.int8()'s per-row absmax).", show_default=False)] = None,
+            sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="Symmetric or asymmetric grid. Default asym; sym in channel mode with --bits 8.", show_default=False)] = None,
+            inner: Annotated[str, typer.Option("--inner", help="Algorithm for the low-bit part: rtn or gptq.")] = "rtn",
+            mode: Annotated[str, typer.Option("--mode", help="weight (scattered weights, CSR) or channel (whole input columns).")] = "weight",
+            outlier_fraction: Annotated[Optional[float], typer.Option("--outlier-fraction", help="Share kept in float16 per layer (weights, or input columns in channel mode). Default 0.005 in weight mode.", show_default=False)] = None,
+            outlier_threshold: Annotated[Optional[float], typer.Option("--outlier-threshold", help="Instead of a fraction: channel mode keeps columns with max |x| >= X (default 6.0); weight mode keeps weights whose sensitivity exceeds X^2 times the layer mean.", show_default=False)] = None,
+            act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="With --inner gptq: columns by decreasing activation (stores g_idx).")] = False,
+            clip: Annotated[Optional[str], typer.Option("--clip", help="Group range: minmax or mse. Default: minmax for rtn, mse for gptq.", show_default=False)] = None,
+            damp: Annotated[float, typer.Option("--damp", help="Damping of diag(H) for GPTQ and the inverse-Hessian score.")] = 0.01,
+            block_size: Annotated[int, typer.Option("--block-size", help="With --inner gptq: columns per lazy-update block.")] = 128,
+            true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Re-run the block between q/k/v, o, gate/up and down.")] = True,
+            dataset: Annotated[Optional[str], typer.Option("--dataset", help="Calibration text (a file, a datasets hub id, or 'self'). Needed by --inner gptq and channel mode (default: self); with --inner rtn in weight mode it switches scoring from magnitude to the inverse Hessian.", show_default=False)] = None,
+            nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
+            text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
+            keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
+            max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
+    from .algorithms.outlier import OutlierOptions
+    from .calibration.data import CalibrationSpec
+
+    int8_rows = mode == "channel" and bits == 8
+    group_size = group_size if group_size is not None else (-1 if int8_rows else 128)
+    sym = sym if sym is not None else int8_rows
+    if act_order and inner != "gptq":
+        raise UsageError("--act-order only applies to --inner gptq", "add --inner gptq or drop --act-order")
+    options = OutlierOptions(inner=inner, mode=mode, fraction=outlier_fraction, threshold=outlier_threshold,
+                             calibrated=dataset is not None, clip=clip or ("mse" if inner == "gptq" else "minmax"),
+                             damp=damp, block_size=block_size, true_sequential=true_sequential)
+    spec = QuantSpec(method="outlier", bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                     format="outlier", keep_dense=tuple(keep_dense or ()))
+    calibration = CalibrationSpec(source=dataset or "self", nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                  text_column=text_column) if options.needs_calibration else None
+    _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
+                  log_json=log_json, options=options, calibration=calibration, batch_size=batch_size)
+
+
 @app.command(help="Quantize MODEL to NF4 or FP4 in the bitsandbytes layout that stock transformers (with "
              "bitsandbytes) loads. --rounding gptq chooses the 4-bit codes with GPTQ's error feedback from "
              "calibration data, on the same per-block absmax.\n\n"
@@ -284,7 +327,8 @@ def inspect(path: Annotated[str, typer.Argument(help="A quantized checkpoint fol
     out.print(f"quantized modules: {len(info.modules)}   quantized weights: {info.quantized_params:,}")
     out.print(f"quantized tensors: {_human(info.quantized_bytes)}   whole checkpoint: {_human(info.total_bytes)}")
     what = "codes, absmax and their nested statistics" if any(m.codebook != "int" for m in info.modules) \
-        else "codes, scales, zeros and g_idx"
+        else "codes, scales, zeros, g_idx and the float16 outliers with their indices" \
+        if info.quant_method == "quantize_llm_outlier" else "codes, scales, zeros and g_idx"
     out.print(f"bits per weight: {info.bits_per_weight:.3f} ({what})")
 
 

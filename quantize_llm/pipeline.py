@@ -268,6 +268,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                               ("true_sequential", "true_sequential")):
                 if hasattr(options, attr):
                     extra[key] = getattr(options, attr)
+            extra.update(getattr(algorithm, "config_extra", dict)())
             if dynamic:
                 extra["dynamic"] = dynamic
             quantized = {lp.name for p in plans for lp in p.linears if lp.quantize}

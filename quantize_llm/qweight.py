@@ -47,6 +47,82 @@ class NestedAbsmax:
 
 
 @dataclass(frozen=True)
+class Outliers:
+    """Weights kept in float16 beside the low-bit codes (the outlier split). Where an outlier sits,
+    the codes dequantize to exactly 0 (code == zero point), so the weight is the sum of the two.
+
+    mode "weight" (scattered weights, CSR over the rows):
+        row_ptr  int32 (out+1,)      outliers of row r are entries row_ptr[r]:row_ptr[r+1]
+        col_idx  int16 or int32 (nnz,)  their input columns, ascending within a row
+        values   float16 (nnz,)
+    mode "channel" (whole input columns):
+        columns  int32 (k,)          the input columns kept, ascending
+        values   float16 (out, k)
+    """
+
+    mode: str
+    values: Tensor
+    row_ptr: Tensor | None = None
+    col_idx: Tensor | None = None
+    columns: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode == "weight":
+            if self.row_ptr is None or self.col_idx is None or self.values.dim() != 1 \
+                    or self.col_idx.shape != self.values.shape:
+                raise ValueError("weight-mode outliers need row_ptr, col_idx and values of one length")
+        elif self.mode == "channel":
+            if self.columns is None or self.values.dim() != 2 or self.values.shape[1] != self.columns.numel():
+                raise ValueError("channel-mode outliers need columns (k,) and values (out, k)")
+        else:
+            raise ValueError(f"unknown outlier mode {self.mode!r}")
+
+    @property
+    def count(self) -> int:
+        """Number of weights kept in float16."""
+        return self.values.numel()
+
+    def rows_of(self) -> Tensor:
+        """Weight mode: the row of each stored value, int64 (nnz,)."""
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+
+    def dense(self, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> Tensor:
+        """The outliers as an (out, in) matrix, zeros elsewhere."""
+        out = torch.zeros(shape, dtype=dtype, device=self.values.device)
+        if self.mode == "weight":
+            out[self.rows_of(), self.col_idx.long()] = self.values.to(dtype)
+        else:
+            out[:, self.columns.long()] = self.values.to(dtype)
+        return out
+
+    def dense_rows(self, start: int, stop: int, in_features: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Rows start:stop of `dense()`, touching only those rows' outliers."""
+        out = torch.zeros(stop - start, in_features, dtype=dtype, device=self.values.device)
+        if self.mode == "weight":
+            lo, hi = int(self.row_ptr[start]), int(self.row_ptr[stop])
+            rows = self.rows_of()[lo:hi] - start
+            out[rows, self.col_idx[lo:hi].long()] = self.values[lo:hi].to(dtype)
+        else:
+            out[:, self.columns.long()] = self.values[start:stop].to(dtype)
+        return out
+
+    def mask(self, shape: tuple[int, int]) -> Tensor:
+        """Where the outliers sit: bool (out, in)."""
+        m = torch.zeros(shape, dtype=torch.bool, device=self.values.device)
+        if self.mode == "weight":
+            m[self.rows_of(), self.col_idx.long()] = True
+        else:
+            m[:, self.columns.long()] = True
+        return m
+
+    def to(self, device: torch.device | str) -> "Outliers":
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        return replace(self, values=move(self.values), row_ptr=move(self.row_ptr), col_idx=move(self.col_idx),
+                       columns=move(self.columns))
+
+
+@dataclass(frozen=True)
 class QuantizedWeight:
     """One quantized Linear weight, unpacked, in canonical order.
 
@@ -71,6 +147,8 @@ class QuantizedWeight:
     spec          QuantSpec             bits, group size, codebook, ... that produced it
     source_dtype  torch.dtype or None   dtype of the weight it was made from (bitsandbytes records
                                         it); None when unknown
+    outliers      Outliers or None      weights kept in float16 (integer grids only), added to the
+                                        dequantized codes
 
     Formats pack and unpack these fields; `dequantize()` defines what they mean.
     """
@@ -81,9 +159,17 @@ class QuantizedWeight:
     g_idx: Tensor | None
     spec: QuantSpec
     source_dtype: torch.dtype | None = None
+    outliers: Outliers | None = None
 
     def __post_init__(self) -> None:
         out_features, in_features = self.codes.shape
+        if self.outliers is not None:
+            if self.is_codebook:
+                raise ValueError("outliers go with integer grids, not codebooks")
+            if self.outliers.mode == "weight" and self.outliers.row_ptr.shape != (out_features + 1,):
+                raise ValueError(f"outlier row_ptr {tuple(self.outliers.row_ptr.shape)} does not fit {out_features} rows")
+            if self.outliers.mode == "channel" and self.outliers.values.shape[0] != out_features:
+                raise ValueError(f"outlier columns {tuple(self.outliers.values.shape)} do not fit {out_features} rows")
         if self.is_codebook:
             nblocks = -(-out_features * in_features // self.spec.blocksize)
             n = self.scale.numel if isinstance(self.scale, NestedAbsmax) else self.scale.numel()
@@ -126,13 +212,19 @@ class QuantizedWeight:
         if self.is_codebook:
             w = nf4codes.dequantize_4bit(self.codes, self.scale_tensor(), self.spec.codebook, self.spec.blocksize)
             return w.to(dtype)
-        return dequantize_codes(self.codes, self.scale, self.zero, self.group_index(), dtype)
+        w = dequantize_codes(self.codes, self.scale, self.zero, self.group_index(), dtype)
+        if self.outliers is not None:
+            w = w + self.outliers.dense(self.shape, dtype)
+        return w
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """Rows start:stop of `dequantize()`, (stop - start, in), computing only those rows."""
         if not self.is_codebook:
-            return dequantize_codes(self.codes[start:stop], self.scale[start:stop], self.zero[start:stop],
-                                    self.group_index(), dtype)
+            w = dequantize_codes(self.codes[start:stop], self.scale[start:stop], self.zero[start:stop],
+                                 self.group_index(), dtype)
+            if self.outliers is not None:
+                w = w + self.outliers.dense_rows(start, stop, self.shape[1], dtype)
+            return w
         in_features, bs = self.shape[1], self.spec.blocksize
         absmax = self.scale_tensor()[start * in_features // bs: -(-stop * in_features // bs)]
         flat = torch.arange(start * in_features, stop * in_features, device=self.codes.device)  # (rows*in,)
@@ -143,4 +235,4 @@ class QuantizedWeight:
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return replace(self, codes=move(self.codes), scale=move(self.scale), zero=move(self.zero),
-                       g_idx=move(self.g_idx))
+                       g_idx=move(self.g_idx), outliers=move(self.outliers))

@@ -67,6 +67,12 @@ SETTINGS = [
     Setting("awq-w3g128", "awq", 3, 128),
     Setting("awq-gptq-w4g128", "awq", 4, 128, options={"then": "gptq"}),
     Setting("awq-gptq-w3g128", "awq", 3, 128, options={"then": "gptq"}),
+    # the outlier split: RTN inner scores by magnitude (no calibration), GPTQ inner by w^2 / [H^-1]_jj
+    *[Setting(f"outlier-{inner}-w{bits}g128-{pct}%", "outlier", bits, 128,
+              options={"inner": inner, "fraction": pct / 100, **({"clip": "mse"} if inner == "gptq" else {})})
+      for inner in ("rtn", "gptq") for bits in (4, 3) for pct in (0.25, 0.5, 1)],
+    Setting("outlier-rtn-calibrated-w3g128-0.5%", "outlier", 3, 128,
+            options={"inner": "rtn", "fraction": 0.005, "calibrated": True}),
 ]
 
 
@@ -106,6 +112,7 @@ def main() -> None:
     from quantize_llm.algorithms.awq import AWQOptions
     from quantize_llm.algorithms.gptq import GPTQOptions
     from quantize_llm.algorithms.nf4 import NF4Options
+    from quantize_llm.algorithms.outlier import OutlierOptions
     from quantize_llm.calibration.data import CalibrationSpec, load_calibration
     from quantize_llm.evaluate import evaluate, load_for_eval, make_windows, tokenize_text
     from quantize_llm.pipeline import quantize
@@ -136,11 +143,13 @@ def main() -> None:
                 options = NF4Options(rounding=s.rounding, **s.options)
             else:
                 spec = QuantSpec(method=s.method, bits=s.bits, group_size=s.group_size, sym=s.sym,
-                                 act_order=s.act_order)
-                options = {"gptq": GPTQOptions, "awq": AWQOptions}[s.method](**s.options) \
-                    if s.method in ("gptq", "awq") else None
+                                 act_order=s.act_order, format="outlier" if s.method == "outlier" else "gptq")
+                kinds = {"gptq": GPTQOptions, "awq": AWQOptions, "outlier": OutlierOptions}
+                options = kinds[s.method](**s.options) if s.method in kinds else None
             cal = (CalibrationSpec(source="self", nsamples=args.nsamples, seqlen=args.seqlen)
                    if s.calibration == "self" else c4)
+            if s.method == "outlier" and not options.needs_calibration:
+                cal = None
             t = time.perf_counter()
             summary = quantize(str(model_dir), out, spec, options=options, calibration=cal, device="cpu",
                                batch_size=args.batch_size)

@@ -91,8 +91,12 @@ def decode_gptq(qweight, qzeros, scales, g_idx, bits: int, v2: bool = False) -> 
 
 
 def gptq_f64(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, *, min_zero: int = 0,
-             damp: float = 0.01, act_order: bool = False, static_groups: bool = False, clip: str = "minmax"):
+             damp: float = 0.01, act_order: bool = False, static_groups: bool = False, clip: str = "minmax",
+             mask: torch.Tensor | None = None):
     """GPTQ one column at a time in float64, no lazy blocks (Frantar et al. 2023, Alg. 1).
+
+    mask (out, in) bool: weights kept exactly (the outlier split): left out of their group's range,
+    dequantized as their current (error-updated) value, and propagating no error.
 
     Group parameters: min-max of the group's current (error-updated) columns at its first column;
     with static groups, of the original columns. Returns (dequantized (out, in) float64 in the
@@ -129,11 +133,12 @@ def gptq_f64(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: 
     def minmax(cols):
         return minmax_f64(cols, bits, sym, min_zero)
 
+    M = torch.zeros_like(W, dtype=torch.bool) if mask is None else mask.clone()
     static = None
     if static_groups:
-        static = [params(W[:, g * gs:(g + 1) * gs]) for g in range(math.ceil(in_f / gs))]
+        static = [params(torch.where(M, 0.0, W)[:, g * gs:(g + 1) * gs]) for g in range(math.ceil(in_f / gs))]
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(in_f)
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H, M = W[:, perm], H[perm][:, perm], M[:, perm]
     hdiag = torch.diagonal(H).clone()
     H = H + damp * torch.diagonal(H).mean() * torch.eye(in_f, dtype=torch.float64)
     Hinv = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
@@ -146,10 +151,10 @@ def gptq_f64(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: 
         else:
             g = j // gs
             if j % gs == 0:
-                s, z = params(W[:, j:j + gs], hdiag[j:j + gs])
+                s, z = params(torch.where(M[:, j:j + gs], 0.0, W[:, j:j + gs]), hdiag[j:j + gs])
         g_idx[int(perm[j])] = g
         q = torch.clamp(torch.round(W[:, j] / s) + z, 0, maxq)
-        Q[:, j] = s * (q - z)
+        Q[:, j] = torch.where(M[:, j], W[:, j], s * (q - z))
         err = (W[:, j] - Q[:, j]) / Hinv[j, j]
         W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
     return Q[:, torch.argsort(perm)], g_idx

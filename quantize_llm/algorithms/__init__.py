@@ -22,4 +22,4 @@ def get_algorithm(name: str) -> type["Algorithm"]:
     return ALGORITHMS[name]
 
 
-from . import awq, gptq, nf4, rtn  # noqa: E402,F401  (registers)
+from . import awq, gptq, nf4, outlier, rtn  # noqa: E402,F401  (registers)

@@ -45,6 +45,7 @@ class GPTQStats:
     damp: float                    # damping fraction finally used
     dead_columns: int              # inputs that never fired (diag(H) == 0), quantized as zeros
     seconds: float
+    kept: Tensor | None = None     # with an outlier mask: the masked weights' final values (out, in), 0 elsewhere
 
 
 def cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float) -> tuple[Tensor, float]:
@@ -66,9 +67,14 @@ def cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float) -> tup
 
 
 @torch.no_grad()
-def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
-                  options: GPTQOptions = GPTQOptions()) -> tuple[QuantizedWeight, GPTQStats]:
+def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPTQOptions = GPTQOptions(),
+                  outlier_mask: Tensor | None = None) -> tuple[QuantizedWeight, GPTQStats]:
     """Quantize a (out, in) weight with GPTQ given the (in, in) Hessian sum X^T X of its inputs.
+
+    outlier_mask (out, in) bool: weights kept exactly (in float16, beside the codes). They are left
+    out of their group's range, get the code of the zero point (dequantized 0), cause no error to
+    propagate, and their final values (with the error propagated into them) come back in
+    `stats.kept`.
 
     Does not modify `weight` or `hessian`. Works in float32 on their device (float64 when `weight`
     is float64, which the tests use to compare with a column-by-column reference).
@@ -87,14 +93,18 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0                                                 # a never-seen input: any value
     w[:, dead] = 0.0                                                    # ... and its weight is moot
+    mask = outlier_mask.to(w.device) if outlier_mask is not None else None
+    kept = torch.zeros_like(w) if mask is not None else None
 
     # Static groups: scale and zero fixed up front from the original columns (FORMATS.md §1.6).
-    static = rtn_group_params(w, spec.bits, spec.group_size, spec.sym, spec.min_zero, options.clip) \
+    static = rtn_group_params(w if mask is None else w.masked_fill(mask, 0.0), spec.bits, spec.group_size, spec.sym, spec.min_zero, options.clip) \
         if options.static_groups else None
     perm = None
     if spec.act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
+        if mask is not None:
+            mask = mask[:, perm]
     hdiag = torch.diagonal(h).clone()                                   # (in,) in processing order
     hinv, damp = cholesky_inverse_upper(h, options.damp, options.damp_max)
     del h
@@ -129,6 +139,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
                 if beyond > 0:
                     late = w[:, i2:i2 + beyond] - err1[:, :i] @ hinv[i1:j, i2:i2 + beyond]
                     cols = torch.cat([cols, late], dim=1)
+                if mask is not None:   # outliers out of the range: 0 is always inside it
+                    cols = cols.masked_fill(mask[:, j:j + cols.shape[1]], 0.0)
                 # clip search weighs each column's rounding error by its input energy diag(H)
                 scale[:, g], zero[:, g] = row_params(cols, spec.bits, spec.sym, spec.min_zero, options.clip,
                                                      hdiag[j:j + cols.shape[1]])
@@ -137,8 +149,14 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
                 cur_s, cur_z, current = scale[:, g].to(dt), zero[:, g].to(dt), g
             col = w1[:, i]
             q = torch.round(col / cur_s).add_(cur_z).clamp_(0, maxq)
+            if mask is not None:
+                m = mask[:, j]
+                q = torch.where(m, cur_z, q)
+                kept[:, j] = torch.where(m, col, 0.0)
             qcodes[:, j] = q
             err = (col - cur_s * (q - cur_z)).div_(diag[j])
+            if mask is not None:
+                err = err.masked_fill(m, 0.0)
             w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)                # rank-1 update of the block
             err1[:, i] = err
         w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)              # lazy update of the rest
@@ -148,10 +166,12 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
     if perm is not None:
         invperm = torch.argsort(perm)
         codes = codes[:, invperm]
+        if kept is not None:
+            kept = kept[:, invperm]
         if not options.static_groups:
             g_idx = group_of[invperm].to(torch.int32)                   # (in,) original order
     qw = QuantizedWeight(codes=codes.contiguous(), scale=scale, zero=zero, g_idx=g_idx, spec=spec)
-    return qw, GPTQStats(damp=damp, dead_columns=int(dead.sum()), seconds=time.perf_counter() - start)
+    return qw, GPTQStats(damp=damp, dead_columns=int(dead.sum()), seconds=time.perf_counter() - start, kept=kept)
 
 
 def accumulate_hessian(hessians: dict[str, Tensor], name: str, x: Tensor) -> None:

@@ -6,9 +6,10 @@ from .awq import AWQFormat
 from .base import Format
 from .bnb import BnbFormat
 from .gptq import GPTQFormat
+from .outlier import OutlierFormat
 
 FORMATS: dict[str, type[Format]] = {GPTQFormat.name: GPTQFormat, AWQFormat.name: AWQFormat,
-                                    BnbFormat.name: BnbFormat}
+                                    BnbFormat.name: BnbFormat, OutlierFormat.name: OutlierFormat}
 
 
 def get_format(name: str) -> type[Format]:

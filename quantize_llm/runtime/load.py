@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from ..errors import CheckpointError, ModelError, UsageError
 from ..formats import format_for_config
 from ..models.load import CheckpointReader, build_skeleton, resolve_model
-from .qlinear import NF4Linear, QuantLinear
+from .qlinear import NF4Linear, OutlierLinear, QuantLinear
 
 BACKENDS = ("auto", "torch", "cuda")
 
@@ -65,7 +65,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
                                       f"model's [{linear.out_features}, {linear.in_features}]")
             bias = _bias_for(reader, present, prefix, linear)
             used.add(f"{prefix}.bias")
-            module_cls = NF4Linear if qw.is_codebook else QuantLinear
+            module_cls = NF4Linear if qw.is_codebook else OutlierLinear if qw.outliers is not None else QuantLinear
             _set_module(model, prefix, module_cls.from_quantized(qw, bias, dtype))
         rest = {n: reader.read(n) for n in names if n not in used}
     _load_dense(model, rest, dtype)

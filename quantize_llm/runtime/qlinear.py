@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -148,3 +149,68 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"codebook={self.codebook}, blocksize={self.blocksize}, bias={self.bias is not None}")
+
+
+def sparse_matmul(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, out_features: int) -> Tensor:
+    """x (tokens, in) @ S^T for S (out, in) given as CSR (row_ptr, col_idx, values); float32 result."""
+    in_features = x.shape[1]
+    # the CSR structure was validated when the checkpoint was read (formats/outlier.py)
+    s = torch.sparse_csr_tensor(row_ptr.long(), col_idx.long(), values.float(), size=(out_features, in_features),
+                                device=x.device, check_invariants=False)
+    return torch.sparse.mm(s, x.float().t()).t()                             # (tokens, out)
+
+
+class OutlierLinear(QuantLinear):
+    """A QuantLinear plus float16 outliers: y = x (W_codes + W_outliers)^T + b.
+
+    Extra buffers (see formats/outlier.py): weight mode outlier_row_ptr int32 (out+1,),
+    outlier_col_idx int32 (nnz,), outlier_values float16 (nnz,); channel mode outlier_columns
+    int32 (k,), outlier_values float16 (out, k). The outlier product runs in float32: a sparse
+    matmul (weight mode) or a dense one over the k kept columns (channel mode).
+    """
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> "OutlierLinear":
+        if qw.outliers is None:
+            raise ValueError("OutlierLinear needs a result with outliers")
+        module = super().from_quantized(replace(qw, outliers=None), bias, dtype)
+        o = qw.outliers
+        module.mode = o.mode
+        if o.mode == "weight":
+            module.register_buffer("outlier_row_ptr", o.row_ptr.to(torch.int32).contiguous())
+            module.register_buffer("outlier_col_idx", o.col_idx.to(torch.int32).contiguous())
+        else:
+            module.register_buffer("outlier_columns", o.columns.to(torch.int32).contiguous())
+        module.register_buffer("outlier_values", o.values.to(torch.float16).contiguous())
+        return module
+
+    def outlier_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The outliers as a dense (out, in) matrix (for tests and debugging)."""
+        w = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.outlier_values.device)
+        if self.mode == "weight":
+            counts = (self.outlier_row_ptr[1:] - self.outlier_row_ptr[:-1]).long()
+            rows = torch.repeat_interleave(torch.arange(self.out_features, device=w.device), counts)
+            w[rows, self.outlier_col_idx.long()] = self.outlier_values.to(dtype)
+        else:
+            w[:, self.outlier_columns.long()] = self.outlier_values.to(dtype)
+        return w
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return super().dequantize_weight(dtype) + self.outlier_weight(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        x2 = x.reshape(-1, self.in_features)                                  # (tokens, in)
+        if self.mode == "weight":
+            if self.outlier_values.numel() == 0:
+                return y
+            extra = sparse_matmul(x2, self.outlier_row_ptr, self.outlier_col_idx, self.outlier_values,
+                                  self.out_features)
+        else:
+            if self.outlier_columns.numel() == 0:
+                return y
+            extra = x2.float()[:, self.outlier_columns.long()] @ self.outlier_values.float().t()
+        return y + extra.to(y.dtype).reshape(y.shape)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", outliers={self.mode}:{self.outlier_values.numel()}"

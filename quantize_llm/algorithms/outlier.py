@@ -1,0 +1,211 @@
+"""The outlier split: most weights on a low-bit grid, the few that would do the most damage kept in
+float16 beside them.
+
+mode "weight" (SpQR-like): each weight's sensitivity is w^2 / [H^-1]_jj (the error GPTQ's
+  objective charges for disturbing it; H = X^T X of the layer's calibration inputs, damped) when
+  calibration data is used, else w^2 (magnitude). The top fraction of each layer, or those whose
+  sensitivity exceeds X^2 times the layer's mean (`threshold` X), are kept.
+mode "channel" (LLM.int8()-like): input columns whose calibration activations reach |x| >= the
+  threshold (default 6.0), or the top fraction of columns by max |x|, are kept whole.
+The rest is quantized by the inner algorithm (RTN or GPTQ) with the kept weights left out of
+their group's range and of GPTQ's error propagation; their codes are the zero point, so the
+dequantized codes are exactly 0 there and the weight is codes + outliers.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import RunError, SpecError
+from ..primitives import CLIPS, default_g_idx, quantize_codes, rtn_group_params
+from ..qweight import Outliers, QuantizedWeight
+from ..spec import QuantSpec
+from . import register
+from .base import LayerContext
+from .gptq import GPTQOptions, accumulate_hessian, gptq_quantize
+
+INNER = ("rtn", "gptq")
+MODES = ("weight", "channel")
+CHANNEL_THRESHOLD = 6.0          # LLM.int8()'s outlier threshold on |activation|
+WEIGHT_FRACTION = 0.005
+
+
+@dataclass(frozen=True)
+class OutlierOptions:
+    inner: str = "rtn"             # the algorithm for the low-bit part: rtn or gptq
+    mode: str = "weight"           # weight (scattered weights) or channel (whole input columns)
+    fraction: float | None = None  # share kept in float16 (weights, or input columns in channel mode)
+    threshold: float | None = None # weight: sensitivity above threshold^2 x mean; channel: max |x| >= threshold
+    calibrated: bool = False       # score weights with the inverse Hessian (implied by gptq and channel mode)
+    clip: str = "minmax"           # group range of the low-bit part (as for rtn / gptq)
+    damp: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        if self.inner not in INNER:
+            raise SpecError(f"--inner {self.inner} is not known", f"choose one of {', '.join(INNER)}")
+        if self.mode not in MODES:
+            raise SpecError(f"--mode {self.mode} is not known", f"choose one of {', '.join(MODES)}")
+        if self.fraction is not None and self.threshold is not None:
+            raise SpecError("--outlier-fraction and --outlier-threshold were both given", "pass only one of them")
+        if self.fraction is not None and not (math.isfinite(self.fraction) and 0 <= self.fraction <= 0.5):
+            raise SpecError(f"--outlier-fraction {self.fraction} is outside [0, 0.5]",
+                            "it is the share kept in float16: 0.005 keeps 0.5%")
+        if self.threshold is not None and not (math.isfinite(self.threshold) and self.threshold > 0):
+            raise SpecError(f"--outlier-threshold {self.threshold} must be a positive number",
+                            f"{CHANNEL_THRESHOLD} is LLM.int8()'s activation threshold")
+        if self.clip not in CLIPS:
+            raise SpecError(f"--clip {self.clip} is not known", f"choose one of {', '.join(CLIPS)}")
+        if not 0 < self.damp <= 1:
+            raise SpecError(f"--damp {self.damp} must be in (0, 1]", "0.01 is typical")
+        if self.block_size < 1:
+            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.inner == "gptq" or self.mode == "channel" or self.calibrated
+
+    def selection(self) -> tuple[str, float]:
+        """("fraction", f) or ("threshold", t), with the mode's default when neither was given."""
+        if self.fraction is not None:
+            return "fraction", self.fraction
+        if self.threshold is not None:
+            return "threshold", self.threshold
+        return ("threshold", CHANNEL_THRESHOLD) if self.mode == "channel" else ("fraction", WEIGHT_FRACTION)
+
+
+def top_fraction(score: Tensor, fraction: float) -> Tensor:
+    """bool mask of the round(fraction * n) largest entries of `score` (ties: the first in order)."""
+    k = round(fraction * score.numel())
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if k:
+        mask[torch.argsort(score.reshape(-1), descending=True, stable=True)[:k]] = True
+    return mask.view(score.shape)
+
+
+def inverse_hessian_diagonal(h: Tensor, damp: float) -> Tensor:
+    """diag((H + damp * mean(diag H) I)^-1), float32; a never-seen input counts as diag 1 (as in GPTQ)."""
+    h = h.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    return torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(h))).float()
+
+
+def weight_mask(w: Tensor, how: tuple[str, float], hinv_diag: Tensor | None) -> Tensor:
+    """Weight-mode selection on (out, in) `w`."""
+    score = w.float() ** 2
+    if hinv_diag is not None:
+        score = score / hinv_diag.clamp(min=1e-30)
+    kind, value = how
+    if kind == "fraction":
+        return top_fraction(score, value)
+    return score > value ** 2 * score.mean()
+
+
+def channel_mask(act_max: Tensor, how: tuple[str, float]) -> Tensor:
+    """Channel-mode selection: bool (in,) of the input columns kept."""
+    kind, value = how
+    if kind == "fraction":
+        return top_fraction(act_max, value)
+    return act_max >= value
+
+
+def to_outliers(values: Tensor, mask: Tensor, mode: str) -> Outliers:
+    """Pack the masked entries of `values` (out, in) as weight-mode CSR or channel-mode columns."""
+    out_features, in_features = values.shape
+    if mode == "channel":
+        columns = mask.any(dim=0).nonzero().flatten()
+        return Outliers("channel", values[:, columns].to(torch.float16).contiguous(),
+                        columns=columns.to(torch.int32))
+    rows, cols = mask.nonzero(as_tuple=True)                           # row-major: rows ascending
+    counts = torch.bincount(rows, minlength=out_features)
+    row_ptr = torch.zeros(out_features + 1, dtype=torch.int32, device=values.device)
+    row_ptr[1:] = torch.cumsum(counts, 0)
+    index_dtype = torch.int16 if in_features <= 2 ** 15 else torch.int32
+    return Outliers("weight", values[rows, cols].to(torch.float16), row_ptr=row_ptr, col_idx=cols.to(index_dtype))
+
+
+@register
+class OutlierSplit:
+    name: ClassVar[str] = "outlier"
+    needs_calibration: bool = False   # per instance: see OutlierOptions.needs_calibration
+
+    def __init__(self, spec: QuantSpec, options: OutlierOptions | None = None) -> None:
+        self.spec = spec
+        self.options = options or OutlierOptions()
+        self.needs_calibration = self.options.needs_calibration
+        self.how = self.options.selection()
+        self.hessians: dict[str, Tensor] = {}
+        self.act_max: dict[str, Tensor] = {}
+
+    def config_extra(self) -> dict:
+        """Keys for quantization_config: what a reader needs to know about the outliers."""
+        kind, value = self.how
+        return {"outlier_mode": self.options.mode, f"outlier_{kind}": value, "outlier_inner": self.options.inner,
+                "outlier_dtype": "float16"}
+
+    def observe(self, linear_name: str, x: Tensor) -> None:
+        if self.options.mode == "channel":
+            amax = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            prev = self.act_max.get(linear_name)
+            self.act_max[linear_name] = amax if prev is None else torch.maximum(prev, amax)
+        accumulate_hessian(self.hessians, linear_name, x)   # GPTQ, the score, and the output error
+
+    def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
+        results = {}
+        keys = {layer.input_of.get(name, name) for name in layer.weights}
+        for name, weight in layer.weights.items():
+            start = time.perf_counter()
+            key = layer.input_of.get(name, name)
+            h = self.hessians.get(key)
+            if self.needs_calibration and h is None and key not in self.act_max:
+                raise RunError(f"block {layer.index}: no calibration inputs reached {name}")
+            w = weight if weight.dtype == torch.float64 else weight.float()   # float64: the tests' references
+            if self.options.mode == "channel":
+                mask = channel_mask(self.act_max[key].to(w.device), self.how).expand_as(w).contiguous()
+            else:
+                hinv = inverse_hessian_diagonal(h, self.options.damp).to(w.device) \
+                    if h is not None and (self.options.calibrated or self.options.inner == "gptq") else None
+                mask = weight_mask(w, self.how, hinv)
+            qw = self._quantize(name, w, h, mask, layer.index)
+            metrics = {"outliers": qw.outliers.count, "outlier_share": qw.outliers.count / w.numel(),
+                       "seconds": time.perf_counter() - start}
+            if h is not None:
+                diff = w - qw.dequantize(torch.float32)
+                hf = h.to(w.device, w.dtype)
+                num, den = float(((diff @ hf) * diff).sum()), float(((w @ hf) * w).sum())
+                metrics["rel_error"] = math.sqrt(max(num, 0.0) / max(den, 1e-30))
+            layer.report(name, metrics)
+            results[name] = qw
+        for key in keys:
+            self.hessians.pop(key, None)
+            self.act_max.pop(key, None)
+        return results
+
+    def _quantize(self, name: str, w: Tensor, h: Tensor | None, mask: Tensor, index: int) -> QuantizedWeight:
+        spec, opts = self.spec, self.options
+        if opts.inner == "rtn":
+            # Outliers leave the range: 0 is always inside it, so zeroing them removes their pull.
+            masked = w.masked_fill(mask, 0.0)
+            scale, zero = rtn_group_params(masked, spec.bits, spec.group_size, spec.sym, spec.min_zero, opts.clip)
+            g_idx = default_g_idx(w.shape[1], spec.group_size, w.device)
+            codes = quantize_codes(masked, scale, zero, g_idx, spec.bits)   # masked: code == zero
+            kept = w
+            g_store = None
+        else:
+            try:
+                qw, stats = gptq_quantize(w, h, spec, GPTQOptions(block_size=opts.block_size, damp=opts.damp,
+                                                                  clip=opts.clip), outlier_mask=mask)
+            except ValueError as exc:
+                raise RunError(f"block {index} {name}: {exc}",
+                               f"raise --damp (now {opts.damp}) or use more calibration samples") from None
+            codes, scale, zero, g_store, kept = qw.codes, qw.scale, qw.zero, qw.g_idx, stats.kept
+        return QuantizedWeight(codes=codes, scale=scale, zero=zero, g_idx=g_store, spec=spec,
+                               outliers=to_outliers(kept, mask, opts.mode))
