@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import replace
 from typing import ClassVar
 
@@ -154,9 +155,12 @@ class NF4Linear(nn.Module):
 def sparse_matmul(x: Tensor, row_ptr: Tensor, col_idx: Tensor, values: Tensor, out_features: int) -> Tensor:
     """x (tokens, in) @ S^T for S (out, in) given as CSR (row_ptr, col_idx, values); float32 result."""
     in_features = x.shape[1]
-    # the CSR structure was validated when the checkpoint was read (formats/outlier.py)
-    s = torch.sparse_csr_tensor(row_ptr.long(), col_idx.long(), values.float(), size=(out_features, in_features),
-                                device=x.device, check_invariants=False)
+    # The CSR structure was validated when the checkpoint was read (formats/outlier.py); torch's
+    # one-time "sparse CSR is in beta" notice says nothing a user can act on.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        s = torch.sparse_csr_tensor(row_ptr.long(), col_idx.long(), values.float(), size=(out_features, in_features),
+                                    device=x.device, check_invariants=False)
     return torch.sparse.mm(s, x.float().t()).t()                             # (tokens, out)
 
 
