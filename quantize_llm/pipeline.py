@@ -131,6 +131,8 @@ def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec
                 groups = spec.n_groups(lp.in_features)
                 total += (n * spec.bits // 8
                           + groups * lp.out_features * (2 + spec.bits / 8) + 4 * lp.in_features)
+                if spec.format == "outlier":   # row pointers, and up to 1% of weights at 4-6 bytes each
+                    total += 4 * (lp.out_features + 1) + 6 * n // 100
     return int(total)
 
 
