@@ -22,7 +22,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import QuantizeError, UsageError
-from .spec import QuantSpec
+from .recipe import Job, job_from_dict, load_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Quantize LLM weights into checkpoints that transformers "
@@ -84,18 +84,29 @@ ClipOpt = Annotated[str, typer.Option("--clip", help="Group range: minmax, or ms
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Calibration sequences per forward pass.")]
 
 
-def _run_quantize(model: str, output: Path, spec: QuantSpec, *, device: str, overwrite: bool,
-                  max_shard_size: str, log_json: Path | None, options: object | None = None,
-                  calibration: object | None = None, batch_size: int = 8) -> None:
+def _run_keys(args: dict) -> dict:
+    """The run settings of a command's arguments, as recipe keys."""
+    return {k: args[k] for k in ("device", "overwrite", "max_shard_size", "batch_size") if k in args}
+
+
+def _calibration(args: dict) -> dict:
+    """The calibration settings of a command's arguments, as a recipe's calibration table."""
+    return {k: args[k] for k in ("dataset", "nsamples", "seqlen", "seed", "text_column")}
+
+
+def _run_job(job: "Job", log_json: Path | None, command: str | None = None) -> None:
+    """Run one job with progress on stderr and the summary on stdout (every command comes here)."""
     from .pipeline import quantize
     from .progress import Reporter
 
-    argv = click.globals.get_current_context().find_root().obj or sys.argv[1:]
-    command = "quantize-llm " + " ".join(shlex.quote(str(a)) for a in argv)
+    if command is None:
+        argv = click.globals.get_current_context().find_root().obj or sys.argv[1:]
+        command = "quantize-llm " + " ".join(shlex.quote(str(a)) for a in argv)
+    spec = job.spec
     with Reporter(log_json, label=spec.method) as reporter:
-        summary = quantize(model, output, spec, options=options, calibration=calibration, device=device,
-                           overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
-                           batch_size=batch_size, on_event=reporter, command=command)
+        summary = quantize(job.model, job.output, spec, options=job.options, calibration=job.calibration,
+                           device=job.device, overwrite=job.overwrite, max_shard_bytes=parse_size(job.max_shard_size),
+                           batch_size=job.batch_size, on_event=reporter, command=command)
     grid = (f"{spec.codebook} b{spec.blocksize}{' double-quant' if spec.double_quant else ''}" if spec.codebook != "int"
             else f"w{spec.bits}g{spec.group_size} {'sym' if spec.sym else 'asym'}")
     table = Table(title=f"{spec.method} {grid}")
@@ -163,11 +174,9 @@ def _print_awq_groups(reports: list) -> None:
 def rtn(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: GroupSizeOpt = 128,
         sym: SymOpt = True, clip: ClipOpt = "minmax", keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto",
         overwrite: OverwriteOpt = False, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
-    from .algorithms.rtn import RTNOptions
-
-    spec = QuantSpec(method="rtn", bits=bits, group_size=group_size, sym=sym, keep_dense=tuple(keep_dense or ()))
-    _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
-                  log_json=log_json, options=RTNOptions(clip=clip))
+    _run_job(job_from_dict(dict(model=model, output=output, method="rtn", bits=bits, group_size=group_size, sym=sym,
+                                 keep_dense=keep_dense or [], options={"clip": clip}, **_run_keys(locals())),
+                            "command line"), log_json)
 
 
 @app.command(help="Quantize MODEL with GPTQ: error-compensating rounding from calibration data.\n\n"
@@ -184,18 +193,12 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
          text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
          keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
          max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
-    from .algorithms.gptq import GPTQOptions
-    from .calibration.data import CalibrationSpec
-
-    spec = QuantSpec(method="gptq", bits=bits, group_size=group_size, sym=sym, act_order=act_order and not static_groups,
-                     keep_dense=tuple(keep_dense or ()))
     if static_groups and not act_order:
         raise UsageError("--static-groups only changes something together with --act-order", "add --act-order or drop --static-groups")
-    options = GPTQOptions(block_size=block_size, damp=damp, static_groups=static_groups, true_sequential=true_sequential,
-                          clip=clip)
-    calibration = CalibrationSpec(source=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, text_column=text_column)
-    _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
-                  log_json=log_json, options=options, calibration=calibration, batch_size=batch_size)
+    options = dict(block_size=block_size, damp=damp, static_groups=static_groups, true_sequential=true_sequential, clip=clip)
+    _run_job(job_from_dict(dict(model=model, output=output, method="gptq", bits=bits, group_size=group_size, sym=sym,
+                                act_order=act_order and not static_groups, keep_dense=keep_dense or [], options=options,
+                                calibration=_calibration(locals()), **_run_keys(locals())), "command line"), log_json)
 
 
 @app.command(help="Quantize MODEL with AWQ: per-channel scales searched on calibration data and folded into "
@@ -217,16 +220,11 @@ def awq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Group
         text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
         keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
         max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
-    from .algorithms.awq import AWQOptions
-    from .calibration.data import CalibrationSpec
-
-    spec = QuantSpec(method="awq", bits=bits, group_size=group_size, sym=sym, format=format,
-                     keep_dense=tuple(keep_dense or ()))
-    options = AWQOptions(grid=grid, clip=clip, max_shrink=max_shrink, search_samples=search_samples, then=then,
-                         damp=damp, block_size=block_size, true_sequential=true_sequential)
-    calibration = CalibrationSpec(source=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, text_column=text_column)
-    _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
-                  log_json=log_json, options=options, calibration=calibration, batch_size=batch_size)
+    options = dict(grid=grid, clip=clip, max_shrink=max_shrink, search_samples=search_samples, then=then, damp=damp,
+                   block_size=block_size, true_sequential=true_sequential)
+    _run_job(job_from_dict(dict(model=model, output=output, method="awq", bits=bits, group_size=group_size, sym=sym,
+                                format=format, keep_dense=keep_dense or [], options=options,
+                                calibration=_calibration(locals()), **_run_keys(locals())), "command line"), log_json)
 
 
 @app.command(help="Quantize MODEL with the outlier split: the few most damaging weights (or input channels) "
@@ -253,23 +251,19 @@ def outlier(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4,
             text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
             keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
             max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
-    from .algorithms.outlier import OutlierOptions
-    from .calibration.data import CalibrationSpec
-
-    int8_rows = mode == "channel" and bits == 8
-    group_size = group_size if group_size is not None else (-1 if int8_rows else 128)
-    sym = sym if sym is not None else int8_rows
     if act_order and inner != "gptq":
         raise UsageError("--act-order only applies to --inner gptq", "add --inner gptq or drop --act-order")
-    options = OutlierOptions(inner=inner, mode=mode, fraction=outlier_fraction, threshold=outlier_threshold,
-                             calibrated=dataset is not None, clip=clip or ("mse" if inner == "gptq" else "minmax"),
-                             damp=damp, block_size=block_size, true_sequential=true_sequential)
-    spec = QuantSpec(method="outlier", bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                     format="outlier", keep_dense=tuple(keep_dense or ()))
-    calibration = CalibrationSpec(source=dataset or "self", nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                  text_column=text_column) if options.needs_calibration else None
-    _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
-                  log_json=log_json, options=options, calibration=calibration, batch_size=batch_size)
+    from .algorithms.outlier import OutlierOptions
+
+    options = dict(inner=inner, mode=mode, fraction=outlier_fraction, threshold=outlier_threshold,
+                   calibrated=dataset is not None, clip=clip or ("mse" if inner == "gptq" else "minmax"),
+                   damp=damp, block_size=block_size, true_sequential=true_sequential)
+    needs_data = OutlierOptions(**options).needs_calibration
+    _run_job(job_from_dict(dict(model=model, output=output, method="outlier", bits=bits, group_size=group_size, sym=sym,
+                                act_order=act_order, keep_dense=keep_dense or [], options=options,
+                                **({"calibration": _calibration({**locals(), "dataset": dataset or "self"})}
+                                   if needs_data else {}),
+                                **_run_keys(locals())), "command line"), log_json)
 
 
 @app.command(help="Quantize MODEL to NF4 or FP4 in the bitsandbytes layout that stock transformers (with "
@@ -289,16 +283,45 @@ def nf4(model: ModelArg, output: OutputOpt,
         text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
         keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
         max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
-    from .algorithms.nf4 import NF4Options
-    from .calibration.data import CalibrationSpec
+    options = dict(rounding=rounding, block_size=block_size, damp=damp, true_sequential=true_sequential)
+    _run_job(job_from_dict(dict(model=model, output=output, method="nf4", quant_type=quant_type, blocksize=blocksize,
+                                double_quant=double_quant, keep_dense=keep_dense or [], options=options,
+                                **({"calibration": _calibration(locals())} if rounding == "gptq" else {}),
+                                **_run_keys(locals())), "command line"), log_json)
 
-    spec = QuantSpec(method="nf4", format="bnb", codebook=quant_type, blocksize=blocksize, double_quant=double_quant,
-                     keep_dense=tuple(keep_dense or ()))
-    options = NF4Options(rounding=rounding, block_size=block_size, damp=damp, true_sequential=true_sequential)
-    calibration = CalibrationSpec(source=dataset, nsamples=nsamples, seqlen=seqlen, seed=seed, text_column=text_column) \
-        if rounding == "gptq" else None
-    _run_quantize(model, output, spec, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
-                  log_json=log_json, options=options, calibration=calibration, batch_size=batch_size)
+
+@app.command(help="Run the jobs of a recipe (TOML or YAML; see configs/). Every job is validated before the "
+             "first one starts; jobs run in order and the run stops at the first failure, with its exit code.\n\n"
+             "Example: quantize-llm run configs/llama3-8b-gptq-w4g128.toml\n\n"
+             "Example (SLURM array): quantize-llm run jobs.toml --job-index $SLURM_ARRAY_TASK_ID --log-json log.jsonl")
+def run(recipe: Annotated[Path, typer.Argument(help="The recipe file (.toml, .yaml or .yml).", show_default=False)],
+        job_index: Annotated[Optional[int], typer.Option("--job-index", help="Run only job I (0-based), e.g. a scheduler's array index.", show_default=False)] = None,
+        check: Annotated[bool, typer.Option("--check", help="Validate the recipe and list its jobs; run nothing.")] = False,
+        log_json: LogJsonOpt = None) -> None:
+    jobs = load_recipe(recipe)
+    indices = list(range(len(jobs)))
+    if job_index is not None:
+        if not 0 <= job_index < len(jobs):
+            raise UsageError(f"--job-index {job_index} is out of range: {recipe} has {len(jobs)} job(s)",
+                             f"use 0 .. {len(jobs) - 1}")
+        indices = [job_index]
+    if check:
+        table = Table(title=f"{recipe}: {len(jobs)} job(s)")
+        for col in ("index", "name", "method", "spec", "model", "output"):
+            table.add_column(col)
+        for i in indices:
+            j = jobs[i]
+            grid = f"w{j.spec.bits}g{j.spec.group_size} {'sym' if j.spec.sym else 'asym'}" if j.spec.codebook == "int" \
+                else f"{j.spec.codebook} b{j.spec.blocksize}"
+            table.add_row(str(i), j.name, j.spec.method, f"{grid} -> {j.spec.format}", j.model, str(j.output))
+        out.print(table)
+        return
+    for i in indices:
+        job = jobs[i]
+        try:
+            _run_job(job, log_json, command=f"quantize-llm run {shlex.quote(str(recipe))} --job-index {i}")
+        except QuantizeError as exc:
+            raise type(exc)(f"job {i} ({job.name}): {exc.message}", exc.hint) from None
 
 
 @app.command(help="List the quantized modules of a checkpoint, its size and its real bits per weight.\n\n"
