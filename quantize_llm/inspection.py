@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelError
-from .formats import format_for_config
+from .formats import format_for_config, module_qconfig
 from .models.load import CheckpointReader, resolve_model
 
 
@@ -52,7 +52,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
                 continue
             prefix = name[: -len(marker) - 1]
             local = {t: f"{prefix}.{t}" for t in fmt.tensor_names if f"{prefix}.{t}" in names}
-            header = fmt.describe(qconfig, {t: reader.shape(full) for t, full in local.items()},
+            header = fmt.describe(module_qconfig(qconfig, prefix), {t: reader.shape(full) for t, full in local.items()},
                                   lambda t: reader.read(local[t]))
             nbytes = sum(reader.nbytes(full) for full in local.values())
             info.modules.append(ModuleInfo(prefix, header.bits, header.group_size, header.sym, header.shape,

@@ -102,19 +102,38 @@ def plan_blocks(reader: CheckpointReader, arch: ArchitectureMap, skeleton: nn.Mo
                                       "the checkpoint is incomplete or not of the architecture it declares")
             out_features, in_features = reader.shape(f"{name}.weight")
             quantize = not spec.is_dense(name)
+            own = None
             if quantize:
-                reason = fmt.check_shape(spec, out_features, in_features)
+                own = module_spec(spec, name, fmt)
+                reason = fmt.check_shape(own or spec, out_features, in_features)
                 if reason is not None:
                     raise SpecError(f"{name}: the {fmt.name} format cannot hold this layer ({reason})",
                                     f"keep it unquantized with --keep-dense '{re.escape(name)}$'")
-            linears.append(LinearPlan(name, local, out_features, in_features, quantize))
+            linears.append(LinearPlan(name, local, out_features, in_features, quantize, own))
         tensors = tuple(n for n in names if n.startswith(prefix))
         plans.append(BlockPlan(i, prefix, tuple(linears), tensors))
     if not plans:
         raise ModelError(f"the model has no decoder blocks under {arch.layers}")
+    if any(lp.spec is not None for p in plans for lp in p.linears) and not getattr(fmt, "per_module", False):
+        raise SpecError(f"the {fmt.name} format has one setting for every layer, so it cannot hold per-module "
+                        "overrides", "use the gptq format (it records them as `dynamic` entries)")
     if not any(lp.quantize for p in plans for lp in p.linears):
         raise SpecError("--keep-dense leaves no Linear to quantize", "loosen the --keep-dense patterns")
     return plans
+
+
+def module_spec(spec: QuantSpec, name: str, fmt: Any) -> QuantSpec | None:
+    """The spec of module `name` when a per-module override changes it (checked against the
+    format, with the format's smallest zero point), else None."""
+    if not spec.overrides:
+        return None
+    own = spec.for_module(name)
+    if own == spec.replace(overrides=()):
+        return None
+    reason = fmt.supports(own)
+    if reason is not None:
+        raise SpecError(f"{name}: override {own.to_dict()['bits']}-bit group {own.group_size}: {reason}")
+    return own.replace(min_zero=fmt.min_zero(own))
 
 
 def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec) -> int:
@@ -128,9 +147,10 @@ def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec
                 if spec.codebook != "int":   # codes, a float32 absmax per block, small tables
                     total += n // 2 + 1 + 4 * (n // spec.blocksize + 1) + 2048
                     continue
-                groups = spec.n_groups(lp.in_features)
-                total += (n * spec.bits // 8
-                          + groups * lp.out_features * (2 + spec.bits / 8) + 4 * lp.in_features)
+                own = lp.spec or spec
+                groups = own.n_groups(lp.in_features)
+                total += (n * own.bits // 8
+                          + groups * lp.out_features * (2 + own.bits / 8) + 4 * lp.in_features)
                 if spec.format == "outlier":   # row pointers, and up to 1% of weights at 4-6 bytes each
                     total += 4 * (lp.out_features + 1) + 6 * n // 100
     return int(total)
@@ -140,8 +160,13 @@ def modules_in_block(plans: list[BlockPlan], arch: ArchitectureMap) -> tuple[lis
     """`modules_in_block_to_quantize` (GPTQ config) and `dynamic` exclusions for uneven --keep-dense."""
     quantized_somewhere = {lp.local for p in plans for lp in p.linears if lp.quantize}
     groups = [[n for n in group if n in quantized_somewhere] for group in arch.sequential]
-    dynamic = {f"-:^{re.escape(lp.name)}$": {} for p in plans for lp in p.linears
-               if not lp.quantize and lp.local in quantized_somewhere}
+    dynamic: dict[str, dict] = {f"-:^{re.escape(lp.name)}$": {} for p in plans for lp in p.linears
+                                if not lp.quantize and lp.local in quantized_somewhere}
+    for p in plans:   # per-module overrides, one exact entry per module
+        for lp in p.linears:
+            if lp.quantize and lp.spec is not None:
+                dynamic[f"+:^{re.escape(lp.name)}$"] = {"bits": lp.spec.bits, "group_size": lp.spec.group_size,
+                                                         "sym": lp.spec.sym}
     return [g for g in groups if g], dynamic
 
 

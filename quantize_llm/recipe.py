@@ -1,4 +1,4 @@
-"""Recipes: quantization jobs described in TOML or YAML, and the Job every command runs.
+r"""Recipes: quantization jobs described in TOML or YAML, and the Job every command runs.
 
 A recipe holds optional `defaults` and a list `jobs`; each job is a flat table of the keys below
 (the same names as the command-line flags, with underscores), an `options` table for the method's
@@ -20,6 +20,9 @@ own knobs and a `calibration` table. Every key is checked: an unknown one is an 
     [jobs.calibration]
     dataset = "c4.parquet"
     nsamples = 128
+    [[jobs.overrides]]            # per-module settings by regex over full module names, first match wins
+    match = 'mlp\.down_proj'
+    bits = 8
 
 The command-line subcommands build the same dictionary and go through `job_from_dict`, so a
 command and its one-job recipe are one code path.
@@ -67,7 +70,8 @@ METHODS = ("rtn", "gptq", "awq", "nf4", "outlier")
 SPEC_KEYS = ("bits", "group_size", "sym", "act_order", "format", "keep_dense", "quant_type", "blocksize",
              "double_quant")
 RUN_KEYS = ("device", "overwrite", "max_shard_size", "batch_size")
-JOB_KEYS = ("name", "model", "output", "method", *SPEC_KEYS, *RUN_KEYS, "options", "calibration")
+JOB_KEYS = ("name", "model", "output", "method", *SPEC_KEYS, *RUN_KEYS, "options", "calibration", "overrides")
+OVERRIDE_KEYS = ("match", "bits", "group_size", "sym", "keep_dense")
 CALIBRATION_KEYS = ("dataset", "nsamples", "seqlen", "seed", "text_column")
 # The format each method writes unless the job says otherwise.
 DEFAULT_FORMAT = {"nf4": "bnb", "outlier": "outlier"}
@@ -116,7 +120,21 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
     elif method == "nf4":
         spec_args["codebook"] = "nf4"
     keep_dense = data.get("keep_dense") or ()
-    spec_args["keep_dense"] = tuple([keep_dense] if isinstance(keep_dense, str) else keep_dense)
+    keep_dense = list([keep_dense] if isinstance(keep_dense, str) else keep_dense)
+    overrides = []
+    for i, entry in enumerate(data.get("overrides") or ()):
+        at = f"{where}.overrides[{i}]"
+        _check_keys(entry, OVERRIDE_KEYS, at)
+        if not isinstance(entry.get("match"), str) or not entry["match"]:
+            raise SpecError(f"{at}: 'match' (a regular expression over module names) is missing")
+        if entry.get("keep_dense"):
+            if len(entry) > 2:
+                raise SpecError(f"{at}: keep_dense = true leaves the modules unquantized; it takes no other setting")
+            keep_dense.append(entry["match"])
+            continue
+        overrides.append((entry["match"], {k: v for k, v in entry.items() if k not in ("match", "keep_dense")}))
+    spec_args["keep_dense"] = tuple(keep_dense)
+    spec_args["overrides"] = tuple(overrides)
     try:
         spec = QuantSpec(**spec_args)
     except TypeError as exc:

@@ -10,6 +10,7 @@ from .errors import SpecError
 from .nf4codes import BLOCKSIZES, CODEBOOKS as TABLE_CODEBOOKS
 
 INT_BITS = (2, 3, 4, 8)
+OVERRIDABLE = ("bits", "group_size", "sym")   # what a per-module override may change
 CODEBOOKS = ("int", *TABLE_CODEBOOKS)    # "int": integer grid; nf4/fp4: bitsandbytes' 4-bit tables
 
 
@@ -33,6 +34,8 @@ class QuantSpec:
     codebook: str = "int"                 # "int" (scale * (code - zero)) or a 4-bit table: "nf4", "fp4"
     blocksize: int = 64                   # nf4/fp4: weights per absmax, flat over the row-major weight
     double_quant: bool = True             # nf4/fp4: absmax stored as 8-bit codes + nested absmax (bnb)
+    # per-module overrides, first match wins: ((regex, (("bits", 8), ("group_size", 128), ...)), ...)
+    overrides: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.codebook not in CODEBOOKS:
@@ -52,6 +55,24 @@ class QuantSpec:
         if not 0 <= self.min_zero < 2 ** self.bits - 1:
             raise SpecError(f"min_zero {self.min_zero} is outside [0, {2 ** self.bits - 2}]")
         object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
+        object.__setattr__(self, "overrides", tuple((str(p), tuple(sorted(dict(c).items())))
+                                                    for p, c in self.overrides))
+        if self.overrides and self.codebook != "int":
+            raise SpecError("per-module overrides apply to integer grids, not the nf4/fp4 codebooks",
+                            "remove the overrides, or quantize with rtn, gptq, awq or outlier")
+        for pattern, changes in self.overrides:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise SpecError(f"override {pattern!r} is not a valid regular expression: {exc}") from None
+            unknown = sorted(set(dict(changes)) - set(OVERRIDABLE))
+            if unknown or not changes:
+                raise SpecError(f"override {pattern!r}: {'unknown setting ' + unknown[0] if unknown else 'changes nothing'}",
+                                f"an override sets {', '.join(OVERRIDABLE)} (or keep_dense = true)")
+            try:
+                self.replace(overrides=(), **dict(changes))   # each overridden spec must be valid by itself
+            except SpecError as exc:
+                raise SpecError(f"override {pattern!r}: {exc.message}", exc.hint) from None
         for pattern in self.keep_dense:
             try:
                 re.compile(pattern)
@@ -73,6 +94,13 @@ class QuantSpec:
     def effective_group_size(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
+    def for_module(self, module_name: str) -> "QuantSpec":
+        """The spec for one module: the first override whose regex matches (re.search) applied."""
+        for pattern, changes in self.overrides:
+            if re.search(pattern, module_name):
+                return self.replace(overrides=(), **dict(changes))
+        return self.replace(overrides=()) if self.overrides else self
+
     def is_dense(self, module_name: str) -> bool:
         """True when `module_name` matches a --keep-dense pattern (re.search)."""
         return any(re.search(p, module_name) for p in self.keep_dense)
@@ -83,6 +111,7 @@ class QuantSpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["keep_dense"] = list(self.keep_dense)
+        d["overrides"] = [{"match": p, **dict(c)} for p, c in self.overrides]
         return d
 
     @classmethod
@@ -92,4 +121,7 @@ class QuantSpec:
         if unknown:
             raise SpecError(f"unknown setting(s) {', '.join(unknown)}",
                             f"known settings are {', '.join(sorted(known))}")
-        return cls(**dict(data))
+        data = dict(data)
+        data["overrides"] = tuple((o["match"], tuple((k, v) for k, v in o.items() if k != "match"))
+                                  for o in data.get("overrides") or ())
+        return cls(**data)

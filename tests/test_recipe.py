@@ -150,3 +150,95 @@ jobs:
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "yaml" / name).read_bytes()
     meta = json.loads((tmp_path / "yaml" / "config.json").read_text())["quantization_config"]["meta"]
     assert meta["options"]["then"] == "gptq"
+
+
+def test_mixed_precision_overrides(tiny_model, tmp_path, capsys):
+    """8-bit down_proj, 4-bit elsewhere, block 0's attention dense: decoded per module, and the
+    loaded model computes the float64 RTN reference of each module at its own width."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from quantize_llm import load_quantized
+    from reference import dequant_f64, rtn_f64
+
+    src = tiny_model("llama")
+    recipe = write(tmp_path, f"""
+[[jobs]]
+model = "{src}"
+output = "{tmp_path / 'mixed'}"
+method = "rtn"
+bits = 4
+group_size = 32
+[[jobs.overrides]]
+match = 'mlp\\.down_proj$'
+bits = 8
+group_size = 64
+[[jobs.overrides]]
+match = '^model\\.layers\\.0\\.self_attn\\.'
+keep_dense = true
+""")
+    assert cli("run", recipe) == 0
+    out = tmp_path / "mixed"
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["dynamic"]["+:^model\\.layers\\.1\\.mlp\\.down_proj$"] == {"bits": 8, "group_size": 64, "sym": True}
+    assert "-:^model\\.layers\\.0\\.self_attn\\.q_proj$" in qconfig["dynamic"]
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.layers.1.mlp.down_proj.qweight"].shape == (128 * 8 // 32, 64)     # 8-bit rows
+    assert tensors["model.layers.1.mlp.up_proj.qweight"].shape == (64 * 4 // 32, 128)       # 4-bit rows
+    assert "model.layers.0.self_attn.q_proj.weight" in tensors
+
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    for name, module in reference.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name and not name.startswith("model.layers.0.self_attn"):
+            bits, gs = (8, 64) if name.endswith("down_proj") else (4, 32)
+            codes, scale, zero, _ = rtn_f64(module.weight.data, bits, gs, True, 0)
+            module.weight.data = dequant_f64(codes, scale, zero, torch.arange(module.in_features) // gs).float()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(out, dtype=torch.float32)(ids).logits, reference(ids).logits,
+                                   rtol=0, atol=2e-5)
+    capsys.readouterr()
+    assert cli("inspect", out) == 0
+    assert "mlp.down_proj (x2) │    8 │    64" in capsys.readouterr().out
+
+
+def test_gptq_with_an_override_inside_a_shared_input_group(tiny_model, tmp_path, calib_file):
+    """k_proj at 8 bits while q/v stay at 4: they share an input but are solved per spec."""
+    from quantize_llm.formats import module_qconfig
+    from quantize_llm.formats.gptq import GPTQFormat
+    from safetensors.torch import load_file
+
+    src = tiny_model("llama")
+    recipe = write(tmp_path, f"""
+[[jobs]]
+model = "{src}"
+output = "{tmp_path / 'out'}"
+method = "gptq"
+bits = 4
+group_size = 32
+overrides = [{{match = 'k_proj', bits = 8}}]
+calibration = {{dataset = "{calib_file}", nsamples = 4, seqlen = 32}}
+""")
+    assert cli("run", recipe) == 0
+    qconfig = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    for name, bits in (("self_attn.k_proj", 8), ("self_attn.q_proj", 4)):
+        prefix = f"model.layers.1.{name}"
+        qw = GPTQFormat.decode({t: tensors[f"{prefix}.{t}"] for t in GPTQFormat.tensor_names},
+                               module_qconfig(qconfig, prefix))
+        assert qw.spec.bits == bits and int(qw.codes.max()) < 2 ** bits
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ("format = 'awq'\ngroup_size = 32\noverrides = [{match = 'down', group_size = 64}]", "cannot hold per-module overrides"),
+    ("overrides = [{match = 'down', bits = 5}]", "override 'down': --bits 5"),
+    ("overrides = [{match = 'down', bitz = 8}]", "unknown key 'bitz'"),
+    ("overrides = [{bits = 8}]", "'match'"),
+    ("overrides = [{match = 'down', keep_dense = true, bits = 8}]", "takes no other setting"),
+])
+def test_bad_overrides(tiny_model, tmp_path, capsys, extra, needle):
+    src = tiny_model("llama")
+    recipe = write(tmp_path, f'[[jobs]]\nmodel = "{src}"\noutput = "{tmp_path / "o"}"\nmethod = "rtn"\n{extra}\n')
+    expect_error(capsys, ["run", recipe], needle)
+    assert not (tmp_path / "o").exists()

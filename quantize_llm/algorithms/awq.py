@@ -142,6 +142,7 @@ class AWQ:
         self.options = options or AWQOptions()
         self.hessians: dict[str, Tensor] = {}
         self.no_clip: tuple[str, ...] = ()
+        self.specs: dict[str, QuantSpec] = {}
 
     # ---- scale search and folding (once per block) ----------------------------------------------
 
@@ -170,6 +171,7 @@ class AWQ:
         stats = _Capture(block, groups, n_search)
         ctx.capture(stats.hooks(), None)
         reference = ctx.forward(0)
+        self.specs = ctx.specs
         for entry in groups:
             s, metrics = self._search(block, entry, stats, ctx.quantize)
             fold(block, entry, s, ctx.modified, skip={f"{n}.weight" for n in ctx.quantize})
@@ -202,7 +204,7 @@ class AWQ:
                 alpha = i / self.options.grid
                 s = awq_scales(act_mean, alpha).to(act_mean.device)
                 for n, m in linears.items():
-                    m.weight.data = fake_rtn(originals[n] * s, self.spec) / s
+                    m.weight.data = fake_rtn(originals[n] * s, self.specs.get(n, self.spec)) / s
                 err = error(linears, originals)
                 if i == 0:
                     first_err = err
@@ -227,7 +229,7 @@ class AWQ:
         for name, weight in layer.weights.items():
             start = time.perf_counter()
             h = self.hessians[layer.input_of.get(name, name)]
-            qw, ratio = self._round(name, weight.float(), h, layer.index)
+            qw, ratio = self._round(name, weight.float(), h, layer.index, layer.spec_of(name, self.spec))
             metrics = {"rel_error": output_error(weight, qw, h), "seconds": time.perf_counter() - start}
             if ratio is not None:
                 metrics["clip"] = ratio
@@ -237,8 +239,9 @@ class AWQ:
             del self.hessians[key]
         return results
 
-    def _round(self, name: str, w: Tensor, h: Tensor, index: int) -> tuple[QuantizedWeight, float | None]:
-        spec, opts = self.spec, self.options
+    def _round(self, name: str, w: Tensor, h: Tensor, index: int,
+               spec: QuantSpec) -> tuple[QuantizedWeight, float | None]:
+        opts = self.options
         clip = opts.clip and name not in self.no_clip
         if clip:
             scale, zero, ratio = hessian_clip_params(w, h, spec, opts.clip_grid, opts.max_shrink)

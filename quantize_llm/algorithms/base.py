@@ -20,6 +20,8 @@ class LayerContext:
               that share an input, like q/k/v, are observed once, under the group's first name)
     block     the materialized block module when the algorithm needs calibration, else None
     report    callback taking (linear name, metrics dict) for the per-layer report
+    specs     local Linear name -> its QuantSpec where a per-module override differs from the
+              algorithm's spec (`spec_of`)
     """
 
     index: int
@@ -27,6 +29,10 @@ class LayerContext:
     input_of: dict[str, str] = field(default_factory=dict)
     block: nn.Module | None = None
     report: Callable[[str, dict], None] = field(default=lambda name, metrics: None)
+    specs: dict[str, QuantSpec] = field(default_factory=dict)
+
+    def spec_of(self, name: str, default: QuantSpec) -> QuantSpec:
+        return self.specs.get(name, default)
 
 
 @dataclass
@@ -59,6 +65,7 @@ class BlockContext:
     capture: Callable[..., None]
     forward: Callable[[int], Tensor]
     report: Callable[[str, dict], None] = field(default=lambda name, metrics: None)
+    specs: dict[str, QuantSpec] = field(default_factory=dict)   # as in LayerContext
 
 
 class Algorithm(Protocol):

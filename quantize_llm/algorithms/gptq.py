@@ -202,17 +202,18 @@ class GPTQ:
         """Linears sharing an input share a Hessian; GPTQ treats rows independently, so their
         weights are stacked and solved together (one factorization, one column loop), which gives
         exactly the result of solving each alone."""
-        by_input: dict[str, list[str]] = {}
+        by_input: dict[tuple[str, QuantSpec], list[str]] = {}   # same input and same spec: stacked
         for name in layer.weights:
-            by_input.setdefault(layer.input_of.get(name, name), []).append(name)
+            by_input.setdefault((layer.input_of.get(name, name), layer.spec_of(name, self.spec)), []).append(name)
+        missing = [names[0] for (key, _), names in by_input.items() if key not in self.hessians]
+        if missing:
+            raise RunError(f"block {layer.index}: no calibration inputs reached {missing[0]}")
         results = {}
-        for key, names in by_input.items():
-            if key not in self.hessians:
-                raise RunError(f"block {layer.index}: no calibration inputs reached {names[0]}")
-            h = self.hessians.pop(key)
+        for (key, spec), names in by_input.items():
+            h = self.hessians[key]
             stacked = torch.cat([layer.weights[n] for n in names], dim=0)   # (sum of out, in)
             try:
-                qw, stats = gptq_quantize(stacked, h, self.spec, self.options)
+                qw, stats = gptq_quantize(stacked, h, spec, self.options)
             except ValueError as exc:
                 raise RunError(f"block {layer.index} {', '.join(names)}: {exc}",
                                f"raise --damp (now {self.options.damp}) or use more calibration samples") from None
@@ -232,4 +233,6 @@ class GPTQ:
                                     "dead_columns": stats.dead_columns,
                                     "seconds": stats.seconds * rows / stacked.shape[0]})
                 results[name] = part
+        for key, _ in by_input:
+            self.hessians.pop(key, None)
         return results

@@ -174,7 +174,7 @@ class OutlierSplit:
                 hinv = inverse_hessian_diagonal(h, self.options.damp).to(w.device) \
                     if h is not None and (self.options.calibrated or self.options.inner == "gptq") else None
                 mask = weight_mask(w, self.how, hinv)
-            qw = self._quantize(name, w, h, mask, layer.index)
+            qw = self._quantize(name, w, h, mask, layer.index, layer.spec_of(name, self.spec))
             metrics = {"outliers": qw.outliers.count, "outlier_share": qw.outliers.count / w.numel(),
                        "seconds": time.perf_counter() - start}
             if h is not None:
@@ -189,8 +189,9 @@ class OutlierSplit:
             self.act_max.pop(key, None)
         return results
 
-    def _quantize(self, name: str, w: Tensor, h: Tensor | None, mask: Tensor, index: int) -> QuantizedWeight:
-        spec, opts = self.spec, self.options
+    def _quantize(self, name: str, w: Tensor, h: Tensor | None, mask: Tensor, index: int,
+                  spec: QuantSpec) -> QuantizedWeight:
+        opts = self.options
         if opts.inner == "rtn":
             # Outliers leave the range: 0 is always inside it, so zeroing them removes their pull.
             masked = w.masked_fill(mask, 0.0)

@@ -61,4 +61,5 @@ class RTN:
         """RTN needs no statistics."""
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
-        return {name: rtn_quantize(w, self.spec, self.options.clip) for name, w in layer.weights.items()}
+        return {name: rtn_quantize(w, layer.spec_of(name, self.spec), self.options.clip)
+                for name, w in layer.weights.items()}

@@ -36,6 +36,7 @@ class LinearPlan:
     out_features: int
     in_features: int
     quantize: bool
+    spec: Any = None             # this Linear's QuantSpec when a per-module override applies
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def run(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Ten
             metrics: dict = {}
             with torch.no_grad():
                 qw = algorithm.quantize_layer(LayerContext(index=plan.index, weights={lp.local: weight},
-                                                           report=lambda n, m: metrics.update(m)))[lp.local]
+                                                           report=lambda n, m: metrics.update(m),
+                                                           specs=_specs([lp])))[lp.local]
             t = timer.add("solve", t)
             metrics.setdefault("rel_error", weight_error(weight, qw))
             results[lp.local] = qw
@@ -124,6 +126,11 @@ def run(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Ten
             del weight
         yield _finish(plan, results, read, reports, start, timer)
         release_memory()
+
+
+def _specs(plans: Any) -> dict:
+    """Local name -> QuantSpec for the Linears whose spec differs from the run's (overrides)."""
+    return {lp.local: lp.spec for lp in plans if lp.spec is not None}
 
 
 def weight_error(weight: Tensor, qw: QuantizedWeight) -> float:
@@ -293,6 +300,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                 prepare(BlockContext(
                     index=plan.index, block=block, inputs=inputs, calls=calls[plan.index],
                     quantize=tuple(quantize), arch=cal.arch, stored_dtype=dtypes, modified=modified,
+                    specs=_specs(quantize.values()),
                     capture=lambda hooks, stop, batches=None: capture(block, inputs, calls[plan.index],
                                                                       hooks, stop, batches),
                     forward=lambda i: _block_forward(block, inputs[i], calls[plan.index][i]),
@@ -304,7 +312,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                 weights = {n: block.get_submodule(n).weight.detach() for n in names}
                 stage_results = algorithm.quantize_layer(LayerContext(
                     index=plan.index, weights=weights, input_of=input_of, block=block,
-                    report=lambda n, m: extra[n].update(m)))
+                    report=lambda n, m: extra[n].update(m), specs=_specs(quantize.values())))
                 t = timer.add("solve", t)
                 for n in names:   # later stages see the quantized weights (fake-quant)
                     linear = block.get_submodule(n)

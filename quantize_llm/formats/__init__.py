@@ -26,3 +26,22 @@ def format_for_config(qconfig: dict) -> type[Format]:
         raise SpecError(f"quant_method {method!r} is not a format this tool reads",
                         f"readable: {', '.join(sorted(by_method))}")
     return by_method[method]
+
+
+def module_qconfig(qconfig: dict, module: str) -> dict:
+    """`quantization_config` as it applies to one module: the first positive `dynamic` entry
+    ("+:regex" or a bare regex, matched with re.match as GPTQModel does) whose pattern matches
+    the module's full name overrides bits / group_size / sym / desc_act."""
+    import re
+
+    for key, changes in (qconfig.get("dynamic") or {}).items():
+        if key.startswith("-:") or not isinstance(changes, dict):
+            continue
+        pattern = key[2:] if key.startswith("+:") else key
+        try:
+            matched = re.match(pattern, module) is not None
+        except re.error:
+            continue
+        if matched:
+            return {**qconfig, **{k: v for k, v in changes.items() if k in ("bits", "group_size", "sym", "desc_act")}}
+    return qconfig

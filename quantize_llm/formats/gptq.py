@@ -26,6 +26,7 @@ class GPTQFormat:
     quant_method: ClassVar[str] = "gptq"
     tensor_names: ClassVar[tuple[str, ...]] = ("qweight", "qzeros", "scales", "g_idx")
     markers: ClassVar[tuple[str, ...]] = ("qweight",)
+    per_module: ClassVar[bool] = True     # per-module bits/group/sym via `dynamic` (GPTQModel, vLLM)
     bias_dtype: ClassVar[torch.dtype | None] = torch.float16    # §1.2: the bias is float16
     config_file: ClassVar[str | None] = "quantize_config.json"  # §1.1: AutoGPTQ/GPTQModel read it first
     description: ClassVar[str] = "GPTQ layout that transformers (with optimum and gptqmodel) and vLLM load"

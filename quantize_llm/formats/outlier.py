@@ -29,6 +29,7 @@ class OutlierFormat:
     quant_method: ClassVar[str] = QUANT_METHOD
     tensor_names: ClassVar[tuple[str, ...]] = GPTQFormat.tensor_names + OUTLIER_TENSORS
     markers: ClassVar[tuple[str, ...]] = ("qweight",)
+    per_module: ClassVar[bool] = True     # per-module bits/group/sym via `dynamic` (GPTQModel, vLLM)
     bias_dtype: ClassVar[torch.dtype | None] = torch.float16
     config_file: ClassVar[str | None] = None
     description: ClassVar[str] = ("quantize-llm outlier-split layout (the GPTQ layout plus float16 outliers), "

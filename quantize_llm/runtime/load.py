@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from ..errors import CheckpointError, ModelError, UsageError
-from ..formats import format_for_config
+from ..formats import format_for_config, module_qconfig
 from ..models.load import CheckpointReader, build_skeleton, resolve_model
 from .qlinear import NF4Linear, OutlierLinear, QuantLinear
 
@@ -54,7 +54,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
             local = {t: f"{prefix}.{t}" for t in fmt.tensor_names if f"{prefix}.{t}" in present}
             used.update(local.values())
             try:
-                qw = fmt.decode({t: reader.read(full) for t, full in local.items()}, qconfig)
+                qw = fmt.decode({t: reader.read(full) for t, full in local.items()}, module_qconfig(qconfig, prefix))
             except KeyError as exc:
                 raise CheckpointError(f"{prefix}.{exc.args[0]} is missing from the checkpoint") from None
             except ValueError as exc:
