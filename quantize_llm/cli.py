@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -49,6 +50,7 @@ KeepDenseOpt = Annotated[Optional[list[str]], typer.Option("--keep-dense", help=
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 2GB or 500MB.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Record each finished block beside OUT and, when an interrupted run of the same job left some, continue from there.")]
 LogJsonOpt = Annotated[Optional[Path], typer.Option("--log-json", help="Append one JSON event per line to this file ('-' = stdout).", show_default=False)]
 
 
@@ -86,7 +88,7 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Calibration sequenc
 
 def _run_keys(args: dict) -> dict:
     """The run settings of a command's arguments, as recipe keys."""
-    return {k: args[k] for k in ("device", "overwrite", "max_shard_size", "batch_size") if k in args}
+    return {k: args[k] for k in ("device", "overwrite", "max_shard_size", "batch_size", "resume") if k in args}
 
 
 def _calibration(args: dict) -> dict:
@@ -106,7 +108,7 @@ def _run_job(job: "Job", log_json: Path | None, command: str | None = None) -> N
     with Reporter(log_json, label=spec.method) as reporter:
         summary = quantize(job.model, job.output, spec, options=job.options, calibration=job.calibration,
                            device=job.device, overwrite=job.overwrite, max_shard_bytes=parse_size(job.max_shard_size),
-                           batch_size=job.batch_size, on_event=reporter, command=command)
+                           batch_size=job.batch_size, on_event=reporter, command=command, resume=job.resume)
     grid = (f"{spec.codebook} b{spec.blocksize}{' double-quant' if spec.double_quant else ''}" if spec.codebook != "int"
             else f"w{spec.bits}g{spec.group_size} {'sym' if spec.sym else 'asym'}")
     table = Table(title=f"{spec.method} {grid}")
@@ -173,7 +175,7 @@ def _print_awq_groups(reports: list) -> None:
              "Example: quantize-llm rtn ./SmolLM2-135M-Instruct -o smol-w4g128 --bits 4 --group-size 128")
 def rtn(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: GroupSizeOpt = 128,
         sym: SymOpt = True, clip: ClipOpt = "minmax", keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto",
-        overwrite: OverwriteOpt = False, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
+        overwrite: OverwriteOpt = False, resume: ResumeOpt = True, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     _run_job(job_from_dict(dict(model=model, output=output, method="rtn", bits=bits, group_size=group_size, sym=sym,
                                  keep_dense=keep_dense or [], options={"clip": clip}, **_run_keys(locals())),
                             "command line"), log_json)
@@ -191,7 +193,7 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
          clip: ClipOpt = "mse",
          dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
          text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
-         keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
+         keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
          max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     if static_groups and not act_order:
         raise UsageError("--static-groups only changes something together with --act-order", "add --act-order or drop --static-groups")
@@ -218,7 +220,7 @@ def awq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Group
         true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Re-run the block between q/k/v, o, gate/up and down.")] = True,
         dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
         text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
-        keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
+        keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
         max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     options = dict(grid=grid, clip=clip, max_shrink=max_shrink, search_samples=search_samples, then=then, damp=damp,
                    block_size=block_size, true_sequential=true_sequential)
@@ -249,7 +251,7 @@ def outlier(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4,
             dataset: Annotated[Optional[str], typer.Option("--dataset", help="Calibration text (a file, a datasets hub id, or 'self'). Needed by --inner gptq and channel mode (default: self); with --inner rtn in weight mode it switches scoring from magnitude to the inverse Hessian.", show_default=False)] = None,
             nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
             text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
-            keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
+            keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
             max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     if act_order and inner != "gptq":
         raise UsageError("--act-order only applies to --inner gptq", "add --inner gptq or drop --act-order")
@@ -281,7 +283,7 @@ def nf4(model: ModelArg, output: OutputOpt,
         true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="With --rounding gptq: re-run the block between q/k/v, o, gate/up and down.")] = True,
         dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
         text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
-        keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False,
+        keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
         max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     options = dict(rounding=rounding, block_size=block_size, damp=damp, true_sequential=true_sequential)
     _run_job(job_from_dict(dict(model=model, output=output, method="nf4", quant_type=quant_type, blocksize=blocksize,
@@ -402,9 +404,20 @@ def _fail(message: str, code: int) -> None:
     raise SystemExit(code)
 
 
+INTERRUPTED = ("interrupted; the output was not written (finished blocks are kept: rerun the same command to "
+               "resume, or pass --no-resume to start over)")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler's pre-emption) ends the run like Ctrl-C: temp files removed, exit 130."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and maps every expected failure to one line and an exit code."""
     debug = bool(os.environ.get("QUANTIZE_LLM_DEBUG"))
+    if argv is None:   # the real command line, not a test calling main() in-process
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(args=argv, prog_name="quantize-llm", standalone_mode=False,
                    obj=list(sys.argv[1:] if argv is None else argv))
@@ -419,12 +432,12 @@ def main(argv: list[str] | None = None) -> None:
         command = f" {exc.ctx.info_name}" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
         _fail(f"{exc.format_message()} (see quantize-llm{command} --help)", 2)
     except (KeyboardInterrupt, getattr(click.exceptions, "Abort", KeyboardInterrupt)):
-        _fail("interrupted; nothing was written", 130)
+        _fail(INTERRUPTED, 130)
     except Exception as exc:  # noqa: BLE001  (the one boundary: no traceback without QUANTIZE_LLM_DEBUG)
         if debug:
             raise
         _fail(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
               "(rerun with QUANTIZE_LLM_DEBUG=1 for a traceback, and report it)", 1)
     if code == 130:  # typer turns KeyboardInterrupt into exit code 130 itself
-        _fail("interrupted; nothing was written", 130)
+        _fail(INTERRUPTED, 130)
     raise SystemExit(code if isinstance(code, int) else 0)

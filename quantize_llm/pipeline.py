@@ -23,6 +23,7 @@ from .formats import get_format
 from .formats.checkpoint import CheckpointWriter
 from .models.architectures import ArchitectureMap, get_architecture
 from .models.load import CheckpointReader, build_skeleton, resolve_model
+from .resume import ResumeState, model_fingerprint, tokens_fingerprint
 from .spec import QuantSpec
 
 EventHandler = Callable[[str, dict], None]
@@ -205,11 +206,12 @@ def load_calibration_tokens(folder: Path, config: dict, cal_spec: Any, dev: torc
 def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object | None = None,
              calibration: Any = None, device: str = "auto", overwrite: bool = False,
              max_shard_bytes: int = 2 * 1024 ** 3, batch_size: int = 8,
-             on_event: EventHandler | None = None, command: str | None = None) -> Summary:
+             on_event: EventHandler | None = None, command: str | None = None, resume: bool = True) -> Summary:
     """Quantize MODEL (folder, hub id or cache entry) with `spec` and write OUT atomically.
 
     `options` are the algorithm's own (e.g. GPTQOptions); `calibration` a CalibrationSpec for
-    algorithms that need data (default: self-generated text).
+    algorithms that need data (default: self-generated text). With `resume`, finished blocks are
+    recorded beside OUT (resume.py) and a rerun after an interruption continues from there.
     """
     emit = on_event or (lambda kind, data: None)
     start = time.perf_counter()
@@ -261,28 +263,52 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                                   stored_dtype=reader.dtype)
             emit("start", {"model": model, "output": str(output), "blocks": len(plans), "spec": spec.to_dict(),
                            "device": str(dev), "input_bytes": reader.total_bytes})
+            state = ResumeState(output, {
+                "tool": __version__, "model": model_fingerprint(folder), "spec": spec.to_dict(),
+                "options": asdict(options) if options is not None else None, "format": fmt.name,
+                "calibration_tokens": tokens_fingerprint(cal.tokens if cal is not None else None),
+                "batch_size": batch_size if cal is not None else None, "device": dev.type,
+                "max_shard_bytes": max_shard_bytes}, enabled=resume, emit=emit)
+            done = state.open(writing=writer.tmp_dir)
             for name in outside:                       # embeddings, final norm, untied lm_head
                 writer.add(name, read(name))
-            for result in run(plans, algorithm, read, dev, cal, timer):
+            for index in range(done):                  # blocks finished by an interrupted run
+                tensors, saved = state.load_block(index)
+                for name, tensor in tensors:
+                    writer.add(name, tensor)
+                q_params += saved["quantized_params"]
+                q_bytes += saved["quantized_bytes"]
+                reports.extend(LayerReport(r["name"], tuple(r["shape"]), r["seconds"], r["metrics"])
+                               for r in saved["layers"])
+            start_inputs = state.load_inputs(done) if done and cal is not None else None
+            for result in run(plans, algorithm, read, dev, cal, timer, start=done, start_inputs=start_inputs):
                 t = time.perf_counter()
                 # Formats that record the weight's dtype (bnb) get the checkpoint's, not the work dtype.
                 encoded = {name: fmt.encode(replace(qw, source_dtype=reader.dtype(f"{name}.weight")))
                            for name, (qw, _) in result.quantized.items()}
                 t = timer.add("packing", t)
+                ordered: list[tuple[str, torch.Tensor]] = []
+                block_params = block_bytes = 0
                 for name, (qw, bias) in result.quantized.items():
                     for local, tensor in encoded[name].items():
-                        writer.add(f"{name}.{local}", tensor)
-                        q_bytes += tensor.numel() * tensor.element_size()
+                        ordered.append((f"{name}.{local}", tensor))
+                        block_bytes += tensor.numel() * tensor.element_size()
                     if bias is not None:
-                        writer.add(f"{name}.bias", bias if fmt.bias_dtype is None else bias.to(fmt.bias_dtype))
-                    q_params += qw.codes.numel()
-                for name, tensor in result.passthrough.items():
+                        ordered.append((f"{name}.bias", bias if fmt.bias_dtype is None else bias.to(fmt.bias_dtype)))
+                    block_params += qw.codes.numel()
+                ordered.extend(result.passthrough.items())
+                for name, tensor in ordered:
                     writer.add(name, tensor)
+                q_params += block_params
+                q_bytes += block_bytes
+                layers = [asdict(r) for r in result.reports]
+                state.save_block(result.index, ordered, {"quantized_params": block_params,
+                                                         "quantized_bytes": block_bytes, "layers": layers},
+                                 result.next_inputs)
                 timer.add("write", t)
                 reports.extend(result.reports)
                 emit("block", {"index": result.index, "blocks": len(plans), "seconds": result.seconds,
-                               "peak_rss_mb": peak_rss_mb(),
-                               "layers": [asdict(r) for r in result.reports]})
+                               "peak_rss_mb": peak_rss_mb(), "layers": layers})
             in_block, dynamic = modules_in_block(plans, arch)
             meta: dict[str, Any] = {"quantizer": [f"quantize-llm:{__version__}"], "method": spec.method,
                                     "spec": spec.to_dict()}
@@ -314,6 +340,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
             files["README.md"] = model_card(summary, qconfig, command, folder, fmt.description)
             t = time.perf_counter()
             writer.finish(config={**config, "quantization_config": qconfig}, files=files)
+            state.clear()
             timer.add("write", t)
     summary.timings = dict(timer.seconds)
     summary.seconds = time.perf_counter() - start

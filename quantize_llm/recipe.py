@@ -52,6 +52,7 @@ class Job:
     overwrite: bool = False
     max_shard_size: str = "2GB"
     batch_size: int = 8
+    resume: bool = True
     source: dict = field(default_factory=dict)   # the job's keys as given (for the model card)
 
 
@@ -69,7 +70,7 @@ def _options_class(method: str) -> type:
 METHODS = ("rtn", "gptq", "awq", "nf4", "outlier")
 SPEC_KEYS = ("bits", "group_size", "sym", "act_order", "format", "keep_dense", "quant_type", "blocksize",
              "double_quant")
-RUN_KEYS = ("device", "overwrite", "max_shard_size", "batch_size")
+RUN_KEYS = ("device", "overwrite", "max_shard_size", "batch_size", "resume")
 JOB_KEYS = ("name", "model", "output", "method", *SPEC_KEYS, *RUN_KEYS, "options", "calibration", "overrides")
 OVERRIDE_KEYS = ("match", "bits", "group_size", "sym", "keep_dense")
 CALIBRATION_KEYS = ("dataset", "nsamples", "seqlen", "seed", "text_column")

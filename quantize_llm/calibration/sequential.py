@@ -64,6 +64,7 @@ class BlockResult:
     passthrough: dict[str, Tensor]                                 # tensor name -> unchanged tensor
     reports: list[LayerReport]
     seconds: float
+    next_inputs: list[Tensor] | None = None   # calibrated runs: the next block's inputs (for resuming)
 
 
 @dataclass
@@ -98,16 +99,23 @@ class Timer:
 
 
 def run(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Tensor], device: torch.device,
-        calibration: Calibration | None = None, timer: Timer | None = None) -> Iterator[BlockResult]:
-    """Quantize block after block; `read(name)` returns a checkpoint tensor (checked finite)."""
+        calibration: Calibration | None = None, timer: Timer | None = None, start: int = 0,
+        start_inputs: list[Tensor] | None = None) -> Iterator[BlockResult]:
+    """Quantize block after block; `read(name)` returns a checkpoint tensor (checked finite).
+
+    start: skip the blocks before it (resuming); a calibrated run then needs `start_inputs`, the
+    inputs block `start` received (BlockResult.next_inputs of the block before).
+    """
     timer = timer or Timer()
     if algorithm.needs_calibration:
         if calibration is None:
             raise RunError(f"the {algorithm.name} algorithm needs calibration data")
-        yield from _run_calibrated(blocks, algorithm, read, device, calibration, timer)
+        if start and start_inputs is None:
+            raise RunError(f"cannot resume at block {start}: its saved calibration inputs are missing")
+        yield from _run_calibrated(blocks, algorithm, read, device, calibration, timer, start, start_inputs)
         return
-    for plan in blocks:
-        start = time.perf_counter()
+    for plan in blocks[start:]:
+        block_start = time.perf_counter()
         results: dict[str, QuantizedWeight] = {}
         reports = []
         for lp in (lp for lp in plan.linears if lp.quantize):   # one weight in memory at a time
@@ -124,7 +132,7 @@ def run(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Ten
             results[lp.local] = qw
             reports.append(_report(lp, metrics))
             del weight
-        yield _finish(plan, results, read, reports, start, timer)
+        yield _finish(plan, results, read, reports, block_start, timer)
         release_memory()
 
 
@@ -274,13 +282,18 @@ def _block_forward(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
 
 
 def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Tensor],
-                    device: torch.device, cal: Calibration, timer: Timer) -> Iterator[BlockResult]:
+                    device: torch.device, cal: Calibration, timer: Timer, start: int = 0,
+                    start_inputs: list[Tensor] | None = None) -> Iterator[BlockResult]:
     t = time.perf_counter()
-    inputs, calls = capture_inputs(cal, read, device)
+    inputs, calls = capture_inputs(cal, read, device)     # resuming too: every block's kwargs
+    if start:
+        if len(start_inputs) != len(inputs) or any(a.shape != b.shape for a, b in zip(start_inputs, inputs)):
+            raise RunError(f"the saved inputs of block {start} do not match the calibration batches")
+        inputs = [x.to(device=device, dtype=b.dtype) for x, b in zip(start_inputs, inputs)]
     timer.add("forward", t)
     layers = cal.skeleton.get_submodule(cal.layers)
-    for plan in blocks:
-        start = t = time.perf_counter()
+    for plan in blocks[start:]:
+        block_start = t = time.perf_counter()
         block = layers[plan.index]
         _materialize(block, plan.prefix, read, device, cal.dtype)
         t = timer.add("read", t)
@@ -324,7 +337,9 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                      for n in sorted(modified)} if modified else {}
         block.to("meta")
         reports = [_report(quantize[n], extra[n]) for n in quantize]
-        yield _finish(plan, results, read, reports, start, timer, rewritten)
+        result = _finish(plan, results, read, reports, block_start, timer, rewritten)
+        result.next_inputs = inputs
+        yield result
         release_memory()
 
 

@@ -1,0 +1,149 @@
+"""Crash-safe resume: a run interrupted after some blocks (an exception, SIGINT, SIGTERM, SIGKILL)
+and rerun gives a checkpoint byte-identical to an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import quantize_llm.pipeline as pipeline
+from conftest import COMMON, byte_tokenizer
+from test_cli import cli
+from test_gptq_pipeline import calib_file  # noqa: F401  (fixture)
+
+FILES = ("model.safetensors", "config.json", "quantize_config.json")
+
+
+@pytest.fixture
+def deep_model(tmp_path: Path) -> Path:
+    """A tiny Llama with 10 blocks, so that a run can be stopped part-way."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 10}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0, 0.08)
+    folder = tmp_path / "deep"
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def same_files(a: Path, b: Path) -> None:
+    for name in FILES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def events(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def fail_after(monkeypatch, blocks: int) -> None:
+    """Make the runner raise after `blocks` blocks have been handed to the writer."""
+    real = pipeline.run
+
+    def run(*args, **kwargs):
+        for i, result in enumerate(real(*args, **kwargs)):
+            if i == blocks:
+                raise RuntimeError("simulated crash")
+            yield result
+    monkeypatch.setattr(pipeline, "run", run)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_resume_after_a_crash_is_byte_identical(deep_model, tmp_path, calib_file, monkeypatch, method):
+    args = [method, deep_model, "--bits", 4, "--group-size", 32]
+    if method != "rtn":
+        args += ["--dataset", calib_file, "--nsamples", 8, "--seqlen", 32, "--batch-size", 4]
+    assert cli(*args, "-o", tmp_path / "whole") == 0
+    assert not (tmp_path / ".whole.resume").exists()                    # a finished run leaves no state
+
+    fail_after(monkeypatch, 4)
+    assert cli(*args, "-o", tmp_path / "out") == 1
+    monkeypatch.undo()
+    assert not (tmp_path / "out").exists()
+    state = tmp_path / ".out.resume"
+    assert sorted(p.name for p in state.glob("block-*")) == [f"block-0000{i}.safetensors" for i in range(4)]
+    assert (state / "inputs-00004.safetensors").exists() == (method != "rtn")
+
+    log = tmp_path / "log.jsonl"
+    assert cli(*args, "-o", tmp_path / "out", "--log-json", log) == 0
+    resumed = [e for e in events(log) if e["event"] == "resume"]
+    assert resumed and resumed[0]["from_block"] == 4
+    assert [e["index"] for e in events(log) if e["event"] == "block"] == list(range(4, 10))
+    same_files(tmp_path / "whole", tmp_path / "out")
+    assert not state.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_changed_settings_start_over_and_say_why(deep_model, tmp_path, calib_file, monkeypatch, capsys):
+    args = ["gptq", deep_model, "-o", tmp_path / "out", "--group-size", 32, "--dataset", calib_file,
+            "--nsamples", 8, "--seqlen", 32]
+    fail_after(monkeypatch, 3)
+    assert cli(*args) == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    log = tmp_path / "log.jsonl"
+    assert cli(*args, "--damp", 0.05, "--log-json", log) == 0
+    warnings = [e["message"] for e in events(log) if e["event"] == "warning"]
+    assert any("starting over" in w and "options changed" in w for w in warnings), warnings
+    assert not any(e["event"] == "resume" for e in events(log))
+    assert cli(*args[:2], "-o", tmp_path / "ref", *args[4:], "--damp", 0.05) == 0
+    same_files(tmp_path / "ref", tmp_path / "out")
+
+
+def test_no_resume_discards_saved_progress(deep_model, tmp_path, monkeypatch):
+    args = ["rtn", deep_model, "-o", tmp_path / "out", "--group-size", 32]
+    fail_after(monkeypatch, 5)
+    assert cli(*args) == 1
+    monkeypatch.undo()
+    log = tmp_path / "log.jsonl"
+    assert cli(*args, "--no-resume", "--log-json", log) == 0
+    assert any("--no-resume was given" in e.get("message", "") for e in events(log))
+    assert [e["index"] for e in events(log) if e["event"] == "block"] == list(range(10))
+    assert not (tmp_path / ".out.resume").exists()
+
+
+def test_no_resume_keeps_no_state(deep_model, tmp_path, monkeypatch):
+    fail_after(monkeypatch, 5)
+    assert cli("rtn", deep_model, "-o", tmp_path / "out", "--group-size", 32, "--no-resume") == 1
+    assert not (tmp_path / ".out.resume").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill", "int", "term"])
+def test_killed_process_resumes_byte_identical(deep_model, tmp_path, calib_file, sig):
+    """A real process stopped by a signal once block 2 is done; the rerun finishes the job."""
+    args = ["gptq", str(deep_model), "--group-size", "32", "--dataset", str(calib_file), "--nsamples", "24",
+            "--seqlen", "64", "--batch-size", "1"]
+    assert cli(*args, "-o", tmp_path / "whole") == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "quantize_llm", *args, "-o", str(tmp_path / "out"),
+                             "--log-json", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("{") and json.loads(line).get("event") == "block" and json.loads(line)["index"] >= 2:
+            proc.send_signal(sig)
+            break
+    proc.stdout.read()
+    err = proc.stderr.read()
+    code = proc.wait(timeout=120)
+    assert code == (-9 if sig == signal.SIGKILL else 130), err
+    if sig != signal.SIGKILL:
+        assert "rerun the same command to resume" in err
+        assert not list(tmp_path.glob(".out.tmp-*"))                   # the writer's temp folder is gone
+    assert not (tmp_path / "out").exists()
+    done = len(list((tmp_path / ".out.resume").glob("block-*.safetensors")))
+    assert 3 <= done < 10
+    log = tmp_path / "log.jsonl"
+    assert cli(*args, "-o", tmp_path / "out", "--log-json", log) == 0
+    assert [e for e in events(log) if e["event"] == "resume"][0]["from_block"] == done
+    same_files(tmp_path / "whole", tmp_path / "out")
+    assert not list(tmp_path.glob(".out.tmp-*"))
