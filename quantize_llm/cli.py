@@ -105,7 +105,7 @@ def _run_job(job: "Job", log_json: Path | None, command: str | None = None) -> N
         argv = click.globals.get_current_context().find_root().obj or sys.argv[1:]
         command = "quantize-llm " + " ".join(shlex.quote(str(a)) for a in argv)
     spec = job.spec
-    with Reporter(log_json, label=spec.method) as reporter:
+    with Reporter(log_json, label=spec.method, job=job.name) as reporter:
         summary = quantize(job.model, job.output, spec, options=job.options, calibration=job.calibration,
                            device=job.device, overwrite=job.overwrite, max_shard_bytes=parse_size(job.max_shard_size),
                            batch_size=job.batch_size, on_event=reporter, command=command, resume=job.resume)

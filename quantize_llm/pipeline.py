@@ -308,7 +308,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 timer.add("write", t)
                 reports.extend(result.reports)
                 emit("block", {"index": result.index, "blocks": len(plans), "seconds": result.seconds,
-                               "peak_rss_mb": peak_rss_mb(), "layers": layers})
+                               "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(dev),
+                               "timings": {k: round(v, 3) for k, v in timer.seconds.items()}, "layers": layers})
             in_block, dynamic = modules_in_block(plans, arch)
             meta: dict[str, Any] = {"quantizer": [f"quantize-llm:{__version__}"], "method": spec.method,
                                     "spec": spec.to_dict()}
@@ -353,6 +354,13 @@ def json_text(obj: Any) -> str:
     import json
 
     return json.dumps(obj, indent=2) + "\n"
+
+
+def peak_device_mb(dev: torch.device) -> float | None:
+    """Peak memory allocated by torch on a CUDA work device so far; None on CPU."""
+    if dev.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(dev) / 2 ** 20
 
 
 def peak_rss_mb() -> float:

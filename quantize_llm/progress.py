@@ -19,7 +19,7 @@ class Reporter:
     """Callable event handler: `reporter(kind, data)`; use as a context manager."""
 
     def __init__(self, log_json: Path | None = None, *, stderr: IO[str] | None = None,
-                 label: str = "quantizing") -> None:
+                 label: str = "quantizing", job: str | None = None) -> None:
         self.stderr = stderr or sys.stderr
         self.console = Console(file=self.stderr, stderr=True)
         self.interactive = self.stderr.isatty()
@@ -28,6 +28,7 @@ class Reporter:
         self.task = None
         self.log: IO[str] | None = None
         self.log_path = log_json
+        self.job = job                      # recipe job name, added to every JSON event
 
     def __enter__(self) -> "Reporter":
         if self.log_path is not None:
@@ -42,7 +43,8 @@ class Reporter:
 
     def __call__(self, kind: str, data: dict) -> None:
         if self.log is not None:
-            self.log.write(json.dumps({"event": kind, "time": round(time.time(), 3), **data}, default=str) + "\n")
+            head = {"event": kind, "time": round(time.time(), 3), **({"job": self.job} if self.job else {})}
+            self.log.write(json.dumps({**head, **data}, default=str) + "\n")
             self.log.flush()
         getattr(self, f"_on_{kind}", lambda d: None)(data)
 
@@ -67,6 +69,12 @@ class Reporter:
             self.stderr.write(f"block {data['index'] + 1}/{data['blocks']} done in {data['seconds']:.2f}s "
                               f"(peak RSS {data['peak_rss_mb']:.0f} MiB)\n")
             self.stderr.flush()
+
+    def _on_resume(self, data: dict) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, completed=data["from_block"])
+        self.console.print(f"resuming: blocks 1-{data['from_block']} were finished by an earlier run "
+                           f"(saved in {data['folder']})", highlight=False, soft_wrap=True)
 
     def _on_window(self, data: dict) -> None:
         if self.progress is not None and self.task is not None:

@@ -114,8 +114,13 @@ seqlen = 32
 def test_run_all_jobs_and_job_index(tiny_model, tmp_path, calib_file):
     src = tiny_model("llama")
     recipe = write(tmp_path, recipe_text(src, tmp_path, calib_file))
-    assert cli("run", recipe, "--job-index", 1) == 0
+    log = tmp_path / "log.jsonl"
+    assert cli("run", recipe, "--job-index", 1, "--log-json", log) == 0
     assert (tmp_path / "gptq" / "config.json").exists() and not (tmp_path / "rtn").exists()
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {e["job"] for e in events} == {"gptq"}
+    block = next(e for e in events if e["event"] == "block")
+    assert block["peak_rss_mb"] > 0 and block["timings"]["solve"] >= 0 and block["peak_device_mb"] is None
     card = (tmp_path / "gptq" / "README.md").read_text()
     assert f"quantize-llm run {recipe} --job-index 1" in card
     assert cli("run", recipe, "--job-index", 1) == 2            # the output exists: refused, not overwritten
