@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,11 +19,12 @@ from torch import nn
 from . import __version__
 from .algorithms import get_algorithm
 from .calibration.sequential import BlockPlan, Calibration, LayerReport, LinearPlan, Timer, run
-from .errors import CheckpointError, ModelError, SpecError, UsageError
+from .errors import CheckpointError, ModelError, OutputError, SpecError, UsageError
 from .formats import get_format
 from .formats.checkpoint import CheckpointWriter
 from .models.architectures import ArchitectureMap, get_architecture
 from .models.load import CheckpointReader, build_skeleton, resolve_model
+from .plan import ResourcePlan, estimate as estimate_resources
 from .resume import ResumeState, model_fingerprint, tokens_fingerprint
 from .spec import QuantSpec
 
@@ -157,6 +159,52 @@ def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec
     return int(total)
 
 
+def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec, config: dict,
+                  calibrated: bool, calibration: Any, batch_size: int, dev: torch.device, resume: bool) -> ResourcePlan:
+    """Memory and disk the run will need (plan.py), from the headers and the settings."""
+    nsamples = getattr(calibration, "nsamples", 128)
+    seqlen = getattr(calibration, "seqlen", 2048)
+    context = config.get("max_position_embeddings") or config.get("n_positions")
+    if context:
+        seqlen = min(seqlen, int(context))
+    return estimate_resources(reader, plans, config, output_bytes=estimate_output_bytes(reader, plans, spec),
+                              calibrated=calibrated, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
+                              device_type=dev.type, resume=resume)
+
+
+def plan_job(model: str, spec: QuantSpec, *, options: object | None = None, calibration: Any = None,
+             device: str = "auto", batch_size: int = 8, resume: bool = True) -> ResourcePlan:
+    """The resource plan of a job from the checkpoint's headers alone (nothing is loaded or run)."""
+    fmt = get_format(spec.format)
+    reason = fmt.supports(spec)
+    if reason is not None:
+        raise SpecError(reason)
+    spec = spec.replace(min_zero=fmt.min_zero(spec))
+    algorithm = get_algorithm(spec.method)(spec, options)
+    dev = resolve_device(device)
+    with CheckpointReader(resolve_model(model)) as reader:
+        config = reader.config
+        plans = plan_blocks(reader, get_architecture(config), build_skeleton(reader.folder, config), spec)
+        return resource_plan(reader, plans, spec, config, algorithm.needs_calibration, calibration, batch_size,
+                             dev, resume)
+
+
+def check_disk(output: Path, resources: ResourcePlan) -> None:
+    """Refuse to start when the output (and the resume state) cannot fit on OUT's disk."""
+    parent = Path(output).expanduser().absolute().parent
+    if not parent.is_dir():
+        return   # the writer reports a missing parent with its own message
+    free, need = shutil.disk_usage(parent).free, int(resources.disk_bytes * 1.1)
+    if free < need:
+        what = (f"the checkpoint ({resources.output_bytes / 1e9:.2f} GB) and the resume state "
+                f"({resources.resume_bytes / 1e9:.2f} GB)") if resources.resume_bytes else \
+            f"the checkpoint ({resources.output_bytes / 1e9:.2f} GB)"
+        hint = "pass --no-resume to drop the resume state, free some space, or choose another -o" \
+            if resources.resume_bytes else "free some space, or choose another -o"
+        raise OutputError(f"not enough disk space in {parent}: {what} need about {need / 1e9:.2f} GB with a "
+                          f"10% margin, {free / 1e9:.2f} GB is free", hint)
+
+
 def modules_in_block(plans: list[BlockPlan], arch: ArchitectureMap) -> tuple[list[list[str]], dict]:
     """`modules_in_block_to_quantize` (GPTQ config) and `dynamic` exclusions for uneven --keep-dense."""
     quantized_somewhere = {lp.local for p in plans for lp in p.linears if lp.quantize}
@@ -244,8 +292,11 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
         reports: list[LayerReport] = []
         q_params = q_bytes = 0
         timer = Timer()
+        resources = resource_plan(reader, plans, spec, config, algorithm.needs_calibration, calibration,
+                                  batch_size, dev, resume)
+        check_disk(output, resources)
         with CheckpointWriter(output, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
-                              expected_bytes=estimate_output_bytes(reader, plans, spec)) as writer:
+                              expected_bytes=resources.output_bytes) as writer:
             cal = cal_info = None
             if algorithm.needs_calibration:
                 t = time.perf_counter()
@@ -263,6 +314,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                                   stored_dtype=reader.dtype)
             emit("start", {"model": model, "output": str(output), "blocks": len(plans), "spec": spec.to_dict(),
                            "device": str(dev), "input_bytes": reader.total_bytes})
+            emit("plan", resources.to_dict())
             state = ResumeState(output, {
                 "tool": __version__, "model": model_fingerprint(folder), "spec": spec.to_dict(),
                 "options": asdict(options) if options is not None else None, "format": fmt.name,
@@ -307,6 +359,10 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                                  result.next_inputs)
                 timer.add("write", t)
                 reports.extend(result.reports)
+                if result.index == done:               # the first block this run computed
+                    remaining = len(plans) - done - 1
+                    emit("eta", {"first_block_seconds": result.seconds, "remaining_blocks": remaining,
+                                 "expected_seconds": (time.perf_counter() - start) + remaining * result.seconds})
                 emit("block", {"index": result.index, "blocks": len(plans), "seconds": result.seconds,
                                "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(dev),
                                "timings": {k: round(v, 3) for k, v in timer.seconds.items()}, "layers": layers})

@@ -70,6 +70,18 @@ class Reporter:
                               f"(peak RSS {data['peak_rss_mb']:.0f} MiB)\n")
             self.stderr.flush()
 
+    def _on_plan(self, data: dict) -> None:
+        from .plan import ResourcePlan
+
+        plan = ResourcePlan(**{k: v for k, v in data.items() if k != "disk_bytes"})
+        for line in plan.lines():
+            self.console.print(f"plan: {line}", highlight=False, soft_wrap=True)
+
+    def _on_eta(self, data: dict) -> None:
+        if not self.interactive:   # the bar shows its own ETA
+            self.console.print(f"plan: the first block took {data['first_block_seconds']:.1f} s; expected total "
+                               f"about {data['expected_seconds'] / 60:.1f} min", highlight=False, soft_wrap=True)
+
     def _on_resume(self, data: dict) -> None:
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=data["from_block"])

@@ -161,8 +161,10 @@ def test_log_json_events(tiny_model, tmp_path):
     log = tmp_path / "log.jsonl"
     assert cli("rtn", tiny_model("llama"), "-o", tmp_path / "out", "--log-json", log) == 0
     events = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [e["event"] for e in events] == ["start", "block", "block", "done"]
-    assert events[1]["index"] == 0 and "seconds" in events[1] and events[1]["layers"][0]["metrics"]["rel_error"] > 0
+    assert [e["event"] for e in events] == ["start", "plan", "eta", "block", "block", "done"]
+    plan, block = events[1], events[3]
+    assert plan["output_bytes"] > 0 and plan["resume_bytes"] >= plan["output_bytes"] and plan["host_peak_bytes"] > 0
+    assert block["index"] == 0 and "seconds" in block and block["layers"][0]["metrics"]["rel_error"] > 0
     assert events[-1]["bits_per_weight"] > 4
 
 

@@ -247,3 +247,37 @@ def test_bad_overrides(tiny_model, tmp_path, capsys, extra, needle):
     recipe = write(tmp_path, f'[[jobs]]\nmodel = "{src}"\noutput = "{tmp_path / "o"}"\nmethod = "rtn"\n{extra}\n')
     expect_error(capsys, ["run", recipe], needle)
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_prints_memory_disk_and_time(tiny_model, tmp_path, calib_file, capsys):
+    src = tiny_model("llama")
+    recipe = write(tmp_path, recipe_text(src, tmp_path, calib_file))
+    capsys.readouterr()
+    assert cli("plan", recipe, "--time") == 0
+    text = capsys.readouterr().out
+    assert text.count("disk:") == 2 and "resume state" in text and "host memory peak" in text
+    assert "the first block took" in text and "expected total" in text
+    assert not (tmp_path / "rtn").exists() and not (tmp_path / "gptq").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.startswith("tmp")] == []
+
+
+def test_disk_check_counts_the_resume_state(tiny_model, tmp_path, monkeypatch, capsys):
+    import shutil as shutil_mod
+
+    import quantize_llm.pipeline as pipeline
+
+    src = tiny_model("llama")
+    real = shutil_mod.disk_usage
+    out_bytes = {}
+
+    def fake_usage(path):
+        usage = real(path)
+        return usage._replace(free=out_bytes.get("free", usage.free))
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", fake_usage)
+    from quantize_llm.pipeline import plan_job
+    from quantize_llm.spec import QuantSpec
+
+    resources = plan_job(str(src), QuantSpec(group_size=32), device="cpu")
+    out_bytes["free"] = int(resources.output_bytes * 1.5)                 # the output fits, not with resume state
+    expect_error(capsys, ["rtn", src, "-o", tmp_path / "out", "--group-size", 32], "resume state.*--no-resume")
+    assert not (tmp_path / "out").exists()
