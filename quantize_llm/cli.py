@@ -51,6 +51,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 2GB or 500MB.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Record each finished block beside OUT and, when an interrupted run of the same job left some, continue from there.")]
+EvalOpt = Annotated[Optional[Path], typer.Option("--eval", help="After writing, measure perplexity and KL divergence against the source model on this text file and put them in the model card.", show_default=False)]
+EvalWindowsOpt = Annotated[int, typer.Option("--eval-windows", help="With --eval: windows of 512 tokens (0 = the whole text).")]
+PushOpt = Annotated[Optional[str], typer.Option("--push-to-hub", help="Upload the finished checkpoint to this hub repository (user/name; private when created).", show_default=False)]
 LogJsonOpt = Annotated[Optional[Path], typer.Option("--log-json", help="Append one JSON event per line to this file ('-' = stdout).", show_default=False)]
 
 
@@ -88,7 +91,11 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Calibration sequenc
 
 def _run_keys(args: dict) -> dict:
     """The run settings of a command's arguments, as recipe keys."""
-    return {k: args[k] for k in ("device", "overwrite", "max_shard_size", "batch_size", "resume") if k in args}
+    keys = {k: args[k] for k in ("device", "overwrite", "max_shard_size", "batch_size", "resume", "push_to_hub")
+            if args.get(k) is not None}
+    if args.get("eval_file") is not None:
+        keys["eval"] = {"dataset": str(args["eval_file"]), "windows": args.get("eval_windows", 40)}
+    return keys
 
 
 def _calibration(args: dict) -> dict:
@@ -108,7 +115,8 @@ def _run_job(job: "Job", log_json: Path | None, command: str | None = None) -> N
     with Reporter(log_json, label=spec.method, job=job.name) as reporter:
         summary = quantize(job.model, job.output, spec, options=job.options, calibration=job.calibration,
                            device=job.device, overwrite=job.overwrite, max_shard_bytes=parse_size(job.max_shard_size),
-                           batch_size=job.batch_size, on_event=reporter, command=command, resume=job.resume)
+                           batch_size=job.batch_size, on_event=reporter, command=command, resume=job.resume,
+                           evaluation=job.evaluation, push_to_hub=job.push_to_hub)
     grid = (f"{spec.codebook} b{spec.blocksize}{' double-quant' if spec.double_quant else ''}" if spec.codebook != "int"
             else f"w{spec.bits}g{spec.group_size} {'sym' if spec.sym else 'asym'}")
     table = Table(title=f"{spec.method} {grid}")
@@ -148,6 +156,13 @@ def _run_job(job: "Job", log_json: Path | None, command: str | None = None) -> N
                 cells.append(f"{r.seconds:.2f}")
             layers.add_row(*cells)
         out.print(layers)
+    if summary.evaluation:
+        e = summary.evaluation
+        out.print(f"evaluation on {e['dataset']} ({e['windows']} x {e['seqlen']} tokens): perplexity "
+                  f"{e['perplexity']:.3f} (source {e['baseline_perplexity']:.3f}, ratio {e['ppl_ratio']:.4f}), "
+                  f"KL {e['kl']:.5f}; added to the model card")
+    if summary.pushed_to:
+        out.print(f"uploaded to {summary.pushed_to}")
     scaled = [r for r in summary.layers if "alpha" in r.metrics]
     if scaled:
         _print_awq_groups(scaled)
@@ -175,7 +190,8 @@ def _print_awq_groups(reports: list) -> None:
              "Example: quantize-llm rtn ./SmolLM2-135M-Instruct -o smol-w4g128 --bits 4 --group-size 128")
 def rtn(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: GroupSizeOpt = 128,
         sym: SymOpt = True, clip: ClipOpt = "minmax", keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto",
-        overwrite: OverwriteOpt = False, resume: ResumeOpt = True, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
+        overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
+        eval_file: EvalOpt = None, eval_windows: EvalWindowsOpt = 40, push_to_hub: PushOpt = None, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     _run_job(job_from_dict(dict(model=model, output=output, method="rtn", bits=bits, group_size=group_size, sym=sym,
                                  keep_dense=keep_dense or [], options={"clip": clip}, **_run_keys(locals())),
                             "command line"), log_json)
@@ -194,6 +210,7 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
          dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
          text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
          keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
+        eval_file: EvalOpt = None, eval_windows: EvalWindowsOpt = 40, push_to_hub: PushOpt = None,
          max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     if static_groups and not act_order:
         raise UsageError("--static-groups only changes something together with --act-order", "add --act-order or drop --static-groups")
@@ -221,6 +238,7 @@ def awq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Group
         dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
         text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
         keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
+        eval_file: EvalOpt = None, eval_windows: EvalWindowsOpt = 40, push_to_hub: PushOpt = None,
         max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     options = dict(grid=grid, clip=clip, max_shrink=max_shrink, search_samples=search_samples, then=then, damp=damp,
                    block_size=block_size, true_sequential=true_sequential)
@@ -252,6 +270,7 @@ def outlier(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4,
             nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
             text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
             keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
+        eval_file: EvalOpt = None, eval_windows: EvalWindowsOpt = 40, push_to_hub: PushOpt = None,
             max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     if act_order and inner != "gptq":
         raise UsageError("--act-order only applies to --inner gptq", "add --inner gptq or drop --act-order")
@@ -284,6 +303,7 @@ def nf4(model: ModelArg, output: OutputOpt,
         dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
         text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
         keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
+        eval_file: EvalOpt = None, eval_windows: EvalWindowsOpt = 40, push_to_hub: PushOpt = None,
         max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     options = dict(rounding=rounding, block_size=block_size, damp=damp, true_sequential=true_sequential)
     _run_job(job_from_dict(dict(model=model, output=output, method="nf4", quant_type=quant_type, blocksize=blocksize,

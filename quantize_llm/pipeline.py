@@ -54,6 +54,8 @@ class Summary:
     layers: list[LayerReport] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)   # seconds per stage
     calibration: dict[str, Any] | None = None                 # source, sha256, samples, rule
+    evaluation: dict[str, Any] | None = None                  # perplexity/KL after writing (--eval)
+    pushed_to: str | None = None                              # hub URL (--push-to-hub)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,12 +256,15 @@ def load_calibration_tokens(folder: Path, config: dict, cal_spec: Any, dev: torc
 def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object | None = None,
              calibration: Any = None, device: str = "auto", overwrite: bool = False,
              max_shard_bytes: int = 2 * 1024 ** 3, batch_size: int = 8,
-             on_event: EventHandler | None = None, command: str | None = None, resume: bool = True) -> Summary:
+             on_event: EventHandler | None = None, command: str | None = None, resume: bool = True,
+             evaluation: Any = None, push_to_hub: str | None = None) -> Summary:
     """Quantize MODEL (folder, hub id or cache entry) with `spec` and write OUT atomically.
 
     `options` are the algorithm's own (e.g. GPTQOptions); `calibration` a CalibrationSpec for
     algorithms that need data (default: self-generated text). With `resume`, finished blocks are
     recorded beside OUT (resume.py) and a rerun after an interruption continues from there.
+    `evaluation` (publish.EvalSpec) measures the written checkpoint against the source into its
+    model card; `push_to_hub` uploads it (checked before any work).
     """
     emit = on_event or (lambda kind, data: None)
     start = time.perf_counter()
@@ -274,6 +279,10 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                         "use the nf4 command for nf4/fp4")
     dev = resolve_device(device)
     output = Path(output).expanduser()
+    if push_to_hub:
+        from .publish import check_hub
+
+        check_hub(push_to_hub)
 
     folder = resolve_model(model)
     with CheckpointReader(folder) as reader:
@@ -399,6 +408,18 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
             writer.finish(config={**config, "quantization_config": qconfig}, files=files)
             state.clear()
             timer.add("write", t)
+    if evaluation is not None:
+        from .publish import evaluate_into_card
+
+        t = time.perf_counter()
+        summary.evaluation = evaluate_into_card(output, folder, evaluation, device, emit)
+        timer.add("evaluation", t)
+    if push_to_hub:
+        from .publish import push
+
+        t = time.perf_counter()
+        summary.pushed_to = push(output, push_to_hub)
+        timer.add("upload", t)
     summary.timings = dict(timer.seconds)
     summary.seconds = time.perf_counter() - start
     summary.peak_rss_mb = peak_rss_mb()

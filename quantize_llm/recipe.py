@@ -53,6 +53,8 @@ class Job:
     max_shard_size: str = "2GB"
     batch_size: int = 8
     resume: bool = True
+    evaluation: Any = None           # publish.EvalSpec: measure the written checkpoint into its card
+    push_to_hub: str | None = None   # hub repository to upload to
     source: dict = field(default_factory=dict)   # the job's keys as given (for the model card)
 
 
@@ -71,7 +73,9 @@ METHODS = ("rtn", "gptq", "awq", "nf4", "outlier")
 SPEC_KEYS = ("bits", "group_size", "sym", "act_order", "format", "keep_dense", "quant_type", "blocksize",
              "double_quant")
 RUN_KEYS = ("device", "overwrite", "max_shard_size", "batch_size", "resume")
-JOB_KEYS = ("name", "model", "output", "method", *SPEC_KEYS, *RUN_KEYS, "options", "calibration", "overrides")
+JOB_KEYS = ("name", "model", "output", "method", *SPEC_KEYS, *RUN_KEYS, "options", "calibration", "overrides",
+            "eval", "push_to_hub")
+EVAL_KEYS = ("dataset", "windows", "seqlen")
 OVERRIDE_KEYS = ("match", "bits", "group_size", "sym", "keep_dense")
 CALIBRATION_KEYS = ("dataset", "nsamples", "seqlen", "seed", "text_column")
 # The format each method writes unless the job says otherwise.
@@ -155,6 +159,17 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
         raise SpecError(f"{where}: a calibration table was given, but {method} with these options uses no data",
                         "remove it, or choose options that use calibration data")
     run_args = {k: data[k] for k in RUN_KEYS if k in data}
+    if data.get("eval"):
+        from .publish import EvalSpec
+
+        ev = data["eval"]
+        ev = {"dataset": ev} if isinstance(ev, str) else dict(ev)
+        _check_keys(ev, EVAL_KEYS, f"{where}.eval")
+        if "dataset" not in ev:
+            raise SpecError(f"{where}.eval: 'dataset' (a text file) is missing")
+        run_args["evaluation"] = EvalSpec(dataset=str(ev["dataset"]), **{k: int(v) for k, v in ev.items() if k != "dataset"})
+    if data.get("push_to_hub"):
+        run_args["push_to_hub"] = str(data["push_to_hub"])
     if "batch_size" in run_args and (not isinstance(run_args["batch_size"], int) or run_args["batch_size"] < 1):
         raise SpecError(f"{where}: batch_size must be a positive integer")
     output = Path(str(data["output"])).expanduser()
