@@ -141,6 +141,41 @@ def module_spec(spec: QuantSpec, name: str, fmt: Any) -> QuantSpec | None:
     return own.replace(min_zero=fmt.min_zero(own))
 
 
+def output_head(spec: QuantSpec, fmt: Any, reader: CheckpointReader, skeleton: nn.Module,
+                config: dict) -> tuple[str, QuantSpec] | None:
+    """(name, spec) of the output head when a per-module override names it, else None.
+
+    The head is quantized only when an override matches its module name (e.g. `^lm_head$`): it
+    is rounded to the nearest grid point (RTN; no calibration statistics reach it) with that
+    override's settings."""
+    get_out = getattr(skeleton, "get_output_embeddings", None)
+    module = get_out() if callable(get_out) else None
+    name = next((n for n, m in skeleton.named_modules() if m is module), None) if module is not None else None
+    if name is None or not spec.overrides or spec.is_dense(name):
+        return None
+    if not any(re.search(pattern, name) for pattern, _ in spec.overrides):
+        return None
+    if not getattr(fmt, "per_module", False):
+        raise SpecError(f"the {fmt.name} format cannot hold a quantized {name}", "use the gptq format")
+    tied = getattr(getattr(skeleton, "config", None), "tie_word_embeddings", config.get("tie_word_embeddings", False))
+    if f"{name}.weight" not in set(reader.names()) or tied:
+        raise SpecError(f"{name} shares its weight with the input embeddings, so quantizing it would change them "
+                        "too", f"drop the override for {name}")
+    own = spec.for_module(name)
+    reason = fmt.supports(own) or fmt.check_shape(own, *reader.shape(f"{name}.weight"))
+    if reason is not None:
+        raise SpecError(f"{name}: {reason}")
+    return name, own.replace(min_zero=fmt.min_zero(own), method="rtn")
+
+
+def head_tensors(head: tuple[str, QuantSpec], weight: torch.Tensor, fmt: Any, dtype: torch.dtype) -> dict:
+    """The output head rounded to its grid (RTN), encoded by the format."""
+    from .algorithms.rtn import rtn_quantize
+
+    qw = rtn_quantize(weight, head[1])
+    return fmt.encode(replace(qw, source_dtype=dtype))
+
+
 def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec) -> int:
     """Upper estimate of the written checkpoint's tensor bytes (for the disk-space check)."""
     total = reader.total_bytes
@@ -296,6 +331,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
         plans = plan_blocks(reader, arch, skeleton, spec)
         block_tensors = {n for p in plans for n in p.tensors}
         outside = [n for n in reader.names() if n not in block_tensors]
+        head = output_head(spec, fmt, reader, skeleton, config)
 
         read = lambda name: reader.read(name, check_finite=True)  # noqa: E731
         reports: list[LayerReport] = []
@@ -332,6 +368,13 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 "max_shard_bytes": max_shard_bytes}, enabled=resume, emit=emit)
             done = state.open(writing=writer.tmp_dir)
             for name in outside:                       # embeddings, final norm, untied lm_head
+                if head is not None and name == f"{head[0]}.weight":
+                    weight = read(name)
+                    for local, tensor in head_tensors(head, weight, fmt, reader.dtype(name)).items():
+                        writer.add(f"{head[0]}.{local}", tensor)
+                        q_bytes += tensor.numel() * tensor.element_size()
+                    q_params += weight.numel()
+                    continue
                 writer.add(name, read(name))
             for index in range(done):                  # blocks finished by an interrupted run
                 tensors, saved = state.load_block(index)
@@ -388,9 +431,14 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 if hasattr(options, attr):
                     extra[key] = getattr(options, attr)
             extra.update(getattr(algorithm, "config_extra", dict)())
+            if head is not None:
+                extra["lm_head"] = True
+                if (head[1].bits, head[1].group_size, head[1].sym) != (spec.bits, spec.group_size, spec.sym):
+                    dynamic[f"+:^{re.escape(head[0])}$"] = {"bits": head[1].bits, "group_size": head[1].group_size,
+                                                             "sym": head[1].sym}
             if dynamic:
                 extra["dynamic"] = dynamic
-            quantized = {lp.name for p in plans for lp in p.linears if lp.quantize}
+            quantized = {lp.name for p in plans for lp in p.linears if lp.quantize} | ({head[0]} if head else set())
             dense = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
             model_dtype = config.get("dtype") or config.get("torch_dtype")
             qconfig = fmt.quantization_config(spec, in_block, extra, dense_modules=dense,

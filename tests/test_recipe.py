@@ -281,3 +281,44 @@ def test_disk_check_counts_the_resume_state(tiny_model, tmp_path, monkeypatch, c
     out_bytes["free"] = int(resources.output_bytes * 1.5)                 # the output fits, not with resume state
     expect_error(capsys, ["rtn", src, "-o", tmp_path / "out", "--group-size", 32], "resume state.*--no-resume")
     assert not (tmp_path / "out").exists()
+
+
+def test_lm_head_quantized_to_8_bits(tiny_model, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quantize_llm import load_quantized
+    from quantize_llm.runtime.qlinear import QuantLinear
+    from reference import dequant_f64, rtn_f64
+
+    src = tiny_model("llama")                                       # untied head
+    recipe = write(tmp_path, f"""
+[[jobs]]
+model = "{src}"
+output = "{tmp_path / 'out'}"
+method = "rtn"
+bits = 4
+group_size = 32
+overrides = [{{match = '^lm_head$', bits = 8, group_size = 64}}]
+""")
+    assert cli("run", recipe) == 0
+    qconfig = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qconfig["lm_head"] is True and qconfig["dynamic"]["+:^lm_head$"] == {"bits": 8, "group_size": 64, "sym": True}
+    model = load_quantized(tmp_path / "out", dtype=torch.float32)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    for name, module in reference.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            bits, gs = (8, 64) if name == "lm_head" else (4, 32)
+            codes, scale, zero, _ = rtn_f64(module.weight.data, bits, gs, True, 0)
+            module.weight.data = dequant_f64(codes, scale, zero, torch.arange(module.in_features) // gs).float()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=2e-5)
+
+
+def test_tied_lm_head_cannot_be_quantized(tiny_model, tmp_path, capsys):
+    src = tiny_model("llama-tied")
+    recipe = write(tmp_path, f'[[jobs]]\nmodel = "{src}"\noutput = "{tmp_path / "o"}"\nmethod = "rtn"\n'
+                             f"group_size = 32\noverrides = [{{match = 'lm_head', bits = 8}}]\n")
+    expect_error(capsys, ["run", recipe], "shares its weight with the input embeddings")
