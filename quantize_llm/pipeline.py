@@ -65,6 +65,9 @@ def resolve_device(device: str) -> torch.device:
     """'auto' -> the first CUDA device when present, else CPU; an unusable device is a UsageError."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "," in device:
+        raise UsageError(f"--device {device}: spreading one job over several devices is not supported yet",
+                         "give one device; run several jobs side by side with `run --job-index`")
     try:
         dev = torch.device(device)
     except RuntimeError:
