@@ -86,6 +86,9 @@ SeqlenOpt = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for self-generated calibration text.")]
 TextColumnOpt = Annotated[str, typer.Option("--text-column", help="Column or field holding the text.")]
 ClipOpt = Annotated[str, typer.Option("--clip", help="Group range: minmax, or mse (shrink the range where it lowers the rounding error).")]
+DampOpt = Annotated[float, typer.Option("--damp", help="Where GPTQ runs (gptq, --then gptq, --inner gptq, --rounding gptq) or the inverse Hessian is used: added to diag(H) as a fraction of its mean.")]
+BlockSizeOpt = Annotated[int, typer.Option("--block-size", help="Where GPTQ runs: columns per lazy-update block.")]
+TrueSequentialOpt = Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Calibrated runs: re-run the block between q/k/v, o, gate/up and down.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Calibration sequences per forward pass.")]
 
 
@@ -203,9 +206,9 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
          sym: SymOpt = True,
          act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="Quantize columns by decreasing activation (desc_act); stores g_idx.")] = False,
          static_groups: Annotated[bool, typer.Option("--static-groups", help="With --act-order: fix groups on the original column order (trivial g_idx).")] = False,
-         damp: Annotated[float, typer.Option("--damp", help="Added to diag(H) as a fraction of its mean.")] = 0.01,
-         block_size: Annotated[int, typer.Option("--block-size", help="Columns per lazy-update block.")] = 128,
-         true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Re-run the block between q/k/v, o, gate/up and down.")] = True,
+         damp: DampOpt = 0.01,
+         block_size: BlockSizeOpt = 128,
+         true_sequential: TrueSequentialOpt = True,
          clip: ClipOpt = "mse",
          dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
          text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
@@ -232,9 +235,9 @@ def awq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Group
         clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Search each group's range by output error after scaling.")] = True,
         max_shrink: Annotated[float, typer.Option("--max-shrink", help="The clip search shrinks ranges down to (1 - this).")] = 0.5,
         search_samples: Annotated[int, typer.Option("--search-samples", help="Calibration sequences the scale search runs the inspected modules on (0 = all).")] = 16,
-        damp: Annotated[float, typer.Option("--damp", help="With --then gptq: added to diag(H) as a fraction of its mean.")] = 0.01,
-        block_size: Annotated[int, typer.Option("--block-size", help="With --then gptq: columns per lazy-update block.")] = 128,
-        true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Re-run the block between q/k/v, o, gate/up and down.")] = True,
+        damp: DampOpt = 0.01,
+        block_size: BlockSizeOpt = 128,
+        true_sequential: TrueSequentialOpt = True,
         dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
         text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
         keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
@@ -263,9 +266,9 @@ def outlier(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4,
             outlier_threshold: Annotated[Optional[float], typer.Option("--outlier-threshold", help="Instead of a fraction: channel mode keeps columns with max |x| >= X (default 6.0); weight mode keeps weights whose sensitivity exceeds X^2 times the layer mean.", show_default=False)] = None,
             act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="With --inner gptq: columns by decreasing activation (stores g_idx).")] = False,
             clip: Annotated[Optional[str], typer.Option("--clip", help="Group range: minmax or mse. Default: minmax for rtn, mse for gptq.", show_default=False)] = None,
-            damp: Annotated[float, typer.Option("--damp", help="Damping of diag(H) for GPTQ and the inverse-Hessian score.")] = 0.01,
-            block_size: Annotated[int, typer.Option("--block-size", help="With --inner gptq: columns per lazy-update block.")] = 128,
-            true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Re-run the block between q/k/v, o, gate/up and down.")] = True,
+            damp: DampOpt = 0.01,
+            block_size: BlockSizeOpt = 128,
+            true_sequential: TrueSequentialOpt = True,
             dataset: Annotated[Optional[str], typer.Option("--dataset", help="Calibration text (a file, a datasets hub id, or 'self'). Needed by --inner gptq and channel mode (default: self); with --inner rtn in weight mode it switches scoring from magnitude to the inverse Hessian.", show_default=False)] = None,
             nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
             text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
@@ -297,9 +300,9 @@ def nf4(model: ModelArg, output: OutputOpt,
         double_quant: Annotated[bool, typer.Option("--double-quant/--no-double-quant", help="Store the absmax as 8-bit codes with nested statistics (bitsandbytes' double quantization).")] = True,
         quant_type: Annotated[str, typer.Option("--quant-type", help="The 4-bit codebook: nf4 or fp4.")] = "nf4",
         rounding: Annotated[str, typer.Option("--rounding", help="nearest (bitsandbytes' own, no data) or gptq (needs calibration data).")] = "nearest",
-        damp: Annotated[float, typer.Option("--damp", help="With --rounding gptq: added to diag(H) as a fraction of its mean.")] = 0.01,
-        block_size: Annotated[int, typer.Option("--block-size", help="With --rounding gptq: columns per lazy-update block.")] = 128,
-        true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="With --rounding gptq: re-run the block between q/k/v, o, gate/up and down.")] = True,
+        damp: DampOpt = 0.01,
+        block_size: BlockSizeOpt = 128,
+        true_sequential: TrueSequentialOpt = True,
         dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
         text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
         keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,

@@ -212,15 +212,25 @@ def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantS
                               device_type=dev.type, resume=resume)
 
 
-def plan_job(model: str, spec: QuantSpec, *, options: object | None = None, calibration: Any = None,
-             device: str = "auto", batch_size: int = 8, resume: bool = True) -> ResourcePlan:
-    """The resource plan of a job from the checkpoint's headers alone (nothing is loaded or run)."""
+def prepare(spec: QuantSpec, options: object | None) -> tuple[Any, QuantSpec, Any]:
+    """The format, the spec with the format's smallest zero point, and the algorithm; an
+    impossible combination is a SpecError before any model is touched."""
     fmt = get_format(spec.format)
     reason = fmt.supports(spec)
     if reason is not None:
         raise SpecError(reason)
     spec = spec.replace(min_zero=fmt.min_zero(spec))
     algorithm = get_algorithm(spec.method)(spec, options)
+    if spec.codebook not in getattr(algorithm, "codebooks", ("int",)):
+        raise SpecError(f"the {spec.method} algorithm does not produce {spec.codebook} codes",
+                        "use the nf4 command for nf4/fp4")
+    return fmt, spec, algorithm
+
+
+def plan_job(model: str, spec: QuantSpec, *, options: object | None = None, calibration: Any = None,
+             device: str = "auto", batch_size: int = 8, resume: bool = True) -> ResourcePlan:
+    """The resource plan of a job from the checkpoint's headers alone (nothing is loaded or run)."""
+    fmt, spec, algorithm = prepare(spec, options)
     dev = resolve_device(device)
     with CheckpointReader(resolve_model(model)) as reader:
         config = reader.config
@@ -306,15 +316,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
     """
     emit = on_event or (lambda kind, data: None)
     start = time.perf_counter()
-    fmt = get_format(spec.format)
-    reason = fmt.supports(spec)
-    if reason is not None:
-        raise SpecError(reason)
-    spec = spec.replace(min_zero=fmt.min_zero(spec))
-    algorithm = get_algorithm(spec.method)(spec, options)
-    if spec.codebook not in getattr(algorithm, "codebooks", ("int",)):
-        raise SpecError(f"the {spec.method} algorithm does not produce {spec.codebook} codes",
-                        "use the nf4 command for nf4/fp4")
+    fmt, spec, algorithm = prepare(spec, options)
     dev = resolve_device(device)
     output = Path(output).expanduser()
     if push_to_hub:

@@ -98,7 +98,7 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
     _check_keys(data, JOB_KEYS, where)
     for key in ("model", "output", "method"):
         if not data.get(key):
-            raise SpecError(f"{where}: {key!r} is missing", f"every job needs model, output and method")
+            raise SpecError(f"{where}: {key!r} is missing", "every job needs model, output and method")
     method = data["method"]
     if method not in METHODS:
         raise SpecError(f"{where}: method {method!r} is not known", f"choose one of {', '.join(METHODS)}")

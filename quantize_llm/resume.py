@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import OutputError
+from .formats.checkpoint import fsync_path
 
 STATE_VERSION = 1
 
@@ -50,22 +51,12 @@ def model_fingerprint(folder: Path) -> dict[str, Any]:
 
 
 def _durable_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp), fsync it, rename it to `path`, fsync the folder: `path` is whole or absent."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    fsync_path(path.parent)
 
 
 class ResumeState:

@@ -165,8 +165,8 @@ def main() -> None:
             print(f"{s.name:24s} ppl {row['ppl']:8.3f}  x{row['ratio']:.3f}  {row['bpw']:.3f} bpw  "
                   f"{seconds:6.1f} s = {row['fwd_ratio']:.2f} forward passes  [{stages}]", flush=True)
     print()
-    print(f"| setting | perplexity | ratio to unquantized | bits/weight | time | time / forward pass |")
-    print(f"|---|---|---|---|---|---|")
+    print("| setting | perplexity | ratio to unquantized | bits/weight | time | time / forward pass |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setting']} | {r['ppl']:.2f} | {r['ratio']:.3f} | {r['bpw']:.3f} | {r['seconds']:.0f} s | "
               f"{r['fwd_ratio']:.2f} |")

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny random checkpoints per architecture, built from transformers configs."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -32,13 +31,14 @@ ARCHS = [a for a in TINY_CONFIGS if a != "llama-tied"]
 
 
 def build_tiny(arch: str, folder: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-               max_shard_size: str | None = None, tokenizer: bool = True) -> Path:
-    """Save a randomly initialised tiny model of `arch` (with a byte tokenizer) into `folder`."""
+               max_shard_size: str | None = None, tokenizer: bool = True, config: dict | None = None) -> Path:
+    """Save a randomly initialised tiny model of `arch` (with a byte tokenizer) into `folder`;
+    `config` overrides entries of the architecture's tiny config (e.g. num_hidden_layers)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     cls_name, kwargs = TINY_CONFIGS[arch]
-    config = getattr(transformers, cls_name)(**kwargs)
+    config = getattr(transformers, cls_name)(**{**kwargs, **(config or {})})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     with torch.no_grad():  # random init is tiny; widen it so quantization error is visible
@@ -64,6 +64,18 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+CALIB_TEXT = "\n\n".join(f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50} and more text" for j in range(40))
+                         for i in range(30))
+
+
+@pytest.fixture
+def calib_file(tmp_path: Path) -> Path:
+    """30 blank-line separated documents of plain text, for calibration."""
+    path = tmp_path / "calib.txt"
+    path.write_text(CALIB_TEXT)
+    return path
 
 
 @pytest.fixture

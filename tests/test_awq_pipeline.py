@@ -10,7 +10,6 @@ import torch
 
 from quantize_llm.calibration.data import read_documents, select_samples
 from test_cli import cli, expect_error
-from test_gptq_pipeline import calib_file  # noqa: F401  (fixture)
 
 CAL = ["--nsamples", 8, "--seqlen", 64]
 
@@ -181,21 +180,9 @@ def test_family_without_awq_groups(tiny_model, tmp_path, capsys, calib_file, mon
 def test_a_fold_that_changes_the_function_stops_the_run(tmp_path, capsys, calib_file):
     """OPT-350m normalizes after attention (do_layer_norm_before=False): the map's groups do not fit,
     and the safety check says so instead of writing a broken checkpoint."""
-    import transformers
-    from transformers import AutoModelForCausalLM
+    from conftest import build_tiny
 
-    from conftest import TINY_CONFIGS, byte_tokenizer
-
-    _, kwargs = TINY_CONFIGS["opt"]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(transformers.OPTConfig(**kwargs, do_layer_norm_before=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.normal_(0, 0.08)
-    src = tmp_path / "opt350"
-    model.save_pretrained(src)
-    byte_tokenizer().save_pretrained(src)
+    src = build_tiny("opt", tmp_path / "opt350", config={"do_layer_norm_before": False})
     expect_error(capsys, ["awq", src, "-o", tmp_path / "out", "--group-size", 32, "--dataset", calib_file, *CAL],
                  "folding the AWQ scales changed the block's output", code=1)
     assert not (tmp_path / "out").exists()

@@ -16,17 +16,6 @@ from quantize_llm.pipeline import quantize
 from quantize_llm.spec import QuantSpec
 from test_cli import cli
 
-TEXT = "\n\n".join(f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50} and more text" for j in range(40))
-                   for i in range(30))
-
-
-@pytest.fixture
-def calib_file(tmp_path: Path) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(TEXT)
-    return path
-
-
 def reference_gptq(src: Path, tokens: torch.Tensor, spec: QuantSpec, options: GPTQOptions,
                    batch_size: int) -> dict[str, torch.Tensor]:
     """Quantize with the whole transformers model: each stage observes its Linears' inputs through a

@@ -13,8 +13,6 @@ from test_cli import cli, expect_error
 
 pytest.importorskip("bitsandbytes")
 
-TEXT = "\n\n".join(f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50} and more text" for j in range(40))
-                   for i in range(30))
 
 
 def stock_model(out: Path, reference_path: bool = True):
@@ -128,13 +126,6 @@ def test_files_are_what_transformers_and_bitsandbytes_write(tiny_model, tmp_path
     our_q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert {k: v for k, v in our_q.items() if k not in ("meta", "llm_int8_skip_modules")} == \
         {k: v for k, v in ref_q.items() if k != "llm_int8_skip_modules"}
-
-
-@pytest.fixture
-def calib_file(tmp_path: Path) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(TEXT)
-    return path
 
 
 def test_gptq_rounding_end_to_end(tiny_model, tmp_path, calib_file):

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from quantize_llm.formats.outlier import OutlierFormat
 from test_awq_pipeline import calib_tokens, hidden_errors
 from test_cli import cli, expect_error
-from test_gptq_pipeline import calib_file  # noqa: F401  (fixture)
 
 CAL = ["--nsamples", 8, "--seqlen", 64]
 

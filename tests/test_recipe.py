@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from quantize_llm.errors import SpecError, UsageError
+from quantize_llm.errors import SpecError
 from quantize_llm.recipe import load_recipe
 from test_cli import cli, expect_error
-from test_gptq_pipeline import calib_file  # noqa: F401  (fixture)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").iterdir())
 
@@ -157,15 +156,30 @@ jobs:
     assert meta["options"]["then"] == "gptq"
 
 
+def rtn_reference(src: Path, widths):
+    """The source model with each Linear for which widths(name) gives (bits, group size) replaced
+    by its symmetric float64 RTN reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from reference import dequant_f64, rtn_f64
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and widths(name) is not None:
+            bits, gs = widths(name)
+            codes, scale, zero, _ = rtn_f64(module.weight.data, bits, gs, True, 0)
+            module.weight.data = dequant_f64(codes, scale, zero, torch.arange(module.in_features) // gs).float()
+    return model
+
+
 def test_mixed_precision_overrides(tiny_model, tmp_path, capsys):
     """8-bit down_proj, 4-bit elsewhere, block 0's attention dense: decoded per module, and the
     loaded model computes the float64 RTN reference of each module at its own width."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     from quantize_llm import load_quantized
-    from reference import dequant_f64, rtn_f64
 
     src = tiny_model("llama")
     recipe = write(tmp_path, f"""
@@ -193,12 +207,8 @@ keep_dense = true
     assert tensors["model.layers.1.mlp.up_proj.qweight"].shape == (64 * 4 // 32, 128)       # 4-bit rows
     assert "model.layers.0.self_attn.q_proj.weight" in tensors
 
-    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    for name, module in reference.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name and not name.startswith("model.layers.0.self_attn"):
-            bits, gs = (8, 64) if name.endswith("down_proj") else (4, 32)
-            codes, scale, zero, _ = rtn_f64(module.weight.data, bits, gs, True, 0)
-            module.weight.data = dequant_f64(codes, scale, zero, torch.arange(module.in_features) // gs).float()
+    reference = rtn_reference(src, lambda name: None if ".layers." not in name or name.startswith(
+        "model.layers.0.self_attn") else (8, 64) if name.endswith("down_proj") else (4, 32))
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(load_quantized(out, dtype=torch.float32)(ids).logits, reference(ids).logits,
@@ -285,11 +295,9 @@ def test_disk_check_counts_the_resume_state(tiny_model, tmp_path, monkeypatch, c
 
 def test_lm_head_quantized_to_8_bits(tiny_model, tmp_path, capsys):
     import torch
-    from transformers import AutoModelForCausalLM
 
     from quantize_llm import load_quantized
     from quantize_llm.runtime.qlinear import QuantLinear
-    from reference import dequant_f64, rtn_f64
 
     src = tiny_model("llama")                                       # untied head
     recipe = write(tmp_path, f"""
@@ -306,12 +314,7 @@ overrides = [{{match = '^lm_head$', bits = 8, group_size = 64}}]
     assert qconfig["lm_head"] is True and qconfig["dynamic"]["+:^lm_head$"] == {"bits": 8, "group_size": 64, "sym": True}
     model = load_quantized(tmp_path / "out", dtype=torch.float32)
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
-    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    for name, module in reference.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            bits, gs = (8, 64) if name == "lm_head" else (4, 32)
-            codes, scale, zero, _ = rtn_f64(module.weight.data, bits, gs, True, 0)
-            module.weight.data = dequant_f64(codes, scale, zero, torch.arange(module.in_features) // gs).float()
+    reference = rtn_reference(src, lambda name: (8, 64) if name == "lm_head" else (4, 32))
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=2e-5)

@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import quantize_llm.pipeline as pipeline
-from conftest import COMMON, byte_tokenizer
+from conftest import build_tiny
 from test_cli import cli
-from test_gptq_pipeline import calib_file  # noqa: F401  (fixture)
 
 FILES = ("model.safetensors", "config.json", "quantize_config.json")
 
@@ -23,19 +21,7 @@ FILES = ("model.safetensors", "config.json", "quantize_config.json")
 @pytest.fixture
 def deep_model(tmp_path: Path) -> Path:
     """A tiny Llama with 10 blocks, so that a run can be stopped part-way."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**COMMON, "num_hidden_layers": 10}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.normal_(0, 0.08)
-    folder = tmp_path / "deep"
-    model.save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
-    return folder
+    return build_tiny("llama", tmp_path / "deep", config={"num_hidden_layers": 10})
 
 
 def same_files(a: Path, b: Path) -> None:

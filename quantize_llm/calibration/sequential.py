@@ -379,28 +379,16 @@ def capture(block: nn.Module, inputs: list[Tensor], calls: list[dict],
 def _observe_stage(block: nn.Module, stage: list[tuple[str, ...]], algorithm: Algorithm, inputs: list[Tensor],
                    calls: list[dict], timer: Timer, t: float) -> float:
     """Forward the calibration inputs through `block` just far enough to observe the stage's inputs."""
-    last = stage[-1][0]
     hessian_seconds = [0.0]
 
-    def hook(name: str) -> Callable:
-        def pre_hook(module: nn.Module, args: tuple) -> None:
+    def observer(name: str) -> Callable:
+        def observe(batch: int, args: tuple, kwargs: dict) -> None:
             h0 = time.perf_counter()
             algorithm.observe(name, args[0])
             hessian_seconds[0] += time.perf_counter() - h0
-            if name == last:
-                raise _Stop
-        return pre_hook
+        return observe
 
-    handles = [block.get_submodule(g[0]).register_forward_pre_hook(hook(g[0])) for g in stage]
-    try:
-        for x, kwargs in zip(inputs, calls):
-            try:
-                _block_forward(block, x, kwargs)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    capture(block, inputs, calls, {g[0]: observer(g[0]) for g in stage}, stop=stage[-1][0])
     now = time.perf_counter()
     timer.seconds["hessian"] += hessian_seconds[0]
     timer.seconds["forward"] += now - t - hessian_seconds[0]

@@ -100,6 +100,18 @@ class _Shard:
         self.files = {}
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by path (best effort: some filesystems refuse folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 class CheckpointWriter:
     """Stream tensors into safetensors shards inside a temp folder next to `out`; rename on finish.
 
@@ -249,14 +261,7 @@ class CheckpointWriter:
     def _sync(self) -> None:
         """fsync every file and the folder, so the rename never exposes unwritten data (best effort)."""
         for path in [*self._tmp.iterdir(), self._tmp]:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
+            fsync_path(path)
 
     def _move_into_place(self) -> None:
         out = self.out
