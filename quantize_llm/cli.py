@@ -89,6 +89,7 @@ ClipOpt = Annotated[str, typer.Option("--clip", help="Group range: minmax, or ms
 DampOpt = Annotated[float, typer.Option("--damp", help="Where GPTQ runs (gptq, --then gptq, --inner gptq, --rounding gptq) or the inverse Hessian is used: added to diag(H) as a fraction of its mean.")]
 BlockSizeOpt = Annotated[int, typer.Option("--block-size", help="Where GPTQ runs: columns per lazy-update block.")]
 TrueSequentialOpt = Annotated[bool, typer.Option("--true-sequential/--no-true-sequential", help="Calibrated runs: re-run the block between q/k/v, o, gate/up and down.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="gptq (GPTQ layout), awq (AutoAWQ GEMM, 4-bit only) or compressed-tensors (pack-quantized, 2/4/8-bit).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Calibration sequences per forward pass.")]
 
 
@@ -192,10 +193,11 @@ def _print_awq_groups(reports: list) -> None:
 @app.command(help="Quantize MODEL with round-to-nearest (no calibration data needed).\n\n"
              "Example: quantize-llm rtn ./SmolLM2-135M-Instruct -o smol-w4g128 --bits 4 --group-size 128")
 def rtn(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: GroupSizeOpt = 128,
-        sym: SymOpt = True, clip: ClipOpt = "minmax", keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto",
+        sym: SymOpt = True, clip: ClipOpt = "minmax", format: FormatOpt = "gptq", keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto",
         overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
         eval_file: EvalOpt = None, eval_windows: EvalWindowsOpt = 40, push_to_hub: PushOpt = None, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     _run_job(job_from_dict(dict(model=model, output=output, method="rtn", bits=bits, group_size=group_size, sym=sym,
+                                format=format,
                                  keep_dense=keep_dense or [], options={"clip": clip}, **_run_keys(locals())),
                             "command line"), log_json)
 
@@ -209,7 +211,7 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
          damp: DampOpt = 0.01,
          block_size: BlockSizeOpt = 128,
          true_sequential: TrueSequentialOpt = True,
-         clip: ClipOpt = "mse",
+         clip: ClipOpt = "mse", format: FormatOpt = "gptq",
          dataset: DatasetOpt = "self", nsamples: NSamplesOpt = 128, seqlen: SeqlenOpt = 2048, seed: SeedOpt = 0,
          text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
          keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
@@ -219,6 +221,7 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
         raise UsageError("--static-groups only changes something together with --act-order", "add --act-order or drop --static-groups")
     options = dict(block_size=block_size, damp=damp, static_groups=static_groups, true_sequential=true_sequential, clip=clip)
     _run_job(job_from_dict(dict(model=model, output=output, method="gptq", bits=bits, group_size=group_size, sym=sym,
+                                format=format,
                                 act_order=act_order and not static_groups, keep_dense=keep_dense or [], options=options,
                                 calibration=_calibration(locals()), **_run_keys(locals())), "command line"), log_json)
 
@@ -229,7 +232,7 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
              "Example: quantize-llm awq ./SmolLM2-135M-Instruct -o smol-awq --bits 4 --dataset c4.parquet")
 def awq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: GroupSizeOpt = 128,
         sym: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid or asymmetric (per-group zero, AWQ's default).")] = False,
-        format: Annotated[str, typer.Option("--format", help="gptq (any width) or awq (AutoAWQ GEMM, 4-bit only).")] = "gptq",
+        format: FormatOpt = "gptq",
         then: Annotated[str, typer.Option("--then", help="Rounding after scaling and clipping: rtn or gptq.")] = "rtn",
         grid: Annotated[int, typer.Option("--grid", help="Scale exponents tried per group: alpha = i/grid, i < grid.")] = 20,
         clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Search each group's range by output error after scaling.")] = True,

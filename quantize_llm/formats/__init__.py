@@ -5,11 +5,13 @@ from ..errors import SpecError
 from .awq import AWQFormat
 from .base import Format
 from .bnb import BnbFormat
+from .compressed_tensors import CompressedTensorsFormat
 from .gptq import GPTQFormat
 from .outlier import OutlierFormat
 
 FORMATS: dict[str, type[Format]] = {GPTQFormat.name: GPTQFormat, AWQFormat.name: AWQFormat,
-                                    BnbFormat.name: BnbFormat, OutlierFormat.name: OutlierFormat}
+                                    BnbFormat.name: BnbFormat, OutlierFormat.name: OutlierFormat,
+                                    CompressedTensorsFormat.name: CompressedTensorsFormat}
 
 
 def get_format(name: str) -> type[Format]:

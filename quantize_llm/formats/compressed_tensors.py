@@ -1,0 +1,159 @@
+"""compressed-tensors `pack-quantized` (FORMATS.md §4), as llm-compressor writes it and transformers
+(with the compressed-tensors package) and vLLM read it.
+
+Per Linear, in nn.Linear orientation:
+    weight_packed       int32 (out, in*b/32)  unsigned codes (signed value + 2^(b-1)) packed along in
+    weight_scale        scale dtype (out, G)  G = in / group_size, or 1 per channel
+    weight_shape        int64 (2,)            [out, in]
+    weight_zero_point   int32 (out*b/32, G)   asymmetric only: unsigned zero points packed along out
+The signed code and zero are ours minus 2^(b-1), so w = scale * (code - zero) is the same number and
+the stored unsigned fields are exactly our codes and zeros. Groups are contiguous columns: the
+deprecated `weight_g_idx` is not written (CT 0.20 ignores it), so act-order results are refused
+unless their groups are static. One scheme for the whole checkpoint; every dense Linear is in
+`ignore`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..packing import pack_int32, packed_length, unpack_int32
+from ..qweight import QuantizedWeight
+from ..spec import QuantSpec
+from .base import ModuleHeader
+
+CT_VERSION = "0.20.0"          # the compressed-tensors release whose layout this writes (§4.3 packing)
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class CompressedTensorsFormat:
+    name: ClassVar[str] = "compressed-tensors"
+    quant_method: ClassVar[str] = "compressed-tensors"
+    tensor_names: ClassVar[tuple[str, ...]] = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+    markers: ClassVar[tuple[str, ...]] = ("weight_packed",)
+    bias_dtype: ClassVar[torch.dtype | None] = None           # the model's dtype
+    config_file: ClassVar[str | None] = None
+    description: ClassVar[str] = ("compressed-tensors pack-quantized layout that transformers (with "
+                                  "compressed-tensors) and vLLM load")
+
+    @staticmethod
+    def supports(spec: QuantSpec) -> str | None:
+        if spec.codebook != "int":
+            return (f"the compressed-tensors format here stores integer grids, not the {spec.codebook} "
+                    "codebook; use the bnb format")
+        if spec.bits not in (2, 4, 8):
+            return (f"compressed-tensors changed its {spec.bits}-bit packing in 2026 (FORMATS.md §4.3), so "
+                    f"readers disagree on it; use 4 or 8 bits, or --format gptq for {spec.bits}-bit")
+        if spec.act_order:
+            return ("compressed-tensors 0.20 no longer applies g_idx, so act-order groups cannot be stored; "
+                    "add --static-groups (contiguous groups) or drop --act-order")
+        return None
+
+    @staticmethod
+    def check_shape(spec: QuantSpec, out_features: int, in_features: int) -> str | None:
+        if spec.group_size != -1 and in_features % spec.group_size:
+            return (f"shape [{out_features}, {in_features}]: in_features is not a multiple of the group size "
+                    f"{spec.group_size}, which compressed-tensors needs")
+        try:
+            packed_length(in_features, spec.bits)
+            if not spec.sym:
+                packed_length(out_features, spec.bits)
+        except ValueError as exc:
+            return f"shape [{out_features}, {in_features}]: {exc}"
+        return None
+
+    @staticmethod
+    def min_zero(spec: QuantSpec) -> int:
+        return 0
+
+    @staticmethod
+    def encode(qw: QuantizedWeight) -> dict[str, Tensor]:
+        bits = qw.spec.bits
+        if qw.g_idx is not None:
+            raise ValueError("compressed-tensors cannot store a g_idx (act-order)")
+        dtype = qw.source_dtype if qw.source_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+        scale = qw.scale.to(torch.float32)
+        if dtype == torch.bfloat16 and not torch.equal(scale.to(torch.bfloat16).float(), scale):
+            dtype = torch.float32   # a float16 scale bfloat16 cannot hold exactly: keep it exact
+        out_features, in_features = qw.shape
+        tensors = {
+            "weight_packed": pack_int32(qw.codes.contiguous(), bits, dim=1),            # (out, in*b/32)
+            "weight_scale": scale.to(dtype).contiguous(),                               # (out, G)
+            "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
+        }
+        if not qw.spec.sym:
+            tensors["weight_zero_point"] = pack_int32(qw.zero.to(torch.int32).contiguous(), bits, dim=0)
+        elif bool((qw.zero != 2 ** (bits - 1)).any()):
+            raise ValueError("a symmetric result must have every zero equal to 2^(bits-1)")
+        return tensors
+
+    @staticmethod
+    def _weights(qconfig: Mapping[str, Any]) -> Mapping[str, Any]:
+        groups = qconfig.get("config_groups") or {}
+        if len(groups) != 1:
+            raise ValueError(f"{len(groups)} config groups: only checkpoints with one scheme are read")
+        weights = next(iter(groups.values())).get("weights") or {}
+        if weights.get("type", "int") != "int":
+            raise ValueError(f"weights of type {weights.get('type')!r} are not read; only int")
+        return weights
+
+    @staticmethod
+    def decode(tensors: Mapping[str, Tensor], qconfig: Mapping[str, Any]) -> QuantizedWeight:
+        fmt = str(qconfig.get("format", ""))
+        if fmt != "pack-quantized" or qconfig.get("quantization_status", "compressed") != "compressed":
+            raise ValueError(f"compressed-tensors format {fmt!r} is not read; only pack-quantized, compressed")
+        weights = CompressedTensorsFormat._weights(qconfig)
+        bits = int(weights.get("num_bits", 8))
+        sym = bool(weights.get("symmetric", True))
+        out_features, in_features = (int(v) for v in tensors["weight_shape"].tolist())
+        scale = tensors["weight_scale"]
+        n_groups = scale.shape[1]
+        group_size = -1 if weights.get("strategy") == "channel" or n_groups == 1 and not weights.get("group_size") \
+            else int(weights.get("group_size") or in_features // n_groups)
+        codes = unpack_int32(tensors["weight_packed"], bits, in_features, dim=1)       # (out, in)
+        if sym:
+            zero = torch.full((out_features, n_groups), 2 ** (bits - 1), dtype=torch.int32)
+        else:
+            zero = unpack_int32(tensors["weight_zero_point"], bits, out_features, dim=0).to(torch.int32)
+        spec = QuantSpec(method=str((qconfig.get("meta") or {}).get("method", "rtn")), bits=bits,
+                         group_size=group_size, sym=sym, format="compressed-tensors")
+        return QuantizedWeight(codes=codes.contiguous(), scale=scale.to(torch.float16).contiguous(),
+                               zero=zero.contiguous(), g_idx=None, spec=spec)
+
+    @staticmethod
+    def describe(qconfig: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                 read: Callable[[str], Tensor]) -> ModuleHeader:
+        weights = CompressedTensorsFormat._weights(qconfig)
+        out_features, in_features = (int(v) for v in read("weight_shape").tolist())
+        group_size = int(weights.get("group_size") or -1)
+        return ModuleHeader(int(weights.get("num_bits", 8)), group_size, bool(weights.get("symmetric", True)),
+                            (out_features, in_features))
+
+    @staticmethod
+    def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]], extra: Mapping[str, Any], *,
+                            dense_modules: Sequence[str] = (), dtype: str | None = None) -> dict[str, Any]:
+        # §4.4: QuantizationArgs forbids unknown keys, so nothing of ours goes inside `weights`.
+        channel = spec.group_size == -1
+        weights: dict[str, Any] = {
+            "num_bits": spec.bits, "type": "int", "symmetric": spec.sym,
+            "strategy": "channel" if channel else "group", "group_size": None if channel else spec.group_size,
+            "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {},
+        }
+        config: dict[str, Any] = {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None, "format": "pack-quantized"}},
+            "ignore": sorted(dense_modules),
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": CT_VERSION,
+        }
+        if "meta" in extra:
+            config["meta"] = extra["meta"]
+        return config
