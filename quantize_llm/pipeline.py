@@ -26,6 +26,7 @@ from .models.architectures import ArchitectureMap, get_architecture
 from .models.load import CheckpointReader, build_skeleton, resolve_model
 from .plan import ResourcePlan, estimate as estimate_resources
 from .resume import ResumeState, model_fingerprint, tokens_fingerprint
+from .vllm_check import preflight
 from .spec import QuantSpec
 
 EventHandler = Callable[[str, dict], None]
@@ -305,14 +306,15 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
              calibration: Any = None, device: str = "auto", overwrite: bool = False,
              max_shard_bytes: int = 2 * 1024 ** 3, batch_size: int = 8,
              on_event: EventHandler | None = None, command: str | None = None, resume: bool = True,
-             evaluation: Any = None, push_to_hub: str | None = None) -> Summary:
+             evaluation: Any = None, push_to_hub: str | None = None, strict_vllm: bool = False) -> Summary:
     """Quantize MODEL (folder, hub id or cache entry) with `spec` and write OUT atomically.
 
     `options` are the algorithm's own (e.g. GPTQOptions); `calibration` a CalibrationSpec for
     algorithms that need data (default: self-generated text). With `resume`, finished blocks are
     recorded beside OUT (resume.py) and a rerun after an interruption continues from there.
     `evaluation` (publish.EvalSpec) measures the written checkpoint against the source into its
-    model card; `push_to_hub` uploads it (checked before any work).
+    model card; `push_to_hub` uploads it (checked before any work). Combinations that vLLM serves
+    slowly or not at all are warned about before any work (errors with `strict_vllm`).
     """
     emit = on_event or (lambda kind, data: None)
     start = time.perf_counter()
@@ -337,6 +339,10 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
         block_tensors = {n for p in plans for n in p.tensors}
         outside = [n for n in reader.names() if n not in block_tensors]
         head = output_head(spec, fmt, reader, skeleton, config)
+        vllm = preflight(spec, fmt.name, [(lp.name, lp.out_features, lp.in_features, lp.spec)
+                                          for p in plans for lp in p.linears if lp.quantize])
+        if vllm and strict_vllm:
+            raise SpecError(f"--strict-vllm: {vllm[0]}", f"{len(vllm)} reason(s) in all" if len(vllm) > 1 else None)
 
         read = lambda name: reader.read(name, check_finite=True)  # noqa: E731
         reports: list[LayerReport] = []
@@ -365,6 +371,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
             emit("start", {"model": model, "output": str(output), "blocks": len(plans), "spec": spec.to_dict(),
                            "device": str(dev), "input_bytes": reader.total_bytes})
             emit("plan", resources.to_dict())
+            for reason in vllm:
+                emit("warning", {"message": f"vLLM: {reason}"})
             state = ResumeState(output, {
                 "tool": __version__, "model": model_fingerprint(folder), "spec": spec.to_dict(),
                 "options": asdict(options) if options is not None else None, "format": fmt.name,

@@ -53,6 +53,7 @@ class Job:
     max_shard_size: str = "2GB"
     batch_size: int = 8
     resume: bool = True
+    strict_vllm: bool = False        # vLLM preflight findings are errors, not warnings
     evaluation: Any = None           # publish.EvalSpec: measure the written checkpoint into its card
     push_to_hub: str | None = None   # hub repository to upload to
     source: dict = field(default_factory=dict)   # the job's keys as given (for the model card)
@@ -72,7 +73,7 @@ def _options_class(method: str) -> type:
 METHODS = ("rtn", "gptq", "awq", "nf4", "outlier")
 SPEC_KEYS = ("bits", "group_size", "sym", "act_order", "format", "keep_dense", "quant_type", "blocksize",
              "double_quant")
-RUN_KEYS = ("device", "overwrite", "max_shard_size", "batch_size", "resume")
+RUN_KEYS = ("device", "overwrite", "max_shard_size", "batch_size", "resume", "strict_vllm")
 JOB_KEYS = ("name", "model", "output", "method", *SPEC_KEYS, *RUN_KEYS, "options", "calibration", "overrides",
             "eval", "push_to_hub")
 EVAL_KEYS = ("dataset", "windows", "seqlen")
