@@ -409,6 +409,25 @@ def _indices(recipe: Path, jobs: list, job_index: int | None) -> list[int]:
     return [job_index]
 
 
+@app.command(name="convert", help="Re-encode a quantized checkpoint (ours, or a GPTQ, AWQ or compressed-tensors "
+             "checkpoint made by another tool) into another format without requantizing. Refused, naming the "
+             "module and the reason, where the target cannot represent it exactly.\n\n"
+             "Example: quantize-llm convert smol-gptq -o smol-ct --format compressed-tensors")
+def convert_(path: Annotated[str, typer.Argument(help="A quantized checkpoint folder or hub id.", show_default=False)],
+             output: OutputOpt,
+             format: Annotated[str, typer.Option("--format", help="Target: gptq, awq, compressed-tensors (or outlier, bnb for their own results).", show_default=False)],
+             overwrite: OverwriteOpt = False, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
+    from .convert import convert
+    from .progress import Reporter
+
+    argv = click.globals.get_current_context().find_root().obj or sys.argv[1:]
+    with Reporter(log_json, label="convert") as reporter:
+        summary = convert(path, output, format, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
+                          on_event=reporter, command="quantize-llm " + " ".join(shlex.quote(str(a)) for a in argv))
+    out.print(f"converted {summary.modules} modules from {summary.source_format} to {summary.target_format} "
+              f"in {summary.seconds:.1f} s: wrote {summary.output} ({_human(summary.output_bytes)})")
+
+
 @app.command(help="List the quantized modules of a checkpoint, its size and its real bits per weight.\n\n"
              "Example: quantize-llm inspect smol-w4g128")
 def inspect(path: Annotated[str, typer.Argument(help="A quantized checkpoint folder or hub id.")],
