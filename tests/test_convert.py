@@ -78,18 +78,19 @@ def test_conversions_that_cannot_be_exact_are_refused(tiny_model, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def test_awq_zero_point_zero_cannot_go_to_gptq_v1(tiny_model, tmp_path, calib_file, capsys):
+def test_a_zero_point_of_zero_cannot_go_to_gptq_v1(tiny_model, tmp_path, capsys):
+    """AWQ stores raw zero points; GPTQ v1 stores zero - 1 and so cannot hold a zero of 0."""
     src = tiny_model("llama")
-    assert cli("awq", src, "-o", tmp_path / "awq", "--format", "awq", "--group-size", 32, "--bits", 4,
-               "--dataset", calib_file, "--nsamples", 4, "--seqlen", 32) == 0
+    assert cli("rtn", src, "-o", tmp_path / "gptq", "--bits", 4, "--group-size", 32, "--asym") == 0
+    assert cli("convert", tmp_path / "gptq", "-o", tmp_path / "awq", "--format", "awq") == 0
     tensors = load_file(tmp_path / "awq" / "model.safetensors")
-    from quantize_llm.packing import unpack_awq
-
-    has_zero = any(bool((unpack_awq(t) == 0).any()) for n, t in tensors.items() if n.endswith(".qzeros"))
-    if has_zero:
-        expect_error(capsys, ["convert", tmp_path / "awq", "-o", tmp_path / "out", "--format", "gptq"], "zero point of 0")
-    else:
-        assert cli("convert", tmp_path / "awq", "-o", tmp_path / "out", "--format", "gptq") == 0
+    name = "model.layers.1.mlp.up_proj.qzeros"
+    tensors[name] = tensors[name].clone()
+    tensors[name][0, 0] = 0                                      # eight zero points of 0, as AutoAWQ may write
+    save_file(tensors, tmp_path / "awq" / "model.safetensors", metadata={"format": "pt"})
+    expect_error(capsys, ["convert", tmp_path / "awq", "-o", tmp_path / "out", "--format", "gptq"],
+                 "model.layers.1.mlp.up_proj cannot be converted to gptq: .*zero point of 0")
+    assert not (tmp_path / "out").exists()
     assert cli("convert", tmp_path / "awq", "-o", tmp_path / "ct", "--format", "compressed-tensors") == 0
     torch.testing.assert_close(logits(tmp_path / "ct", IDS), logits(tmp_path / "awq", IDS), rtol=0, atol=0)
 
