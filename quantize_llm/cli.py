@@ -54,6 +54,7 @@ ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Record ea
 EvalOpt = Annotated[Optional[Path], typer.Option("--eval", help="After writing, measure perplexity and KL divergence against the source model on this text file and put them in the model card.", show_default=False)]
 EvalWindowsOpt = Annotated[int, typer.Option("--eval-windows", help="With --eval: windows of 512 tokens (0 = the whole text).")]
 StrictVllmOpt = Annotated[bool, typer.Option("--strict-vllm", help="Refuse combinations that vLLM would serve without its fast kernels (or not at all), instead of warning.")]
+VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Read the written checkpoint back before renaming it into place: every module must decode to its result, and (calibrated runs) the loaded model must reproduce the run's last-block outputs.")]
 PushOpt = Annotated[Optional[str], typer.Option("--push-to-hub", help="Upload the finished checkpoint to this hub repository (user/name; private when created).", show_default=False)]
 LogJsonOpt = Annotated[Optional[Path], typer.Option("--log-json", help="Append one JSON event per line to this file ('-' = stdout).", show_default=False)]
 
@@ -97,7 +98,7 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Calibration sequenc
 def _run_keys(args: dict) -> dict:
     """The run settings of a command's arguments, as recipe keys."""
     keys = {k: args[k] for k in ("device", "overwrite", "max_shard_size", "batch_size", "resume", "push_to_hub",
-                                 "strict_vllm")
+                                 "strict_vllm", "verify")
             if args.get(k) is not None}
     if args.get("eval_file") is not None:
         keys["eval"] = {"dataset": str(args["eval_file"]), "windows": args.get("eval_windows", 40)}
@@ -122,7 +123,8 @@ def _run_job(job: "Job", log_json: Path | None, command: str | None = None) -> N
         summary = quantize(job.model, job.output, spec, options=job.options, calibration=job.calibration,
                            device=job.device, overwrite=job.overwrite, max_shard_bytes=parse_size(job.max_shard_size),
                            batch_size=job.batch_size, on_event=reporter, command=command, resume=job.resume,
-                           evaluation=job.evaluation, push_to_hub=job.push_to_hub, strict_vllm=job.strict_vllm)
+                           evaluation=job.evaluation, push_to_hub=job.push_to_hub, strict_vllm=job.strict_vllm,
+                           verify=job.verify)
     grid = (f"{spec.codebook} b{spec.blocksize}{' double-quant' if spec.double_quant else ''}" if spec.codebook != "int"
             else f"w{spec.bits}g{spec.group_size} {'sym' if spec.sym else 'asym'}")
     table = Table(title=f"{spec.method} {grid}")
@@ -162,6 +164,10 @@ def _run_job(job: "Job", log_json: Path | None, command: str | None = None) -> N
                 cells.append(f"{r.seconds:.2f}")
             layers.add_row(*cells)
         out.print(layers)
+    if summary.verification:
+        v = summary.verification
+        diff = f"; last block matches the run to {v['last_block_rel_diff']:.1e}" if "last_block_rel_diff" in v else ""
+        out.print(f"verified: {v['modules']} modules read back exactly{diff}")
     if summary.evaluation:
         e = summary.evaluation
         out.print(f"evaluation on {e['dataset']} ({e['windows']} x {e['seqlen']} tokens): perplexity "
@@ -198,7 +204,7 @@ def rtn(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Group
         sym: SymOpt = True, clip: ClipOpt = "minmax", format: FormatOpt = "gptq", keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto",
         overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
         eval_file: EvalOpt = None, eval_windows: EvalWindowsOpt = 40, push_to_hub: PushOpt = None,
-        strict_vllm: StrictVllmOpt = False, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
+        strict_vllm: StrictVllmOpt = False, verify: VerifyOpt = True, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     _run_job(job_from_dict(dict(model=model, output=output, method="rtn", bits=bits, group_size=group_size, sym=sym,
                                 format=format,
                                  keep_dense=keep_dense or [], options={"clip": clip}, **_run_keys(locals())),
@@ -219,7 +225,7 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
          text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
          keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
         eval_file: EvalOpt = None, eval_windows: EvalWindowsOpt = 40, push_to_hub: PushOpt = None,
-        strict_vllm: StrictVllmOpt = False,
+        strict_vllm: StrictVllmOpt = False, verify: VerifyOpt = True,
          max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     if static_groups and not act_order:
         raise UsageError("--static-groups only changes something together with --act-order", "add --act-order or drop --static-groups")
@@ -249,7 +255,7 @@ def awq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Group
         text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
         keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
         eval_file: EvalOpt = None, eval_windows: EvalWindowsOpt = 40, push_to_hub: PushOpt = None,
-        strict_vllm: StrictVllmOpt = False,
+        strict_vllm: StrictVllmOpt = False, verify: VerifyOpt = True,
         max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     options = dict(grid=grid, clip=clip, max_shrink=max_shrink, search_samples=search_samples, then=then, damp=damp,
                    block_size=block_size, true_sequential=true_sequential)
@@ -282,7 +288,7 @@ def outlier(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4,
             text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
             keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
         eval_file: EvalOpt = None, eval_windows: EvalWindowsOpt = 40, push_to_hub: PushOpt = None,
-        strict_vllm: StrictVllmOpt = False,
+        strict_vllm: StrictVllmOpt = False, verify: VerifyOpt = True,
             max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     if act_order and inner != "gptq":
         raise UsageError("--act-order only applies to --inner gptq", "add --inner gptq or drop --act-order")
@@ -316,7 +322,7 @@ def nf4(model: ModelArg, output: OutputOpt,
         text_column: TextColumnOpt = "text", batch_size: BatchOpt = 8,
         keep_dense: KeepDenseOpt = None, device: DeviceOpt = "auto", overwrite: OverwriteOpt = False, resume: ResumeOpt = True,
         eval_file: EvalOpt = None, eval_windows: EvalWindowsOpt = 40, push_to_hub: PushOpt = None,
-        strict_vllm: StrictVllmOpt = False,
+        strict_vllm: StrictVllmOpt = False, verify: VerifyOpt = True,
         max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     options = dict(rounding=rounding, block_size=block_size, damp=damp, true_sequential=true_sequential)
     _run_job(job_from_dict(dict(model=model, output=output, method="nf4", quant_type=quant_type, blocksize=blocksize,

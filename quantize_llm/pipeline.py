@@ -26,7 +26,9 @@ from .models.architectures import ArchitectureMap, get_architecture
 from .models.load import CheckpointReader, build_skeleton, resolve_model
 from .plan import ResourcePlan, estimate as estimate_resources
 from .resume import ResumeState, model_fingerprint, tokens_fingerprint
+from .verify import check_modules, check_outputs, digest
 from .vllm_check import preflight
+from .qweight import QuantizedWeight
 from .spec import QuantSpec
 
 EventHandler = Callable[[str, dict], None]
@@ -57,6 +59,7 @@ class Summary:
     calibration: dict[str, Any] | None = None                 # source, sha256, samples, rule
     evaluation: dict[str, Any] | None = None                  # perplexity/KL after writing (--eval)
     pushed_to: str | None = None                              # hub URL (--push-to-hub)
+    verification: dict[str, Any] | None = None                # modules read back, last block's difference
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,12 +175,13 @@ def output_head(spec: QuantSpec, fmt: Any, reader: CheckpointReader, skeleton: n
     return name, own.replace(min_zero=fmt.min_zero(own), method="rtn")
 
 
-def head_tensors(head: tuple[str, QuantSpec], weight: torch.Tensor, fmt: Any, dtype: torch.dtype) -> dict:
-    """The output head rounded to its grid (RTN), encoded by the format."""
+def head_tensors(head: tuple[str, QuantSpec], weight: torch.Tensor, fmt: Any,
+                 dtype: torch.dtype) -> tuple[QuantizedWeight, dict]:
+    """The output head rounded to its grid (RTN), and its tensors encoded by the format."""
     from .algorithms.rtn import rtn_quantize
 
-    qw = rtn_quantize(weight, head[1])
-    return fmt.encode(replace(qw, source_dtype=dtype))
+    qw = replace(rtn_quantize(weight, head[1]), source_dtype=dtype)
+    return qw, fmt.encode(qw)
 
 
 def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec) -> int:
@@ -306,7 +310,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
              calibration: Any = None, device: str = "auto", overwrite: bool = False,
              max_shard_bytes: int = 2 * 1024 ** 3, batch_size: int = 8,
              on_event: EventHandler | None = None, command: str | None = None, resume: bool = True,
-             evaluation: Any = None, push_to_hub: str | None = None, strict_vllm: bool = False) -> Summary:
+             evaluation: Any = None, push_to_hub: str | None = None, strict_vllm: bool = False,
+             verify: bool = True) -> Summary:
     """Quantize MODEL (folder, hub id or cache entry) with `spec` and write OUT atomically.
 
     `options` are the algorithm's own (e.g. GPTQOptions); `calibration` a CalibrationSpec for
@@ -314,7 +319,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
     recorded beside OUT (resume.py) and a rerun after an interruption continues from there.
     `evaluation` (publish.EvalSpec) measures the written checkpoint against the source into its
     model card; `push_to_hub` uploads it (checked before any work). Combinations that vLLM serves
-    slowly or not at all are warned about before any work (errors with `strict_vllm`).
+    slowly or not at all are warned about before any work (errors with `strict_vllm`). With
+    `verify`, the written files are read back and checked (verify.py) before the rename.
     """
     emit = on_event or (lambda kind, data: None)
     start = time.perf_counter()
@@ -380,10 +386,14 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 "batch_size": batch_size if cal is not None else None, "device": dev.type,
                 "max_shard_bytes": max_shard_bytes}, enabled=resume, emit=emit)
             done = state.open(writing=writer.tmp_dir)
+            digests: dict[str, str] = {}              # module -> digest of its result (verification)
+            final_inputs = None                        # the last block's outputs (calibrated runs)
             for name in outside:                       # embeddings, final norm, untied lm_head
                 if head is not None and name == f"{head[0]}.weight":
                     weight = read(name)
-                    for local, tensor in head_tensors(head, weight, fmt, reader.dtype(name)).items():
+                    head_qw, head_encoded = head_tensors(head, weight, fmt, reader.dtype(name))
+                    digests[head[0]] = digest(head_qw)
+                    for local, tensor in head_encoded.items():
                         writer.add(f"{head[0]}.{local}", tensor)
                         q_bytes += tensor.numel() * tensor.element_size()
                     q_params += weight.numel()
@@ -395,6 +405,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                     writer.add(name, tensor)
                 q_params += saved["quantized_params"]
                 q_bytes += saved["quantized_bytes"]
+                digests.update(saved.get("digests", {}))
                 reports.extend(LayerReport(r["name"], tuple(r["shape"]), r["seconds"], r["metrics"])
                                for r in saved["layers"])
             start_inputs = state.load_inputs(done) if done and cal is not None else None
@@ -403,6 +414,10 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 # Formats that record the weight's dtype (bnb) get the checkpoint's, not the work dtype.
                 encoded = {name: fmt.encode(replace(qw, source_dtype=reader.dtype(f"{name}.weight")))
                            for name, (qw, _) in result.quantized.items()}
+                block_digests = {name: digest(qw) for name, (qw, _) in result.quantized.items()}
+                digests.update(block_digests)
+                if result.next_inputs is not None:
+                    final_inputs = result.next_inputs
                 t = timer.add("packing", t)
                 ordered: list[tuple[str, torch.Tensor]] = []
                 block_params = block_bytes = 0
@@ -420,7 +435,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 q_bytes += block_bytes
                 layers = [asdict(r) for r in result.reports]
                 state.save_block(result.index, ordered, {"quantized_params": block_params,
-                                                         "quantized_bytes": block_bytes, "layers": layers},
+                                                         "quantized_bytes": block_bytes, "layers": layers,
+                                                         "digests": block_digests},
                                  result.next_inputs)
                 timer.add("write", t)
                 reports.extend(result.reports)
@@ -466,7 +482,24 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 files[fmt.config_file] = json_text(qconfig)
             files["README.md"] = model_card(summary, qconfig, command, folder, fmt.description)
             t = time.perf_counter()
-            writer.finish(config={**config, "quantization_config": qconfig}, files=files)
+            verification: dict[str, Any] = {}
+
+            def check(tmp: Path) -> None:
+                t0 = time.perf_counter()
+                verification["modules"] = check_modules(tmp, digests)
+                nonlocal final_inputs
+                if cal is not None and final_inputs is None and done == len(plans):
+                    final_inputs = state.load_inputs(len(plans))
+                if cal is not None and final_inputs is not None:
+                    batch = min(batch_size, cal.tokens.shape[0])
+                    verification["last_block_rel_diff"] = check_outputs(tmp, cal.tokens[:batch], final_inputs[0],
+                                                                        arch.layers, dev)
+                verification["seconds"] = time.perf_counter() - t0
+                emit("verified", dict(verification))
+
+            writer.finish(config={**config, "quantization_config": qconfig}, files=files,
+                          verify=check if verify else None)
+            summary.verification = verification or None
             state.clear()
             timer.add("write", t)
     if evaluation is not None:

@@ -54,6 +54,7 @@ class Job:
     batch_size: int = 8
     resume: bool = True
     strict_vllm: bool = False        # vLLM preflight findings are errors, not warnings
+    verify: bool = True              # read the written checkpoint back and check it before the rename
     evaluation: Any = None           # publish.EvalSpec: measure the written checkpoint into its card
     push_to_hub: str | None = None   # hub repository to upload to
     source: dict = field(default_factory=dict)   # the job's keys as given (for the model card)
@@ -73,7 +74,7 @@ def _options_class(method: str) -> type:
 METHODS = ("rtn", "gptq", "awq", "nf4", "outlier")
 SPEC_KEYS = ("bits", "group_size", "sym", "act_order", "format", "keep_dense", "quant_type", "blocksize",
              "double_quant")
-RUN_KEYS = ("device", "overwrite", "max_shard_size", "batch_size", "resume", "strict_vllm")
+RUN_KEYS = ("device", "overwrite", "max_shard_size", "batch_size", "resume", "strict_vllm", "verify")
 JOB_KEYS = ("name", "model", "output", "method", *SPEC_KEYS, *RUN_KEYS, "options", "calibration", "overrides",
             "eval", "push_to_hub")
 EVAL_KEYS = ("dataset", "windows", "seqlen")

@@ -163,7 +163,7 @@ def test_log_json_events(tiny_model, tmp_path):
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert any(e["event"] == "warning" and e["message"].startswith("vLLM: ") for e in events)   # tiny shapes
     events = [e for e in events if e["event"] != "warning"]
-    assert [e["event"] for e in events] == ["start", "plan", "eta", "block", "block", "done"]
+    assert [e["event"] for e in events] == ["start", "plan", "eta", "block", "block", "verified", "done"]
     plan, block = events[1], events[3]
     assert plan["output_bytes"] > 0 and plan["resume_bytes"] >= plan["output_bytes"] and plan["host_peak_bytes"] > 0
     assert block["index"] == 0 and "seconds" in block and block["layers"][0]["metrics"]["rel_error"] > 0

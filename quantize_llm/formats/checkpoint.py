@@ -17,7 +17,7 @@ import struct
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import torch
 from torch import Tensor
@@ -220,10 +220,13 @@ class CheckpointWriter:
         self._shard_paths.append(path)
         self._shard = _Shard(self._tmp, self._shard.index + 1)
 
-    def finish(self, *, config: dict, files: dict[str, bytes | str | Path] | None = None) -> Path:
+    def finish(self, *, config: dict, files: dict[str, bytes | str | Path] | None = None,
+               verify: Callable[[Path], None] | None = None) -> Path:
         """Close the last shard, write the index, config.json and `files`, then move into OUT.
 
-        `files` maps a plain file name (no folders) to its content; a Path is copied.
+        `files` maps a plain file name (no folders) to its content; a Path is copied. `verify(folder)`
+        runs on the complete temporary folder before the rename; if it raises, nothing is moved
+        into OUT (the temporary folder is removed when the writer's block exits).
         """
         if self._done:
             raise RuntimeError("this CheckpointWriter is finished or aborted")
@@ -254,6 +257,8 @@ class CheckpointWriter:
             else:
                 (self._tmp / fname).write_bytes(content)
         self._sync()
+        if verify is not None:
+            verify(self._tmp)
         self._move_into_place()
         self._done = True
         return self.out
