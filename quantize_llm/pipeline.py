@@ -126,7 +126,8 @@ def plan_blocks(reader: CheckpointReader, arch: ArchitectureMap, skeleton: nn.Mo
         plans.append(BlockPlan(i, prefix, tuple(linears), tensors))
     if not plans:
         raise ModelError(f"the model has no decoder blocks under {arch.layers}")
-    if any(lp.spec is not None for p in plans for lp in p.linears) and not getattr(fmt, "per_module", False):
+    if any(lp.spec is not None and _grid(lp.spec) != _grid(spec) for p in plans for lp in p.linears) \
+            and not getattr(fmt, "per_module", False):
         raise SpecError(f"the {fmt.name} format has one setting for every layer, so it cannot hold per-module "
                         "overrides", "use the gptq format (it records them as `dynamic` entries)")
     if not any(lp.quantize for p in plans for lp in p.linears):
@@ -260,7 +261,13 @@ def check_disk(output: Path, resources: ResourcePlan) -> None:
                           f"10% margin, {free / 1e9:.2f} GB is free", hint)
 
 
-def modules_in_block(plans: list[BlockPlan], arch: ArchitectureMap) -> tuple[list[list[str]], dict]:
+def _grid(spec: QuantSpec) -> tuple[int, int, bool]:
+    """What a format must record per module: bits, group size, sym."""
+    return spec.bits, spec.group_size, spec.sym
+
+
+def modules_in_block(plans: list[BlockPlan], arch: ArchitectureMap,
+                     spec: QuantSpec | None = None) -> tuple[list[list[str]], dict]:
     """`modules_in_block_to_quantize` (GPTQ config) and `dynamic` exclusions for uneven --keep-dense."""
     quantized_somewhere = {lp.local for p in plans for lp in p.linears if lp.quantize}
     groups = [[n for n in group if n in quantized_somewhere] for group in arch.sequential]
@@ -268,7 +275,7 @@ def modules_in_block(plans: list[BlockPlan], arch: ArchitectureMap) -> tuple[lis
                                 if not lp.quantize and lp.local in quantized_somewhere}
     for p in plans:   # per-module overrides, one exact entry per module
         for lp in p.linears:
-            if lp.quantize and lp.spec is not None:
+            if lp.quantize and lp.spec is not None and (spec is None or _grid(lp.spec) != _grid(spec)):
                 dynamic[f"+:^{re.escape(lp.name)}$"] = {"bits": lp.spec.bits, "group_size": lp.spec.group_size,
                                                          "sym": lp.spec.sym}
     return [g for g in groups if g], dynamic
@@ -447,7 +454,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 emit("block", {"index": result.index, "blocks": len(plans), "seconds": result.seconds,
                                "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(dev),
                                "timings": {k: round(v, 3) for k, v in timer.seconds.items()}, "layers": layers})
-            in_block, dynamic = modules_in_block(plans, arch)
+            in_block, dynamic = modules_in_block(plans, arch, spec)
             meta: dict[str, Any] = {"quantizer": [f"quantize-llm:{__version__}"], "method": spec.method,
                                     "spec": spec.to_dict()}
             if options is not None:

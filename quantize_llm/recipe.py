@@ -78,7 +78,7 @@ RUN_KEYS = ("device", "overwrite", "max_shard_size", "batch_size", "resume", "st
 JOB_KEYS = ("name", "model", "output", "method", *SPEC_KEYS, *RUN_KEYS, "options", "calibration", "overrides",
             "eval", "push_to_hub")
 EVAL_KEYS = ("dataset", "windows", "seqlen")
-OVERRIDE_KEYS = ("match", "bits", "group_size", "sym", "keep_dense")
+OVERRIDE_KEYS = ("match", "bits", "group_size", "sym", "method", "keep_dense")
 CALIBRATION_KEYS = ("dataset", "nsamples", "seqlen", "seed", "text_column")
 # The format each method writes unless the job says otherwise.
 DEFAULT_FORMAT = {"nf4": "bnb", "outlier": "outlier"}

@@ -10,7 +10,7 @@ from .errors import SpecError
 from .nf4codes import BLOCKSIZES, CODEBOOKS as TABLE_CODEBOOKS
 
 INT_BITS = (2, 3, 4, 8)
-OVERRIDABLE = ("bits", "group_size", "sym")   # what a per-module override may change
+OVERRIDABLE = ("bits", "group_size", "sym", "method")   # what a per-module override may change
 CODEBOOKS = ("int", *TABLE_CODEBOOKS)    # "int": integer grid; nf4/fp4: bitsandbytes' 4-bit tables
 
 
@@ -69,6 +69,13 @@ class QuantSpec:
             if unknown or not changes:
                 raise SpecError(f"override {pattern!r}: {'unknown setting ' + unknown[0] if unknown else 'changes nothing'}",
                                 f"an override sets {', '.join(OVERRIDABLE)} (or keep_dense = true)")
+            method = dict(changes).get("method")
+            if method is not None and method not in ("rtn", self.method):
+                raise SpecError(f"override {pattern!r}: method {method!r} inside a {self.method} run is not supported",
+                                "a per-module method can only be rtn (round-to-nearest, no calibration statistics)")
+            if method == "rtn" and self.method not in ("rtn", "gptq"):
+                raise SpecError(f"override {pattern!r}: a per-module method is not supported in {self.method} runs",
+                                "it is supported in gptq runs; quantize those modules in a separate job otherwise")
             try:
                 self.replace(overrides=(), **dict(changes))   # each overridden spec must be valid by itself
             except SpecError as exc:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from quantize_llm.errors import SpecError
 from quantize_llm.recipe import load_recipe
@@ -325,3 +326,32 @@ def test_tied_lm_head_cannot_be_quantized(tiny_model, tmp_path, capsys):
     recipe = write(tmp_path, f'[[jobs]]\nmodel = "{src}"\noutput = "{tmp_path / "o"}"\nmethod = "rtn"\n'
                              f"group_size = 32\noverrides = [{{match = 'lm_head', bits = 8}}]\n")
     expect_error(capsys, ["run", recipe], "shares its weight with the input embeddings")
+
+
+def test_method_override_rtn_inside_gptq(tiny_model, tmp_path, calib_file):
+    """down_proj rounded to nearest inside a GPTQ run: it equals plain RTN of the weight GPTQ left it."""
+    from safetensors.torch import load_file
+
+    src = tiny_model("llama")
+    common = f'model = "{src}"\nbits = 4\ngroup_size = 32\nsym = true\n'
+    cal = f'calibration = {{dataset = "{calib_file}", nsamples = 4, seqlen = 32}}\n'
+    recipe = write(tmp_path, f'[[jobs]]\noutput = "{tmp_path / "mixed"}"\nmethod = "gptq"\n{common}{cal}'
+                             f"overrides = [{{match = 'down_proj', method = 'rtn'}}]\n"
+                             f'[[jobs]]\noutput = "{tmp_path / "rtn"}"\nmethod = "rtn"\n{common}')
+    assert cli("run", recipe) == 0
+    mixed, rtn = load_file(tmp_path / "mixed" / "model.safetensors"), load_file(tmp_path / "rtn" / "model.safetensors")
+    # block 0's down_proj sees the source weight (nothing before it in the block changes it): same bytes as RTN
+    assert torch.equal(mixed["model.layers.0.mlp.down_proj.qweight"], rtn["model.layers.0.mlp.down_proj.qweight"])
+    assert not torch.equal(mixed["model.layers.0.mlp.up_proj.qweight"], rtn["model.layers.0.mlp.up_proj.qweight"])
+    qconfig = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
+    assert "dynamic" not in qconfig                              # same grid everywhere: nothing to record
+
+
+@pytest.mark.parametrize("method,override,needle", [
+    ("awq", "rtn", "not supported in awq runs"),
+    ("gptq", "awq", "method 'awq' inside a gptq run"),
+])
+def test_method_overrides_that_are_refused(tiny_model, tmp_path, capsys, method, override, needle):
+    recipe = write(tmp_path, f'[[jobs]]\nmodel = "{tiny_model("llama")}"\noutput = "{tmp_path / "o"}"\n'
+                             f'method = "{method}"\ngroup_size = 32\noverrides = [{{match = "down", method = "{override}"}}]\n')
+    expect_error(capsys, ["run", recipe], needle)

@@ -202,13 +202,28 @@ class GPTQ:
         """Linears sharing an input share a Hessian; GPTQ treats rows independently, so their
         weights are stacked and solved together (one factorization, one column loop), which gives
         exactly the result of solving each alone."""
+        results = {}
+        for name in [n for n in layer.weights if layer.spec_of(n, self.spec).method == "rtn"]:
+            # a per-module `method = "rtn"` override: nearest rounding, output error still from H
+            from .rtn import rtn_quantize
+
+            spec = layer.spec_of(name, self.spec)
+            h = self.hessians.get(layer.input_of.get(name, name))
+            qw = rtn_quantize(layer.weights[name], spec)
+            metrics = {"method": "rtn"}
+            if h is not None:
+                w = layer.weights[name].float()
+                diff = w - qw.dequantize(torch.float32)
+                metrics["rel_error"] = math.sqrt(max(float(((diff @ h) * diff).sum()), 0.0)
+                                                 / max(float(((w @ h) * w).sum()), 1e-30))
+            layer.report(name, metrics)
+            results[name] = qw
         by_input: dict[tuple[str, QuantSpec], list[str]] = {}   # same input and same spec: stacked
-        for name in layer.weights:
+        for name in [n for n in layer.weights if n not in results]:
             by_input.setdefault((layer.input_of.get(name, name), layer.spec_of(name, self.spec)), []).append(name)
         missing = [names[0] for (key, _), names in by_input.items() if key not in self.hessians]
         if missing:
             raise RunError(f"block {layer.index}: no calibration inputs reached {missing[0]}")
-        results = {}
         for (key, spec), names in by_input.items():
             h = self.hessians[key]
             stacked = torch.cat([layer.weights[n] for n in names], dim=0)   # (sum of out, in)
@@ -233,6 +248,6 @@ class GPTQ:
                                     "dead_columns": stats.dead_columns,
                                     "seconds": stats.seconds * rows / stacked.shape[0]})
                 results[name] = part
-        for key, _ in by_input:
-            self.hessians.pop(key, None)
+        for name in layer.weights:
+            self.hessians.pop(layer.input_of.get(name, name), None)
         return results
