@@ -377,7 +377,7 @@ def plan(recipe: Annotated[Path, typer.Argument(help="The recipe file (.toml, .y
     for i in indices:
         job = jobs[i]
         resources = plan_job(job.model, job.spec, options=job.options, calibration=job.calibration,
-                             device=job.device, batch_size=job.batch_size, resume=job.resume)
+                             device=job.device, batch_size=job.batch_size, resume=job.resume, verify=job.verify)
         out.print(f"[bold]job {i} ({job.name})[/bold]: {resources.blocks} blocks -> {job.output}")
         for line in resources.lines():
             out.print(f"  {line}")

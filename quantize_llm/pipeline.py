@@ -206,7 +206,8 @@ def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec
 
 
 def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec, config: dict,
-                  calibrated: bool, calibration: Any, batch_size: int, dev: torch.device, resume: bool) -> ResourcePlan:
+                  calibrated: bool, calibration: Any, batch_size: int, dev: torch.device, resume: bool,
+                  verify: bool = True) -> ResourcePlan:
     """Memory and disk the run will need (plan.py), from the headers and the settings."""
     nsamples = getattr(calibration, "nsamples", 128)
     seqlen = getattr(calibration, "seqlen", 2048)
@@ -215,7 +216,7 @@ def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantS
         seqlen = min(seqlen, int(context))
     return estimate_resources(reader, plans, config, output_bytes=estimate_output_bytes(reader, plans, spec),
                               calibrated=calibrated, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
-                              device_type=dev.type, resume=resume)
+                              device_type=dev.type, resume=resume, verify=verify)
 
 
 def prepare(spec: QuantSpec, options: object | None) -> tuple[Any, QuantSpec, Any]:
@@ -234,7 +235,7 @@ def prepare(spec: QuantSpec, options: object | None) -> tuple[Any, QuantSpec, An
 
 
 def plan_job(model: str, spec: QuantSpec, *, options: object | None = None, calibration: Any = None,
-             device: str = "auto", batch_size: int = 8, resume: bool = True) -> ResourcePlan:
+             device: str = "auto", batch_size: int = 8, resume: bool = True, verify: bool = True) -> ResourcePlan:
     """The resource plan of a job from the checkpoint's headers alone (nothing is loaded or run)."""
     fmt, spec, algorithm = prepare(spec, options)
     dev = resolve_device(device)
@@ -242,7 +243,7 @@ def plan_job(model: str, spec: QuantSpec, *, options: object | None = None, cali
         config = reader.config
         plans = plan_blocks(reader, get_architecture(config), build_skeleton(reader.folder, config), spec)
         return resource_plan(reader, plans, spec, config, algorithm.needs_calibration, calibration, batch_size,
-                             dev, resume)
+                             dev, resume, verify)
 
 
 def check_disk(output: Path, resources: ResourcePlan) -> None:
@@ -362,7 +363,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
         q_params = q_bytes = 0
         timer = Timer()
         resources = resource_plan(reader, plans, spec, config, algorithm.needs_calibration, calibration,
-                                  batch_size, dev, resume)
+                                  batch_size, dev, resume, verify)
         check_disk(output, resources)
         with CheckpointWriter(output, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
                               expected_bytes=resources.output_bytes) as writer:

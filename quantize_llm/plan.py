@@ -9,6 +9,8 @@ The figures are estimates from the checkpoint's headers and the settings, not me
     device memory  the same minus the process baseline, when the work device is a GPU
     disk           the output, plus with resume the finished blocks (about the output again)
                    and one block's saved calibration inputs
+    verification   after writing, the quantized checkpoint is loaded whole (its size, the
+                   unquantized tensors in float32); the peak is the larger of the two phases
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class ResourcePlan:
 
 
 def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calibrated: bool, nsamples: int,
-             seqlen: int, batch_size: int, device_type: str, resume: bool) -> ResourcePlan:
+             seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool = True) -> ResourcePlan:
     """The plan for quantizing `plans` (pipeline.plan_blocks) of the checkpoint behind `reader`."""
     block_elems = max(sum(_numel(reader.shape(n)) for n in p.tensors) for p in plans)
     block_bytes = 4 * block_elems
@@ -62,6 +64,10 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
         temporaries = 3 * 4 * min(batch_size, nsamples) * seqlen * widest_out
         embeddings = 4 * max((_numel(reader.shape(n)) for n in reader.names() if "embed" in n), default=0)
     work = block_bytes + activation + hessian + temporaries + embeddings
+    if verify:   # the written checkpoint loaded whole: packed Linears as stored, the rest in float32
+        dense = reader.total_bytes - sum(reader.nbytes(f"{lp.name}.weight") for p in plans for lp in p.linears
+                                         if lp.quantize)
+        work = max(work, output_bytes + 2 * dense + (activation // 2 if calibrated else 0))
     host = PROCESS_BASELINE + (work if device_type == "cpu" else block_bytes // 2)
     device = work if device_type == "cuda" else None
     resume_bytes = (output_bytes + (activation // 2)) if resume else 0
