@@ -569,6 +569,9 @@ def model_card(summary: Summary, qconfig: dict, command: str | None, folder: Pat
         stored = "absmax and nested statistics included"
     rows = [("method", spec["method"]), *grid,
             ("kept unquantized", ", ".join(spec["keep_dense"]) or "embeddings, norms, lm_head"),
+            *([("per-module overrides (first match wins)",
+                "; ".join(f"`{o['match']}`: " + ", ".join(f"{k} {v}" for k, v in o.items() if k != "match")
+                          for o in spec["overrides"]))] if spec.get("overrides") else []),
             (f"bits per weight (quantized Linears, {stored})", f"{summary.bits_per_weight:.3f}"),
             ("quantized parameters", f"{summary.quantized_params:,}"),
             *([("calibration", f"{summary.calibration['source']}: {summary.calibration['nsamples']} x "

@@ -217,6 +217,8 @@ keep_dense = true
     capsys.readouterr()
     assert cli("inspect", out) == 0
     assert "mlp.down_proj (x2) │    8 │    64" in capsys.readouterr().out
+    assert "| per-module overrides (first match wins) | `mlp\\.down_proj$`: bits 8, group_size 64 |" in \
+        (out / "README.md").read_text()
 
 
 def test_gptq_with_an_override_inside_a_shared_input_group(tiny_model, tmp_path, calib_file):

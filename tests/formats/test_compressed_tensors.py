@@ -104,6 +104,7 @@ def test_transformers_loads_it_on_cpu(tiny_model, tmp_path, calib_file, args):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=0, atol=2e-5)
+    assert cli("inspect", out) == 0
 
 
 def test_cli_refuses_3_bits_before_touching_the_model(tmp_path, capsys):
