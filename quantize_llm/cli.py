@@ -188,7 +188,7 @@ def _print_awq_groups(reports: list) -> None:
         key = re.sub(r"\.\d+\.", ".*.", r.name)
         rows.setdefault(key, []).append(r.metrics)
     table = Table(title="AWQ scale search (mean over blocks; error of the inspected module, relative)")
-    for col in ("layer", "alpha", "error at alpha 0 (RTN)", "error at chosen alpha"):
+    for col in ("layer", "alpha", "error at alpha 0", "error at chosen alpha"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for key, ms in rows.items():
         n = len(ms)
@@ -248,6 +248,7 @@ def awq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Group
         clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Search each group's range by output error after scaling.")] = True,
         max_shrink: Annotated[float, typer.Option("--max-shrink", help="The clip search shrinks ranges down to (1 - this).")] = 0.5,
         search_samples: Annotated[int, typer.Option("--search-samples", help="Calibration sequences the scale search runs the inspected modules on (0 = all).")] = 16,
+        duo_scaling: Annotated[bool, typer.Option("--duo-scaling", help="AutoAWQ's scale variant: mean|x|^alpha / mean|w|^(1-alpha) (alpha 0 is then not plain rounding).")] = False,
         damp: DampOpt = 0.01,
         block_size: BlockSizeOpt = 128,
         true_sequential: TrueSequentialOpt = True,
@@ -258,7 +259,7 @@ def awq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Group
         strict_vllm: StrictVllmOpt = False, verify: VerifyOpt = True,
         max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     options = dict(grid=grid, clip=clip, max_shrink=max_shrink, search_samples=search_samples, then=then, damp=damp,
-                   block_size=block_size, true_sequential=true_sequential)
+                   block_size=block_size, true_sequential=true_sequential, duo_scaling=duo_scaling)
     _run_job(job_from_dict(dict(model=model, output=output, method="awq", bits=bits, group_size=group_size, sym=sym,
                                 format=format, keep_dense=keep_dense or [], options=options,
                                 calibration=_calibration(locals()), **_run_keys(locals())), "command line"), log_json)

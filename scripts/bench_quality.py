@@ -67,6 +67,7 @@ SETTINGS = [
     Setting("awq-w3g128", "awq", 3, 128),
     Setting("awq-gptq-w4g128", "awq", 4, 128, options={"then": "gptq"}),
     Setting("awq-gptq-w3g128", "awq", 3, 128, options={"then": "gptq"}),
+    Setting("awq-duo-w3g128", "awq", 3, 128, options={"duo_scaling": True}),
     # the outlier split: RTN inner scores by magnitude (no calibration), GPTQ inner by w^2 / [H^-1]_jj
     *[Setting(f"outlier-{inner}-w{bits}g128-{pct}%", "outlier", bits, 128,
               options={"inner": inner, "fraction": pct / 100, **({"clip": "mse"} if inner == "gptq" else {})})

@@ -45,6 +45,7 @@ class AWQOptions:
     clip_grid: int = 20            # clip ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink
     max_shrink: float = 0.5
     search_samples: int = 16       # calibration sequences the scale search runs inspected modules on (0: all)
+    duo_scaling: bool = False      # AutoAWQ's variant: s = mean|x|^alpha / mean|w|^(1-alpha) (w normalized per group)
     then: str = "rtn"              # rounding after scaling and clipping: "rtn" or "gptq"
     damp: float = 0.01             # then="gptq": damping of diag(H)
     block_size: int = 128          # then="gptq": columns per lazy-update block
@@ -75,6 +76,22 @@ def awq_scales(act_mean: Tensor, alpha: float) -> Tensor:
     log_a = a.log()
     centre = (log_a.max() + log_a.min()) / 2
     return torch.exp(alpha * (log_a - centre)).float()
+
+
+def weight_mean(weights: list[Tensor], group_size: int) -> Tensor:
+    """Per input channel, the mean over rows of |w| / max|w| of its group (AutoAWQ's duo scaling)."""
+    w = torch.cat([x.float() for x in weights], dim=0).abs()             # (rows, in)
+    rows, n = w.shape
+    gs = n if group_size == -1 or n % group_size else group_size
+    g = w.view(rows, n // gs, gs)
+    return (g / (g.amax(dim=2, keepdim=True) + 1e-6)).view(rows, n).mean(dim=0)
+
+
+def duo_scales(act_mean: Tensor, w_mean: Tensor, alpha: float) -> Tensor:
+    """s = act_mean^alpha / (w_mean^(1-alpha) + 1e-4), normalized by sqrt(max * min)."""
+    s = act_mean.double().clamp(min=1e-30) ** alpha / (w_mean.double() ** (1 - alpha) + 1e-4)
+    s = s.clamp(min=1e-4)
+    return (s / (s.max() * s.min()).sqrt()).float()
 
 
 def fake_rtn(weight: Tensor, spec: QuantSpec) -> Tensor:
@@ -199,10 +216,12 @@ class AWQ:
         error = stats.error_fn(block, entry)
         best_err, best_alpha, first_err = math.inf, 0.0, math.nan
         best_s = torch.ones_like(act_mean)
+        w_mean = weight_mean(list(originals.values()), self.spec.group_size) if self.options.duo_scaling else None
         try:
             for i in range(self.options.grid):
                 alpha = i / self.options.grid
-                s = awq_scales(act_mean, alpha).to(act_mean.device)
+                s = (duo_scales(act_mean, w_mean, alpha) if w_mean is not None
+                     else awq_scales(act_mean, alpha)).to(act_mean.device)
                 for n, m in linears.items():
                     m.weight.data = fake_rtn(originals[n] * s, self.specs.get(n, self.spec)) / s
                 err = error(linears, originals)

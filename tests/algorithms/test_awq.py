@@ -202,3 +202,16 @@ def test_clip_search_keeps_full_range_for_unseen_inputs() -> None:
 def test_bad_options_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(SpecError, match=message):
         AWQOptions(**kwargs)
+
+
+def test_duo_scales_formula() -> None:
+    from quantize_llm.algorithms.awq import duo_scales, weight_mean
+
+    w = torch.tensor([[1.0, -2.0, 4.0, 0.5], [2.0, 2.0, -1.0, 1.0]])
+    w_mean = weight_mean([w], group_size=2)
+    expected_w = torch.tensor([[0.5, 1.0, 1.0, 0.125], [1.0, 1.0, 1.0, 1.0]]).mean(0)
+    torch.testing.assert_close(w_mean, expected_w, rtol=1e-5, atol=1e-5)
+    act = torch.tensor([0.5, 1.0, 4.0, 2.0])
+    s = act.double() ** 0.3 / (expected_w.double() ** 0.7 + 1e-4)
+    torch.testing.assert_close(duo_scales(act, w_mean, 0.3).double(), s / (s.max() * s.min()).sqrt(),
+                               rtol=1e-5, atol=0)
