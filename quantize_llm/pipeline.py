@@ -4,6 +4,7 @@ The only place that knows about devices, memory and order (DESIGN.md, "Pipeline"
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 import resource
@@ -366,7 +367,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                                   batch_size, dev, resume, verify)
         check_disk(output, resources)
         with CheckpointWriter(output, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
-                              expected_bytes=resources.output_bytes) as writer:
+                              expected_bytes=resources.output_bytes) as writer, contextlib.ExitStack() as cleanup:
             cal = cal_info = None
             if algorithm.needs_calibration:
                 t = time.perf_counter()
@@ -393,6 +394,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 "calibration_tokens": tokens_fingerprint(cal.tokens if cal is not None else None),
                 "batch_size": batch_size if cal is not None else None, "device": dev.type,
                 "max_shard_bytes": max_shard_bytes}, enabled=resume, emit=emit)
+            state.lock()
+            cleanup.callback(state.unlock)
             done = state.open(writing=writer.tmp_dir)
             digests: dict[str, str] = {}              # module -> digest of its result (verification)
             final_inputs = None                        # the last block's outputs (calibrated runs)

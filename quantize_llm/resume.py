@@ -72,6 +72,28 @@ class ResumeState:
         self.done = 0                                  # blocks finished and recorded
 
     # --- start -----------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold an exclusive lock on OUT for this process's lifetime (released when it exits, however
+        it exits), so that two runs of the same job cannot write the same output and resume state."""
+        import fcntl
+
+        path = self.output.parent / f".{self.output.name}.lock"
+        try:
+            self._lock = open(path, "a+")
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"another run is writing {self.output} right now (lock {path})",
+                              "wait for it to finish, or choose another -o") from None
+        except OSError:
+            self._lock = None      # a filesystem without locks: carry on unprotected
+
+    def unlock(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            Path(lock.name).unlink(missing_ok=True)
+            self._lock = None
+
     def open(self, writing: Path | None = None) -> int:
         """Prepare the folder; returns how many leading blocks are already done (0: fresh start).
 

@@ -133,3 +133,20 @@ def test_killed_process_resumes_byte_identical(deep_model, tmp_path, calib_file,
     assert [e for e in events(log) if e["event"] == "resume"][0]["from_block"] == done
     same_files(tmp_path / "whole", tmp_path / "out")
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(deep_model, tmp_path, capsys):
+    import fcntl
+
+    lock = open(tmp_path / ".out.lock", "a+")                 # what a running job holds
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        from test_cli import expect_error
+
+        expect_error(capsys, ["rtn", deep_model, "-o", tmp_path / "out", "--group-size", 32],
+                     "another run is writing .*out right now")
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    finally:
+        lock.close()
+    assert cli("rtn", deep_model, "-o", tmp_path / "out", "--group-size", 32) == 0
+    assert not (tmp_path / ".out.lock").exists()
