@@ -47,7 +47,7 @@ BitsOpt = Annotated[int, typer.Option("--bits", "-b", help="Bits per weight: 2, 
 GroupSizeOpt = Annotated[int, typer.Option("--group-size", "-g", help="Weights per scale along in_features; -1 = per output channel.")]
 SymOpt = Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (zero fixed; vLLM's fast kernels) or asymmetric (per-group zero).")]
 KeepDenseOpt = Annotated[Optional[list[str]], typer.Option("--keep-dense", help="Regex of Linear names to leave unquantized (repeatable).", show_default=False)]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N; quantizing commands also take a list such as cuda:0,cuda:1 and spread calibrated runs over it (same checkpoint as one device).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 2GB or 500MB.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Record each finished block beside OUT and, when an interrupted run of the same job left some, continue from there.")]

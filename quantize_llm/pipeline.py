@@ -71,8 +71,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if "," in device:
-        raise UsageError(f"--device {device}: spreading one job over several devices is not supported yet",
-                         "give one device; run several jobs side by side with `run --job-index`")
+        raise UsageError(f"--device {device}: this command runs on one device",
+                         "give one device, such as cuda:0")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -206,9 +206,30 @@ def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec
     return int(total)
 
 
+def resolve_devices(device: str) -> tuple[torch.device, ...]:
+    """One device (resolve_device) or a comma-separated list of them for a run spread over several:
+    GPUs each named with their index and named once; `cpu,cpu` (CPU workers, for checking that a
+    spread run gives the same checkpoint on a machine without GPUs) is allowed."""
+    parts = [p.strip() for p in device.split(",")]
+    if len(parts) == 1:
+        return (resolve_device(parts[0]),)
+    if any(not p or p == "auto" for p in parts):
+        raise UsageError(f"--device {device}: a list names each device", "write it like cuda:0,cuda:1")
+    devices = tuple(resolve_device(p) for p in parts)
+    if len({d.type for d in devices}) > 1:
+        raise UsageError(f"--device {device} mixes CPU and GPU", "list GPUs only, such as cuda:0,cuda:1")
+    if devices[0].type == "cuda":
+        if any(d.index is None for d in devices):
+            raise UsageError(f"--device {device}: a GPU in a list needs its index", "write it like cuda:0,cuda:1")
+        twice = next((d for i, d in enumerate(devices) if d in devices[:i]), None)
+        if twice is not None:
+            raise UsageError(f"--device {device} names {twice} twice", "name each GPU once")
+    return devices
+
+
 def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec, config: dict,
                   calibrated: bool, calibration: Any, batch_size: int, dev: torch.device, resume: bool,
-                  verify: bool = True) -> ResourcePlan:
+                  verify: bool = True, devices: int = 1) -> ResourcePlan:
     """Memory and disk the run will need (plan.py), from the headers and the settings."""
     nsamples = getattr(calibration, "nsamples", 128)
     seqlen = getattr(calibration, "seqlen", 2048)
@@ -217,7 +238,7 @@ def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantS
         seqlen = min(seqlen, int(context))
     return estimate_resources(reader, plans, config, output_bytes=estimate_output_bytes(reader, plans, spec),
                               calibrated=calibrated, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
-                              device_type=dev.type, resume=resume, verify=verify)
+                              device_type=dev.type, resume=resume, verify=verify, devices=devices)
 
 
 def prepare(spec: QuantSpec, options: object | None) -> tuple[Any, QuantSpec, Any]:
@@ -239,12 +260,13 @@ def plan_job(model: str, spec: QuantSpec, *, options: object | None = None, cali
              device: str = "auto", batch_size: int = 8, resume: bool = True, verify: bool = True) -> ResourcePlan:
     """The resource plan of a job from the checkpoint's headers alone (nothing is loaded or run)."""
     fmt, spec, algorithm = prepare(spec, options)
-    dev = resolve_device(device)
+    devices = resolve_devices(device)
+    dev = devices[0]
     with CheckpointReader(resolve_model(model)) as reader:
         config = reader.config
         plans = plan_blocks(reader, get_architecture(config), build_skeleton(reader.folder, config), spec)
         return resource_plan(reader, plans, spec, config, algorithm.needs_calibration, calibration, batch_size,
-                             dev, resume, verify)
+                             dev, resume, verify, devices=len(devices))
 
 
 def check_disk(output: Path, resources: ResourcePlan) -> None:
@@ -334,7 +356,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
     emit = on_event or (lambda kind, data: None)
     start = time.perf_counter()
     fmt, spec, algorithm = prepare(spec, options)
-    dev = resolve_device(device)
+    devices = resolve_devices(device)
+    dev = devices[0]                                   # embeddings, Hessian sums, verification
     output = Path(output).expanduser()
     if push_to_hub:
         from .publish import check_hub
@@ -364,7 +387,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
         q_params = q_bytes = 0
         timer = Timer()
         resources = resource_plan(reader, plans, spec, config, algorithm.needs_calibration, calibration,
-                                  batch_size, dev, resume, verify)
+                                  batch_size, dev, resume, verify, devices=len(devices))
         check_disk(output, resources)
         with CheckpointWriter(output, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
                               expected_bytes=resources.output_bytes) as writer, contextlib.ExitStack() as cleanup:
@@ -384,7 +407,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                                   batch_size=batch_size, dtype=torch.float32, arch=arch,
                                   stored_dtype=reader.dtype)
             emit("start", {"model": model, "output": str(output), "blocks": len(plans), "spec": spec.to_dict(),
-                           "device": str(dev), "input_bytes": reader.total_bytes})
+                           "device": ",".join(map(str, devices)), "input_bytes": reader.total_bytes})
             emit("plan", resources.to_dict())
             for reason in vllm:
                 emit("warning", {"message": f"vLLM: {reason}"})
@@ -420,7 +443,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 reports.extend(LayerReport(r["name"], tuple(r["shape"]), r["seconds"], r["metrics"])
                                for r in saved["layers"])
             start_inputs = state.load_inputs(done) if done and cal is not None else None
-            for result in run(plans, algorithm, read, dev, cal, timer, start=done, start_inputs=start_inputs):
+            for result in run(plans, algorithm, read, devices, cal, timer, start=done, start_inputs=start_inputs):
                 t = time.perf_counter()
                 # Formats that record the weight's dtype (bnb) get the checkpoint's, not the work dtype.
                 encoded = {name: fmt.encode(replace(qw, source_dtype=reader.dtype(f"{name}.weight")))
@@ -456,7 +479,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                     emit("eta", {"first_block_seconds": result.seconds, "remaining_blocks": remaining,
                                  "expected_seconds": (time.perf_counter() - start) + remaining * result.seconds})
                 emit("block", {"index": result.index, "blocks": len(plans), "seconds": result.seconds,
-                               "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(dev),
+                               "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(devices),
                                "timings": {k: round(v, 3) for k, v in timer.seconds.items()}, "layers": layers})
             in_block, dynamic = modules_in_block(plans, arch, spec)
             meta: dict[str, Any] = {"quantizer": [f"quantize-llm:{__version__}"], "method": spec.method,
@@ -517,7 +540,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
         from .publish import evaluate_into_card
 
         t = time.perf_counter()
-        summary.evaluation = evaluate_into_card(output, folder, evaluation, device, emit)
+        summary.evaluation = evaluate_into_card(output, folder, evaluation, str(dev), emit)
         timer.add("evaluation", t)
     if push_to_hub:
         from .publish import push
@@ -538,11 +561,11 @@ def json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2) + "\n"
 
 
-def peak_device_mb(dev: torch.device) -> float | None:
-    """Peak memory allocated by torch on a CUDA work device so far; None on CPU."""
-    if dev.type != "cuda":
+def peak_device_mb(devices: tuple[torch.device, ...]) -> float | None:
+    """Peak memory allocated by torch so far on the most loaded CUDA work device; None on CPU."""
+    if devices[0].type != "cuda":
         return None
-    return torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    return max(torch.cuda.max_memory_allocated(d) for d in devices) / 2 ** 20
 
 
 def peak_rss_mb() -> float:

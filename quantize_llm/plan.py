@@ -50,8 +50,12 @@ class ResourcePlan:
 
 
 def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calibrated: bool, nsamples: int,
-             seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool = True) -> ResourcePlan:
-    """The plan for quantizing `plans` (pipeline.plan_blocks) of the checkpoint behind `reader`."""
+             seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool = True,
+             devices: int = 1) -> ResourcePlan:
+    """The plan for quantizing `plans` (pipeline.plan_blocks) of the checkpoint behind `reader`.
+
+    devices: GPUs the run is spread over; the device peak is the first one's (it also holds the
+    embeddings and the Hessian sums; each holds a block replica and its share of the activations)."""
     block_elems = max(sum(_numel(reader.shape(n)) for n in p.tensors) for p in plans)
     block_bytes = 4 * block_elems
     widest_in = max((lp.in_features for p in plans for lp in p.linears), default=0)
@@ -64,12 +68,16 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
         temporaries = 3 * 4 * min(batch_size, nsamples) * seqlen * widest_out
         embeddings = 4 * max((_numel(reader.shape(n)) for n in reader.names() if "embed" in n), default=0)
     work = block_bytes + activation + hessian + temporaries + embeddings
+    checking = 0
     if verify:   # the written checkpoint loaded whole: packed Linears as stored, the rest in float32
         dense = reader.total_bytes - sum(reader.nbytes(f"{lp.name}.weight") for p in plans for lp in p.linears
                                          if lp.quantize)
-        work = max(work, output_bytes + 2 * dense + (activation // 2 if calibrated else 0))
-    host = PROCESS_BASELINE + (work if device_type == "cpu" else block_bytes // 2)
-    device = work if device_type == "cuda" else None
+        checking = output_bytes + 2 * dense + (activation // 2 if calibrated else 0)
+    host = PROCESS_BASELINE + (max(work, checking) if device_type == "cpu" else block_bytes // 2)
+    device = None
+    if device_type == "cuda":
+        spread = block_bytes + -(-activation // devices) + hessian + temporaries + embeddings
+        device = max(spread, checking)
     resume_bytes = (output_bytes + (activation // 2)) if resume else 0
     return ResourcePlan(blocks=len(plans), output_bytes=output_bytes, resume_bytes=resume_bytes,
                         host_peak_bytes=host, device_peak_bytes=device, activation_bytes=activation,

@@ -240,20 +240,24 @@ class AWQ:
         accumulate_hessian(self.hessians, linear_name, x)
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
-        results = {}
         keys = {layer.input_of.get(name, name) for name in layer.weights}
         missing = [k for k in keys if k not in self.hessians]
         if missing:
             raise RunError(f"block {layer.index}: no calibration inputs reached {missing[0]}")
-        for name, weight in layer.weights.items():
+
+        def solve(name: str, device: torch.device) -> QuantizedWeight:
             start = time.perf_counter()
-            h = self.hessians[layer.input_of.get(name, name)]
+            weight = layer.weights[name].to(device)
+            h = self.hessians[layer.input_of.get(name, name)].to(device)
             qw, ratio = self._round(name, weight.float(), h, layer.index, layer.spec_of(name, self.spec))
             metrics = {"rel_error": output_error(weight, qw, h), "seconds": time.perf_counter() - start}
             if ratio is not None:
                 metrics["clip"] = ratio
             layer.report(name, metrics)
-            results[name] = qw
+            return qw
+
+        names = list(layer.weights)
+        results = dict(zip(names, layer.map(solve, names)))   # independent solves: side by side
         for key in keys:
             del self.hessians[key]
         return results

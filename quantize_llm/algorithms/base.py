@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol
 
+import torch
 from torch import Tensor, nn
 
+from ..devices import map_units
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
 
@@ -22,6 +24,8 @@ class LayerContext:
     report    callback taking (linear name, metrics dict) for the per-layer report
     specs     local Linear name -> its QuantSpec where a per-module override differs from the
               algorithm's spec (`spec_of`)
+    devices   the run's work devices; independent solves go through `map`, which runs them side
+              by side when there are several (the weights are on the first)
     """
 
     index: int
@@ -30,9 +34,17 @@ class LayerContext:
     block: nn.Module | None = None
     report: Callable[[str, dict], None] = field(default=lambda name, metrics: None)
     specs: dict[str, QuantSpec] = field(default_factory=dict)
+    devices: tuple[torch.device, ...] = ()
 
     def spec_of(self, name: str, default: QuantSpec) -> QuantSpec:
         return self.specs.get(name, default)
+
+    def map(self, fn: Callable[[Any, torch.device], Any], units: list) -> list:
+        """[fn(unit, device) for each unit]: unit i on devices[i % n], concurrently across devices.
+        `fn` moves what it needs to `device` and must not depend on other units' results."""
+        devices = self.devices or (next(iter(self.weights.values())).device if self.weights
+                                   else torch.device("cpu"),)
+        return map_units(devices, fn, units)
 
 
 @dataclass

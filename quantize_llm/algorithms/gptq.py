@@ -175,12 +175,17 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
 
 
 def accumulate_hessian(hessians: dict[str, Tensor], name: str, x: Tensor) -> None:
-    """hessians[name] += X^T X in float32 for inputs x (..., in); created on first use."""
+    """hessians[name] += X^T X in float32 for inputs x (..., in); created on first use, on x's device.
+
+    The product is formed on x's device and then added (not fused with the addition), so a run
+    whose batches sit on several devices adds exactly the same terms in the same order."""
     x = x.reshape(-1, x.shape[-1]).float()                              # (tokens, in)
+    term = x.t() @ x
     h = hessians.get(name)
     if h is None:
-        h = hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-    h.addmm_(x.t(), x)
+        hessians[name] = term
+    else:
+        h.add_(term.to(h.device))
 
 
 @register
@@ -224,22 +229,24 @@ class GPTQ:
         missing = [names[0] for (key, _), names in by_input.items() if key not in self.hessians]
         if missing:
             raise RunError(f"block {layer.index}: no calibration inputs reached {missing[0]}")
-        for (key, spec), names in by_input.items():
-            h = self.hessians[key]
-            stacked = torch.cat([layer.weights[n] for n in names], dim=0)   # (sum of out, in)
+
+        def solve(unit: tuple[tuple[str, QuantSpec], list[str]], device: torch.device) -> dict[str, QuantizedWeight]:
+            (key, spec), names = unit
+            h = self.hessians[key].to(device)
+            stacked = torch.cat([layer.weights[n].to(device) for n in names], dim=0)   # (sum of out, in)
             try:
                 qw, stats = gptq_quantize(stacked, h, spec, self.options)
             except ValueError as exc:
                 raise RunError(f"block {layer.index} {', '.join(names)}: {exc}",
                                f"raise --damp (now {self.options.damp}) or use more calibration samples") from None
-            row = 0
+            row, solved = 0, {}
             for name in names:
                 rows = layer.weights[name].shape[0]
                 part = QuantizedWeight(codes=qw.codes[row:row + rows].contiguous(),
                                        scale=qw.scale[row:row + rows].contiguous(),
                                        zero=qw.zero[row:row + rows].contiguous(), g_idx=qw.g_idx, spec=qw.spec)
+                w = stacked[row:row + rows].float()
                 row += rows
-                w = layer.weights[name].float()
                 diff = w - part.dequantize(torch.float32)
                 # ||WX - QX||^2 = tr(D H D^T) with D = W - Q and H = X^T X: no need to keep X.
                 num = float(((diff @ h) * diff).sum())
@@ -247,7 +254,11 @@ class GPTQ:
                 layer.report(name, {"rel_error": math.sqrt(max(num, 0.0) / max(den, 1e-30)), "damp": stats.damp,
                                     "dead_columns": stats.dead_columns,
                                     "seconds": stats.seconds * rows / stacked.shape[0]})
-                results[name] = part
+                solved[name] = part
+            return solved
+
+        for solved in layer.map(solve, list(by_input.items())):   # independent solves: side by side
+            results.update(solved)
         for name in layer.weights:
             self.hessians.pop(layer.input_of.get(name, name), None)
         return results

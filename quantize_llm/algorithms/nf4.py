@@ -161,12 +161,13 @@ class NF4:
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
         if not self.needs_calibration:
             return {name: nf4_quantize(w, self.spec) for name, w in layer.weights.items()}
-        results = {}
-        for name, weight in layer.weights.items():
-            key = layer.input_of.get(name, name)
-            if key not in self.hessians:
+        for name in layer.weights:
+            if layer.input_of.get(name, name) not in self.hessians:
                 raise RunError(f"block {layer.index}: no calibration inputs reached {name}")
-            h = self.hessians[key]
+
+        def solve(name: str, device: torch.device) -> QuantizedWeight:
+            weight = layer.weights[name].to(device)
+            h = self.hessians[layer.input_of.get(name, name)].to(device)
             try:
                 qw, stats = nf4_gptq_quantize(weight, h, self.spec, self.options)
             except ValueError as exc:
@@ -179,7 +180,10 @@ class NF4:
             den = float(((w @ h) * w).sum())
             layer.report(name, {"rel_error": math.sqrt(max(num, 0.0) / max(den, 1e-30)), "damp": stats.damp,
                                 "dead_columns": stats.dead_columns, "seconds": stats.seconds})
-            results[name] = qw
+            return qw
+
+        names = list(layer.weights)
+        results = dict(zip(names, layer.map(solve, names)))   # independent solves: side by side
         for key in {layer.input_of.get(n, n) for n in layer.weights}:
             self.hessians.pop(key, None)
         return results

@@ -155,19 +155,21 @@ class OutlierSplit:
         if self.options.mode == "channel":
             amax = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
             prev = self.act_max.get(linear_name)
-            self.act_max[linear_name] = amax if prev is None else torch.maximum(prev, amax)
+            self.act_max[linear_name] = amax if prev is None else torch.maximum(prev, amax.to(prev.device))
         accumulate_hessian(self.hessians, linear_name, x)   # GPTQ, the score, and the output error
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
-        results = {}
         keys = {layer.input_of.get(name, name) for name in layer.weights}
-        for name, weight in layer.weights.items():
+
+        def solve(name: str, device: torch.device) -> QuantizedWeight:
             start = time.perf_counter()
+            weight = layer.weights[name].to(device)
             key = layer.input_of.get(name, name)
             h = self.hessians.get(key)
             if self.needs_calibration and h is None and key not in self.act_max:
                 raise RunError(f"block {layer.index}: no calibration inputs reached {name}")
             w = weight if weight.dtype == torch.float64 else weight.float()   # float64: the tests' references
+            h = h.to(device) if h is not None else None
             if self.options.mode == "channel":
                 mask = channel_mask(self.act_max[key].to(w.device), self.how).expand_as(w).contiguous()
             else:
@@ -183,7 +185,10 @@ class OutlierSplit:
                 num, den = float(((diff @ hf) * diff).sum()), float(((w @ hf) * w).sum())
                 metrics["rel_error"] = math.sqrt(max(num, 0.0) / max(den, 1e-30))
             layer.report(name, metrics)
-            results[name] = qw
+            return qw
+
+        names = list(layer.weights)
+        results = dict(zip(names, layer.map(solve, names)))   # independent solves: side by side
         for key in keys:
             self.hessians.pop(key, None)
             self.act_max.pop(key, None)

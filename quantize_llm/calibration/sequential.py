@@ -10,9 +10,15 @@ onto the work device, its Linears are quantized stage by stage (true-sequential:
 then gate/up, then down), each stage's forward pass stopping as soon as the inputs it needs have
 been observed; the quantized (fake-quant) block finally produces the next block's inputs, so
 quantization error propagates.
+
+With several work devices (devices.py), calibration batch b and its keyword arguments live on
+device b % n, every device holds a replica of the current block, the forward passes run side by
+side, the observed inputs reach the algorithm in batch order, and independent solves run on
+different devices (`LayerContext.map`): the same arithmetic in the same order as on one device.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import time
 from collections import defaultdict
@@ -23,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..algorithms.base import Algorithm, BlockContext, LayerContext
+from ..devices import move, spread
 from ..errors import RunError
 from ..qweight import QuantizedWeight
 
@@ -98,21 +105,25 @@ class Timer:
         return now
 
 
-def run(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Tensor], device: torch.device,
-        calibration: Calibration | None = None, timer: Timer | None = None, start: int = 0,
+def run(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Tensor],
+        device: torch.device | tuple[torch.device, ...], calibration: Calibration | None = None,
+        timer: Timer | None = None, start: int = 0,
         start_inputs: list[Tensor] | None = None) -> Iterator[BlockResult]:
     """Quantize block after block; `read(name)` returns a checkpoint tensor (checked finite).
 
+    device: the work device, or several (calibrated runs spread over them; others use the first).
     start: skip the blocks before it (resuming); a calibrated run then needs `start_inputs`, the
     inputs block `start` received (BlockResult.next_inputs of the block before).
     """
     timer = timer or Timer()
+    devices = tuple(device) if isinstance(device, (tuple, list)) else (device,)
+    device = devices[0]
     if algorithm.needs_calibration:
         if calibration is None:
             raise RunError(f"the {algorithm.name} algorithm needs calibration data")
         if start and start_inputs is None:
             raise RunError(f"cannot resume at block {start}: its saved calibration inputs are missing")
-        yield from _run_calibrated(blocks, algorithm, read, device, calibration, timer, start, start_inputs)
+        yield from _run_calibrated(blocks, algorithm, read, devices, calibration, timer, start, start_inputs)
         return
     for plan in blocks[start:]:
         block_start = time.perf_counter()
@@ -282,20 +293,26 @@ def _block_forward(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
 
 
 def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Tensor],
-                    device: torch.device, cal: Calibration, timer: Timer, start: int = 0,
+                    devices: tuple[torch.device, ...], cal: Calibration, timer: Timer, start: int = 0,
                     start_inputs: list[Tensor] | None = None) -> Iterator[BlockResult]:
     t = time.perf_counter()
-    inputs, calls = capture_inputs(cal, read, device)     # resuming too: every block's kwargs
+    primary, ndev = devices[0], len(devices)
+    inputs, calls = capture_inputs(cal, read, primary)     # resuming too: every block's kwargs
     if start:
         if len(start_inputs) != len(inputs) or any(a.shape != b.shape for a, b in zip(start_inputs, inputs)):
             raise RunError(f"the saved inputs of block {start} do not match the calibration batches")
-        inputs = [x.to(device=device, dtype=b.dtype) for x, b in zip(start_inputs, inputs)]
+        inputs = [x.to(device=primary, dtype=b.dtype) for x, b in zip(start_inputs, inputs)]
+    if ndev > 1:   # batch b, with its keyword arguments for every block, to device b % n
+        memos: list[dict] = [{} for _ in devices]
+        inputs = [x.to(devices[b % ndev]) for b, x in enumerate(inputs)]
+        calls = [[move(kw, devices[b % ndev], memos[b % ndev]) for b, kw in enumerate(per_block)] for per_block in calls]
     timer.add("forward", t)
     layers = cal.skeleton.get_submodule(cal.layers)
     for plan in blocks[start:]:
         block_start = t = time.perf_counter()
         block = layers[plan.index]
-        _materialize(block, plan.prefix, read, device, cal.dtype)
+        template = copy.deepcopy(block) if ndev > 1 else None   # still on meta: the replicas' skeleton
+        _materialize(block, plan.prefix, read, primary, cal.dtype)
         t = timer.add("read", t)
         quantize = {lp.local: lp for lp in plan.linears if lp.quantize}
         groups = [tuple(n for n in g if n in quantize) for g in cal.sequential]
@@ -305,42 +322,61 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         results: dict[str, QuantizedWeight] = {}
         extra: dict[str, dict] = {name: {} for name in quantize}
         modified: set[str] = set()
+        block_calls = calls[plan.index]
         with torch.no_grad():
             prepare = getattr(algorithm, "prepare_block", None)
-            if prepare is not None:   # block-level algorithms (AWQ) rewrite the block first
+            if prepare is not None:   # block-level algorithms (AWQ) rewrite the block first, on one device
                 dtype_of = cal.stored_dtype or (lambda name: read(name).dtype)
                 dtypes = {n: dtype_of(plan.prefix + n) for n, _ in block.named_parameters()}
+                here = [x.to(primary) for x in inputs] if ndev > 1 else inputs
+                here_calls = move(block_calls, primary) if ndev > 1 else block_calls
                 prepare(BlockContext(
-                    index=plan.index, block=block, inputs=inputs, calls=calls[plan.index],
+                    index=plan.index, block=block, inputs=here, calls=here_calls,
                     quantize=tuple(quantize), arch=cal.arch, stored_dtype=dtypes, modified=modified,
                     specs=_specs(quantize.values()),
-                    capture=lambda hooks, stop, batches=None: capture(block, inputs, calls[plan.index],
+                    capture=lambda hooks, stop, batches=None: capture(block, here, here_calls,
                                                                       hooks, stop, batches),
-                    forward=lambda i: _block_forward(block, inputs[i], calls[plan.index][i]),
+                    forward=lambda i: _block_forward(block, here[i], here_calls[i]),
                     report=lambda n, m: extra[n].update(m) if n in extra else None))
+                del here, here_calls
                 t = timer.add("search", t)
+            replicas = [block] + [_replica(template, block, dev) for dev in devices[1:]]
             for stage in stages:
-                t = _observe_stage(block, stage, algorithm, inputs, calls[plan.index], timer, t)
+                t = _observe_stage(replicas, devices, stage, algorithm, inputs, block_calls, timer, t)
                 names = [n for g in stage for n in g]
                 weights = {n: block.get_submodule(n).weight.detach() for n in names}
                 stage_results = algorithm.quantize_layer(LayerContext(
                     index=plan.index, weights=weights, input_of=input_of, block=block,
-                    report=lambda n, m: extra[n].update(m), specs=_specs(quantize.values())))
+                    report=lambda n, m: extra[n].update(m), specs=_specs(quantize.values()), devices=devices))
                 t = timer.add("solve", t)
-                for n in names:   # later stages see the quantized weights (fake-quant)
-                    linear = block.get_submodule(n)
-                    linear.weight.data = stage_results[n].dequantize(linear.weight.dtype)
+                for name in names:   # later stages see the quantized weights (fake-quant), on every replica
+                    fake = stage_results[name].dequantize(block.get_submodule(name).weight.dtype)
+                    for replica, dev in zip(replicas, devices):
+                        replica.get_submodule(name).weight.data = fake.to(dev)
                 results.update(stage_results)
-            inputs = [_block_forward(block, x, kw) for x, kw in zip(inputs, calls[plan.index])]
+            inputs = spread(devices, len(inputs),
+                            lambda i, dev: _block_forward(replicas[i % ndev], inputs[i], block_calls[i]))
             timer.add("forward", t)
         rewritten = {plan.prefix + n: block.get_parameter(n).detach().to("cpu", dtypes[n])
                      for n in sorted(modified)} if modified else {}
+        del replicas
         block.to("meta")
         reports = [_report(quantize[n], extra[n]) for n in quantize]
         result = _finish(plan, results, read, reports, block_start, timer, rewritten)
         result.next_inputs = inputs
         yield result
         release_memory()
+
+
+def _replica(template: nn.Module, block: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of the materialized `block` on `device`, built from its meta `template`."""
+    replica = copy.deepcopy(template)
+    for name, param in block.named_parameters():
+        _set(replica, name, nn.Parameter(param.detach().to(device), requires_grad=False))
+    for name, buf in block.named_buffers():
+        if buf.device.type != "meta":
+            _set(replica, name, buf.to(device), buffer=True)
+    return replica
 
 
 def capture(block: nn.Module, inputs: list[Tensor], calls: list[dict],
@@ -376,19 +412,30 @@ def capture(block: nn.Module, inputs: list[Tensor], calls: list[dict],
             h.remove()
 
 
-def _observe_stage(block: nn.Module, stage: list[tuple[str, ...]], algorithm: Algorithm, inputs: list[Tensor],
-                   calls: list[dict], timer: Timer, t: float) -> float:
-    """Forward the calibration inputs through `block` just far enough to observe the stage's inputs."""
+def _observe_stage(replicas: list[nn.Module], devices: tuple[torch.device, ...], stage: list[tuple[str, ...]],
+                   algorithm: Algorithm, inputs: list[Tensor], calls: list[dict], timer: Timer, t: float) -> float:
+    """Forward the calibration inputs through the block just far enough to observe the stage's
+    inputs. On several devices the batches run side by side and their observed inputs are handed
+    to the algorithm here, in batch order."""
     hessian_seconds = [0.0]
+    names, stop = [g[0] for g in stage], stage[-1][0]
 
-    def observer(name: str) -> Callable:
-        def observe(batch: int, args: tuple, kwargs: dict) -> None:
-            h0 = time.perf_counter()
-            algorithm.observe(name, args[0])
-            hessian_seconds[0] += time.perf_counter() - h0
-        return observe
+    def observe(name: str, x: Tensor) -> None:
+        h0 = time.perf_counter()
+        algorithm.observe(name, x)
+        hessian_seconds[0] += time.perf_counter() - h0
 
-    capture(block, inputs, calls, {g[0]: observer(g[0]) for g in stage}, stop=stage[-1][0])
+    if len(devices) == 1:
+        capture(replicas[0], inputs, calls, {name: lambda b, args, kw, name=name: observe(name, args[0])
+                                             for name in names}, stop=stop)
+    else:
+        def work(i: int, dev: torch.device) -> list[tuple[str, Tensor]]:
+            seen: list[tuple[str, Tensor]] = []
+            capture(replicas[i % len(devices)], [inputs[i]], [calls[i]],
+                    {name: lambda b, args, kw, name=name: seen.append((name, args[0])) for name in names}, stop=stop)
+            return seen
+
+        spread(devices, len(inputs), work, consume=lambda i, seen: [observe(name, x) for name, x in seen])
     now = time.perf_counter()
     timer.seconds["hessian"] += hessian_seconds[0]
     timer.seconds["forward"] += now - t - hessian_seconds[0]

@@ -1,0 +1,106 @@
+"""Work spread over several devices (`--device cuda:0,cuda:1`).
+
+Item i of a job always runs on `devices[i % n]` (calibration batch i, solve unit i), one thread per
+device taking its items in order. Whatever must be combined in a fixed order (Hessian sums) is
+handed back to the caller's thread in item order, so a run on n devices performs the same
+arithmetic in the same order as a run on one, and gives the same checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def device_scope(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` the current CUDA device in this thread (new tensors and streams go there)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def move(obj: Any, device: torch.device, memo: dict[int, Any] | None = None) -> Any:
+    """`obj` with every tensor inside dicts, lists and tuples moved to `device`; a tensor shared by
+    several places is moved once and stays shared (pass the same `memo` across calls)."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))   # keep obj alive so its id is not reused
+        return memo[id(obj)][1]
+    if isinstance(obj, dict):
+        return {k: move(v, device, memo) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        moved = [move(v, device, memo) for v in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
+    if isinstance(obj, list):
+        return [move(v, device, memo) for v in obj]
+    return obj
+
+
+def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, torch.device], R],
+           consume: Callable[[int, R], None] | None = None, ahead: int = 2) -> list[R] | None:
+    """Run `work(i, devices[i % n])` for i in range(count).
+
+    Without `consume`, return the results in item order. With it, call `consume(i, result)` in this
+    thread, in item order, as results arrive, and keep none; each device then runs at most `ahead`
+    items beyond the last consumed one (bounding the memory of pending results). On one device
+    everything runs in this thread. The first failure is raised here after the threads stop.
+    """
+    n = len(devices)
+    if n == 1:
+        results = []
+        for i in range(count):
+            r = work(i, devices[0])
+            if consume is None:
+                results.append(r)
+            else:
+                consume(i, r)
+        return None if consume is not None else results
+
+    futures: list[Future] = [Future() for _ in range(count)]
+    slots = [threading.Semaphore(ahead if consume is not None else count + 1) for _ in range(n)]
+    stop = threading.Event()
+
+    def worker(d: int) -> None:
+        with device_scope(devices[d]):
+            for i in range(d, count, n):
+                slots[d].acquire()
+                if stop.is_set():
+                    return
+                try:
+                    futures[i].set_result(work(i, devices[d]))
+                except BaseException as exc:   # handed to the caller's thread
+                    futures[i].set_exception(exc)
+                    stop.set()
+                    return
+
+    threads = [threading.Thread(target=worker, args=(d,), daemon=True, name=f"quantize-llm-{d}-{devices[d]}")
+               for d in range(n)]
+    for th in threads:
+        th.start()
+    results = []
+    try:
+        for i in range(count):
+            r = futures[i].result()
+            if consume is None:
+                results.append(r)
+            else:
+                consume(i, r)
+                slots[i % n].release()
+    finally:
+        stop.set()
+        for s in slots:                       # wake workers waiting for a slot so they see `stop`
+            for _ in range(n + ahead):
+                s.release()
+        for th in threads:
+            th.join()
+    return None if consume is not None else results
+
+
+def map_units(devices: Sequence[torch.device], fn: Callable[[T, torch.device], R], items: Sequence[T]) -> list[R]:
+    """[fn(item, device) for each item], item i on devices[i % n], side by side across devices."""
+    return spread(devices, len(items), lambda i, dev: fn(items[i], dev))
