@@ -494,6 +494,30 @@ def eval_(model: ModelArg,
     out.print(table)
 
 
+@app.command(help="Generate text from MODEL (a quantized checkpoint through our loader and its CUDA kernels, or an "
+                  "unquantized one through transformers) and report tokens per second.\n\n"
+                  "Example: quantize-llm generate ./smol-w4g128 \"The capital of France is\" --max-new-tokens 32")
+def generate(model: ModelArg,
+             prompt: Annotated[str, typer.Argument(help="The prompt text.", show_default=False)],
+             max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="New tokens to generate.")] = 64,
+             temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; above 0, sampling.")] = 0.0,
+             top_p: Annotated[float, typer.Option("--top-p", help="Sampling: nucleus probability mass.")] = 1.0,
+             seed: Annotated[int, typer.Option("--seed", help="Sampling: random seed.")] = 0,
+             chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")] = False,
+             ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Always generate --max-new-tokens tokens (for timing).")] = False,
+             backend: Annotated[str, typer.Option("--backend", help="auto (CUDA kernels where they load), cuda (insist), torch (PyTorch path).")] = "auto",
+             dtype: Annotated[str, typer.Option("--dtype", help="Activations: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")] = "auto",
+             device: DeviceOpt = "auto") -> None:
+    from .generate import generate as run_generate
+
+    result = run_generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, chat=chat, device=device, backend=backend, dtype=dtype, ignore_eos=ignore_eos)
+    out.print(result.text, markup=False, highlight=False)
+    Console(stderr=True, highlight=False).print(
+        f"{result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
+        f"(prompt {result.prompt_tokens} tokens; {result.device}, {result.dtype}, {result.backend})", markup=False)
+
+
 @app.command(help="Versions and the state of the CUDA kernel.")
 def env() -> None:
     import torch

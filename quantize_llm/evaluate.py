@@ -127,11 +127,13 @@ def evaluate(model: nn.Module, windows: Tensor, baseline: nn.Module | None = Non
                       seconds=time.perf_counter() - start)
 
 
-def load_for_eval(model: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """(eval-mode model in float32 on `device`, tokenizer) for MODEL, quantized or not.
+def load_for_eval(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  backend: str = "auto") -> tuple[nn.Module, Any]:
+    """(eval-mode model in `dtype` on `device`, tokenizer) for MODEL, quantized or not.
 
-    Quantized checkpoints load through `load_quantized`; others through transformers, safetensors
-    only (our reader refuses pickle-only folders first) and without remote code.
+    Quantized checkpoints load through `load_quantized` (with `backend`); others through
+    transformers, safetensors only (our reader refuses pickle-only folders first) and without
+    remote code.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,8 +149,8 @@ def load_for_eval(model: str, device: str | torch.device = "cpu") -> tuple[nn.Mo
         raise ModelError(f"no usable tokenizer in {folder} ({reason})",
                          "copy the tokenizer files of the original model into the folder") from None
     if quantized:
-        return load_quantized(folder, device=device, dtype=torch.float32), tokenizer
-    net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+        return load_quantized(folder, device=device, dtype=dtype, backend=backend), tokenizer
+    net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
                                                trust_remote_code=False)
     return net.to(device).eval(), tokenizer
 

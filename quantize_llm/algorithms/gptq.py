@@ -177,15 +177,14 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
 def accumulate_hessian(hessians: dict[str, Tensor], name: str, x: Tensor) -> None:
     """hessians[name] += X^T X in float32 for inputs x (..., in); created on first use, on x's device.
 
-    The product is formed on x's device and then added (not fused with the addition), so a run
-    whose batches sit on several devices adds exactly the same terms in the same order."""
+    Inputs from other devices (a run spread over several) are moved to the sum's device first, so
+    every batch's term is formed and added by the same operation, in batch order, wherever it ran."""
     x = x.reshape(-1, x.shape[-1]).float()                              # (tokens, in)
-    term = x.t() @ x
     h = hessians.get(name)
     if h is None:
-        hessians[name] = term
-    else:
-        h.add_(term.to(h.device))
+        h = hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+    x = x.to(h.device)
+    h.addmm_(x.t(), x)
 
 
 @register

@@ -28,14 +28,22 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
     """A quantized checkpoint (folder, hub id or cache entry) as an eval-mode model on `device`.
 
     dtype: activations, norms, embeddings and biases (default: the checkpoint's config dtype,
-    else float32); scales stay as stored (float16; an NF4 absmax float32). backend: "auto" or
-    "torch" run the PyTorch path.
+    else float32); scales stay as stored (float16; an NF4 absmax float32). backend: "auto" uses the
+    CUDA kernels on a CUDA device where they load (else the PyTorch path, with one warning saying
+    why), "cuda" insists on them (a UsageError where they cannot load), "torch" always runs the
+    PyTorch path.
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
     if backend == "cuda":
-        raise UsageError("the CUDA kernel is not available yet",
-                         "use backend 'auto' or 'torch' (the PyTorch implementation)")
+        from . import cuda
+
+        if torch.device(device).type != "cuda":
+            raise UsageError(f"backend 'cuda' runs on a CUDA device, not {device}", "pass device='cuda'")
+        st = cuda.status()
+        if not st.available:
+            raise UsageError(f"the CUDA kernels cannot be used here: {st.reason}",
+                             "use backend 'auto' or 'torch' (the PyTorch implementation)")
     folder = resolve_model(str(path))
     with CheckpointReader(folder) as reader:
         config = reader.config
@@ -70,6 +78,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
         rest = {n: reader.read(n) for n in names if n not in used}
     _load_dense(model, rest, dtype)
     model.tie_weights()
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, NF4Linear)):
+            module.backend = "torch" if backend == "torch" else "auto"
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.device.type == "meta":
             raise CheckpointError(f"{name} is missing from the checkpoint in {folder}")

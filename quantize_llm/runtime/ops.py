@@ -1,10 +1,10 @@
 """The `quantize_llm::dequant_matmul` op: y = x @ dequantize(packed weight)^T.
 
-Defined once with `torch.library.custom_op`; its body is the plain-PyTorch reference, which
-`torch.library` uses for every device ("default"). A later issue adds a CUDA kernel through
-`torch.library.register_kernel("quantize_llm::dequant_matmul", "cuda")` in runtime/cuda.py, and
-`kernel_status()` will then report whether it loaded; the reference stays what that kernel is
-tested against.
+Defined once with `torch.library.custom_op`; its body is the plain-PyTorch reference
+(`dequant_matmul_reference`), which `torch.library` uses for every device but CUDA. runtime/cuda.py
+registers the CUDA implementation (compiled kernels, falling back to the reference where they
+cannot serve a call); `kernel_status()` reports whether they loaded. `quantize_llm::nf4_matmul`
+does the same for bitsandbytes' 4-bit codebook layout (runtime/qlinear.NF4Linear).
 
 Runtime layout (GPTQ packing, FORMATS.md §1.2/§1.4, but with TRUE zero points, the v2 convention
 of §1.5, so the op never needs to know which convention a checkpoint used):
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..packing import packed_length, unpack_int32
+from ..packing import packed_length, unpack_int32, unpack_nibbles
 
 BITS = (2, 3, 4, 8)
 
@@ -38,8 +38,11 @@ class KernelStatus:
 
 
 def kernel_status() -> KernelStatus:
-    """What `quantize-llm env` reports about the native kernel."""
-    return KernelStatus(False, "no CUDA kernel is built yet; using the PyTorch implementation")
+    """What `quantize-llm env` reports about the CUDA kernels (loading them where a GPU is present)."""
+    from . import cuda
+
+    st = cuda.status()
+    return KernelStatus(bool(st.available), st.reason)
 
 
 def _check(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
@@ -87,13 +90,20 @@ def dequantize_packed(qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Te
     in_features, out_features = g_idx.shape[0], qweight.shape[1]
     codes = unpack_int32(qweight, bits, in_features, dim=0)               # (in, out) uint8
     zero = unpack_int32(qzeros, bits, out_features, dim=1)                # (G, out) uint8
+    n_groups = zero.shape[0]
+    if in_features % n_groups == 0:
+        gs = in_features // n_groups
+        ordered = torch.arange(in_features, device=g_idx.device, dtype=g_idx.dtype) // gs
+        if torch.equal(g_idx, ordered):   # consecutive groups: broadcast instead of gathering
+            w = codes.view(n_groups, gs, out_features).to(dtype)
+            w = (w - zero.to(dtype)[:, None]) * scales.to(dtype)[:, None]
+            return w.view(in_features, out_features)
     g = g_idx.long()
     return (codes.to(dtype) - zero.to(dtype)[g]) * scales.to(dtype)[g]   # (in, out)
 
 
-@torch.library.custom_op("quantize_llm::dequant_matmul", mutates_args=())
-def dequant_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
-                   bits: int, group_size: int) -> Tensor:
+def dequant_matmul_reference(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
+                             bits: int, group_size: int) -> Tensor:
     """x (tokens, in) @ dequantized weight -> (tokens, out) in x.dtype (see the module docstring).
 
     The reference path: dequantizes the whole weight on every call. group_size is part of the
@@ -106,8 +116,73 @@ def dequant_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g
     return (x.to(compute) @ w).to(x.dtype)                                # (tokens, out)
 
 
+@torch.library.custom_op("quantize_llm::dequant_matmul", mutates_args=())
+def dequant_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
+                   bits: int, group_size: int) -> Tensor:
+    """The op: the reference everywhere but on CUDA (runtime/cuda.py)."""
+    return dequant_matmul_reference(x, qweight, scales, qzeros, g_idx, bits, group_size)
+
+
 @dequant_matmul.register_fake
 def _(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
       bits: int, group_size: int) -> Tensor:
     _check(x, qweight, scales, qzeros, g_idx, bits, group_size)
     return x.new_empty(x.shape[0], qweight.shape[1])
+
+
+# ---- bitsandbytes' 4-bit codebooks (NF4 / FP4) ----------------------------------------------------
+
+def _check_nf4(x: Tensor, weight_packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
+               blocksize: int) -> None:
+    if x.dim() != 2 or not x.dtype.is_floating_point:
+        raise ValueError(f"nf4_matmul: x must be a 2-D float tensor (tokens, in), got {x.dtype} {tuple(x.shape)}")
+    n = x.shape[1] * out_features
+    if weight_packed.dtype != torch.uint8 or weight_packed.shape != ((n + 1) // 2,):
+        raise ValueError(f"nf4_matmul: weight_packed must be uint8 ({(n + 1) // 2},), got "
+                         f"{weight_packed.dtype} {tuple(weight_packed.shape)}")
+    if blocksize <= 0 or absmax.shape != (-(-n // blocksize),):
+        raise ValueError(f"nf4_matmul: absmax {tuple(absmax.shape)} does not fit blocksize {blocksize}")
+    if code.shape != (16,):
+        raise ValueError(f"nf4_matmul: code must have 16 entries, got {tuple(code.shape)}")
+
+
+def nf4_dequantize(weight_packed: Tensor, absmax: Tensor, code: Tensor, out_features: int, in_features: int,
+                   blocksize: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The (out, in) weight: table[code] * absmax of each flat value's block, in float32, then `dtype`."""
+    n = in_features * out_features
+    codes = unpack_nibbles(weight_packed, n).long()                                  # (n,)
+    block = torch.arange(n, device=codes.device) // blocksize
+    w = code.float()[codes] * absmax.float()[block]                                   # (n,) float32
+    return w.view(out_features, in_features).to(dtype)
+
+
+def nf4_matmul_reference(x: Tensor, weight_packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
+                         blocksize: int) -> Tensor:
+    """x (tokens, in) @ W^T for W in bitsandbytes' layout -> (tokens, out) in x.dtype; half
+    precision is computed in float32."""
+    _check_nf4(x, weight_packed, absmax, code, out_features, blocksize)
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    w = nf4_dequantize(weight_packed, absmax, code, out_features, x.shape[1], blocksize, compute)
+    return (x.to(compute) @ w.t()).to(x.dtype)
+
+
+@torch.library.custom_op("quantize_llm::nf4_matmul", mutates_args=())
+def nf4_matmul(x: Tensor, weight_packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
+               blocksize: int) -> Tensor:
+    """The op: the reference everywhere but on CUDA (runtime/cuda.py)."""
+    return nf4_matmul_reference(x, weight_packed, absmax, code, out_features, blocksize)
+
+
+@nf4_matmul.register_fake
+def _(x: Tensor, weight_packed: Tensor, absmax: Tensor, code: Tensor, out_features: int, blocksize: int) -> Tensor:
+    _check_nf4(x, weight_packed, absmax, code, out_features, blocksize)
+    return x.new_empty(x.shape[0], out_features)
+
+
+def _register_cuda() -> None:
+    from . import cuda
+
+    cuda.register()
+
+
+_register_cuda()

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import nf4codes
-from ..packing import pack_int32, pack_nibbles, packed_length, unpack_nibbles
+from ..packing import pack_int32, pack_nibbles, packed_length
 from ..qweight import QuantizedWeight
 from . import ops  # importing it defines torch.ops.quantize_llm.dequant_matmul
 
@@ -32,6 +32,7 @@ class QuantLinear(nn.Module):
     """
 
     SUPPORTED_BITS: ClassVar[tuple[int, ...]] = ops.BITS   # the PyTorch path takes any group size
+    backend: str = "auto"    # "torch": always the PyTorch reference, even on CUDA (load_quantized)
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  bias: bool = False, dtype: torch.dtype = torch.float32,
@@ -82,9 +83,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out) in x.dtype."""
-        y = torch.ops.quantize_llm.dequant_matmul(
-            x.reshape(-1, self.in_features),                                 # (tokens, in)
-            self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.group_size)
+        op = ops.dequant_matmul_reference if self.backend == "torch" else torch.ops.quantize_llm.dequant_matmul
+        y = op(x.reshape(-1, self.in_features),                              # (tokens, in)
+               self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.group_size)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)                   # (..., out)
@@ -105,9 +106,12 @@ class NF4Linear(nn.Module):
                                                 to the same float32 values bitsandbytes computes
         code           float32 (16,)            the codebook's table
         bias           model dtype (out,) or None
-    The PyTorch path: dequantize the whole weight in float32 (table[code] * absmax, as bitsandbytes
-    does), then one matmul; float16/bfloat16 inputs are computed in float32, like QuantLinear.
+    forward() calls quantize_llm::nf4_matmul (runtime/ops.py): on CUDA a GEMV kernel for up to 16
+    tokens; the PyTorch path dequantizes the whole weight in float32 (table[code] * absmax, as
+    bitsandbytes does), then one matmul; float16/bfloat16 inputs are computed in float32.
     """
+
+    backend: str = "auto"
 
     def __init__(self, in_features: int, out_features: int, codebook: str, blocksize: int,
                  bias: bool = False, dtype: torch.dtype = torch.float32,
@@ -135,17 +139,17 @@ class NF4Linear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight this module applies, (out, in) in `dtype`."""
-        n = self.in_features * self.out_features
-        codes = unpack_nibbles(self.weight_packed, n).long()                  # (n,)
-        block = torch.arange(n, device=codes.device) // self.blocksize
-        w = self.code[codes] * self.absmax[block]                             # (n,) float32
-        return w.view(self.out_features, self.in_features).to(dtype)
+        return ops.nf4_dequantize(self.weight_packed, self.absmax, self.code, self.out_features, self.in_features,
+                                  self.blocksize, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out) in x.dtype."""
-        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        bias = None if self.bias is None else self.bias.to(compute)
-        return torch.nn.functional.linear(x.to(compute), self.dequantize_weight(compute), bias).to(x.dtype)
+        op = ops.nf4_matmul_reference if self.backend == "torch" else torch.ops.quantize_llm.nf4_matmul
+        y = op(x.reshape(-1, self.in_features), self.weight_packed, self.absmax, self.code, self.out_features,
+               self.blocksize)                                                # (tokens, out)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -144,8 +144,15 @@ def test_missing_tensor_is_named(tiny_model, tmp_path: Path, drop: str) -> None:
 def test_unexpected_tensor_and_cuda_backend(tiny_model, tmp_path: Path) -> None:
     folder = tmp_path / "q"
     write_quantized(tiny_model("llama"), folder, asym(4, 32))
-    with pytest.raises(UsageError, match="CUDA kernel is not available"):
+    with pytest.raises(UsageError, match="backend 'cuda' runs on a CUDA device, not cpu"):
         load_quantized(folder, backend="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CUDA kernels cannot be used here: .*(no CUDA support|no CUDA GPU)"):
+            load_quantized(folder, device="cuda", backend="cuda")
+    torch_model = load_quantized(folder, backend="torch")
+    quant = [m for m in torch_model.modules() if hasattr(m, "backend")]
+    assert quant and {m.backend for m in quant} == {"torch"}
+    assert {m.backend for m in load_quantized(folder).modules() if hasattr(m, "backend")} == {"auto"}
     tensors = load_file(folder / "model.safetensors")
     tensors["model.layers.0.mlp.extra.weight"] = torch.zeros(4)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
