@@ -49,6 +49,7 @@ def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, tor
     thread, in item order, as results arrive, and keep none; each device then runs at most `ahead`
     items beyond the last consumed one (bounding the memory of pending results). On one device
     everything runs in this thread. The first failure is raised here after the threads stop.
+    Worker threads run without autograd.
     """
     n = len(devices)
     if n == 1:
@@ -66,7 +67,7 @@ def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, tor
     stop = threading.Event()
 
     def worker(d: int) -> None:
-        with device_scope(devices[d]):
+        with device_scope(devices[d]), torch.no_grad():   # grad mode is per thread
             for i in range(d, count, n):
                 slots[d].acquire()
                 if stop.is_set():

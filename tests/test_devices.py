@@ -2,8 +2,8 @@
 checkpoints from one device and from several.
 
 A machine without GPUs checks the logic with CPU workers (`--device cpu,cpu`): batches, replicas
-and solves go to different threads exactly as they would go to different GPUs. The `cuda` test at
-the end makes the same comparison on real GPUs where there are two.
+and solves go to different threads exactly as they would go to different GPUs. The `cuda` tests at
+the end make the same comparison on real GPUs: two workers on one GPU, and two GPUs where present.
 """
 from __future__ import annotations
 
@@ -181,5 +181,17 @@ def test_two_gpus_give_the_same_checkpoint_as_one(tiny_model, tmp_path, calib_fi
     common = ["gptq", tiny_model("llama"), "--group-size", 32, "--dataset", calib_file, *CAL]
     for name, device in [("one", "cuda:0"), ("two", "cuda:0,cuda:1")]:
         assert cli(*common, "-o", tmp_path / name, "--device", device, "--log-json", tmp_path / f"{name}.jsonl") == 0
+    assert (tmp_path / "one/model.safetensors").read_bytes() == (tmp_path / "two/model.safetensors").read_bytes()
+    assert layer_errors(tmp_path / "one.jsonl") == layer_errors(tmp_path / "two.jsonl")
+
+
+@pytest.mark.cuda
+def test_two_workers_on_one_gpu_give_the_same_checkpoint(tiny_model, tmp_path, calib_file, monkeypatch):
+    import quantize_llm.pipeline as pipeline
+
+    common = ["gptq", tiny_model("llama"), "--group-size", 32, "--dataset", calib_file, *CAL]
+    assert cli(*common, "-o", tmp_path / "one", "--device", "cuda:0", "--log-json", tmp_path / "one.jsonl") == 0
+    monkeypatch.setattr(pipeline, "resolve_devices", lambda text: (torch.device("cuda", 0),) * 2)
+    assert cli(*common, "-o", tmp_path / "two", "--device", "cuda:0", "--log-json", tmp_path / "two.jsonl") == 0
     assert (tmp_path / "one/model.safetensors").read_bytes() == (tmp_path / "two/model.safetensors").read_bytes()
     assert layer_errors(tmp_path / "one.jsonl") == layer_errors(tmp_path / "two.jsonl")

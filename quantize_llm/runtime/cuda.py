@@ -261,7 +261,7 @@ def kernels(device: torch.device) -> Kernels:
             driver = _Driver()
             binary, path, cached = build(capability)
             with torch.cuda.device(index):
-                torch.cuda.current_stream(index)         # the primary context is current in this thread
+                torch.cuda.synchronize(index)            # a runtime call: the primary context is now current
                 module = driver.load(binary)
             sms = torch.cuda.get_device_properties(index).multi_processor_count
             _loaded[index] = Kernels(driver, module, torch.device("cuda", index), sms)
