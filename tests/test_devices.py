@@ -195,3 +195,19 @@ def test_two_workers_on_one_gpu_give_the_same_checkpoint(tiny_model, tmp_path, c
     assert cli(*common, "-o", tmp_path / "two", "--device", "cuda:0", "--log-json", tmp_path / "two.jsonl") == 0
     assert (tmp_path / "one/model.safetensors").read_bytes() == (tmp_path / "two/model.safetensors").read_bytes()
     assert layer_errors(tmp_path / "one.jsonl") == layer_errors(tmp_path / "two.jsonl")
+
+
+def test_the_plan_splits_activations_over_gpus(tiny_model, calib_file):
+    from quantize_llm.models.load import CheckpointReader, build_skeleton
+    from quantize_llm.models.architectures import get_architecture
+    from quantize_llm.pipeline import plan_blocks, resource_plan
+    from quantize_llm.spec import QuantSpec
+
+    src = tiny_model("llama")
+    spec = QuantSpec(bits=4, group_size=32, method="gptq")
+    with CheckpointReader(src) as reader:
+        plans = plan_blocks(reader, get_architecture(reader.config), build_skeleton(src, reader.config), spec)
+        one, two = (resource_plan(reader, plans, spec, reader.config, True, None, 8, torch.device("cuda"), False,
+                                  verify=False, devices=n) for n in (1, 2))
+    assert two.device_peak_bytes == one.device_peak_bytes - one.activation_bytes // 2
+    assert two.host_peak_bytes == one.host_peak_bytes and two.disk_bytes == one.disk_bytes
