@@ -42,6 +42,25 @@ def test_the_sources_compile_with_nvcc(capability):
         assert name.encode() + b"\0" in binary, name
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_the_gemv_kernels_read_weights_with_wide_loads(tmp_path):
+    """The packed words go through one 16-byte load per thread (NF4: 8 bytes), read-only path."""
+    import subprocess
+
+    ptx = tmp_path / "k.ptx"
+    subprocess.run(["nvcc", "--ptx", "-arch=sm_90", "-o", str(ptx), str(cuda.SOURCE)], check=True)
+    text = ptx.read_text()
+
+    def body(entry: str) -> str:
+        start = text.index(f".entry {entry}(")
+        return text[start:text.index("\n}", start)]
+
+    for bits in (4, 8):
+        for m in cuda.GEMV_BUCKETS:
+            assert body(f"gemv_b{bits}_m{m}_f16").count("ld.global.nc.v4.u32") == 1, (bits, m)
+    assert body("nf4_m1_bf16").count("ld.global.nc.v2.u32") == 1
+
+
 def _nvrtc_present() -> bool:
     try:
         cuda._load_nvrtc()
