@@ -27,7 +27,10 @@ class QuantLinear(nn.Module):
         qzeros   int32 (G, out*bits/32)    true zero points packed along out
         scales   float16 (G, out)          kept in float16 whatever the model dtype: converting a
                                            float16 scale to bfloat16 would round it
-        g_idx    int32 (in,)               group of each input column
+        g_idx    int32 (in,)               group of each input column, non-decreasing
+        perm     int32 (in,) or None        act-order checkpoints: the input columns are stored
+                                           sorted by group (so a group's scales are read once);
+                                           forward feeds x[:, perm]
         bias     model dtype (out,) or None
     """
 
@@ -48,6 +51,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qzeros", torch.zeros(n_groups, packed_length(out_features, bits), **i32))
         self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("g_idx", torch.zeros(in_features, **i32))
+        self.register_buffer("perm", None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
@@ -67,10 +71,16 @@ class QuantLinear(nn.Module):
         if not torch.equal(clamped, zero):
             logger.warning("%d zero points outside [0, %d] were clamped (a v1 checkpoint written "
                            "with a zero of 0?)", int((clamped != zero).sum()), 2 ** bits - 1)
-        module.qweight = pack_int32(qw.codes.t().contiguous(), bits, dim=0)   # (in*b/32, out)
+        codes = qw.codes.t()                                                  # (in, out)
+        g_idx = qw.group_index().to(torch.int32)                              # (in,)
+        if bool((g_idx[1:] < g_idx[:-1]).any()):   # act-order: store the columns sorted by group
+            perm = torch.argsort(g_idx, stable=True)
+            codes, g_idx = codes[perm], g_idx[perm]
+            module.perm = perm.to(torch.int32).contiguous()
+        module.qweight = pack_int32(codes.contiguous(), bits, dim=0)          # (in*b/32, out)
         module.qzeros = pack_int32(clamped.t().contiguous(), bits, dim=1)     # (G, out*b/32)
         module.scales = qw.scale.t().contiguous().to(torch.float16)           # (G, out)
-        module.g_idx = qw.group_index().to(torch.int32).contiguous()          # (in,)
+        module.g_idx = g_idx.contiguous()                                     # (in,)
         if bias is not None:
             module.bias = bias.detach().to(dtype).contiguous()                # (out,)
         return module
@@ -78,14 +88,18 @@ class QuantLinear(nn.Module):
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight this module applies, (out, in) in `dtype` (for tests and debugging)."""
         w = ops.dequantize_packed(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits,
-                                  dtype)                                      # (in, out)
+                                  dtype)                                      # (in, out), stored order
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(0, self.perm.long(), w)       # back to the original order
         return w.t().contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out) in x.dtype."""
         op = ops.dequant_matmul_reference if self.backend == "torch" else torch.ops.quantize_llm.dequant_matmul
-        y = op(x.reshape(-1, self.in_features),                              # (tokens, in)
-               self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.group_size)
+        x2 = x.reshape(-1, self.in_features)                                 # (tokens, in)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)                               # the stored column order
+        y = op(x2, self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.group_size)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)                   # (..., out)

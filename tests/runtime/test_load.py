@@ -110,9 +110,15 @@ def test_act_order_checkpoint(tiny_model, tmp_path: Path) -> None:
     src = tiny_model("qwen2")
     reference = write_quantized(src, tmp_path / "q", asym(4, 32, act_order=True))
     model = load_quantized(tmp_path / "q")
-    g_idx = model.model.layers[0].self_attn.q_proj.g_idx
-    assert not torch.equal(g_idx, torch.arange(64, dtype=torch.int32) // 32)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    stored = load_file(tmp_path / "q" / "model.safetensors")["model.layers.0.self_attn.q_proj.g_idx"]
+    assert not torch.equal(stored, torch.arange(64, dtype=torch.int32) // 32)              # a real act-order
+    # Loaded, the columns are sorted by group (one scale read per group) and x is permuted to match.
+    assert torch.equal(q_proj.g_idx, torch.arange(64, dtype=torch.int32) // 32)
+    assert torch.equal(stored[q_proj.perm.long()], q_proj.g_idx)
     torch.testing.assert_close(logits(model), logits(reference), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(load_quantized(tmp_path / "q", backend="torch")), logits(reference),
+                               rtol=0, atol=1e-5)
 
 
 def test_dense_linear_inside_a_block_and_dtype(tiny_model, tmp_path: Path) -> None:

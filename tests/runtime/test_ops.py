@@ -169,6 +169,8 @@ def test_quantlinear_act_order_and_zero_point_zero() -> None:
     qw = QuantizedWeight(codes=qw.codes[:, inv], scale=qw.scale, zero=qw.zero,
                          g_idx=(torch.arange(64) // 32)[inv].to(torch.int32), spec=qw.spec)
     module = QuantLinear.from_quantized(qw, None, torch.float32)
+    assert torch.equal(module.g_idx, torch.arange(64, dtype=torch.int32) // 32)      # stored sorted by group
+    assert torch.equal(qw.g_idx[module.perm.long()], module.g_idx)
     torch.testing.assert_close(module.dequantize_weight(), qw.dequantize(), rtol=0, atol=0)
     x = torch.randn(4, 64, generator=gen)
     torch.testing.assert_close(module(x), x @ qw.dequantize().t(), rtol=1e-5, atol=1e-5)
