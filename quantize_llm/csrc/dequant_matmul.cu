@@ -13,9 +13,16 @@
 //   g_idx    (K,)            int32 group of every input k (act-order allowed)
 //   y[m, n] = sum_k x[m, k] * scales[g, n] * (q[k, n] - z[g, n]),  g = g_idx[k]
 
+// QLLM_EMULATE: tests/runtime/emulate.h runs these kernels on the CPU (one host thread per CUDA
+// thread) and supplies the built-ins below.
+
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned char u8;
+
+#ifndef QLLM_EMULATE
+#define QLLM_DYNAMIC_SHARED(name) extern __shared__ float name[]
+#endif
 
 struct alignas(16) U4 { u32 x, y, z, w; };
 struct alignas(8) U2 { u32 x, y; };
@@ -26,6 +33,7 @@ struct alignas(8) U2 { u32 x, y; };
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
+#ifndef QLLM_EMULATE
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -37,6 +45,7 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#endif
 
 __device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
 
@@ -75,7 +84,7 @@ __device__ __forceinline__ void gemv_body(const void* __restrict__ x, const int*
                                           int M, int K, int N, int rows_per_chunk) {
     constexpr int PACK = 32 / BITS;
     constexpr u32 MASK = (1u << BITS) - 1u;
-    extern __shared__ float smem[];
+    QLLM_DYNAMIC_SHARED(smem);
     const int KC = rows_per_chunk * PACK;
     float* xs = smem;                                   // [MT][KC]
     int* gs = reinterpret_cast<int*>(smem + MT * KC);   // [KC]
@@ -180,7 +189,7 @@ template <int MT, int DT>
 __device__ __forceinline__ void nf4_body(const void* __restrict__ x, const u8* __restrict__ wp,
                                          const float* __restrict__ absmax, const float* __restrict__ code,
                                          float* __restrict__ out, int M, int K, int N, int blocksize) {
-    extern __shared__ float smem[];
+    QLLM_DYNAMIC_SHARED(smem);
     constexpr int STRIDE = NF4_PAD(NF4_IC);
     float* xs = smem;                    // [MT][STRIDE]
     float* tbl = smem + MT * STRIDE;     // [16]

@@ -356,7 +356,7 @@ def dequantize(k: Kernels, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_id
     """The weight W^T (in, out) in `dtype`, by the dequantize kernel (into `out` when given)."""
     kin, n = g_idx.shape[0], qweight.shape[1]
     w = torch.empty(kin, n, dtype=dtype, device=qweight.device) if out is None else out
-    total = qweight.shape[0] * n
+    total = kin // (32 // bits) * n                 # packed rows beyond K (padding) are not read
     k(f"dequant_b{bits}_{ACT_NAMES[dtype]}", (-(-total // 256), 1), 256, 0,
       [qweight, scales, qzeros, g_idx, w, ctypes.c_int(kin), ctypes.c_int(n)])
     return w
