@@ -32,6 +32,9 @@ def test_config_contents_reach_the_job():
     assert job.options.search_samples == 32 and job.calibration.seqlen == 512
     job, = load_recipe(next(p for p in CONFIGS if p.name == "llama3-70b-gptq-w4g128.toml"))
     assert (job.device, job.batch_size, job.max_shard_size, job.spec.act_order) == ("cuda", 4, "5GB", True)
+    spread, = load_recipe(next(p for p in CONFIGS if p.name == "llama3-70b-gptq-w4g128-4gpu.toml"))
+    assert spread.device == "cuda:0,cuda:1,cuda:2,cuda:3" and spread.spec == job.spec
+    assert spread.calibration == job.calibration and spread.output == job.output
 
 
 def write(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
