@@ -206,25 +206,41 @@ def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec
     return int(total)
 
 
-def resolve_devices(device: str) -> tuple[torch.device, ...]:
-    """One device (resolve_device) or a comma-separated list of them for a run spread over several:
-    GPUs each named with their index and named once; `cpu,cpu` (CPU workers, for checking that a
-    spread run gives the same checkpoint on a machine without GPUs) is allowed."""
-    parts = [p.strip() for p in device.split(",")]
-    if len(parts) == 1:
-        return (resolve_device(parts[0]),)
-    if any(not p or p == "auto" for p in parts):
+def parse_devices(device: str) -> tuple[torch.device, ...] | None:
+    """The devices `device` names, checked for form only (nothing about this machine); None for
+    "auto". A list names GPUs with their index, each once, or CPU workers (`cpu,cpu`, which exist
+    to check on a machine without GPUs that a spread run gives the same checkpoint)."""
+    parts = [p.strip() for p in str(device).split(",")]
+    if parts == ["auto"]:
+        return None
+    if len(parts) > 1 and any(not p or p == "auto" for p in parts):
         raise UsageError(f"--device {device}: a list names each device", "write it like cuda:0,cuda:1")
-    devices = tuple(resolve_device(p) for p in parts)
-    if len({d.type for d in devices}) > 1:
-        raise UsageError(f"--device {device} mixes CPU and GPU", "list GPUs only, such as cuda:0,cuda:1")
-    if devices[0].type == "cuda":
-        if any(d.index is None for d in devices):
-            raise UsageError(f"--device {device}: a GPU in a list needs its index", "write it like cuda:0,cuda:1")
-        twice = next((d for i, d in enumerate(devices) if d in devices[:i]), None)
-        if twice is not None:
-            raise UsageError(f"--device {device} names {twice} twice", "name each GPU once")
+    try:
+        devices = tuple(torch.device(p) for p in parts)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
+    bad = next((d for d in devices if d.type not in ("cpu", "cuda")), None)
+    if bad is not None:
+        raise UsageError(f"--device {device} is not supported", "use auto, cpu, cuda or cuda:N")
+    if len(devices) > 1:
+        if len({d.type for d in devices}) > 1:
+            raise UsageError(f"--device {device} mixes CPU and GPU", "list GPUs only, such as cuda:0,cuda:1")
+        if devices[0].type == "cuda":
+            if any(d.index is None for d in devices):
+                raise UsageError(f"--device {device}: a GPU in a list needs its index", "write it like cuda:0,cuda:1")
+            twice = next((d for i, d in enumerate(devices) if d in devices[:i]), None)
+            if twice is not None:
+                raise UsageError(f"--device {device} names {twice} twice", "name each GPU once")
     return devices
+
+
+def resolve_devices(device: str) -> tuple[torch.device, ...]:
+    """One device (resolve_device) or a comma-separated list of them for a run spread over several
+    (parse_devices), each checked against this machine."""
+    devices = parse_devices(device)
+    if devices is None or len(devices) == 1:
+        return (resolve_device(device.strip()),)
+    return tuple(resolve_device(str(d)) for d in devices)
 
 
 def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec, config: dict,

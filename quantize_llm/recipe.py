@@ -161,6 +161,14 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
         raise SpecError(f"{where}: a calibration table was given, but {method} with these options uses no data",
                         "remove it, or choose options that use calibration data")
     run_args = {k: data[k] for k in RUN_KEYS if k in data}
+    if "device" in run_args:
+        from .errors import UsageError
+        from .pipeline import parse_devices
+
+        try:
+            parse_devices(run_args["device"])
+        except UsageError as exc:
+            raise SpecError(f"{where}: {exc.message}", exc.hint) from None
     if data.get("eval"):
         from .publish import EvalSpec
 

@@ -55,6 +55,8 @@ def write(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
     ('[[jobs]]\nmodel="m"\noutput="o"\nmethod="rtn"\n[jobs.calibration]\nnsamples=3\n', "uses no data"),
     ('[[jobs]]\nmodel="m"\noutput="o"\nmethod="rtn"\n[[jobs]]\nmodel="n"\noutput="o"\nmethod="rtn"\n', "same output"),
     ('jobs = []\n', "has no jobs"),
+    ('[defaults]\ndevice="cuda:0,cuda:0"\n[[jobs]]\nmodel="m"\noutput="o"\nmethod="rtn"\n', "jobs\\[0\\]: --device cuda:0,cuda:0 names cuda:0 twice"),
+    ('[[jobs]]\nmodel="m"\noutput="o"\nmethod="rtn"\ndevice="gpu0"\n', "is not a device"),
     ('[[jobs]\n', "does not parse"),
 ])
 def test_bad_recipes_name_the_problem(tmp_path, text, needle):
