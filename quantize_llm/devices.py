@@ -41,6 +41,10 @@ def move(obj: Any, device: torch.device, memo: dict[int, Any] | None = None) -> 
     return obj
 
 
+class _Stopped(Exception):
+    """An item that was not run because another one failed."""
+
+
 def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, torch.device], R],
            consume: Callable[[int, R], None] | None = None, ahead: int = 2) -> list[R] | None:
     """Run `work(i, devices[i % n])` for i in range(count).
@@ -66,16 +70,22 @@ def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, tor
     slots = [threading.Semaphore(ahead if consume is not None else count + 1) for _ in range(n)]
     stop = threading.Event()
 
+    def give_up(d: int, first: int) -> None:   # this worker's items from `first` on will not run
+        for j in range(first, count, n):
+            futures[j].set_exception(_Stopped())
+
     def worker(d: int) -> None:
         with device_scope(devices[d]), torch.no_grad():   # grad mode is per thread
             for i in range(d, count, n):
                 slots[d].acquire()
                 if stop.is_set():
+                    give_up(d, i)
                     return
                 try:
                     futures[i].set_result(work(i, devices[d]))
                 except BaseException as exc:   # handed to the caller's thread
                     futures[i].set_exception(exc)
+                    give_up(d, i + n)
                     stop.set()
                     return
 
@@ -86,7 +96,11 @@ def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, tor
     results = []
     try:
         for i in range(count):
-            r = futures[i].result()
+            try:
+                r = futures[i].result()
+            except _Stopped:   # another item failed first: raise that
+                raise next(e for e in (f.exception() for f in futures if f.done())
+                           if e is not None and not isinstance(e, _Stopped)) from None
             if consume is None:
                 results.append(r)
             else:

@@ -72,6 +72,31 @@ def test_spread_raises_the_first_failure_and_stops():
     assert not [t for t in threading.enumerate() if t.name.startswith("quantize-llm-")]
 
 
+@pytest.mark.parametrize("consume", [None, lambda i, r: None])
+def test_a_failure_while_another_worker_is_behind_does_not_hang(consume):
+    """Worker 0 is still on item 0 when worker 1 fails item 3: item 2 never runs, and the caller
+    gets item 3's error instead of waiting for item 2 forever."""
+    def work(i, dev):
+        if i == 0:
+            time.sleep(0.3)
+        if i == 3:
+            raise KeyError("item 3")
+        return i
+
+    outcome = []
+
+    def call():
+        try:
+            spread(CPU2, 8, work, consume=consume)
+        except KeyError as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=call, daemon=True)
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive() and outcome and "item 3" in str(outcome[0])
+
+
 def test_one_device_runs_in_the_callers_thread():
     here = threading.current_thread().name
     assert map_units((torch.device("cpu"),), lambda item, dev: (item, threading.current_thread().name),
