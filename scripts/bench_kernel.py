@@ -12,7 +12,7 @@ and output, over the time, as a fraction of the device-to-device copy bandwidth 
 start (bytes read plus written).
 
     python scripts/bench_kernel.py                       # protocol K, 4-bit g128 sym
-    python scripts/bench_kernel.py --settings w4g128-asym w4g128-actorder w8g128
+    python scripts/bench_kernel.py --settings w4g128-asym w4g128-actorder w8g128 nf4-b64
     python scripts/bench_kernel.py --generate            # end-to-end tokens/s, w4g128 vs bf16
     python scripts/bench_kernel.py --smoke               # tiny shapes; runs on CPU too (timing meaningless)
 """
@@ -32,25 +32,38 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantize_llm.packing import pack_int32  # noqa: E402
-from quantize_llm.runtime import ops as _ops  # noqa: E402,F401  (defines torch.ops.quantize_llm)
+from quantize_llm.runtime import ops as _ops  # noqa: E402  (also defines torch.ops.quantize_llm)
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (8192, 8192), (28672, 8192)]
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
 SETTINGS = {"w4g128": (4, 128, True, False), "w4g128-asym": (4, 128, False, False),
-            "w4g128-actorder": (4, 128, True, True), "w8g128": (8, 128, True, False)}
+            "w4g128-actorder": (4, 128, True, True), "w8g128": (8, 128, True, False),
+            "nf4-b64": ("nf4", 64, None, None)}   # bitsandbytes layout, blocksize 64
 
 
 def packed_weight(out_f: int, in_f: int, bits: int, group: int, sym: bool, act_order: bool, device, gen):
-    """Random codes, scales and zeros in the runtime layout (runtime/ops.py)."""
+    """Random codes, scales and zeros in the runtime layout (runtime/ops.py), and the input
+    permutation (None without act-order). Act-order is stored as QuantLinear stores it: columns
+    sorted by group, the activations permuted on every call (timed with the kernel)."""
     groups = in_f // group
     codes = torch.randint(0, 2 ** bits, (in_f, out_f), generator=gen, dtype=torch.int32)
     zeros = torch.full((groups, out_f), 2 ** (bits - 1), dtype=torch.int32) if sym else \
         torch.randint(0, 2 ** bits, (groups, out_f), generator=gen, dtype=torch.int32)
     scales = (torch.rand(groups, out_f, generator=gen) * 0.01 + 0.001).half()
     g_idx = torch.arange(in_f, dtype=torch.int32) // group
-    if act_order:
-        g_idx = g_idx[torch.randperm(in_f, generator=gen)]
-    return [t.to(device) for t in (pack_int32(codes, bits, dim=0), scales, pack_int32(zeros, bits, dim=1), g_idx)]
+    perm = torch.randperm(in_f, generator=gen).to(torch.int32).to(device) if act_order else None
+    tensors = [t.to(device) for t in (pack_int32(codes, bits, dim=0), scales, pack_int32(zeros, bits, dim=1), g_idx)]
+    return tensors + [perm]
+
+
+def nf4_weight(out_f: int, in_f: int, blocksize: int, device, gen):
+    """Random NF4 codes and absmax in the NF4Linear layout (runtime/qlinear.py)."""
+    from quantize_llm import nf4codes
+
+    n = out_f * in_f
+    wp = torch.randint(0, 256, (n // 2,), generator=gen, dtype=torch.int32).to(torch.uint8)
+    absmax = torch.rand(n // blocksize, generator=gen) * 0.1 + 0.01
+    return [t.to(device) for t in (wp, absmax, nf4codes.code_table("nf4", "cpu"))]
 
 
 class Clock:
@@ -115,17 +128,25 @@ def bench_ops(args, device: torch.device) -> list[dict]:
     op = torch.ops.quantize_llm.dequant_matmul
     rows = []
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 1 << 20
+    nf4_op = torch.ops.quantize_llm.nf4_matmul
     for setting in args.settings:
         bits, group, sym, act_order = SETTINGS[setting]
+        nf4 = bits == "nf4"
         for out_f, in_f in args.shapes:
             fp16_bytes = out_f * in_f * 2
-            copies = max(2, min(16, -(-4 * l2 // (out_f * in_f * bits // 8))))   # the rotation outgrows L2 4x
-            packs = [packed_weight(out_f, in_f, bits, group, sym, act_order, device, gen) for _ in range(copies)]
+            packed_bytes = out_f * in_f // 2 if nf4 else out_f * in_f * bits // 8
+            copies = max(2, min(16, -(-4 * l2 // packed_bytes)))   # the rotation outgrows L2 4x
+            packs = [nf4_weight(out_f, in_f, group, device, gen) if nf4 else
+                     packed_weight(out_f, in_f, bits, group, sym, act_order, device, gen) for _ in range(copies)]
             dense = [torch.randn(out_f, in_f, generator=gen).half().to(device)
                      for _ in range(max(2, min(copies, -(-4 * l2 // fp16_bytes))))]
             for m in args.batches:
                 x = torch.randn(m, in_f, generator=gen).half().to(device)
-                kern = [lambda p=p: op(x, *p, bits, group) for p in packs]
+                if nf4:
+                    kern = [lambda p=p: nf4_op(x, *p, out_f, group) for p in packs]
+                else:
+                    kern = [lambda p=p: op(x if p[4] is None else x.index_select(1, p[4]), *p[:4], bits, group)
+                            for p in packs]
                 base = [lambda w=w: F.linear(x, w) for w in dense]
                 t_k, t_fp16 = clock(kern), clock(base)
                 t_eager = clock(kern, graph=False)
@@ -133,10 +154,16 @@ def bench_ops(args, device: torch.device) -> list[dict]:
                        "eager_s": t_eager, "fp16_s": t_fp16, "speedup": t_fp16 / t_k}
                 if device.type == "cuda":
                     k_ = cuda.kernels(device)
-                    deq = [lambda p=p: x @ cuda.dequantize(k_, p[0], p[1], p[2], p[3], bits, x.dtype) for p in packs]
+                    if nf4:   # the PyTorch dequantization (there is no NF4 dequantize kernel), then cuBLAS
+                        deq = [lambda p=p: F.linear(x, _ops.nf4_dequantize(p[0], p[1], p[2], out_f, in_f, group,
+                                                                           x.dtype)) for p in packs]
+                    else:
+                        deq = [lambda p=p: (x if p[4] is None else x.index_select(1, p[4]))
+                               @ cuda.dequantize(k_, p[0], p[1], p[2], p[3], bits, x.dtype) for p in packs]
                     row["deq_cublas_s"] = clock(deq)
                     row["vs_deq"] = row["deq_cublas_s"] / t_k
-                moved = sum(t.numel() * t.element_size() for t in packs[0]) + x.numel() * 2 + m * out_f * 2
+                moved = sum(t.numel() * t.element_size() for t in packs[0] if t is not None) + x.numel() * 2 \
+                    + m * out_f * 2
                 row["bandwidth_fraction"] = moved / t_k / bandwidth
                 rows.append(row)
                 print(_line(row), flush=True)
