@@ -5,7 +5,7 @@
 # $OUT (default ./gpu-check); the end of each is printed.
 #
 #   bash scripts/gpu_check.sh                   # with the project installed, or from a checkout
-#   BENCH_ARGS="--settings w4g128 w8g128" bash scripts/gpu_check.sh
+#   BENCH_ARGS="--settings w4g128 --batches 1 16" bash scripts/gpu_check.sh   # a shorter benchmark
 set -u
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
@@ -17,5 +17,6 @@ $PY -m quantize_llm env 2>&1 | tee "$OUT/env.txt"
 $PY -m pytest -q -p no:cacheprovider -m cuda tests/runtime/test_cuda.py tests/test_devices.py \
     > "$OUT/pytest-cuda.txt" 2>&1
 echo "pytest (cuda) exit $?"; tail -n 25 "$OUT/pytest-cuda.txt"
-$PY scripts/bench_kernel.py --generate --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.txt" 2>&1
+$PY scripts/bench_kernel.py --generate --json "$OUT/bench.json" \
+    ${BENCH_ARGS:---settings w4g128 w4g128-asym w4g128-actorder w8g128 nf4-b64} > "$OUT/bench.txt" 2>&1
 echo "bench exit $?"; tail -n 60 "$OUT/bench.txt"
