@@ -211,7 +211,7 @@ def _gpu_args(bits, group_size, sym, act_order, k, n, tokens, dtype, seed):
 
 
 def _rel(got, want):
-    return float((got.double() - want).norm() / want.norm())
+    return float((got.double() - want.to(got.device)).norm() / want.norm())
 
 
 def _bound(dtype, k):
@@ -233,20 +233,20 @@ def test_cuda_op_matches_the_pytorch_op(bits, group_size, sym, act_order, dtype)
         pytest.skip("act-order needs groups")
     k_ = cuda.kernels(torch.device("cuda"))
     for i, (k, n) in enumerate(SHAPES):
-        for tokens in (1, 2, 3, 5, 8, 13, 16, 17, 64):
-            x, qweight, scales, qzeros, g_idx = _gpu_args(bits, group_size, sym, act_order, k, n, tokens, dtype,
-                                                          seed=100 * i + tokens)
-            want = x.double().cpu() @ dequantize_packed(qweight.cpu(), scales.cpu(), qzeros.cpu(), g_idx.cpu(),
-                                                        bits, torch.float64)
-            for path, got in (("op", torch.ops.quantize_llm.dequant_matmul(x, qweight, scales, qzeros, g_idx, bits,
-                                                                           group_size)),
-                              ("gemv", cuda.gemv(k_, x, qweight, scales, qzeros, g_idx, bits) if tokens <= 16 else None)):
-                if got is None:
-                    continue
+        _, qweight, scales, qzeros, g_idx = _gpu_args(bits, group_size, sym, act_order, k, n, 1, dtype, seed=100 * i)
+        w64 = dequantize_packed(qweight, scales, qzeros, g_idx, bits, torch.float64)    # (k, n) on the GPU
+        for tokens in (1, 2, 3, 5, 8, 13, 16, 17, 64):                                 # fresh x each time
+            x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(100 * i + tokens)).to(dtype).cuda()
+            want = x.double() @ w64
+            calls = [("op", torch.ops.quantize_llm.dequant_matmul(x, qweight, scales, qzeros, g_idx, bits,
+                                                                  group_size))]
+            if tokens <= 16:
+                calls.append(("gemv", cuda.gemv(k_, x, qweight, scales, qzeros, g_idx, bits)))
+            for path, got in calls:
                 torch.cuda.synchronize()
                 assert got.dtype == dtype and got.shape == (tokens, n)
                 assert torch.isfinite(got).all(), (path, k, n, tokens)
-                assert _rel(got.cpu(), want) < _bound(dtype, k), (path, k, n, tokens, _rel(got.cpu(), want))
+                assert _rel(got, want) < _bound(dtype, k), (path, k, n, tokens, _rel(got, want))
 
 
 @pytest.mark.cuda
@@ -269,14 +269,13 @@ def test_cuda_nf4_matches_the_pytorch_op(dtype, blocksize):
     for k, n in [(64, 32), (4096, 4096), (11008, 4096), (4096, 11008)]:
         for tokens in (1, 2, 5, 16):
             x, wp, absmax, code = nf4_args(tokens, k, n, blocksize, "cuda", dtype, seed=k + tokens)
-            want = x.double().cpu() @ nf4_matmul_reference(torch.eye(k, dtype=torch.float64), wp.cpu(), absmax.cpu(),
-                                                           code.cpu(), n, blocksize).t()
+            want = nf4_matmul_reference(x.double(), wp, absmax, code, n, blocksize)
             out = torch.full((tokens, n), float("nan"), device="cuda")                  # poisoned
             got = cuda.nf4_gemv(k_, x, wp, absmax, code, n, blocksize, out=out)
             torch.cuda.synchronize()
             assert torch.isfinite(out).all()
-            assert _rel(got.cpu(), want) < _bound(dtype, k), (k, n, tokens)
-            assert _rel(torch.ops.quantize_llm.nf4_matmul(x, wp, absmax, code, n, blocksize).cpu(), want) < _bound(dtype, k)
+            assert _rel(got, want) < _bound(dtype, k), (k, n, tokens)
+            assert _rel(torch.ops.quantize_llm.nf4_matmul(x, wp, absmax, code, n, blocksize), want) < _bound(dtype, k)
 
 
 @pytest.mark.cuda
@@ -302,8 +301,8 @@ def test_a_model_on_the_kernels_matches_the_pytorch_path(tiny_model, tmp_path, m
         for step in range(1, 4):                                   # one-token decode steps take the GEMV path
             a = load_quantized(tmp_path / "q", device="cuda", dtype=torch.float16, backend="cuda")(ids[:, :step])
             b = load_quantized(tmp_path / "q", device="cuda", dtype=torch.float16, backend="torch")(ids[:, :step])
-            assert _rel(a.logits.float().cpu(), b.logits.double().cpu()) < 5e-3
-    assert _rel(fast.float().cpu(), slow.double().cpu()) < 5e-3
+            assert _rel(a.logits.float(), b.logits.double()) < 5e-3
+    assert _rel(fast.float(), slow.double()) < 5e-3
 
 
 def test_launch_params_point_at_each_value():
