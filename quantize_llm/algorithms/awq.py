@@ -24,6 +24,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..devices import move, spread
 from ..errors import ModelError, RunError, SpecError
 from ..primitives import default_g_idx, minmax_params, quantize_codes, rtn_group_params
 from ..qweight import QuantizedWeight
@@ -189,12 +190,19 @@ class AWQ:
         ctx.capture(stats.hooks(), None)
         reference = ctx.forward(0)
         self.specs = ctx.specs
+        # Several devices: the search's trial alphas are spread over block copies, one per device,
+        # each folded like the block after every group (the same arithmetic as on the block).
+        devices = tuple(ctx.devices) or (next(block.parameters()).device,)
+        copies = [block] + [ctx.replicate(dev) for dev in devices[1:]] if len(devices) > 1 else [block]
         for entry in groups:
-            s, metrics = self._search(block, entry, stats, ctx.quantize)
-            fold(block, entry, s, ctx.modified, skip={f"{n}.weight" for n in ctx.quantize})
+            s, metrics = self._search(copies, devices, entry, stats, ctx.quantize)
+            for copy, dev in zip(copies, devices):
+                fold(copy, entry, s.to(dev), ctx.modified if copy is block else set(),
+                     skip={f"{n}.weight" for n in ctx.quantize})
             for name in entry.layers:
                 ctx.report(name, metrics)
             stats.release(entry)
+        del copies
         # Stored norms and dense Linears are rounded to the checkpoint's dtype: later stages and the
         # next block then see exactly what the checkpoint will hold.
         for name in ctx.modified:
@@ -206,33 +214,50 @@ class AWQ:
                            f"{change:.1%}; the family's AWQ groups in models/architectures.py do not fit "
                            "this model", "use gptq or rtn for this model, and report it")
 
-    def _search(self, block: nn.Module, entry: Any, stats: "_Capture",
-                quantize: tuple[str, ...]) -> tuple[Tensor, dict]:
-        """The best scales for one group, and the metrics of the search."""
+    def _search(self, copies: list[nn.Module], devices: tuple[torch.device, ...], entry: Any,
+                stats: "_Capture", quantize: tuple[str, ...]) -> tuple[Tensor, dict]:
+        """The best scales for one group, and the metrics of the search. Trial alpha i runs on
+        copies[i % n] (the block itself first); the best is the first of the smallest errors, as
+        in a loop on one device."""
         act_mean = stats.act_mean(entry)
         names = [n for n in entry.layers if n in quantize]
+        alphas = [i / self.options.grid for i in range(self.options.grid)]
+        trials = [self._trials(copy, dev, entry, stats, names, act_mean) for copy, dev in zip(copies, devices)]
+        try:
+            errors = spread(devices, len(alphas), lambda i, dev: trials[i % len(devices)].trial(alphas[i]))
+        finally:
+            for t in trials:
+                t.restore()
+        best_err, best = math.inf, None
+        for i, err in enumerate(errors):
+            if err < best_err:
+                best_err, best = err, i
+        best_s = trials[0].scales(alphas[best]) if best is not None else torch.ones_like(act_mean)
+        return best_s, {"alpha": alphas[best] if best is not None else 0.0,
+                        "search_error_before": errors[0], "search_error_after": best_err}
+
+    def _trials(self, block: nn.Module, device: torch.device, entry: Any, stats: "_Capture", names: list[str],
+                act_mean: Tensor) -> "_Trials":
+        """The search's trials on `block` (a copy on `device`, or the block itself)."""
         linears = {n: block.get_submodule(n) for n in names}
         originals = {n: m.weight.data.clone() for n, m in linears.items()}
-        error = stats.error_fn(block, entry)
-        best_err, best_alpha, first_err = math.inf, 0.0, math.nan
-        best_s = torch.ones_like(act_mean)
+        error = stats.error_fn(block, entry, device)
+        act = act_mean.to(device)
         w_mean = weight_mean(list(originals.values()), self.spec.group_size) if self.options.duo_scaling else None
-        try:
-            for i in range(self.options.grid):
-                alpha = i / self.options.grid
-                s = (duo_scales(act_mean, w_mean, alpha) if w_mean is not None
-                     else awq_scales(act_mean, alpha)).to(act_mean.device)
-                for n, m in linears.items():
-                    m.weight.data = fake_rtn(originals[n] * s, self.specs.get(n, self.spec)) / s
-                err = error(linears, originals)
-                if i == 0:
-                    first_err = err
-                if err < best_err:
-                    best_err, best_alpha, best_s = err, alpha, s
-        finally:
+
+        def scales(alpha: float) -> Tensor:
+            return (duo_scales(act, w_mean, alpha) if w_mean is not None else awq_scales(act, alpha)).to(act.device)
+
+        def trial(alpha: float) -> float:
+            s = scales(alpha)
+            for n, m in linears.items():
+                m.weight.data = fake_rtn(originals[n] * s, self.specs.get(n, self.spec)) / s
+            return error(linears, originals)
+
+        def restore() -> None:
             for n, m in linears.items():
                 m.weight.data = originals[n]
-        return best_s, {"alpha": best_alpha, "search_error_before": first_err, "search_error_after": best_err}
+        return _Trials(trial, restore, scales)
 
     # ---- clipping and rounding (stage by stage) --------------------------------------------------
 
@@ -341,6 +366,13 @@ def fold(block: nn.Module, entry: Any, s: Tensor, modified: set[str], skip: set[
     modified.update(n for n in touched if n not in skip)
 
 
+@dataclass
+class _Trials:
+    trial: Callable[[float], float]      # alpha -> the group's relative output error
+    restore: Callable[[], None]          # put the original weights back
+    scales: Callable[[float], Tensor]    # alpha -> the scales tried
+
+
 class _Capture:
     """Statistics recorded in one forward pass of a block, for the scale search of its groups.
 
@@ -397,11 +429,11 @@ class _Capture:
             raise RunError(f"no calibration inputs reached {entry.layers[0]}")
         return self.abs_sum[entry.prev] / self.count[entry.prev]
 
-    def error_fn(self, block: nn.Module, entry: Any) -> Callable[[dict, dict], float]:
+    def error_fn(self, block: nn.Module, entry: Any, device: torch.device | None = None) -> Callable[[dict, dict], float]:
         """error(linears, originals): the inspected module's relative output error with the
-        linears' current (trial) weights against the original ones."""
+        linears' current (trial) weights against the original ones; `block` is on `device`."""
         if self._linear_inspect(entry):
-            h = self.hessians[entry.prev]
+            h = self.hessians[entry.prev] if device is None else self.hessians[entry.prev].to(device)
 
             def linear_error(linears: dict, originals: dict) -> float:
                 num = den = 0.0
@@ -416,6 +448,8 @@ class _Capture:
         recorded = self.inputs.get(entry.prev, [])
         if not recorded:
             raise RunError(f"no calibration inputs reached {entry.inspect}")
+        if device is not None:
+            recorded = move(recorded, device)
         targets = [_output(module, args, kwargs) for args, kwargs in recorded]
         den = sum(float((t ** 2).sum()) for t in targets)
 

@@ -64,6 +64,9 @@ class BlockContext:
                   (None: the whole block)
     forward       forward(i): the block's output for calibration batch i
     report        callback taking (linear name, metrics dict)
+    devices       the run's work devices (the block and `inputs` are on the first)
+    replicate     replicate(device): a copy of the block as it stands now, on `device` (runs
+                  spread over several devices)
     """
 
     index: int
@@ -78,6 +81,8 @@ class BlockContext:
     forward: Callable[[int], Tensor]
     report: Callable[[str, dict], None] = field(default=lambda name, metrics: None)
     specs: dict[str, QuantSpec] = field(default_factory=dict)   # as in LayerContext
+    devices: tuple[torch.device, ...] = ()
+    replicate: Callable[[torch.device], nn.Module] | None = None
 
 
 class Algorithm(Protocol):

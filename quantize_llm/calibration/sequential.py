@@ -337,7 +337,8 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                     capture=lambda hooks, stop, batches=None: capture(block, here, here_calls,
                                                                       hooks, stop, batches),
                     forward=lambda i: _block_forward(block, here[i], here_calls[i]),
-                    report=lambda n, m: extra[n].update(m) if n in extra else None))
+                    report=lambda n, m: extra[n].update(m) if n in extra else None,
+                    devices=devices, replicate=lambda dev: _replica(template, block, dev)))
                 del here, here_calls
                 t = timer.add("search", t)
             replicas = [block] + [_replica(template, block, dev) for dev in devices[1:]]
@@ -371,11 +372,11 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
 def _replica(template: nn.Module, block: nn.Module, device: torch.device) -> nn.Module:
     """A copy of the materialized `block` on `device`, built from its meta `template`."""
     replica = copy.deepcopy(template)
-    for name, param in block.named_parameters():
-        _set(replica, name, nn.Parameter(param.detach().to(device), requires_grad=False))
+    for name, param in block.named_parameters():   # copy=True: never shares storage with the block
+        _set(replica, name, nn.Parameter(param.detach().to(device, copy=True), requires_grad=False))
     for name, buf in block.named_buffers():
         if buf.device.type != "meta":
-            _set(replica, name, buf.to(device), buffer=True)
+            _set(replica, name, buf.to(device, copy=True), buffer=True)
     return replica
 
 

@@ -126,18 +126,39 @@ class _Block(nn.Module):
 ENTRY = AWQScale("norm", ("fc",), "fc")
 
 
-def search(block: _Block, x: torch.Tensor, spec: QuantSpec) -> dict:
+def search(block: _Block, x: torch.Tensor, spec: QuantSpec, copies: int = 1, duo: bool = False) -> tuple:
+    """The scales and metrics of one group's search; copies > 1 spreads the trial alphas over
+    block copies on CPU workers, as a run over several devices does."""
+    import copy
+
     stats = _Capture(block, [ENTRY], n_search=1)
     for fn in stats.hooks().values():
         fn(0, (x,), {})
-    _, metrics = AWQ(spec, AWQOptions())._search(block, ENTRY, stats, ("fc",))
-    return metrics
+    blocks = [block] + [copy.deepcopy(block) for _ in range(copies - 1)]
+    s, metrics = AWQ(spec, AWQOptions(duo_scaling=duo))._search(blocks, (torch.device("cpu"),) * copies, ENTRY,
+                                                                 stats, ("fc",))
+    return s, metrics
+
+
+@pytest.mark.parametrize("duo", [False, True])
+def test_a_search_spread_over_copies_gives_the_same_scales(duo) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 64, generator=g)
+    x[:, :4] *= 20
+    spec = QuantSpec(bits=3, group_size=32, sym=False)
+    block = _Block()
+    weight = block.fc.weight.data.clone()
+    one = search(block, x, spec, duo=duo)
+    for copies in (2, 3):
+        s, metrics = search(block, x, spec, copies, duo=duo)
+        assert torch.equal(s, one[0]) and metrics == one[1]
+    assert torch.equal(block.fc.weight.data, weight)                        # the trials are undone
 
 
 def test_flat_activations_choose_alpha_zero() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.where(torch.rand(512, 64, generator=g) < 0.5, -1.0, 1.0)     # |x| = 1 on every channel
-    metrics = search(_Block(), x, QuantSpec(bits=3, group_size=32, sym=False))
+    _, metrics = search(_Block(), x, QuantSpec(bits=3, group_size=32, sym=False))
     assert metrics["alpha"] == 0.0
     assert metrics["search_error_after"] == metrics["search_error_before"]
 
@@ -146,7 +167,7 @@ def test_outlier_channels_choose_positive_alpha() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 64, generator=g)
     x[:, :4] *= 20                                                         # a few salient input channels
-    metrics = search(_Block(), x, QuantSpec(bits=3, group_size=32, sym=False))
+    _, metrics = search(_Block(), x, QuantSpec(bits=3, group_size=32, sym=False))
     assert metrics["alpha"] > 0
     assert metrics["search_error_after"] < 0.9 * metrics["search_error_before"]
 
