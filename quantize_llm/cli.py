@@ -9,6 +9,7 @@ import re
 import shlex
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,6 +21,7 @@ except ImportError:  # pragma: no cover - older typer
     import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .errors import QuantizeError, UsageError
@@ -31,18 +33,26 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 class _Stdout:
-    """Results go to stdout; wide enough off a terminal that names are never cut."""
+    """Results go to stdout; wide enough off a terminal that names are never cut. Strings are text,
+    never rich markup (they hold paths and names: `[/x]` must print as it is); styles come as Text."""
 
     def print(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(*args, **kwargs)
+        Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 200).print(*args, **kwargs)
 
 
 out = _Stdout()
 
 ModelArg = Annotated[str, typer.Argument(help="A local checkpoint folder, a Hugging Face hub id, or a hub cache entry.",
                                          show_default=False)]
-OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder to write (created atomically).",
-                                         show_default=False)]
+def _not_empty(value: str | None) -> str | None:
+    """-o "" (or an unset variable) would name the current folder: refused before anything."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("is empty; name the folder to write, e.g. -o model-w4")
+    return value
+
+
+OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Folder to write (created atomically).",
+                                        show_default=False, callback=_not_empty)]
 BitsOpt = Annotated[int, typer.Option("--bits", "-b", help="Bits per weight: 2, 3, 4 or 8.")]
 GroupSizeOpt = Annotated[int, typer.Option("--group-size", "-g", help="Weights per scale along in_features; -1 = per output channel.")]
 SymOpt = Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (zero fixed; vLLM's fast kernels) or asymmetric (per-group zero).")]
@@ -379,7 +389,7 @@ def plan(recipe: Annotated[Path, typer.Argument(help="The recipe file (.toml, .y
         job = jobs[i]
         resources = plan_job(job.model, job.spec, options=job.options, calibration=job.calibration,
                              device=job.device, batch_size=job.batch_size, resume=job.resume, verify=job.verify)
-        out.print(f"[bold]job {i} ({job.name})[/bold]: {resources.blocks} blocks -> {job.output}")
+        out.print(Text.assemble((f"job {i} ({job.name})", "bold"), f": {resources.blocks} blocks -> {job.output}"))
         for line in resources.lines():
             out.print(f"  {line}")
         if time_first_block:
@@ -533,12 +543,13 @@ def env() -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+    """The one line every failure ends with (user data in it is printed as text, never as markup)."""
+    Console(stderr=True, highlight=False).print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
     raise SystemExit(code)
 
 
-INTERRUPTED = ("interrupted; the output was not written (finished blocks are kept: rerun the same command to "
-               "resume, or pass --no-resume to start over)")
+INTERRUPTED = "interrupted; nothing was written"
+DEBUG_ON = ("1", "true", "yes", "on")
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -548,7 +559,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app and maps every expected failure to one line and an exit code."""
-    debug = bool(os.environ.get("QUANTIZE_LLM_DEBUG"))
+    debug = os.environ.get("QUANTIZE_LLM_DEBUG", "").strip().lower() in DEBUG_ON
     if argv is None:   # the real command line, not a test calling main() in-process
         signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -556,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
                    obj=list(sys.argv[1:] if argv is None else argv))
     except QuantizeError as exc:
         if debug:
-            raise
+            traceback.print_exc()
         _fail(exc.one_line(), exc.exit_code)
     except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:
         exc.show()
@@ -568,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(INTERRUPTED, 130)
     except Exception as exc:  # noqa: BLE001  (the one boundary: no traceback without QUANTIZE_LLM_DEBUG)
         if debug:
-            raise
+            traceback.print_exc()
         _fail(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
               "(rerun with QUANTIZE_LLM_DEBUG=1 for a traceback, and report it)", 1)
     if code == 130:  # typer turns KeyboardInterrupt into exit code 130 itself

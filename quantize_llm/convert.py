@@ -20,7 +20,7 @@ from torch import nn
 from . import __version__
 from .errors import ModelError, SpecError
 from .formats import format_for_config, get_format, module_qconfig
-from .formats.checkpoint import CheckpointWriter
+from .formats.checkpoint import CheckpointWriter, check_output, local_folder
 from .models.architectures import get_architecture
 from .models.load import CheckpointReader, build_skeleton, resolve_model
 from .qweight import QuantizedWeight
@@ -58,7 +58,9 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
     start = time.perf_counter()
     target = get_format(fmt_name)
     output = Path(output).expanduser()
+    check_output(output, overwrite=overwrite, protect=local_folder(source))
     folder = resolve_model(source)
+    check_output(output, overwrite=overwrite, protect=[folder])
     with CheckpointReader(folder) as reader:
         config = dict(reader.config)
         qconfig = config.get("quantization_config")
@@ -96,7 +98,8 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
         dense = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
         emit("start", {"model": source, "output": str(output), "total": len(prefixes), "unit": "modules",
                        "device": "cpu"})
-        with CheckpointWriter(output, overwrite=overwrite, max_shard_bytes=max_shard_bytes) as writer:
+        with CheckpointWriter(output, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                              protect=[folder]) as writer:
             used: set[str] = set()
             for prefix in prefixes:
                 used.update(f"{prefix}.{t}" for t in src_fmt.tensor_names)

@@ -4,7 +4,6 @@ The only place that knows about devices, memory and order (DESIGN.md, "Pipeline"
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import re
 import resource
@@ -20,13 +19,13 @@ from torch import nn
 from . import __version__
 from .algorithms import get_algorithm
 from .calibration.sequential import BlockPlan, Calibration, LayerReport, LinearPlan, Timer, run
-from .errors import CheckpointError, ModelError, OutputError, SpecError, UsageError
+from .errors import CheckpointError, Interrupted, ModelError, OutputError, RunError, SpecError, UsageError
 from .formats import get_format
-from .formats.checkpoint import CheckpointWriter
+from .formats.checkpoint import NO_SPACE, CheckpointWriter, check_output, human_bytes, local_folder, remove_stale
 from .models.architectures import ArchitectureMap, get_architecture
 from .models.load import CheckpointReader, build_skeleton, resolve_model
 from .plan import ResourcePlan, estimate as estimate_resources
-from .resume import ResumeState, model_fingerprint, tokens_fingerprint
+from .resume import HashingReader, OutputLock, ResumeState, files_identity, model_fingerprint, tokens_fingerprint
 from .verify import check_modules, check_outputs, digest
 from .vllm_check import preflight
 from .qweight import QuantizedWeight
@@ -292,13 +291,35 @@ def check_disk(output: Path, resources: ResourcePlan) -> None:
         return   # the writer reports a missing parent with its own message
     free, need = shutil.disk_usage(parent).free, int(resources.disk_bytes * 1.1)
     if free < need:
-        what = (f"the checkpoint ({resources.output_bytes / 1e9:.2f} GB) and the resume state "
-                f"({resources.resume_bytes / 1e9:.2f} GB)") if resources.resume_bytes else \
-            f"the checkpoint ({resources.output_bytes / 1e9:.2f} GB)"
+        what = (f"the checkpoint ({human_bytes(resources.output_bytes)}) and the resume state "
+                f"({human_bytes(resources.resume_bytes)})") if resources.resume_bytes else \
+            f"the checkpoint ({human_bytes(resources.output_bytes)})"
         hint = "pass --no-resume to drop the resume state, free some space, or choose another -o" \
             if resources.resume_bytes else "free some space, or choose another -o"
-        raise OutputError(f"not enough disk space in {parent}: {what} need about {need / 1e9:.2f} GB with a "
-                          f"10% margin, {free / 1e9:.2f} GB is free", hint)
+        raise OutputError(f"not enough disk space in {parent}: {what} need about {human_bytes(need)} with a "
+                          f"10% margin, {human_bytes(free)} is free", hint)
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory this process can still get (MemAvailable plus free swap), or None."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(resources: ResourcePlan) -> None:
+    """Refuse to start a run whose planned host peak exceeds the memory this machine has free, before
+    any calibration data is prepared (the run would be killed part-way instead)."""
+    free = available_memory()
+    if free is None or resources.host_peak_bytes <= free:
+        return
+    cause = f", calibration activations {human_bytes(resources.activation_bytes)}" if resources.activation_bytes else ""
+    raise UsageError(f"the run needs about {human_bytes(resources.host_peak_bytes)} of host memory (one block "
+                     f"{human_bytes(resources.block_bytes)}{cause}); {human_bytes(free)} is available",
+                     "lower --nsamples, --seqlen or --batch-size, or run on a larger machine"
+                     if resources.activation_bytes else "run on a larger machine")
 
 
 def _grid(spec: QuantSpec) -> tuple[int, int, bool]:
@@ -373,14 +394,90 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
     start = time.perf_counter()
     fmt, spec, algorithm = prepare(spec, options)
     devices = resolve_devices(device)
-    dev = devices[0]                                   # embeddings, Hessian sums, verification
     output = Path(output).expanduser()
+    check_output(output, overwrite=overwrite, protect=local_folder(model))   # before anything
     if push_to_hub:
         from .publish import check_hub
 
         check_hub(push_to_hub)
+    run_args = dict(options=options, calibration=calibration, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                    batch_size=batch_size, command=command, resume=resume, strict_vllm=strict_vllm, verify=verify)
+    with OutputLock(output, emit):                      # first: a second run is refused before any work
+        folder = resolve_model(model)
+        check_output(output, overwrite=overwrite, protect=[folder])
+        remove_stale(output)                            # temporary folders of killed runs, never a live one's
+        summary = _quantize_locked(model, folder, output, spec, fmt, algorithm, devices, emit, start, **run_args)
+    timer = Timer()
+    timer.seconds.update(summary.timings)
+    dev = devices[0]
+    if evaluation is not None:
+        from .publish import evaluate_into_card
 
-    folder = resolve_model(model)
+        t = time.perf_counter()
+        summary.evaluation = evaluate_into_card(output, folder, evaluation, str(dev), emit)
+        timer.add("evaluation", t)
+    if push_to_hub:
+        from .publish import push
+
+        t = time.perf_counter()
+        summary.pushed_to = push(output, push_to_hub)
+        timer.add("upload", t)
+    summary.timings = dict(timer.seconds)
+    summary.seconds = time.perf_counter() - start
+    summary.peak_rss_mb = peak_rss_mb()
+    emit("done", {k: v for k, v in summary.to_dict().items() if k != "layers"})
+    return summary
+
+
+def _quantize_locked(model: str, folder: Path, output: Path, spec: QuantSpec, fmt: Any, algorithm: Any,
+                     devices: tuple[torch.device, ...], emit: EventHandler, start: float, *, options: object | None,
+                     calibration: Any, overwrite: bool, max_shard_bytes: int, batch_size: int, command: str | None,
+                     resume: bool, strict_vllm: bool, verify: bool) -> Summary:
+    """The run itself, with OUT locked: plan, calibrate, stream the blocks into the writer, verify,
+    rename. Failures are mapped here: Ctrl-C and SIGTERM say what was kept, a full disk says where,
+    and bad input found part-way drops the saved progress (a rerun would fail the same way)."""
+    work = _Work()
+    try:
+        return _quantize_blocks(model, folder, output, spec, fmt, algorithm, devices, emit, work, start, options=options,
+                                calibration=calibration, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                                batch_size=batch_size, command=command, resume=resume, strict_vllm=strict_vllm,
+                                verify=verify)
+    except KeyboardInterrupt:
+        kept = work.state is not None and work.state.enabled and work.state.done > 0
+        raise Interrupted("interrupted; the output was not written " + (
+            f"({work.state.done} finished blocks are kept in {work.state.folder}: rerun the same command to resume)"
+            if kept else "(nothing was kept: rerun the command to start again)" if not resume else
+            "(no block had finished: rerun the same command to start again)")) from None
+    except UsageError:
+        if work.state is not None:       # bad input found part-way: a rerun would fail the same way
+            work.state.clear()
+        raise
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        where = Path(exc.filename).parent if exc.filename else output.absolute().parent
+        resumable = work.state is not None and work.state.enabled
+        raise RunError(f"no space left on the disk of {where}",
+                       "free some space and rerun the same command to resume" if resumable else
+                       "free some space and rerun") from None
+    finally:
+        if work.state is not None:
+            work.state.close()
+
+
+@dataclass
+class _Work:
+    """What a failing run must know to say what it kept."""
+
+    state: ResumeState | None = None
+
+
+def _quantize_blocks(model: str, folder: Path, output: Path, spec: QuantSpec, fmt: Any, algorithm: Any,
+                     devices: tuple[torch.device, ...], emit: EventHandler, work: _Work, start: float, *,
+                     options: object | None,
+                     calibration: Any, overwrite: bool, max_shard_bytes: int, batch_size: int, command: str | None,
+                     resume: bool, strict_vllm: bool, verify: bool) -> Summary:
+    dev = devices[0]                                   # embeddings, Hessian sums, verification
     with CheckpointReader(folder) as reader:
         config = reader.config
         if config.get("quantization_config"):
@@ -397,16 +494,21 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                                           for p in plans for lp in p.linears if lp.quantize])
         if vllm and strict_vllm:
             raise SpecError(f"--strict-vllm: {vllm[0]}", f"{len(vllm)} reason(s) in all" if len(vllm) > 1 else None)
-
-        read = lambda name: reader.read(name, check_finite=True)  # noqa: E731
+        read = HashingReader(lambda name: reader.read(name, check_finite=True))
         reports: list[LayerReport] = []
         q_params = q_bytes = 0
         timer = Timer()
         resources = resource_plan(reader, plans, spec, config, algorithm.needs_calibration, calibration,
                                   batch_size, dev, resume, verify, devices=len(devices))
+        emit("start", {"model": model, "output": str(output), "blocks": len(plans), "spec": spec.to_dict(),
+                       "device": ",".join(map(str, devices)), "input_bytes": reader.total_bytes})
+        emit("plan", resources.to_dict())
         check_disk(output, resources)
+        check_memory(resources)
+        for reason in vllm:
+            emit("warning", {"message": f"vLLM: {reason}"})
         with CheckpointWriter(output, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
-                              expected_bytes=resources.output_bytes) as writer, contextlib.ExitStack() as cleanup:
+                              expected_bytes=resources.output_bytes, protect=[folder]) as writer:
             cal = cal_info = None
             if algorithm.needs_calibration:
                 t = time.perf_counter()
@@ -422,20 +524,14 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                                   true_sequential=getattr(options, "true_sequential", True),
                                   batch_size=batch_size, dtype=torch.float32, arch=arch,
                                   stored_dtype=reader.dtype)
-            emit("start", {"model": model, "output": str(output), "blocks": len(plans), "spec": spec.to_dict(),
-                           "device": ",".join(map(str, devices)), "input_bytes": reader.total_bytes})
-            emit("plan", resources.to_dict())
-            for reason in vllm:
-                emit("warning", {"message": f"vLLM: {reason}"})
-            state = ResumeState(output, {
+            state = work.state = ResumeState(output, {
                 "tool": __version__, "model": model_fingerprint(folder), "spec": spec.to_dict(),
                 "options": asdict(options) if options is not None else None, "format": fmt.name,
                 "calibration_tokens": tokens_fingerprint(cal.tokens if cal is not None else None),
                 "batch_size": batch_size if cal is not None else None, "device": dev.type,
-                "max_shard_bytes": max_shard_bytes}, enabled=resume, emit=emit)
-            state.lock()
-            cleanup.callback(state.unlock)
-            done = state.open(writing=writer.tmp_dir)
+                "max_shard_bytes": max_shard_bytes}, enabled=resume, emit=emit, identity=files_identity(folder))
+            state.open(calibrated=cal is not None)
+            done = state.check_sources(read, outside)
             digests: dict[str, str] = {}              # module -> digest of its result (verification)
             final_inputs = None                        # the last block's outputs (calibrated runs)
             for name in outside:                       # embeddings, final norm, untied lm_head
@@ -449,6 +545,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                     q_params += weight.numel()
                     continue
                 writer.add(name, read(name))
+            state.save_outside(read.take(outside))
             for index in range(done):                  # blocks finished by an interrupted run
                 tensors, saved = state.load_block(index)
                 for name, tensor in tensors:
@@ -487,7 +584,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                 state.save_block(result.index, ordered, {"quantized_params": block_params,
                                                          "quantized_bytes": block_bytes, "layers": layers,
                                                          "digests": block_digests},
-                                 result.next_inputs)
+                                 result.next_inputs, source=read.take(plans[result.index].tensors))
                 timer.add("write", t)
                 reports.extend(result.reports)
                 if result.index == done:               # the first block this run computed
@@ -552,22 +649,6 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
             summary.verification = verification or None
             state.clear()
             timer.add("write", t)
-    if evaluation is not None:
-        from .publish import evaluate_into_card
-
-        t = time.perf_counter()
-        summary.evaluation = evaluate_into_card(output, folder, evaluation, str(dev), emit)
-        timer.add("evaluation", t)
-    if push_to_hub:
-        from .publish import push
-
-        t = time.perf_counter()
-        summary.pushed_to = push(output, push_to_hub)
-        timer.add("upload", t)
-    summary.timings = dict(timer.seconds)
-    summary.seconds = time.perf_counter() - start
-    summary.peak_rss_mb = peak_rss_mb()
-    emit("done", {k: v for k, v in summary.to_dict().items() if k != "layers"})
     return summary
 
 

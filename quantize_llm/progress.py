@@ -12,7 +12,21 @@ from pathlib import Path
 from typing import IO, Any
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def open_log(path: Path) -> IO[str]:
+    """--log-json FILE opened for appending; a folder or an unwritable path is bad input."""
+    from .errors import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"--log-json {path} is a folder", "give a file name, e.g. --log-json run.jsonl")
+    try:
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--log-json {path}: cannot write it ({exc.strerror})",
+                         "give a file in a writable folder") from None
 
 
 class Reporter:
@@ -32,7 +46,7 @@ class Reporter:
 
     def __enter__(self) -> "Reporter":
         if self.log_path is not None:
-            self.log = sys.stdout if str(self.log_path) == "-" else open(self.log_path, "a", encoding="utf-8")
+            self.log = sys.stdout if str(self.log_path) == "-" else open_log(Path(self.log_path))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -52,7 +66,7 @@ class Reporter:
         total = data.get("total", data.get("blocks"))
         unit = data.get("unit", "blocks")
         if self.interactive:
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            self.progress = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
                                      TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"),
                                      TimeRemainingColumn(), console=self.console, transient=False)
             self.progress.start()
@@ -75,18 +89,19 @@ class Reporter:
 
         plan = ResourcePlan(**{k: v for k, v in data.items() if k != "disk_bytes"})
         for line in plan.lines():
-            self.console.print(f"plan: {line}", highlight=False, soft_wrap=True)
+            self.console.print(f"plan: {line}", highlight=False, soft_wrap=True, markup=False)
 
     def _on_eta(self, data: dict) -> None:
         if not self.interactive:   # the bar shows its own ETA
             self.console.print(f"plan: the first block took {data['first_block_seconds']:.1f} s; expected total "
-                               f"about {data['expected_seconds'] / 60:.1f} min", highlight=False, soft_wrap=True)
+                               f"about {data['expected_seconds'] / 60:.1f} min", highlight=False, soft_wrap=True,
+                               markup=False)
 
     def _on_resume(self, data: dict) -> None:
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=data["from_block"])
         self.console.print(f"resuming: blocks 1-{data['from_block']} were finished by an earlier run "
-                           f"(saved in {data['folder']})", highlight=False, soft_wrap=True)
+                           f"(saved in {data['folder']})", highlight=False, soft_wrap=True, markup=False)
 
     def _on_window(self, data: dict) -> None:
         if self.progress is not None and self.task is not None:
@@ -101,4 +116,4 @@ class Reporter:
             self.progress = None
 
     def _on_warning(self, data: dict) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {data['message']}", highlight=False, soft_wrap=True)
+        self.console.print(Text.assemble(("warning:", "yellow"), " ", data["message"]), highlight=False, soft_wrap=True)

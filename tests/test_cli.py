@@ -218,12 +218,21 @@ def test_bad_options(capsys, tiny_model, tmp_path, args, needle):
 def test_existing_output_needs_overwrite(capsys, tiny_model, tmp_path):
     src = tiny_model("llama")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep me")
+    assert cli("rtn", src, "-o", out, "--bits", 8) == 0
+    (out / "mine.txt").write_text("an earlier run's folder")
     expect_error(capsys, ["rtn", src, "-o", out], "--overwrite")
-    assert (out / "mine.txt").read_text() == "keep me"
+    assert (out / "mine.txt").exists()
     assert cli("rtn", src, "-o", out, "--overwrite") == 0
     assert not (out / "mine.txt").exists() and (out / "model.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 4
+
+
+def test_overwrite_replaces_checkpoints_only(capsys, tiny_model, tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    expect_error(capsys, ["rtn", tiny_model("llama"), "-o", out, "--overwrite"], "holds no checkpoint")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
 
 
 def test_unwritable_output(capsys, tiny_model, tmp_path):

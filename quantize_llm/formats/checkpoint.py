@@ -8,6 +8,8 @@ the finished temp folder into place; any failure before that leaves OUT as it wa
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -17,7 +19,7 @@ import struct
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -47,8 +49,127 @@ for _attr, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
         SAFETENSORS_DTYPES[getattr(torch, _attr)] = _code
 
 
-def _gib(n: float) -> str:
-    return f"{n / 1024**3:.2f} GiB"
+def human_bytes(n: float) -> str:
+    """A byte count for messages, in the largest unit that keeps it at or above 1 (1 GB = 1e9)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def check_output(out: Path | str, *, overwrite: bool, protect: Iterable[Path | str] = ()) -> Path:
+    """The absolute OUT, refused (OutputError) wherever writing it could destroy something.
+
+    Whatever the flags: the current folder or one of its parents (`-o ""`, `-o .`, `-o ..`), the
+    filesystem root and the home folder, a folder equal to, inside or holding one of `protect`
+    (the model being read: resolved paths, so links count), a name or path too long for the
+    filesystem. Without `overwrite`, an existing OUT; with it, an existing OUT that is not a
+    checkpoint folder (config.json) and not empty: --overwrite replaces checkpoints, nothing else.
+    """
+    raw = str(out)
+    if not raw.strip():
+        raise OutputError("the output folder is empty (-o \"\")", "name the folder to write, e.g. -o model-w4")
+    path = Path(os.path.abspath(Path(raw).expanduser()))
+    name_max = _pathconf(path.parent, "PC_NAME_MAX", 255)
+    longest = f".{path.name}.tmp-xxxxxxxx"            # the temporary folder's name is the longest we make
+    if len(longest.encode()) > name_max:
+        raise OutputError(f"the output folder's name is {len(path.name.encode())} bytes long; this filesystem "
+                          f"allows {name_max - (len(longest.encode()) - len(path.name.encode()))} here",
+                          "choose a shorter name for -o")
+    path_max = _pathconf(path.parent, "PC_PATH_MAX", 4096)
+    if len(str(path).encode()) + 64 > path_max:       # room for the longest file name inside it
+        raise OutputError(f"the output path is {len(str(path).encode())} bytes long; the system allows "
+                          f"{path_max} with the files inside it", "choose a shorter path for -o")
+    real = Path(os.path.realpath(path))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if real == cwd or real in cwd.parents:
+        what = "the current folder" if real == cwd else "a parent of the current folder"
+        raise OutputError(f"-o {raw} is {what}: writing there would replace everything in it",
+                          "name a new folder, e.g. -o model-w4")
+    if real == Path(real.anchor) or real == Path(os.path.realpath(Path.home())):
+        raise OutputError(f"-o {raw} is {'the filesystem root' if real == Path(real.anchor) else 'your home folder'}",
+                          "name a new folder, e.g. -o model-w4")
+    for source in protect:
+        src = Path(os.path.realpath(source))
+        if real == src or src in real.parents or real in src.parents:
+            how = "is" if real == src else "is inside" if src in real.parents else "holds"
+            raise OutputError(f"-o {raw} {how} the model folder {src}: the output would replace or mix with "
+                              "the model being read", "write the output outside the model folder")
+    if not path.parent.is_dir():
+        raise OutputError(f"the parent folder {path.parent} does not exist or is not a folder",
+                          "create it first, or choose another -o")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise OutputError(f"{path} is a file, not a folder", "choose another -o")
+        if not overwrite:
+            raise OutputError(f"{path} already exists", _OVERWRITE_HINT)
+        if not (path / CONFIG_FILE).is_file() and any(path.iterdir()):
+            raise OutputError(f"{path} exists and holds no checkpoint (no config.json): --overwrite replaces "
+                              "checkpoint folders only", "remove it yourself, or choose another -o")
+    return path
+
+
+def local_folder(model: str) -> list[Path]:
+    """[MODEL's folder] when MODEL names one on this machine (else [], e.g. for a hub id): what
+    `check_output` protects before the model is resolved."""
+    path = Path(str(model)).expanduser()
+    return [path] if path.is_dir() else []
+
+
+def _pathconf(folder: Path, name: str, default: int) -> int:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return os.pathconf(probe, name)
+    except (OSError, ValueError):
+        return default
+
+
+def _lock_folder(folder: Path) -> int | None:
+    """An exclusive lock held on `folder` for as long as the returned descriptor is open (None where
+    the filesystem has no locks): it tells later runs that a live process owns the folder."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale(out: Path | str, keep: Path | None = None) -> list[Path]:
+    """Remove the temporary folders that killed runs writing `out` left behind, sparing `keep`
+    and any folder a live run still holds (its lock cannot be taken). Returns what was removed."""
+    out = Path(out).absolute()
+    removed = []
+    for stale in sorted(out.parent.glob(f".{glob_escape(out.name)}.tmp-*")):
+        if not stale.is_dir() or stale.is_symlink() or (keep is not None and stale.resolve() == keep.resolve()):
+            continue
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue                                  # a live run is writing it
+        except OSError:
+            pass                                      # no locks here: the caller holds OUT's lock
+        finally:
+            os.close(fd)
+        shutil.rmtree(stale, ignore_errors=True)
+        removed.append(stale)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob's special characters taken literally."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 class _Shard:
@@ -95,7 +216,10 @@ class _Shard:
 
     def discard(self) -> None:
         for align, f in self.files.items():
-            f.close()
+            try:
+                f.close()
+            except OSError:           # the buffer could not be flushed (disk full): drop it anyway
+                pass
             self.data_path(align).unlink(missing_ok=True)
         self.files = {}
 
@@ -120,36 +244,36 @@ class CheckpointWriter:
         ...
         w.finish(config=config_dict, files={"quantize_config.json": text})
 
-    Raises OutputError up front when OUT exists (without overwrite) or is a file, when its parent
-    is missing or not writable, or when `expected_bytes` (x1.1) exceed the free space. Leaving the
+    Raises OutputError up front for an OUT that `check_output` refuses (the current folder, the
+    model being read (`protect`), an existing folder without overwrite, ...), when its parent is
+    missing or not writable, or when `expected_bytes` (x1.1) exceed the free space. Leaving the
     block by an exception (KeyboardInterrupt included) or without `finish` removes the temp folder.
+    The temp folder is locked while the writer lives, so a later run never removes it as stale.
     """
 
     def __init__(self, out: Path | str, *, overwrite: bool = False,
-                 max_shard_bytes: int = 2 * 1024**3, expected_bytes: int | None = None) -> None:
+                 max_shard_bytes: int = 2 * 1024**3, expected_bytes: int | None = None,
+                 protect: Iterable[Path | str] = ()) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        self.out = out = Path(out).absolute()
+        self.out = out = check_output(out, overwrite=overwrite, protect=protect)
         self.overwrite, self.max_shard_bytes = overwrite, max_shard_bytes
         parent = out.parent
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"{out} is a file, not a folder", "choose another -o")
-        if out.exists() and not overwrite:
-            raise OutputError(f"{out} already exists", _OVERWRITE_HINT)
-        if not parent.is_dir():
-            raise OutputError(f"the parent folder {parent} does not exist or is not a folder",
-                              "create it first, or choose another -o")
         if expected_bytes is not None:
             free, need = shutil.disk_usage(parent).free, int(expected_bytes * 1.1)
             if free < need:
                 raise OutputError(f"not enough disk space in {parent}: the checkpoint needs about "
-                                  f"{_gib(need)}, {_gib(free)} is free",
+                                  f"{human_bytes(need)}, {human_bytes(free)} is free",
                                   "free some space, or choose another -o")
         try:
             self._tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
         except OSError as e:
             raise OutputError(f"cannot write into {parent}: {e.strerror}",
                               "choose a writable folder with -o") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o777 & ~umask)          # mkdtemp makes 0700; OUT honours the umask
+        self._lock_fd = _lock_folder(self._tmp)
         self._shard = _Shard(self._tmp, 1)
         self._shard_paths: list[Path] = []         # closed shards, provisional names in the temp folder
         self._where: dict[str, tuple[int, int]] = {}  # name -> (1-based shard index, bytes)
@@ -169,10 +293,17 @@ class CheckpointWriter:
             self.abort()
 
     def abort(self) -> None:
-        """Drop everything written so far; OUT is untouched. Safe to call more than once."""
+        """Drop everything written so far; OUT is untouched. Safe to call more than once, and
+        when the disk is full (closing a buffered file then fails again)."""
         self._shard.discard()
         shutil.rmtree(self._tmp, ignore_errors=True)
+        self._release()
         self._done = True
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # --- properties --------------------------------------------------------------------------------
     @property
@@ -260,6 +391,7 @@ class CheckpointWriter:
         if verify is not None:
             verify(self._tmp)
         self._move_into_place()
+        self._release()
         self._done = True
         return self.out
 

@@ -138,6 +138,7 @@ def test_existing_output_refused_without_overwrite(tmp_path: Path) -> None:
 def test_overwrite_replaces_old_content(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")                           # an earlier checkpoint
     (out / "old.txt").write_text("old")
     assert write(out, {"x": torch.ones(2)}, overwrite=True).shard_files == ["model.safetensors"]
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
@@ -164,12 +165,14 @@ def test_exception_in_block_leaves_nothing(tmp_path: Path, exc: BaseException) -
 def test_exception_keeps_existing_output(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")
     (out / "old.txt").write_text("old")
     with pytest.raises(RuntimeError):
         with CheckpointWriter(out, overwrite=True) as w:
             w.add("a", torch.ones(8))
             raise RuntimeError
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "old.txt"]
 
 
 def test_block_without_finish_leaves_nothing(tmp_path: Path) -> None:
