@@ -219,7 +219,7 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
     options = dict(block_size=block_size, damp=damp, static_groups=static_groups, true_sequential=true_sequential, clip=clip)
     _run_job(job_from_dict(dict(model=model, output=output, method="gptq", bits=bits, group_size=group_size, sym=sym,
                                 format=format,
-                                act_order=act_order and not static_groups, keep_dense=keep_dense or [], options=options,
+                                act_order=act_order, keep_dense=keep_dense or [], options=options,
                                 calibration=_calibration(locals()), **_run_keys(locals())), "command line"), log_json)
 
 

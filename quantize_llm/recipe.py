@@ -291,6 +291,13 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
     for key in ("bits", "group_size", "sym", "act_order", "blocksize", "double_quant"):
         if data.get(key) is not None:
             spec_args[key] = data[key]
+    if getattr(options, "static_groups", False):
+        if not spec_args.get("act_order"):
+            raise _within(where, SpecError("static groups only change something together with act-order",
+                                           "add act_order = true (--act-order), or drop static_groups"))
+        # Columns are still quantized in activation order (the option says so); the groups stay the
+        # original contiguous ones, so no non-trivial g_idx is stored: layouts without one hold it.
+        spec_args["act_order"] = False
     # Method defaults where they differ from QuantSpec's: AWQ and the outlier split are asymmetric;
     # the outlier split's channel mode at 8 bits is LLM.int8()'s per-row symmetric absmax.
     int8_rows = method == "outlier" and getattr(options, "mode", "") == "channel" and spec_args.get("bits", 4) == 8

@@ -445,3 +445,59 @@ def test_numbers_take_integers_as_floats_and_optional_options_take_null():
     with pytest.raises(SpecError, match=r"options\.damp must be a number, not null"):
         _job(method="gptq", options={"damp": None})
     assert _job(method="rtn", bits=None).spec.bits == 4          # a job key set to null takes its default
+
+
+def test_static_groups_need_act_order_and_then_store_no_g_idx():
+    job = _job(method="gptq", act_order=True, options={"static_groups": True})
+    assert job.spec.act_order is False and job.options.static_groups is True
+    assert _job(method="gptq", act_order=True, format="compressed-tensors", options={"static_groups": True})
+    with pytest.raises(SpecError, match="add --static-groups"):
+        _job(method="gptq", act_order=True, format="compressed-tensors")
+    with pytest.raises(SpecError, match="static groups only change something together with act-order"):
+        _job(method="gptq", options={"static_groups": True})
+
+
+def test_static_groups_with_act_order_are_one_thing_on_the_command_line_and_in_a_recipe(tiny_model, tmp_path,
+                                                                                         calib_file):
+    """README: --act-order quantizes columns in decreasing activation order; --static-groups keeps
+    the groups on the original columns (trivial g_idx). The command and its recipe write the same
+    bytes, and the weights are those of act-order GPTQ with static groups on the model's own inputs."""
+    from transformers import AutoTokenizer
+
+    from quantize_llm.models.load import CheckpointReader
+    from test_gptq_pipeline import decoded, reference_gptq
+
+    from quantize_llm.algorithms.gptq import GPTQOptions
+    from quantize_llm.calibration.data import read_documents, select_samples
+    from quantize_llm.spec import QuantSpec
+
+    src = tiny_model("llama")
+    assert cli("gptq", src, "-o", tmp_path / "cli", "--act-order", "--static-groups", "--group-size", 32, "--asym",
+               "--block-size", 16, "--dataset", calib_file, "--nsamples", 4, "--seqlen", 32) == 0
+    recipe = write(tmp_path, f"""
+[[jobs]]
+model = "{src}"
+output = "{tmp_path / 'recipe'}"
+method = "gptq"
+group_size = 32
+sym = false
+act_order = true
+options = {{static_groups = true, block_size = 16}}
+calibration = {{dataset = "{calib_file}", nsamples = 4, seqlen = 32}}
+""")
+    assert cli("run", recipe) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "recipe" / name).read_bytes(), name
+    qconfig = json.loads((tmp_path / "cli" / "config.json").read_text())["quantization_config"]
+    assert qconfig["desc_act"] is False and qconfig["static_groups"] is True
+    with CheckpointReader(tmp_path / "cli") as reader:
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+            g_idx = reader.read(f"{name}.g_idx")
+            assert torch.equal(g_idx, (torch.arange(g_idx.numel()) // 32).to(g_idx.dtype))
+    tokens, _ = select_samples(read_documents(str(calib_file)), AutoTokenizer.from_pretrained(src), 4, 32)
+    spec = QuantSpec(method="gptq", bits=4, group_size=32, sym=False, act_order=True, min_zero=1)
+    want = reference_gptq(src, tokens, spec, GPTQOptions(block_size=16, static_groups=True), batch_size=8)
+    got = decoded(tmp_path / "cli")
+    for name in want:
+        same = torch.isclose(got[name], want[name], rtol=0, atol=1e-6).float().mean()
+        assert same > 0.995, (name, float(same))

@@ -61,6 +61,8 @@ VALUE_CASES = [
     ("format = 'awq'\nbits = 3\n", "rtn", (r"jobs\[0\]: the awq format stores 4-bit codes only",)),
     ("act_order = true\n[jobs.options]\nstatic_groups = 1\n", "gptq",
      (r"jobs\[0\]\.options\.static_groups must be true or false, not 1",)),
+    ("[jobs.options]\nstatic_groups = true\n", "gptq", (r"jobs\[0\]: static groups only change something together "
+                                                         r"with act-order", "act_order = true")),
 ]
 
 
