@@ -26,6 +26,10 @@ own knobs and a `calibration` table. Every key is checked: an unknown one is an 
 
 The command-line subcommands build the same dictionary and go through `job_from_dict`, so a
 command and its one-job recipe are one code path.
+
+Every value must have the type of the field it fills (TOML/YAML booleans, integers, strings; a
+number field takes an integer too), and `load_recipe` checks every job, and the local files each
+one reads, before any job runs.
 """
 from __future__ import annotations
 
@@ -98,7 +102,10 @@ def parse_size(text: str) -> int:
         raise UsageError(f"--max-shard-size {text!r} is not a size", "write it like 2GB or 500MB")
     base = 1024 if m.group(3) else 1000
     power = " KMGT".index(m.group(2).upper() or " ")
-    size = int(float(m.group(1)) * base ** power)
+    try:
+        size = int(float(m.group(1)) * base ** power)
+    except OverflowError:
+        raise UsageError(f"--max-shard-size {text[:40]!r} is too large", "write it like 2GB or 500MB") from None
     if size <= 0:
         raise UsageError(f"--max-shard-size {text!r} must be positive", "write it like 2GB or 500MB")
     return size

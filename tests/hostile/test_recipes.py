@@ -106,6 +106,7 @@ def test_yaml_values_are_checked_too_and_null_leaves_an_optional_option_out(worl
 SECOND_JOB_CASES = [
     ('max_shard_size = "lots"\n', (r"jobs\[1\]: --max-shard-size 'lots' is not a size",)),
     ('max_shard_size = "0MB"\n', (r"jobs\[1\]: --max-shard-size '0MB' must be positive",)),
+    (f'max_shard_size = "{"9" * 400}"\n', (r"jobs\[1\]: --max-shard-size '9+' is too large",)),
     ('model = "{home}/missing"\n', (r"jobs\[1\]: no such folder: .*missing",)),
     ('model = "missing-model"\n', (r"jobs\[1\]: no such folder: missing-model",)),
     ('model = "{home}/calib.txt"\n', (r"jobs\[1\]: .*calib\.txt is a file",)),
