@@ -25,7 +25,7 @@ from rich.text import Text
 
 from . import __version__
 from .errors import QuantizeError, UsageError
-from .recipe import Job, job_from_dict, load_recipe
+from .recipe import Job, job_from_dict, load_recipe, parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Quantize LLM weights into checkpoints that transformers "
@@ -67,19 +67,6 @@ StrictVllmOpt = Annotated[bool, typer.Option("--strict-vllm", help="Refuse combi
 VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Read the written checkpoint back before renaming it into place: every module must decode to its result, and (calibrated runs) the loaded model must reproduce the run's last-block outputs.")]
 PushOpt = Annotated[Optional[str], typer.Option("--push-to-hub", help="Upload the finished checkpoint to this hub repository (user/name; private when created).", show_default=False)]
 LogJsonOpt = Annotated[Optional[Path], typer.Option("--log-json", help="Append one JSON event per line to this file ('-' = stdout).", show_default=False)]
-
-
-def parse_size(text: str) -> int:
-    """'2GB' -> 2*1000^3 bytes, '500MiB' -> 500*1024^2; a plain number is bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"--max-shard-size {text!r} is not a size", "write it like 2GB or 500MB")
-    base = 1024 if m.group(3) else 1000
-    power = " KMGT".index(m.group(2).upper() or " ")
-    size = int(float(m.group(1)) * base ** power)
-    if size <= 0:
-        raise UsageError(f"--max-shard-size {text!r} must be positive", "write it like 2GB or 500MB")
-    return size
 
 
 def _human(nbytes: float) -> str:
@@ -242,7 +229,7 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
     options = dict(block_size=block_size, damp=damp, static_groups=static_groups, true_sequential=true_sequential, clip=clip)
     _run_job(job_from_dict(dict(model=model, output=output, method="gptq", bits=bits, group_size=group_size, sym=sym,
                                 format=format,
-                                act_order=act_order and not static_groups, keep_dense=keep_dense or [], options=options,
+                                act_order=act_order, keep_dense=keep_dense or [], options=options,
                                 calibration=_calibration(locals()), **_run_keys(locals())), "command line"), log_json)
 
 

@@ -25,8 +25,11 @@ class EvalSpec:
     def __post_init__(self) -> None:
         if not Path(self.dataset).expanduser().is_file():
             raise UsageError(f"--eval {self.dataset} is not a file", "pass a UTF-8 text file, e.g. wiki.test.raw")
-        if self.windows < 0 or self.seqlen < 8:
-            raise UsageError("--eval-windows must be 0 (all) or more and the window at least 8 tokens")
+        if self.windows < 0:
+            raise UsageError(f"--eval-windows {self.windows} must be 0 (the whole text) or more", "40 is typical")
+        if self.seqlen < 8:
+            raise UsageError(f"the eval window of {self.seqlen} tokens is too short: it must be at least 8",
+                             "512 is typical")
 
 
 def evaluate_into_card(output: Path, source: Path, spec: EvalSpec, device: str,

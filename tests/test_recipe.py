@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantize_llm.errors import SpecError
+from quantize_llm.errors import SpecError, UsageError
 from quantize_llm.recipe import load_recipe
 from test_cli import cli, expect_error
 
@@ -20,13 +20,39 @@ def test_configs_ship_the_common_setups():
             "nf4-qlora-base.yaml"} <= names
 
 
+@pytest.fixture
+def configs_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working folder holding the local files the shipped configs name (relative to it), since
+    loading a recipe checks that a job's local model and calibration file exist."""
+    work = tmp_path / "work"
+    for name in ("c4_validation.parquet", "../shared/data/c4/c4_validation_2k.parquet"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_bytes(b"")
+    (work / "SmolLM2-135M-Instruct").mkdir()
+    (work / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")
+    monkeypatch.chdir(work)
+    return work
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_validates(path: Path):
+def test_every_shipped_config_validates(path: Path, configs_world):
     jobs = load_recipe(path)
     assert jobs and all(j.model and j.output for j in jobs)
 
 
-def test_config_contents_reach_the_job():
+def test_a_shipped_config_without_its_files_names_the_job_and_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError) as info:
+        load_recipe(next(p for p in CONFIGS if p.name == "smollm2-methods.toml"))
+    assert "jobs[0]: no such folder: SmolLM2-135M-Instruct" in info.value.one_line()
+    (tmp_path / "SmolLM2-135M-Instruct").mkdir()
+    (tmp_path / "SmolLM2-135M-Instruct" / "config.json").write_text("{}")
+    with pytest.raises(UsageError) as info:          # job 0 (rtn) reads no data; job 1 (gptq) does
+        load_recipe(next(p for p in CONFIGS if p.name == "smollm2-methods.toml"))
+    assert "jobs[1]: calibration file not found: ../shared/data/c4/c4_validation_2k.parquet" in info.value.one_line()
+
+
+def test_config_contents_reach_the_job(configs_world):
     job, = load_recipe(next(p for p in CONFIGS if p.name == "qwen2.5-7b-awq.toml"))
     assert (job.spec.method, job.spec.format, job.spec.bits, job.spec.sym) == ("awq", "awq", 4, False)
     assert job.options.search_samples == 32 and job.calibration.seqlen == 512
@@ -62,7 +88,7 @@ def write(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
 def test_bad_recipes_name_the_problem(tmp_path, text, needle):
     import re
 
-    with pytest.raises(SpecError) as info:
+    with pytest.raises(UsageError) as info:
         load_recipe(write(tmp_path, text))
     assert re.search(needle, info.value.one_line()), info.value.one_line()
 
@@ -72,7 +98,11 @@ def test_missing_recipe_and_wrong_suffix(tmp_path, capsys):
     expect_error(capsys, ["run", write(tmp_path, "{}", "r.json")], "neither .toml nor .yaml")
 
 
-def test_defaults_merge_and_inherited_calibration_is_ignored_without_data(tmp_path):
+def test_defaults_merge_and_inherited_calibration_is_ignored_without_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "c.txt").write_text("text")
     jobs = load_recipe(write(tmp_path, """
 [defaults]
 model = "m"
@@ -136,7 +166,10 @@ def test_run_all_jobs_and_job_index(tiny_model, tmp_path, calib_file):
 def test_failing_job_names_itself(tiny_model, tmp_path, calib_file, capsys):
     src = tiny_model("llama")
     recipe = write(tmp_path, recipe_text(src, tmp_path, calib_file).replace(str(calib_file), str(tmp_path / "gone.txt")))
-    expect_error(capsys, ["run", recipe], r"job 1 \(gptq\): .*gone.txt")
+    expect_error(capsys, ["run", recipe], r"jobs\[1\]: calibration file not found: .*gone.txt")
+    assert not (tmp_path / "rtn").exists()                      # found before job 0 started
+    (tmp_path / "gone.txt").write_text("")                      # there, but empty: found when job 1 reads it
+    expect_error(capsys, ["run", recipe], r"job 1 \(gptq\): .*gone.txt holds no documents")
     assert (tmp_path / "rtn" / "config.json").exists()          # job 0 ran before job 1 failed
     expect_error(capsys, ["run", recipe, "--job-index", 7], "out of range.*2 job")
 
@@ -362,3 +395,109 @@ def test_method_overrides_that_are_refused(tiny_model, tmp_path, capsys, method,
     recipe = write(tmp_path, f'[[jobs]]\nmodel = "{tiny_model("llama")}"\noutput = "{tmp_path / "o"}"\n'
                              f'method = "{method}"\ngroup_size = 32\noverrides = [{{match = "down", method = "{override}"}}]\n')
     expect_error(capsys, ["run", recipe], needle)
+
+
+def _job(**keys):
+    """A job from these keys (model and output given), through the recipes' validation."""
+    from quantize_llm.recipe import job_from_dict
+
+    return job_from_dict({"model": "m", "output": "o", **keys}, "jobs[0]")
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "nf4", "outlier"])
+def test_every_option_field_has_its_type_checked(method):
+    """Each Options field (whatever fields are added later) refuses a list, naming itself."""
+    import dataclasses
+
+    from quantize_llm.recipe import _options_class
+
+    for field in dataclasses.fields(_options_class(method)):
+        with pytest.raises(SpecError) as info:
+            _job(method=method, options={field.name: [1]})
+        assert f"jobs[0].options.{field.name} must be " in info.value.message, info.value.message
+        assert info.value.message.endswith("not a list")
+
+
+@pytest.mark.parametrize("key", ["bits", "group_size", "sym", "act_order", "format", "quant_type", "blocksize",
+                                 "double_quant", "device", "overwrite", "max_shard_size", "batch_size", "resume",
+                                 "strict_vllm", "verify", "name", "model", "method", "push_to_hub", "output",
+                                 "keep_dense", "options", "calibration", "overrides", "eval"])
+def test_every_job_key_has_its_type_checked(key):
+    with pytest.raises(SpecError) as info:
+        _job(**{"method": "rtn", key: 1.5})
+    assert info.value.message.startswith(f"jobs[0].{key} must be ") and info.value.message.endswith("not 1.5")
+
+
+@pytest.mark.parametrize("value,phrase", [
+    (True, "an integer, not true"), (4.0, "an integer, not 4.0"), ("4", 'an integer, not the string "4"'),
+])
+def test_a_bool_or_a_float_or_a_string_is_not_an_integer(value, phrase):
+    with pytest.raises(SpecError) as info:
+        _job(method="rtn", bits=value)
+    assert info.value.message == f"jobs[0].bits must be {phrase}"
+
+
+def test_numbers_take_integers_as_floats_and_optional_options_take_null():
+    job = _job(method="gptq", options={"damp": 1, "damp_max": 1})
+    assert job.options.damp == 1.0 and type(job.options.damp) is float and type(job.options.damp_max) is float
+    job = _job(method="outlier", options={"fraction": None, "threshold": 3})
+    assert job.options.fraction is None and job.options.threshold == 3.0
+    with pytest.raises(SpecError, match=r"options\.damp must be a number, not null"):
+        _job(method="gptq", options={"damp": None})
+    assert _job(method="rtn", bits=None).spec.bits == 4          # a job key set to null takes its default
+
+
+def test_static_groups_need_act_order_and_then_store_no_g_idx():
+    job = _job(method="gptq", act_order=True, options={"static_groups": True})
+    assert job.spec.act_order is False and job.options.static_groups is True
+    assert _job(method="gptq", act_order=True, format="compressed-tensors", options={"static_groups": True})
+    with pytest.raises(SpecError, match="add --static-groups"):
+        _job(method="gptq", act_order=True, format="compressed-tensors")
+    with pytest.raises(SpecError, match="static groups only change something together with act-order"):
+        _job(method="gptq", options={"static_groups": True})
+
+
+def test_static_groups_with_act_order_are_one_thing_on_the_command_line_and_in_a_recipe(tiny_model, tmp_path,
+                                                                                         calib_file):
+    """README: --act-order quantizes columns in decreasing activation order; --static-groups keeps
+    the groups on the original columns (trivial g_idx). The command and its recipe write the same
+    bytes, and the weights are those of act-order GPTQ with static groups on the model's own inputs."""
+    from transformers import AutoTokenizer
+
+    from quantize_llm.models.load import CheckpointReader
+    from test_gptq_pipeline import decoded, reference_gptq
+
+    from quantize_llm.algorithms.gptq import GPTQOptions
+    from quantize_llm.calibration.data import read_documents, select_samples
+    from quantize_llm.spec import QuantSpec
+
+    src = tiny_model("llama")
+    assert cli("gptq", src, "-o", tmp_path / "cli", "--act-order", "--static-groups", "--group-size", 32, "--asym",
+               "--block-size", 16, "--dataset", calib_file, "--nsamples", 4, "--seqlen", 32) == 0
+    recipe = write(tmp_path, f"""
+[[jobs]]
+model = "{src}"
+output = "{tmp_path / 'recipe'}"
+method = "gptq"
+group_size = 32
+sym = false
+act_order = true
+options = {{static_groups = true, block_size = 16}}
+calibration = {{dataset = "{calib_file}", nsamples = 4, seqlen = 32}}
+""")
+    assert cli("run", recipe) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "recipe" / name).read_bytes(), name
+    qconfig = json.loads((tmp_path / "cli" / "config.json").read_text())["quantization_config"]
+    assert qconfig["desc_act"] is False and qconfig["static_groups"] is True
+    with CheckpointReader(tmp_path / "cli") as reader:
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+            g_idx = reader.read(f"{name}.g_idx")
+            assert torch.equal(g_idx, (torch.arange(g_idx.numel()) // 32).to(g_idx.dtype))
+    tokens, _ = select_samples(read_documents(str(calib_file)), AutoTokenizer.from_pretrained(src), 4, 32)
+    spec = QuantSpec(method="gptq", bits=4, group_size=32, sym=False, act_order=True, min_zero=1)
+    want = reference_gptq(src, tokens, spec, GPTQOptions(block_size=16, static_groups=True), batch_size=8)
+    got = decoded(tmp_path / "cli")
+    for name in want:
+        same = torch.isclose(got[name], want[name], rtol=0, atol=1e-6).float().mean()
+        assert same > 0.995, (name, float(same))

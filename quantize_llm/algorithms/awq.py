@@ -62,7 +62,8 @@ class AWQOptions:
         if self.search_samples < 0:
             raise SpecError(f"--search-samples {self.search_samples} must be 0 (all) or more", "16 is the default")
         if self.then not in THEN:
-            raise SpecError(f"--then {self.then} is not known", f"choose one of {', '.join(THEN)}")
+            raise SpecError(f"--then {self.then} is not known",
+                            f"choose one of {', '.join(THEN)}; rtn is AWQ's own rounding")
         if not 0 < self.damp <= 1:
             raise SpecError(f"--damp {self.damp} must be in (0, 1]", "0.01 is typical")
         if self.block_size < 1:

@@ -27,17 +27,22 @@ class GPTQOptions:
     block_size: int = 128          # columns per lazy-update block (not the quantization group)
     damp: float = 0.01             # added to diag(H), as a fraction of mean(diag(H))
     damp_max: float = 1.0          # damping is doubled after a failed Cholesky, up to this bound
-    static_groups: bool = False    # with act-order: groups fixed on the original column order
+    static_groups: bool = False    # act-order with groups fixed on the original column order (trivial g_idx):
+                                   # columns are permuted even when spec.act_order, which says whether a
+                                   # non-trivial g_idx is stored, is off
     true_sequential: bool = True   # quantize q/k/v, then o, then gate/up, then down, re-running between
     clip: str = "mse"              # group range: "mse" (shrunk where the diag(H)-weighted error drops) or "minmax"
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
+        if not 0 < self.damp_max <= 1:
+            raise SpecError(f"damp_max {self.damp_max} must be in (0, 1]",
+                            "1.0 is the default: a failed Cholesky doubles the damping up to it")
         if not 0 < self.damp <= self.damp_max:
             raise SpecError(f"--damp {self.damp} must be in (0, {self.damp_max}]", "0.01 is typical")
         if self.clip not in CLIPS:
-            raise SpecError(f"--clip {self.clip} is not known", f"choose one of {', '.join(CLIPS)}")
+            raise SpecError(f"--clip {self.clip} is not known", f"choose one of {', '.join(CLIPS)}; mse is the default")
 
 
 @dataclass(frozen=True)
@@ -78,8 +83,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
 
     Does not modify `weight` or `hessian`. Works in float32 on their device (float64 when `weight`
     is float64, which the tests use to compare with a column-by-column reference).
-    Groups are consecutive columns in processing order (the act-order permutation when
-    spec.act_order, unless options.static_groups); a last group shorter than group_size is fine.
+    Columns are processed in act-order (decreasing diag(H)) when spec.act_order or
+    options.static_groups. Groups are consecutive columns in processing order, except with
+    options.static_groups, where they are the consecutive original columns and no g_idx is
+    returned; a last group shorter than group_size is fine.
     Each group's scale and zero come from the group's columns as they stand when its first column
     is reached (so they include the error already propagated into them).
     """
@@ -100,7 +107,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
     static = rtn_group_params(w if mask is None else w.masked_fill(mask, 0.0), spec.bits, spec.group_size, spec.sym, spec.min_zero, options.clip) \
         if options.static_groups else None
     perm = None
-    if spec.act_order:
+    if spec.act_order or options.static_groups:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
         if mask is not None:

@@ -39,9 +39,13 @@ class NF4Options:
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
-            raise SpecError(f"--rounding {self.rounding} is not supported", f"choose {' or '.join(ROUNDINGS)}")
+            raise SpecError(f"--rounding {self.rounding} is not supported",
+                            f"choose {' or '.join(ROUNDINGS)}; nearest, bitsandbytes' own, needs no data")
         if self.block_size < 1:
             raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
+        if not 0 < self.damp_max <= 1:
+            raise SpecError(f"damp_max {self.damp_max} must be in (0, 1]",
+                            "1.0 is the default: a failed Cholesky doubles the damping up to it")
         if not 0 < self.damp <= self.damp_max:
             raise SpecError(f"--damp {self.damp} must be in (0, {self.damp_max}]", "0.01 is typical")
 

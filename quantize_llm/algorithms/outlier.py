@@ -49,9 +49,11 @@ class OutlierOptions:
 
     def __post_init__(self) -> None:
         if self.inner not in INNER:
-            raise SpecError(f"--inner {self.inner} is not known", f"choose one of {', '.join(INNER)}")
+            raise SpecError(f"--inner {self.inner} is not known",
+                            f"choose one of {', '.join(INNER)}; rtn is the default, gptq needs calibration data")
         if self.mode not in MODES:
-            raise SpecError(f"--mode {self.mode} is not known", f"choose one of {', '.join(MODES)}")
+            raise SpecError(f"--mode {self.mode} is not known",
+                            f"choose one of {', '.join(MODES)}; weight is the default")
         if self.fraction is not None and self.threshold is not None:
             raise SpecError("--outlier-fraction and --outlier-threshold were both given", "pass only one of them")
         if self.fraction is not None and not (math.isfinite(self.fraction) and 0 <= self.fraction <= 0.5):
@@ -61,7 +63,8 @@ class OutlierOptions:
             raise SpecError(f"--outlier-threshold {self.threshold} must be a positive number",
                             f"{CHANNEL_THRESHOLD} is LLM.int8()'s activation threshold")
         if self.clip not in CLIPS:
-            raise SpecError(f"--clip {self.clip} is not known", f"choose one of {', '.join(CLIPS)}")
+            raise SpecError(f"--clip {self.clip} is not known",
+                            f"choose one of {', '.join(CLIPS)}; minmax suits --inner rtn, mse --inner gptq")
         if not 0 < self.damp <= 1:
             raise SpecError(f"--damp {self.damp} must be in (0, 1]", "0.01 is typical")
         if self.block_size < 1:

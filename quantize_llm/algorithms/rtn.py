@@ -23,7 +23,8 @@ class RTNOptions:
 
     def __post_init__(self) -> None:
         if self.clip not in CLIPS:
-            raise SpecError(f"--clip {self.clip} is not known", f"choose one of {', '.join(CLIPS)}")
+            raise SpecError(f"--clip {self.clip} is not known",
+                            f"choose one of {', '.join(CLIPS)}; minmax is the default")
 
 
 @torch.no_grad()
