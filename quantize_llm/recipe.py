@@ -405,10 +405,14 @@ def _hub_id_form(model: str) -> bool:
 def check_inputs(job: Job, where: str) -> None:
     """The files a job reads, checked without reading the model: a model given as a local path
     is a folder with config.json; a calibration dataset that names a file exists. (The eval file
-    is checked with the job.) Hub ids are left to the run, which may download them."""
+    is checked with the job.) Hub ids are left to the run, which may download them. The output
+    may not destroy anything (the current folder, the model, a folder that is no checkpoint under
+    overwrite); an existing output is left to the run (an array job's earlier outputs exist)."""
+    from .formats.checkpoint import check_output, local_folder
     from .models.load import resolve_model
 
     try:
+        check_output(job.output, overwrite=job.overwrite, protect=local_folder(job.model), allow_existing=True)
         if Path(job.model).expanduser().exists() or not _hub_id_form(job.model):
             resolve_model(job.model)
         if job.calibration is not None:

@@ -61,7 +61,8 @@ def human_bytes(n: float) -> str:
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def check_output(out: Path | str, *, overwrite: bool, protect: Iterable[Path | str] = ()) -> Path:
+def check_output(out: Path | str, *, overwrite: bool, protect: Iterable[Path | str] = (),
+                 allow_existing: bool = False) -> Path:
     """The absolute OUT, refused (OutputError) wherever writing it could destroy something.
 
     Whatever the flags: the current folder or one of its parents (`-o ""`, `-o .`, `-o ..`), the
@@ -69,6 +70,8 @@ def check_output(out: Path | str, *, overwrite: bool, protect: Iterable[Path | s
     (the model being read: resolved paths, so links count), a name or path too long for the
     filesystem. Without `overwrite`, an existing OUT; with it, an existing OUT that is not a
     checkpoint folder (config.json) and not empty: --overwrite replaces checkpoints, nothing else.
+    `allow_existing` skips the missing-parent and already-exists checks (a recipe validated before
+    its jobs run: an earlier job may create them).
     """
     raw = str(out)
     if not raw.strip():
@@ -99,13 +102,13 @@ def check_output(out: Path | str, *, overwrite: bool, protect: Iterable[Path | s
             how = "is" if real == src else "is inside" if src in real.parents else "holds"
             raise OutputError(f"-o {raw} {how} the model folder {src}: the output would replace or mix with "
                               "the model being read", "write the output outside the model folder")
-    if not path.parent.is_dir():
+    if not path.parent.is_dir() and not allow_existing:
         raise OutputError(f"the parent folder {path.parent} does not exist or is not a folder",
                           "create it first, or choose another -o")
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise OutputError(f"{path} is a file, not a folder", "choose another -o")
-        if not overwrite:
+        if not overwrite and not allow_existing:
             raise OutputError(f"{path} already exists", _OVERWRITE_HINT)
         if not (path / CONFIG_FILE).is_file() and any(path.iterdir()):
             raise OutputError(f"{path} exists and holds no checkpoint (no config.json): --overwrite replaces "

@@ -260,3 +260,15 @@ def test_no_resume_interrupt_says_nothing_was_kept(world, capsys, monkeypatch):
         assert_one_line_error(result, 130, needle)
         assert_untouched(before, world, new=[".out.resume"])
         assert not list(world.glob(".out.tmp-*"))
+
+
+@pytest.mark.parametrize("output", ["{home}/model", "{home}/model/sub", "{home}", "."])
+def test_a_later_jobs_destructive_output_is_found_before_the_first_job_runs(world, capsys, output):
+    recipe = world / "r.toml"
+    recipe.write_text(f'[[jobs]]\nmodel = "{world / "model"}"\noutput = "{world / "first"}"\nmethod = "rtn"\n'
+                      f'group_size = 32\n[[jobs]]\nmodel = "{world / "model"}"\noutput = "{output.format(home=world)}"\n'
+                      'method = "rtn"\ngroup_size = 32\noverwrite = true\n')
+    for command in (["run", recipe], ["run", recipe, "--check"], ["plan", recipe]):
+        result = refused(capsys, world, command, needles=(r"jobs\[1\]", "model folder|current folder|no checkpoint"),
+                         cwd=world)
+        assert not (world / "first").exists(), result.err
