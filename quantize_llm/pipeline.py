@@ -24,7 +24,7 @@ from .errors import CheckpointError, ModelError, OutputError, SpecError, UsageEr
 from .formats import get_format
 from .formats.checkpoint import CheckpointWriter
 from .models.architectures import ArchitectureMap, get_architecture
-from .models.load import CheckpointReader, build_skeleton, resolve_model
+from .models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
 from .plan import ResourcePlan, estimate as estimate_resources
 from .resume import ResumeState, model_fingerprint, tokens_fingerprint
 from .verify import check_modules, check_outputs, digest
@@ -389,6 +389,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
                              "start from the unquantized checkpoint")
         arch = get_architecture(config)
         skeleton = build_skeleton(folder, config)
+        check_against_config(reader, skeleton)
         plans = plan_blocks(reader, arch, skeleton, spec)
         block_tensors = {n for p in plans for n in p.tensors}
         outside = [n for n in reader.names() if n not in block_tensors]
