@@ -106,7 +106,7 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
             for name in names:
                 if name in used:
                     prefix = next(p for p in prefixes if name.startswith(p + "."))
-                    if name != f"{prefix}.{src_fmt.markers[0]}":
+                    if not any(name == f"{prefix}.{m}" for m in src_fmt.markers):
                         continue              # written with its module, at its marker
                     for local, tensor in target.encode(decoded(prefix)).items():
                         writer.add(f"{prefix}.{local}", tensor)

@@ -242,3 +242,17 @@ def test_the_undamaged_checkpoints_pass(world, capsys, written, source, command)
     assert result.code == 0, result.err
     assert_untouched(before, world, new=["out"])
     assert half_written(world) == []
+
+
+def test_an_fp4_checkpoint_converts_to_bnb_with_every_module(world, capsys, _tiny_llama):
+    """A foreign marker: fp4 modules are found by their own quant_state tensor, not nf4's."""
+    for args in (["nf4", _tiny_llama, "-o", world / "fp4", "--quant-type", "fp4"],
+                 ["convert", world / "fp4", "-o", world / "again", "--format", "bnb"]):
+        result = run_cli(capsys, *args)
+        assert result.code == 0, result.err
+    source = load_file(world / "fp4" / "model.safetensors")
+    again = load_file(world / "again" / "model.safetensors")
+    assert sum(n.endswith("quant_state.bitsandbytes__fp4") for n in source) == 14
+    assert again.keys() == source.keys()
+    for name, tensor in source.items():
+        assert torch.equal(again[name], tensor), name
