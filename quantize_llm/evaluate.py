@@ -137,13 +137,18 @@ def load_for_eval(model: str, device: str | torch.device = "cpu", dtype: torch.d
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .formats.reading import QuantizedModules
     from .runtime.load import load_quantized
 
     folder = resolve_model(model)
+    # config.json and the weights first: the tokenizer reads config.json too, and says less about it
     with CheckpointReader(folder) as reader:
         quantized = bool(reader.config.get("quantization_config"))
-        if not quantized:   # load_quantized checks its own; transformers would fill gaps with random weights
-            check_against_config(reader, build_skeleton(folder, reader.config))
+        if quantized:
+            QuantizedModules(reader)   # a quantization_config we cannot read; load_quantized checks the rest
+        skeleton = build_skeleton(folder, reader.config)
+        if not quantized:          # transformers would fill what is missing with random weights
+            check_against_config(reader, skeleton)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as exc:

@@ -384,9 +384,9 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
     with CheckpointReader(folder) as reader:
         config = reader.config
         if config.get("quantization_config"):
-            raise ModelError(f"{model} is already quantized "
-                             f"({config['quantization_config'].get('quant_method', 'unknown method')})",
-                             "start from the unquantized checkpoint")
+            qconfig = config["quantization_config"]
+            method = qconfig.get("quant_method", "unknown method") if isinstance(qconfig, dict) else "unknown method"
+            raise ModelError(f"{model} is already quantized ({method})", "start from the unquantized checkpoint")
         arch = get_architecture(config)
         skeleton = build_skeleton(folder, config)
         check_against_config(reader, skeleton)
