@@ -19,10 +19,11 @@ from torch import nn
 
 from . import __version__
 from .errors import ModelError, SpecError
-from .formats import format_for_config, get_format, module_qconfig
+from .formats import get_format
 from .formats.checkpoint import CheckpointWriter, check_output, local_folder
+from .formats.reading import QuantizedModules, linear_shape
 from .models.architectures import get_architecture
-from .models.load import CheckpointReader, build_skeleton, resolve_model
+from .models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
 from .qweight import QuantizedWeight
 
 
@@ -67,15 +68,18 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
         if not qconfig:
             raise ModelError(f"{source} is not quantized, so there is nothing to convert",
                              "quantize it with rtn, gptq, awq, nf4 or outlier")
-        src_fmt = format_for_config(qconfig)
+        modules = QuantizedModules(reader)
+        src_fmt = modules.fmt
         names = reader.names()
-        prefixes = sorted({n[: -len(m) - 1] for n in names for m in src_fmt.markers if n.endswith(f".{m}")})
+        prefixes = sorted(modules.prefixes)
         model_dtype = config.get("dtype") or config.get("torch_dtype")
         dtype = getattr(torch, str(model_dtype).removeprefix("torch."), None) if model_dtype else None
+        skeleton = build_skeleton(folder, {k: v for k, v in config.items() if k != "quantization_config"})
+        check_against_config(reader, skeleton, quantized=prefixes)
+        shapes = {prefix: linear_shape(skeleton, prefix) for prefix in prefixes}
 
         def decoded(prefix: str) -> QuantizedWeight:
-            local = {t: f"{prefix}.{t}" for t in src_fmt.tensor_names if f"{prefix}.{t}" in set(names)}
-            qw = src_fmt.decode({t: reader.read(full) for t, full in local.items()}, module_qconfig(qconfig, prefix))
+            qw = modules.decode(prefix, shapes[prefix])
             spec = qw.spec.replace(format=target.name, act_order=qw.g_idx is not None, min_zero=0)
             return replace(qw, spec=spec, source_dtype=dtype if isinstance(dtype, torch.dtype) else None)
 
@@ -93,7 +97,6 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
         if len(distinct) > 1 and not getattr(target, "per_module", False):
             raise SpecError(f"the modules use {len(distinct)} different settings, and the {target.name} format has "
                             "one for the whole checkpoint", "convert to gptq, which records per-module settings")
-        skeleton = build_skeleton(folder, {k: v for k, v in config.items() if k != "quantization_config"})
         quantized = set(prefixes)
         dense = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
         emit("start", {"model": source, "output": str(output), "total": len(prefixes), "unit": "modules",
@@ -106,7 +109,7 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
             for name in names:
                 if name in used:
                     prefix = next(p for p in prefixes if name.startswith(p + "."))
-                    if name != f"{prefix}.{src_fmt.markers[0]}":
+                    if not any(name == f"{prefix}.{m}" for m in src_fmt.markers):
                         continue              # written with its module, at its marker
                     for local, tensor in target.encode(decoded(prefix)).items():
                         writer.add(f"{prefix}.{local}", tensor)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ModelError, UsageError
-from .models.load import CheckpointReader, resolve_model
+from .models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +137,18 @@ def load_for_eval(model: str, device: str | torch.device = "cpu", dtype: torch.d
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .formats.reading import QuantizedModules
     from .runtime.load import load_quantized
 
     folder = resolve_model(model)
+    # config.json and the weights first: the tokenizer reads config.json too, and says less about it
     with CheckpointReader(folder) as reader:
         quantized = bool(reader.config.get("quantization_config"))
+        if quantized:
+            QuantizedModules(reader)   # a quantization_config we cannot read; load_quantized checks the rest
+        skeleton = build_skeleton(folder, reader.config)
+        if not quantized:          # transformers would fill what is missing with random weights
+            check_against_config(reader, skeleton)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as exc:
@@ -189,8 +196,9 @@ def _warn_if_calibrated_on(model: str, dataset: Path, emit: Callable[[str, dict]
     from .calibration.data import same_file
 
     with CheckpointReader(resolve_model(model)) as reader:
-        qconfig = reader.config.get("quantization_config") or {}
-    path = ((qconfig.get("meta") or {}).get("calibration") or {}).get("path")
-    if path and same_file(path, dataset):
+        path: Any = reader.config.get("quantization_config")
+    for key in ("meta", "calibration", "path"):   # a damaged config is refused when the model loads
+        path = path.get(key) if isinstance(path, dict) else None
+    if isinstance(path, str) and path and same_file(path, dataset):
         emit("warning", {"message": f"{dataset} is the text {model} was calibrated on; "
                                     "its perplexity here is not a fair measure"})

@@ -1,12 +1,13 @@
 """Describe a quantized checkpoint from its headers (and bnb's small JSON blobs): modules, sizes, real
-bits per weight."""
+bits per weight. Every module's headers are checked against each other and the quantization_config;
+the values (NaN scales, g_idx range) are checked where they are read: convert, eval, generate."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelError
-from .formats import format_for_config, module_qconfig
+from .formats.reading import QuantizedModules
 from .models.load import CheckpointReader, resolve_model
 
 
@@ -43,18 +44,11 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         if not qconfig:
             raise ModelError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)",
                              "quantize it first, e.g. quantize-llm rtn MODEL -o OUT")
-        fmt = format_for_config(qconfig)
+        modules = QuantizedModules(reader)
         info = CheckpointInfo(str(folder), str(qconfig.get("quant_method")), total_bytes=reader.total_bytes)
-        names = set(reader.names())
-        for name in reader.names():
-            marker = next((m for m in fmt.markers if name.endswith(f".{m}")), None)
-            if marker is None:
-                continue
-            prefix = name[: -len(marker) - 1]
-            local = {t: f"{prefix}.{t}" for t in fmt.tensor_names if f"{prefix}.{t}" in names}
-            header = fmt.describe(module_qconfig(qconfig, prefix), {t: reader.shape(full) for t, full in local.items()},
-                                  lambda t: reader.read(local[t]))
-            nbytes = sum(reader.nbytes(full) for full in local.values())
+        for prefix in modules.prefixes:
+            header = modules.describe(prefix)
+            nbytes = sum(reader.nbytes(full) for full in modules.tensors(prefix).values())
             info.modules.append(ModuleInfo(prefix, header.bits, header.group_size, header.sym, header.shape,
                                            nbytes, header.codebook))
             info.quantized_bytes += nbytes

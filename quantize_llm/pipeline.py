@@ -23,7 +23,7 @@ from .errors import CheckpointError, Interrupted, ModelError, OutputError, RunEr
 from .formats import get_format
 from .formats.checkpoint import NO_SPACE, CheckpointWriter, check_output, human_bytes, local_folder, remove_stale
 from .models.architectures import ArchitectureMap, get_architecture
-from .models.load import CheckpointReader, build_skeleton, resolve_model
+from .models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
 from .plan import ResourcePlan, estimate as estimate_resources
 from .resume import HashingReader, OutputLock, ResumeState, files_identity, model_fingerprint, tokens_fingerprint
 from .verify import check_modules, check_outputs, digest
@@ -481,11 +481,12 @@ def _quantize_blocks(model: str, folder: Path, output: Path, spec: QuantSpec, fm
     with CheckpointReader(folder) as reader:
         config = reader.config
         if config.get("quantization_config"):
-            raise ModelError(f"{model} is already quantized "
-                             f"({config['quantization_config'].get('quant_method', 'unknown method')})",
-                             "start from the unquantized checkpoint")
+            qconfig = config["quantization_config"]
+            method = qconfig.get("quant_method", "unknown method") if isinstance(qconfig, dict) else "unknown method"
+            raise ModelError(f"{model} is already quantized ({method})", "start from the unquantized checkpoint")
         arch = get_architecture(config)
         skeleton = build_skeleton(folder, config)
+        check_against_config(reader, skeleton)
         plans = plan_blocks(reader, arch, skeleton, spec)
         block_tensors = {n for p in plans for n in p.tensors}
         outside = [n for n in reader.names() if n not in block_tensors]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import SpecError
 from .awq import AWQFormat
-from .base import Format
+from .base import Format, damaged
 from .bnb import BnbFormat
 from .compressed_tensors import CompressedTensorsFormat
 from .gptq import GPTQFormat
@@ -22,6 +22,9 @@ def get_format(name: str) -> type[Format]:
 
 def format_for_config(qconfig: dict) -> type[Format]:
     """The reader for a checkpoint's `quantization_config`."""
+    if not isinstance(qconfig, dict):
+        raise damaged("config.json", f"quantization_config is {type(qconfig).__name__} {qconfig!r:.60}, "
+                                     "not an object")
     method = str(qconfig.get("quant_method", "")).lower()
     by_method = {fmt.quant_method: fmt for fmt in FORMATS.values()}
     if method not in by_method:
@@ -36,7 +39,11 @@ def module_qconfig(qconfig: dict, module: str) -> dict:
     the module's full name overrides bits / group_size / sym / desc_act."""
     import re
 
-    for key, changes in (qconfig.get("dynamic") or {}).items():
+    dynamic = qconfig.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise ValueError(f"quantization_config's dynamic is {type(dynamic).__name__}, not an object of "
+                         "regex -> settings")
+    for key, changes in dynamic.items():
         if key.startswith("-:") or not isinstance(changes, dict):
             continue
         pattern = key[2:] if key.startswith("+:") else key

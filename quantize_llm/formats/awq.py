@@ -15,7 +15,8 @@ from torch import Tensor
 from ..packing import pack_awq, unpack_awq
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
-from .base import ModuleHeader
+from .base import (ModuleHeader, TensorHeader, config_bool, config_group_size, config_int, config_method,
+                   float16_scales, headers_of, need)
 
 
 class AWQFormat:
@@ -65,36 +66,38 @@ class AWQFormat:
         }
 
     @staticmethod
-    def decode(tensors: Mapping[str, Tensor], qconfig: Mapping[str, Any]) -> QuantizedWeight:
-        bits = int(qconfig.get("bits", qconfig.get("w_bit", 4)))
+    def describe(qconfig: Mapping[str, Any], headers: Mapping[str, TensorHeader],
+                 read: Callable[[str], Tensor]) -> ModuleHeader:
+        bits = config_int(qconfig, "bits", "w_bit", default=4)
         if bits != 4:
-            raise ValueError(f"the awq GEMM layout is 4-bit, the config says {bits}")
+            raise ValueError(f"quantization_config says bits {bits}, but the AWQ GEMM layout holds 4-bit codes only")
         version = str(qconfig.get("version", "gemm")).lower()
         if version != "gemm":
             raise ValueError(f"AWQ version {version!r} is not read; only the GEMM layout is")
-        if not qconfig.get("zero_point", True):
+        if not config_bool(qconfig, "zero_point", True):
             raise ValueError("AWQ GEMM checkpoints without zero points are not read")
-        qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
-        in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
-        group_size = int(qconfig.get("group_size", qconfig.get("q_group_size", 128)))
+        group_size = config_group_size(qconfig, "group_size", "q_group_size", default=128)
+        in_features, words = need(headers, "qweight", torch.int32, ndim=2)
+        out_features = words * 8
+        if in_features == 0 or words == 0:
+            raise ValueError(f"qweight has shape [{in_features}, {words}], an empty layer")
         gs = in_features if group_size == -1 else group_size
-        n_groups = in_features // gs
-        if in_features % gs or scales.shape != (n_groups, out_features) or qzeros.shape != (n_groups, out_features // 8):
-            raise ValueError(f"qzeros {list(qzeros.shape)} / scales {list(scales.shape)} do not match "
-                             f"{in_features} inputs in groups of {gs}")
-        codes = unpack_awq(qweight).t().contiguous()                      # (out, in)
-        zero = unpack_awq(qzeros).t().contiguous().to(torch.int32)        # (out, G)
-        spec = QuantSpec(method=str((qconfig.get("meta") or {}).get("method", "awq")), bits=4,
-                         group_size=group_size, sym=False, format="awq")
-        return QuantizedWeight(codes=codes, scale=scales.t().contiguous().to(torch.float16), zero=zero,
-                               g_idx=None, spec=spec)
+        if in_features % gs:
+            raise ValueError(f"qweight has {in_features} inputs, not a multiple of the group size {gs}")
+        groups = f"{in_features // gs} group(s) of {gs} over {in_features} inputs, {out_features} outputs"
+        need(headers, "scales", "floating", (in_features // gs, out_features), meaning=groups)
+        need(headers, "qzeros", torch.int32, (in_features // gs, words), meaning=groups)
+        return ModuleHeader(4, group_size, False, (out_features, in_features))
 
     @staticmethod
-    def describe(qconfig: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                 read: Callable[[str], Tensor]) -> ModuleHeader:
-        in_features, words = shapes["qweight"]
-        return ModuleHeader(4, int(qconfig.get("group_size", qconfig.get("q_group_size", 128))), False,
-                            (words * 8, in_features))
+    def decode(tensors: Mapping[str, Tensor], qconfig: Mapping[str, Any]) -> QuantizedWeight:
+        header = AWQFormat.describe(qconfig, headers_of(tensors), tensors.__getitem__)
+        scales = float16_scales("scales", tensors["scales"])                      # (G, out)
+        codes = unpack_awq(tensors["qweight"]).t().contiguous()                   # (out, in)
+        zero = unpack_awq(tensors["qzeros"]).t().contiguous().to(torch.int32)     # (out, G)
+        spec = QuantSpec(method=config_method(qconfig, "awq"), bits=4, group_size=header.group_size, sym=False,
+                         format="awq")
+        return QuantizedWeight(codes=codes, scale=scales.t().contiguous(), zero=zero, g_idx=None, spec=spec)
 
     @staticmethod
     def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]], extra: Mapping[str, Any], *,

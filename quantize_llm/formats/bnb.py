@@ -13,6 +13,7 @@ The bias stays in the model's dtype. Blocks run over the row-major flattened wei
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
@@ -22,7 +23,7 @@ from .. import nf4codes
 from ..packing import pack_nibbles, unpack_nibbles
 from ..qweight import NestedAbsmax, QuantizedWeight
 from ..spec import QuantSpec
-from .base import ModuleHeader
+from .base import ModuleHeader, TensorHeader, check_finite, check_finite_number, config_method, headers_of, need
 
 _STATE = "weight.quant_state.bitsandbytes__"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -87,27 +88,58 @@ class BnbFormat:
         states = [k for k in names if k.startswith(_STATE)]
         if len(states) != 1:
             raise ValueError(f"expected exactly one {_STATE}nf4/fp4 tensor, found {len(states)}")
-        blob = json.loads(bytes(read(states[0]).to(torch.uint8).tolist()).decode())
+        raw = read(states[0])
+        if raw.dtype != torch.uint8 or raw.dim() != 1:
+            raise ValueError(f"{states[0]} is {str(raw.dtype).removeprefix('torch.')} {list(raw.shape)}, where "
+                             "bitsandbytes stores its JSON as uint8 bytes")
+        try:
+            blob = json.loads(bytes(raw.tolist()).decode())
+        except ValueError:   # UnicodeDecodeError and JSONDecodeError both are
+            raise ValueError(f"{states[0]} does not hold a JSON object") from None
         if not isinstance(blob, dict) or states[0] != _STATE + str(blob.get("quant_type")):
             raise ValueError(f"the quant_type in {states[0]} does not match its name")
         if blob["quant_type"] not in nf4codes.CODEBOOKS:
             raise ValueError(f"quant_type {blob['quant_type']!r} is not nf4 or fp4")
+        shape = blob.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            raise ValueError(f"the shape {shape!r} in {states[0]} is not two positive sizes")
+        if blob.get("blocksize") not in nf4codes.BLOCKSIZES:
+            raise ValueError(f"blocksize {blob.get('blocksize')!r} is not one of {nf4codes.BLOCKSIZES}")
         return blob
 
     @staticmethod
-    def describe(qconfig: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+    def describe(qconfig: Mapping[str, Any], headers: Mapping[str, TensorHeader],
                  read: Callable[[str], Tensor]) -> ModuleHeader:
-        blob = BnbFormat._quant_state(list(shapes), read)
-        out_features, in_features = (int(d) for d in blob["shape"])
-        return ModuleHeader(4, int(blob["blocksize"]), True, (out_features, in_features), blob["quant_type"])
+        blob = BnbFormat._quant_state(list(headers), read)
+        out_features, in_features = blob["shape"]
+        blocksize = blob["blocksize"]
+        n = out_features * in_features
+        nblocks = -(-n // blocksize)
+        shape = f"{out_features}x{in_features} weights"
+        stored = math.prod(need(headers, "weight", torch.uint8))
+        if stored != -(-n // 2):
+            raise ValueError(f"weight's {stored} bytes cannot hold the {shape} (they need {-(-n // 2)})")
+        need(headers, "weight.quant_map", "floating", (16,), meaning="the codebook's 16 values")
+        if "weight.nested_absmax" in headers:
+            if blob.get("nested_blocksize") != nf4codes.NESTED_BLOCKSIZE:
+                raise ValueError(f"nested_blocksize {blob.get('nested_blocksize')!r} is not "
+                                 f"{nf4codes.NESTED_BLOCKSIZE}")
+            check_finite_number("nested_offset", blob.get("nested_offset"))
+            need(headers, "weight.absmax", torch.uint8, (nblocks,), meaning=f"one code per block of {blocksize}")
+            need(headers, "weight.nested_absmax", "floating", (-(-nblocks // nf4codes.NESTED_BLOCKSIZE),),
+                 meaning=f"one per {nf4codes.NESTED_BLOCKSIZE} of the {nblocks} blocks")
+            need(headers, "weight.nested_quant_map", "floating", (256,), meaning="the 8-bit dynamic map")
+        else:
+            need(headers, "weight.absmax", "floating", (nblocks,), meaning=f"one per block of {blocksize} of {shape}")
+        return ModuleHeader(4, blocksize, True, (out_features, in_features), blob["quant_type"])
 
     @staticmethod
     def decode(tensors: Mapping[str, Tensor], qconfig: Mapping[str, Any]) -> QuantizedWeight:
+        header = BnbFormat.describe(qconfig, headers_of(tensors), tensors.__getitem__)
         blob = BnbFormat._quant_state(list(tensors), tensors.__getitem__)
-        codebook = str(blob["quant_type"])
-        out_features, in_features = (int(d) for d in blob["shape"])
-        if int(blob["blocksize"]) not in nf4codes.BLOCKSIZES:
-            raise ValueError(f"blocksize {blob['blocksize']} is not one of {nf4codes.BLOCKSIZES}")
+        codebook = header.codebook
+        out_features, in_features = header.shape
         table = nf4codes.code_table(codebook)
         if not torch.equal(tensors["weight.quant_map"].float(), table):
             raise ValueError(f"weight.quant_map is not the standard {codebook} table")
@@ -115,14 +147,15 @@ class BnbFormat:
         nested = "weight.nested_absmax" in tensors
         scale: Tensor | NestedAbsmax
         if nested:
-            if int(blob.get("nested_blocksize", 0)) != nf4codes.NESTED_BLOCKSIZE:
-                raise ValueError(f"nested_blocksize {blob.get('nested_blocksize')} is not 256")
-            scale = NestedAbsmax(tensors["weight.absmax"].to(torch.uint8), tensors["weight.nested_absmax"].float(),
+            check_finite("weight.nested_absmax", tensors["weight.nested_absmax"])
+            check_finite("weight.nested_quant_map", tensors["weight.nested_quant_map"])
+            scale = NestedAbsmax(tensors["weight.absmax"], tensors["weight.nested_absmax"].float(),
                                  float(blob["nested_offset"]), tensors["weight.nested_quant_map"].float())
+            check_finite("weight.absmax (dequantized)", scale.dequantize())
         else:
+            check_finite("weight.absmax", tensors["weight.absmax"])
             scale = tensors["weight.absmax"].float()
-        meta = qconfig.get("meta") or {}
-        spec = QuantSpec(method=str(meta.get("method", "nf4")), codebook=codebook, blocksize=int(blob["blocksize"]),
+        spec = QuantSpec(method=config_method(qconfig, "nf4"), codebook=codebook, blocksize=header.group_size,
                          double_quant=nested, format="bnb")
         return QuantizedWeight(codes=codes, scale=scale, zero=None, g_idx=None, spec=spec,
                                source_dtype=_DTYPES.get(str(blob.get("dtype")), torch.float32))

@@ -22,9 +22,11 @@ from torch import Tensor
 from ..packing import pack_int32, packed_length, unpack_int32
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
-from .base import ModuleHeader
+from .base import (ModuleHeader, TensorHeader, config_bool, config_group_size, config_int, config_method,
+                   float16_scales, headers_of, need)
 
 CT_VERSION = "0.20.0"          # the compressed-tensors release whose layout this writes (§4.3 packing)
+BITS = (2, 4, 8)               # widths whose codes fill int32 words exactly
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -91,45 +93,75 @@ class CompressedTensorsFormat:
 
     @staticmethod
     def _weights(qconfig: Mapping[str, Any]) -> Mapping[str, Any]:
+        fmt = qconfig.get("format", "")
+        if fmt != "pack-quantized" or qconfig.get("quantization_status", "compressed") != "compressed":
+            raise ValueError(f"compressed-tensors format {fmt!r} is not read; only pack-quantized, compressed")
         groups = qconfig.get("config_groups") or {}
-        if len(groups) != 1:
-            raise ValueError(f"{len(groups)} config groups: only checkpoints with one scheme are read")
-        weights = next(iter(groups.values())).get("weights") or {}
+        if not isinstance(groups, dict) or len(groups) != 1:
+            raise ValueError(f"config_groups holds {len(groups) if isinstance(groups, dict) else 'no'} scheme(s): "
+                             "only checkpoints with exactly one are read")
+        group = next(iter(groups.values()))
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(weights, dict):
+            raise ValueError("config_groups' scheme has no weights object")
         if weights.get("type", "int") != "int":
             raise ValueError(f"weights of type {weights.get('type')!r} are not read; only int")
         return weights
 
     @staticmethod
-    def decode(tensors: Mapping[str, Tensor], qconfig: Mapping[str, Any]) -> QuantizedWeight:
-        fmt = str(qconfig.get("format", ""))
-        if fmt != "pack-quantized" or qconfig.get("quantization_status", "compressed") != "compressed":
-            raise ValueError(f"compressed-tensors format {fmt!r} is not read; only pack-quantized, compressed")
+    def describe(qconfig: Mapping[str, Any], headers: Mapping[str, TensorHeader],
+                 read: Callable[[str], Tensor]) -> ModuleHeader:
         weights = CompressedTensorsFormat._weights(qconfig)
-        bits = int(weights.get("num_bits", 8))
-        sym = bool(weights.get("symmetric", True))
-        out_features, in_features = (int(v) for v in tensors["weight_shape"].tolist())
-        scale = tensors["weight_scale"]
+        bits = config_int(weights, "num_bits", default=8)
+        if bits not in BITS:
+            raise ValueError(f"quantization_config says num_bits {bits}; pack-quantized checkpoints are read with "
+                             "2, 4 or 8 bits (other widths do not fill int32 words, and 3-bit "
+                             "packing differs between compressed-tensors releases)")
+        sym = config_bool(weights, "symmetric", True)
+        strategy = weights.get("strategy") or ("group" if weights.get("group_size") else "channel")
+        if strategy not in ("group", "channel"):
+            raise ValueError(f"strategy {strategy!r} is not read; only group and channel")
+        group_size = config_group_size(weights, "group_size", default=-1) if strategy == "group" else -1
+        if strategy == "group" and group_size == -1:
+            raise ValueError("the group strategy needs a positive group_size")
+        need(headers, "weight_shape", "integer", (2,))
+        shape = read("weight_shape").tolist()
+        if any(v <= 0 for v in shape):
+            raise ValueError(f"weight_shape holds {shape}; a Linear's sizes are positive")
+        out_features, in_features = (int(v) for v in shape)
+        if group_size != -1 and in_features % group_size:
+            raise ValueError(f"weight_shape's {in_features} inputs are not a multiple of the group size {group_size}")
+        n_groups = 1 if group_size == -1 else in_features // group_size
+        try:
+            words_in = packed_length(in_features, bits)
+            words_out = packed_length(out_features, bits) if not sym else 0
+        except ValueError:
+            raise ValueError(f"weight_shape {shape} does not fill whole int32 words of {bits}-bit codes") from None
+        need(headers, "weight_packed", torch.int32, (out_features, words_in),
+             meaning=f"{bits}-bit codes for weight_shape {shape}")
+        need(headers, "weight_scale", "floating", (out_features, n_groups),
+             meaning=f"{n_groups} group(s) for weight_shape {shape}")
+        if not sym:
+            need(headers, "weight_zero_point", torch.int32, (words_out, n_groups),
+                 meaning=f"{bits}-bit zero points of {n_groups} group(s) for weight_shape {shape}")
+        return ModuleHeader(bits, group_size, sym, (out_features, in_features))
+
+    @staticmethod
+    def decode(tensors: Mapping[str, Tensor], qconfig: Mapping[str, Any]) -> QuantizedWeight:
+        header = CompressedTensorsFormat.describe(qconfig, headers_of(tensors), tensors.__getitem__)
+        bits, sym = header.bits, header.sym
+        out_features, in_features = header.shape
+        scale = float16_scales("weight_scale", tensors["weight_scale"])               # (out, G)
         n_groups = scale.shape[1]
-        group_size = -1 if weights.get("strategy") == "channel" or n_groups == 1 and not weights.get("group_size") \
-            else int(weights.get("group_size") or in_features // n_groups)
         codes = unpack_int32(tensors["weight_packed"], bits, in_features, dim=1)       # (out, in)
         if sym:
             zero = torch.full((out_features, n_groups), 2 ** (bits - 1), dtype=torch.int32)
         else:
             zero = unpack_int32(tensors["weight_zero_point"], bits, out_features, dim=0).to(torch.int32)
-        spec = QuantSpec(method=str((qconfig.get("meta") or {}).get("method", "rtn")), bits=bits,
-                         group_size=group_size, sym=sym, format="compressed-tensors")
-        return QuantizedWeight(codes=codes.contiguous(), scale=scale.to(torch.float16).contiguous(),
-                               zero=zero.contiguous(), g_idx=None, spec=spec)
-
-    @staticmethod
-    def describe(qconfig: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                 read: Callable[[str], Tensor]) -> ModuleHeader:
-        weights = CompressedTensorsFormat._weights(qconfig)
-        out_features, in_features = (int(v) for v in read("weight_shape").tolist())
-        group_size = int(weights.get("group_size") or -1)
-        return ModuleHeader(int(weights.get("num_bits", 8)), group_size, bool(weights.get("symmetric", True)),
-                            (out_features, in_features))
+        spec = QuantSpec(method=config_method(qconfig, "rtn"), bits=bits, group_size=header.group_size, sym=sym,
+                         format="compressed-tensors")
+        return QuantizedWeight(codes=codes.contiguous(), scale=scale.contiguous(), zero=zero.contiguous(),
+                               g_idx=None, spec=spec)
 
     @staticmethod
     def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]], extra: Mapping[str, Any], *,

@@ -12,13 +12,22 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..packing import pack_int32, unpack_int32
+from ..packing import pack_int32, packed_length, unpack_int32
 from ..primitives import default_g_idx
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
-from .base import ModuleHeader
+from .base import (ModuleHeader, TensorHeader, config_bool, config_group_size, config_int, config_method,
+                   float16_scales, headers_of, need)
 
 V1, V2 = "gptq", "gptq_v2"
+BITS = (2, 3, 4, 8)
+
+
+def _checkpoint_format(qconfig: Mapping[str, Any]) -> str:
+    fmt = str(qconfig.get("checkpoint_format") or qconfig.get("format") or V1).lower()
+    if fmt not in (V1, V2):
+        raise ValueError(f"checkpoint_format {fmt!r} is not gptq or gptq_v2")
+    return fmt
 
 
 class GPTQFormat:
@@ -35,7 +44,7 @@ class GPTQFormat:
     def supports(spec: QuantSpec) -> str | None:
         if spec.codebook != "int":
             return f"the gptq format stores integer grids, not the {spec.codebook} codebook; use the bnb format"
-        if spec.bits not in (2, 3, 4, 8):
+        if spec.bits not in BITS:
             return f"the gptq format stores 2, 3, 4 or 8-bit integers, not {spec.bits}-bit"
         return None
 
@@ -67,42 +76,57 @@ class GPTQFormat:
         }
 
     @staticmethod
+    def describe(qconfig: Mapping[str, Any], headers: Mapping[str, TensorHeader],
+                 read: Callable[[str], Tensor]) -> ModuleHeader:
+        bits = config_int(qconfig, "bits")
+        if bits not in BITS:
+            raise ValueError(f"quantization_config says bits {bits}, which the gptq layout cannot hold "
+                             "(it stores 2, 3, 4 or 8-bit codes)")
+        group_size = config_group_size(qconfig, "group_size", default=-1)
+        sym = config_bool(qconfig, "sym", True)
+        config_bool(qconfig, "desc_act", False)
+        _checkpoint_format(qconfig)
+        rows, out_features = need(headers, "qweight", torch.int32, ndim=2)
+        if rows == 0 or out_features == 0 or rows * 32 % bits:
+            raise ValueError(f"qweight has shape [{rows}, {out_features}], which holds no whole number of "
+                             f"{bits}-bit codes per output")
+        in_features = rows * 32 // bits
+        n_groups = 1 if group_size == -1 else -(-in_features // group_size)
+        groups = f"{n_groups} group(s) of {group_size} over {in_features} inputs, {out_features} outputs"
+        need(headers, "scales", "floating", (n_groups, out_features), meaning=groups)
+        try:
+            zero_words = packed_length(out_features, bits)
+        except ValueError:
+            raise ValueError(f"qweight has {out_features} outputs, which {bits}-bit qzeros cannot pack") from None
+        need(headers, "qzeros", torch.int32, (n_groups, zero_words), meaning=groups)
+        if "g_idx" in headers:
+            need(headers, "g_idx", "integer", (in_features,), meaning="one group index per input")
+        return ModuleHeader(bits, group_size, sym, (out_features, in_features))
+
+    @staticmethod
     def decode(tensors: Mapping[str, Tensor], qconfig: Mapping[str, Any]) -> QuantizedWeight:
-        bits = int(qconfig["bits"])
-        group_size = int(qconfig.get("group_size", -1))
-        fmt = str(qconfig.get("checkpoint_format") or qconfig.get("format") or V1).lower()
-        if fmt not in (V1, V2):
-            raise ValueError(f"checkpoint_format {fmt!r} is not gptq or gptq_v2")
-        qweight, scales = tensors["qweight"], tensors["scales"]
-        in_features = qweight.shape[0] * 32 // bits
-        out_features = qweight.shape[1]
+        header = GPTQFormat.describe(qconfig, headers_of(tensors), tensors.__getitem__)
+        bits, group_size = header.bits, header.group_size
+        out_features, in_features = header.shape
+        scales = float16_scales("scales", tensors["scales"])                       # (G, out)
         n_groups = scales.shape[0]
-        codes = unpack_int32(qweight, bits, in_features, dim=0).t().contiguous()   # (out, in)
+        codes = unpack_int32(tensors["qweight"], bits, in_features, dim=0).t().contiguous()   # (out, in)
         zero = unpack_int32(tensors["qzeros"], bits, out_features, dim=1).to(torch.int32)  # (G, out)
-        if fmt == V1:
+        if _checkpoint_format(qconfig) == V1:
             zero = zero + 1          # v1 readers add one to the stored field (§1.5)
         g_idx = tensors.get("g_idx")
         if g_idx is not None:
+            lo, hi = int(g_idx.min()), int(g_idx.max())
+            if lo < 0 or hi >= n_groups:
+                raise ValueError(f"g_idx holds group {lo if lo < 0 else hi}, outside the {n_groups} group(s) "
+                                 "of the scales")
             g_idx = g_idx.to(torch.int32)
-            if g_idx.shape != (in_features,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups:
-                raise ValueError(f"g_idx does not index {n_groups} groups over {in_features} inputs")
             if torch.equal(g_idx, default_g_idx(in_features, group_size)):
                 g_idx = None
-        elif group_size != -1 and n_groups != -(-in_features // group_size):
-            raise ValueError(f"{n_groups} scale rows do not match group_size {group_size}")
-        spec = QuantSpec(method=str((qconfig.get("meta") or {}).get("method", "gptq")), bits=bits,
-                         group_size=group_size, sym=bool(qconfig.get("sym", True)),
-                         act_order=bool(qconfig.get("desc_act", False)), format="gptq")
-        return QuantizedWeight(codes=codes, scale=scales.t().contiguous().to(torch.float16),
-                               zero=zero.t().contiguous(), g_idx=g_idx, spec=spec)
-
-    @staticmethod
-    def describe(qconfig: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                 read: Callable[[str], Tensor]) -> ModuleHeader:
-        bits = int(qconfig["bits"])
-        rows, out_features = shapes["qweight"]
-        return ModuleHeader(bits, int(qconfig.get("group_size", -1)), bool(qconfig.get("sym", True)),
-                            (out_features, rows * 32 // bits))
+        spec = QuantSpec(method=config_method(qconfig, "gptq"), bits=bits, group_size=group_size, sym=header.sym,
+                         act_order=config_bool(qconfig, "desc_act", False), format="gptq")
+        return QuantizedWeight(codes=codes, scale=scales.t().contiguous(), zero=zero.t().contiguous(), g_idx=g_idx,
+                               spec=spec)
 
     @staticmethod
     def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]], extra: Mapping[str, Any], *,

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..qweight import Outliers, QuantizedWeight
 from ..spec import QuantSpec
-from .base import ModuleHeader
+from .base import ModuleHeader, TensorHeader, check_finite, headers_of, need
 from .gptq import GPTQFormat
 
 QUANT_METHOD = "quantize_llm_outlier"
@@ -64,35 +64,43 @@ class OutlierFormat:
         return tensors
 
     @staticmethod
+    def describe(qconfig: Mapping[str, Any], headers: Mapping[str, TensorHeader],
+                 read: Callable[[str], Tensor]) -> ModuleHeader:
+        header = GPTQFormat.describe(qconfig, headers, read)
+        out_features = header.shape[0]
+        mode = qconfig.get("outlier_mode", "weight")
+        if mode == "weight":
+            need(headers, "outlier_row_ptr", "integer", (out_features + 1,), meaning="one entry per output, plus one")
+            (nnz,) = need(headers, "outlier_values", "floating", ndim=1)
+            need(headers, "outlier_col_idx", "integer", (nnz,), meaning="one column per outlier value")
+        elif mode == "channel":
+            (k,) = need(headers, "outlier_columns", "integer", ndim=1)
+            need(headers, "outlier_values", "floating", (out_features, k), meaning=f"{k} column(s) of every output")
+        else:
+            raise ValueError(f"outlier_mode {mode!r} is not weight or channel")
+        return header
+
+    @staticmethod
     def decode(tensors: Mapping[str, Tensor], qconfig: Mapping[str, Any]) -> QuantizedWeight:
+        OutlierFormat.describe(qconfig, headers_of(tensors), tensors.__getitem__)
         qw = GPTQFormat.decode({k: v for k, v in tensors.items() if k in GPTQFormat.tensor_names}, qconfig)
         out_features, in_features = qw.shape
-        mode = str(qconfig.get("outlier_mode", "weight"))
         values = tensors["outlier_values"]
-        if mode == "weight":
+        check_finite("outlier_values", values)
+        if qconfig.get("outlier_mode", "weight") == "weight":
             row_ptr, col_idx = tensors["outlier_row_ptr"].to(torch.int32), tensors["outlier_col_idx"]
             nnz = values.numel()
-            if row_ptr.shape != (out_features + 1,) or int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz \
-                    or bool((row_ptr[1:] < row_ptr[:-1]).any()) or col_idx.shape != (nnz,):
+            if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((row_ptr[1:] < row_ptr[:-1]).any()):
                 raise ValueError("outlier_row_ptr / outlier_col_idx do not form a CSR matrix over the rows")
             if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= in_features):
                 raise ValueError(f"an outlier column index is outside [0, {in_features})")
             outliers = Outliers("weight", values, row_ptr=row_ptr, col_idx=col_idx)
-        elif mode == "channel":
+        else:
             columns = tensors["outlier_columns"].to(torch.int32)
-            if values.shape != (out_features, columns.numel()):
-                raise ValueError(f"outlier_values {list(values.shape)} do not fit {columns.numel()} columns")
             if columns.numel() and (int(columns.min()) < 0 or int(columns.max()) >= in_features):
                 raise ValueError(f"an outlier column is outside [0, {in_features})")
             outliers = Outliers("channel", values, columns=columns)
-        else:
-            raise ValueError(f"outlier_mode {mode!r} is not weight or channel")
         return replace(qw, spec=qw.spec.replace(format="outlier"), outliers=outliers)
-
-    @staticmethod
-    def describe(qconfig: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                 read: Callable[[str], Tensor]) -> ModuleHeader:
-        return GPTQFormat.describe(qconfig, shapes, read)
 
     @staticmethod
     def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]], extra: Mapping[str, Any], *,

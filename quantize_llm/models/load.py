@@ -13,7 +13,7 @@ import os
 import re
 import threading
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -242,6 +242,10 @@ class CheckpointReader(_Closing):
     def nbytes(self, name: str) -> int:
         return self._shard(name).nbytes(name)
 
+    def shard_name(self, name: str) -> str:
+        """The file name of the shard that holds tensor `name`."""
+        return self._shard(name).path.name
+
     def read(self, name: str, check_finite: bool = False) -> Tensor:
         """The tensor on CPU as stored (dtype(name), shape(name)); with check_finite, a floating
         tensor holding NaN or Inf is a CheckpointError naming it."""
@@ -454,8 +458,104 @@ def build_skeleton(folder: Path, config: dict | None = None) -> nn.Module:
         with accelerate.init_empty_weights():
             model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
     except (KeyError, ValueError, OSError, ImportError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"transformers cannot build a causal LM from {Path(folder) / 'config.json'}: "
-                         f"{reason}", "check model_type and architectures; models that need "
+                         f"{_first_line(e)}", "check model_type and architectures; models that need "
                          "trust_remote_code are not supported; a newer transformers may know it") from None
+    except Exception as e:  # noqa: BLE001
+        # A value of the wrong type or range: transformers' strict config classes raise their own
+        # validation errors (TypeError or huggingface_hub's StrictDataclassError), torch a
+        # RuntimeError for a negative size, a zero head count a ZeroDivisionError.
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ModelError(f"{Path(folder) / 'config.json'} does not describe a model transformers can build: "
+                         f"{reason}", "sizes and counts must be positive integers; restore the "
+                         "config.json the checkpoint was saved with") from None
     return model.eval()
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    """What kind of number a dtype holds: floating, complex, boolean or integer."""
+    if dtype.is_floating_point:
+        return "floating"
+    if dtype.is_complex:
+        return "complex"
+    return "boolean" if dtype == torch.bool else "integer"
+
+
+def check_against_config(reader: CheckpointReader, skeleton: nn.Module, quantized: Iterable[str] = ()) -> None:
+    """Refuse a checkpoint whose tensors are not those of the model its config.json describes.
+
+    Compares, from the headers alone, every tensor's name, shape and dtype class (floating vs
+    integer) with `skeleton` (build_skeleton of the same config): its parameters and persistent
+    buffers. Tensors under the `quantized` module prefixes belong to the format's reader and are
+    skipped, as are the expected weights there. A parameter may be missing where transformers ties
+    it to one that is present (lm_head to the embeddings) or ignores it on load; a tensor the
+    model does not have is allowed where transformers ignores it on load. Anything else is a
+    CheckpointError naming the first offending tensor, what config.json expects and what the file
+    holds, and how many other tensors are wrong. Every command that reads a checkpoint's dense
+    tensors calls this before any work.
+    """
+    under = tuple(f"{p}." for p in quantized)
+    expected = {n: t for n, t in skeleton.state_dict(keep_vars=True).items() if not n.startswith(under)}
+    params: dict[int, list[str]] = {}          # tied parameters are one object under several names
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        params.setdefault(id(p), []).append(name)
+    tied = dict(getattr(skeleton, "all_tied_weights_keys", None) or {})     # target -> source
+    present = [n for n in reader.names() if not n.startswith(under)]
+    have = set(present)
+    ignore_missing = _patterns(skeleton, "_keys_to_ignore_on_load_missing")
+    ignore_unexpected = _patterns(skeleton, "_keys_to_ignore_on_load_unexpected")
+
+    problems: list[str] = []
+    for name in present:
+        if name not in expected:
+            continue
+        want = expected[name]
+        dtype, shape = reader.dtype(name), tuple(reader.shape(name))
+        if shape != tuple(want.shape) or dtype_class(dtype) != dtype_class(want.dtype):
+            problems.append(f"tensor {name} is {str(dtype).removeprefix('torch.')} {list(shape)} in "
+                            f"{reader.shard_name(name)}, but config.json's model expects "
+                            f"{dtype_class(want.dtype)} {list(want.shape)}")
+    for names in params.values():
+        for name in names:
+            if name in have or name.startswith(under) or any(p.search(name) for p in ignore_missing):
+                continue
+            if any(other in have for other in names) or tied.get(name) in have:
+                continue
+            problems.append(f"tensor {name}, which config.json's {type(skeleton).__name__} needs, is "
+                            "missing from the checkpoint")
+    unexpected = [n for n in present if n not in expected and not any(p.search(n) for p in ignore_unexpected)]
+    quantized_names = _quantized_tensor_names(unexpected)
+    if quantized_names and not reader.config.get("quantization_config"):
+        raise CheckpointError(f"{reader.folder} holds quantized tensors (such as {quantized_names[0]}) but its "
+                              "config.json has no quantization_config, so they cannot be read",
+                              "restore the config.json the quantizer wrote, or pass the unquantized model")
+    problems += [f"tensor {name} is in the checkpoint, but config.json's {type(skeleton).__name__} has no "
+                 "such parameter" for name in unexpected]
+    if problems:
+        others = len(problems) - 1
+        more = "" if not others else f" (and {others} other tensor{'s do' if others > 1 else ' does'} not match)"
+        raise CheckpointError(f"the checkpoint in {reader.folder} does not match its config.json: "
+                              f"{problems[0]}{more}", "the weights and config.json come from different "
+                              "models; restore the config.json these weights were saved with")
+
+
+def _patterns(model: nn.Module, attribute: str) -> list[re.Pattern]:
+    compiled = []
+    for pattern in getattr(model, attribute, None) or ():
+        try:
+            compiled.append(re.compile(pattern))
+        except (re.error, TypeError):
+            continue
+    return compiled
+
+
+def _quantized_tensor_names(names: list[str]) -> list[str]:
+    """The names among `names` that are a quantized module's tensors in some format we read."""
+    from ..formats import FORMATS
+
+    markers = {m for fmt in FORMATS.values() for m in fmt.markers}
+    return [n for n in names if any(n == m or n.endswith(f".{m}") for m in markers)]

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from ..errors import CheckpointError, ModelError, UsageError
-from ..formats import format_for_config, module_qconfig
-from ..models.load import CheckpointReader, build_skeleton, resolve_model
+from ..formats.reading import QuantizedModules, linear_shape
+from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
 from .qlinear import NF4Linear, OutlierLinear, QuantLinear
 
 BACKENDS = ("auto", "torch", "cuda")
@@ -51,26 +51,17 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
         if not qconfig:
             raise ModelError(f"{folder} is not a quantized checkpoint; load it with transformers",
                              "AutoModelForCausalLM.from_pretrained(folder), or quantize it first")
-        fmt = format_for_config(qconfig)
+        modules = QuantizedModules(reader)
         dtype = dtype or config_dtype(config)
         model = build_skeleton(folder, config)
+        check_against_config(reader, model, quantized=modules.prefixes)
         names = reader.names()
         present = set(names)
         used: set[str] = set()
-        prefixes = [n[: -len(m) - 1] for n in names for m in fmt.markers if n.endswith(f".{m}")]
-        for prefix in prefixes:
-            local = {t: f"{prefix}.{t}" for t in fmt.tensor_names if f"{prefix}.{t}" in present}
-            used.update(local.values())
-            try:
-                qw = fmt.decode({t: reader.read(full) for t, full in local.items()}, module_qconfig(qconfig, prefix))
-            except KeyError as exc:
-                raise CheckpointError(f"{prefix}.{exc.args[0]} is missing from the checkpoint") from None
-            except ValueError as exc:
-                raise CheckpointError(f"{prefix}: cannot read its {fmt.name} tensors ({exc})") from None
-            linear = _dense_linear(model, prefix)
-            if qw.shape != (linear.out_features, linear.in_features):
-                raise CheckpointError(f"{prefix}: quantized shape {list(qw.shape)} does not match the "
-                                      f"model's [{linear.out_features}, {linear.in_features}]")
+        for prefix in modules.prefixes:
+            used.update(modules.tensors(prefix).values())
+            qw = modules.decode(prefix, linear_shape(model, prefix))
+            linear = model.get_submodule(prefix)
             bias = _bias_for(reader, present, prefix, linear)
             used.add(f"{prefix}.bias")
             module_cls = NF4Linear if qw.is_codebook else OutlierLinear if qw.outliers is not None else QuantLinear
@@ -92,16 +83,6 @@ def config_dtype(config: Mapping[str, Any]) -> torch.dtype:
     name = config.get("dtype") or config.get("torch_dtype")
     dtype = getattr(torch, str(name).replace("torch.", ""), None) if name else None
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-
-
-def _dense_linear(model: nn.Module, prefix: str) -> nn.Linear:
-    try:
-        module = model.get_submodule(prefix)
-    except AttributeError:
-        module = None
-    if not isinstance(module, nn.Linear):
-        raise CheckpointError(f"the checkpoint quantizes {prefix}, which is not a Linear of this model")
-    return module
 
 
 def _bias_for(reader: Any, present: set[str], prefix: str, linear: nn.Linear) -> Tensor | None:
