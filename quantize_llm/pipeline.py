@@ -436,6 +436,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
             state.lock()
             cleanup.callback(state.unlock)
             done = state.open(writing=writer.tmp_dir)
+            # a run that stops before any block is recorded leaves no resume state: nothing to resume
+            cleanup.push(lambda kind, exc, tb: state.clear() if exc is not None and state.done == 0 else None)
             digests: dict[str, str] = {}              # module -> digest of its result (verification)
             final_inputs = None                        # the last block's outputs (calibrated runs)
             for name in outside:                       # embeddings, final norm, untied lm_head
