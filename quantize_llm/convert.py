@@ -23,6 +23,7 @@ from .formats import format_for_config, get_format, module_qconfig
 from .formats.checkpoint import CheckpointWriter
 from .models.architectures import get_architecture
 from .models.load import CheckpointReader, build_skeleton, resolve_model
+from .primitives import Float16Overflow, to_stored
 from .qweight import QuantizedWeight
 
 
@@ -105,7 +106,11 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
                     prefix = next(p for p in prefixes if name.startswith(p + "."))
                     if name != f"{prefix}.{src_fmt.markers[0]}":
                         continue              # written with its module, at its marker
-                    for local, tensor in target.encode(decoded(prefix)).items():
+                    try:
+                        encoded = target.encode(decoded(prefix))
+                    except Float16Overflow as exc:
+                        raise exc.at(prefix) from None
+                    for local, tensor in encoded.items():
                         writer.add(f"{prefix}.{local}", tensor)
                     emit("block", {"index": prefixes.index(prefix), "blocks": len(prefixes), "seconds": 0.0,
                                    "peak_rss_mb": 0.0})
@@ -113,7 +118,7 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
                 tensor = reader.read(name)
                 prefix = name[: -len(".bias")] if name.endswith(".bias") else None
                 if prefix in quantized and target.bias_dtype is not None:
-                    tensor = tensor.to(target.bias_dtype)
+                    tensor = to_stored(tensor, target.bias_dtype, "bias", prefix)
                 elif prefix in quantized and isinstance(dtype, torch.dtype):
                     tensor = tensor.to(dtype)
                 writer.add(name, tensor)
