@@ -11,7 +11,7 @@ import torch
 from quantize_llm.algorithms.base import HessianNotFinite, LayerContext, NotPositiveDefinite
 from quantize_llm.algorithms.gptq import GPTQ, GPTQOptions, gptq_quantize
 from quantize_llm.algorithms.nf4 import NF4, NF4Options, nf4_gptq_quantize, nf4_quantize
-from quantize_llm.algorithms.outlier import OutlierOptions, OutlierSplit
+from quantize_llm.algorithms.outlier import OutlierOptions, OutlierSplit, inverse_hessian_diagonal
 from quantize_llm.algorithms.rtn import RTN, rtn_quantize
 from quantize_llm.errors import CheckpointError, RunError
 from quantize_llm.formats.gptq import GPTQFormat
@@ -33,6 +33,14 @@ def weight(out_features: int = 16, in_features: int = 64, seed: int = 0) -> torc
 def hessian(in_features: int = 64, seed: int = 1) -> torch.Tensor:
     x = torch.randn(256, in_features, generator=torch.Generator().manual_seed(seed))
     return x.t() @ x
+
+
+def indefinite(in_features: int = 32) -> torch.Tensor:
+    """Identity with one 2x2 block [[1, 1.5], [1.5, 1]] (eigenvalue -0.5): positive definite only
+    once 0.5 or more is added to the diagonal, i.e. at damping 0.64 of the doubling 0.01 ... 1."""
+    h = torch.eye(in_features, dtype=torch.float64)
+    h[1, 2] = h[2, 1] = 1.5
+    return h
 
 
 def layer(weights: dict, prefix: str = "model.layers.3.", **kw) -> tuple[LayerContext, dict]:
@@ -180,7 +188,33 @@ def test_nf4_gptq_non_finite_hessian_names_the_module():
         algo.quantize_layer(layer({"fc": weight()})[0])
 
 
-# ---- the outlier split: values beyond float16 ----------------------------------------------------
+# ---- the outlier split: GPTQ's escalation for the score, values beyond float16 ----------------------
+
+def test_outlier_score_escalates_damping_like_gptq():
+    h = indefinite()
+    diag, damp = inverse_hessian_diagonal(h, 0.01)
+    assert damp == 0.64
+    reference = torch.diagonal(torch.linalg.inv(h + 0.64 * torch.eye(32, dtype=torch.float64)))
+    torch.testing.assert_close(diag.double(), reference, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("inner", ["rtn", "gptq"])
+def test_outlier_split_reports_the_damping_used(inner):
+    algo = OutlierSplit(OUTLIER, OutlierOptions(inner=inner, calibrated=True, fraction=0.02))
+    algo.hessians["fc"] = indefinite().float()
+    ctx, reports = layer({"fc": weight(8, 32)})
+    qw = algo.quantize_layer(ctx)["fc"]
+    assert reports["fc"]["damp"] == 0.64 and qw.outliers.count == round(0.02 * 8 * 32)
+
+
+def test_outlier_split_beyond_the_damping_bound_asks_for_damping():
+    algo = OutlierSplit(OUTLIER, OutlierOptions(calibrated=True))
+    algo.hessians["fc"] = -torch.eye(32)
+    with pytest.raises(NotPositiveDefinite) as info:
+        algo.quantize_layer(layer({"fc": weight(8, 32)})[0])
+    assert info.value.one_line().startswith("model.layers.3.fc: the Hessian (32x32) is not positive definite")
+    assert "raise --damp (now 0.01)" in info.value.one_line()
+
 
 @pytest.mark.parametrize("options", [OutlierOptions(), OutlierOptions(inner="gptq"),
                                      OutlierOptions(mode="channel", fraction=1 / 32)], ids=["rtn", "gptq", "channel"])

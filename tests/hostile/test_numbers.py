@@ -115,6 +115,10 @@ INPUT_OVERFLOWS = [
     ("gptq", ["gptq", "--group-size", "32", *CAL],
      (rf"^error: {re.escape(Q)}, \S+k_proj, \S+v_proj: its calibration inputs overflow float32",)),
     ("nf4-gptq", ["nf4", "--rounding", "gptq", *CAL], (rf"^error: {re.escape(Q)}: its calibration inputs overflow",)),
+    ("outlier-gptq", ["outlier", "--inner", "gptq", "--group-size", "32", *CAL],
+     (rf"^error: {re.escape(Q)}: its calibration inputs overflow",)),
+    ("outlier-calibrated-score", ["outlier", "--group-size", "32", *CAL],
+     (rf"^error: {re.escape(Q)}: its calibration inputs overflow",)),
     ("awq", ["awq", "--group-size", "32", *CAL], (r"^error: block 0: its output on the calibration inputs overflows",)),
 ]
 
