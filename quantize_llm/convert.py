@@ -24,6 +24,7 @@ from .formats.checkpoint import CheckpointWriter, check_output, local_folder
 from .formats.reading import QuantizedModules, linear_shape
 from .models.architectures import get_architecture
 from .models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
+from .primitives import Float16Overflow, to_stored
 from .qweight import QuantizedWeight
 
 
@@ -111,7 +112,11 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
                     prefix = next(p for p in prefixes if name.startswith(p + "."))
                     if not any(name == f"{prefix}.{m}" for m in src_fmt.markers):
                         continue              # written with its module, at its marker
-                    for local, tensor in target.encode(decoded(prefix)).items():
+                    try:
+                        encoded = target.encode(decoded(prefix))
+                    except Float16Overflow as exc:
+                        raise exc.at(prefix) from None
+                    for local, tensor in encoded.items():
                         writer.add(f"{prefix}.{local}", tensor)
                     emit("block", {"index": prefixes.index(prefix), "blocks": len(prefixes), "seconds": 0.0,
                                    "peak_rss_mb": 0.0})
@@ -119,7 +124,7 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
                 tensor = reader.read(name)
                 prefix = name[: -len(".bias")] if name.endswith(".bias") else None
                 if prefix in quantized and target.bias_dtype is not None:
-                    tensor = tensor.to(target.bias_dtype)
+                    tensor = to_stored(tensor, target.bias_dtype, "bias", prefix)
                 elif prefix in quantized and isinstance(dtype, torch.dtype):
                     tensor = tensor.to(dtype)
                 writer.add(name, tensor)

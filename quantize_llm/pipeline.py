@@ -28,6 +28,7 @@ from .plan import ResourcePlan, estimate as estimate_resources
 from .resume import HashingReader, OutputLock, ResumeState, files_identity, model_fingerprint, tokens_fingerprint
 from .verify import check_modules, check_outputs, digest
 from .vllm_check import preflight
+from .primitives import Float16Overflow, to_stored
 from .qweight import QuantizedWeight
 from .spec import QuantSpec
 
@@ -181,8 +182,11 @@ def head_tensors(head: tuple[str, QuantSpec], weight: torch.Tensor, fmt: Any,
     """The output head rounded to its grid (RTN), and its tensors encoded by the format."""
     from .algorithms.rtn import rtn_quantize
 
-    qw = replace(rtn_quantize(weight, head[1]), source_dtype=dtype)
-    return qw, fmt.encode(qw)
+    try:
+        qw = replace(rtn_quantize(weight, head[1]), source_dtype=dtype)
+        return qw, fmt.encode(qw)
+    except Float16Overflow as exc:
+        raise exc.at(head[0]) from None
 
 
 def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec) -> int:
@@ -461,8 +465,8 @@ def _quantize_locked(model: str, folder: Path, output: Path, spec: QuantSpec, fm
                        "free some space and rerun the same command to resume" if resumable else
                        "free some space and rerun") from None
     finally:
-        if work.state is not None:
-            work.state.close()
+        if work.state is not None:      # a run that stops before any block is recorded keeps nothing
+            work.state.clear() if work.state.done == 0 else work.state.close()
 
 
 @dataclass
@@ -574,7 +578,7 @@ def _quantize_blocks(model: str, folder: Path, output: Path, spec: QuantSpec, fm
                         ordered.append((f"{name}.{local}", tensor))
                         block_bytes += tensor.numel() * tensor.element_size()
                     if bias is not None:
-                        ordered.append((f"{name}.bias", bias if fmt.bias_dtype is None else bias.to(fmt.bias_dtype)))
+                        ordered.append((f"{name}.bias", to_stored(bias, fmt.bias_dtype, "bias", name)))
                     block_params += qw.codes.numel()
                 ordered.extend(result.passthrough.items())
                 for name, tensor in ordered:

@@ -7,11 +7,79 @@ are computed, so the dequantized weight is exactly what every reader of the chec
 """
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
+from .errors import CheckpointError, QuantizeError
+
 FP16_TINY = 2.0 ** -24   # smallest positive float16 (subnormal): a scale never rounds to 0 below it
 FP16_MAX = 65504.0
+
+
+class LayerError(QuantizeError):
+    """Raised by math that does not know which Linear it works on; `at(module)` returns the same
+    error naming the module (once: an error already named keeps its name)."""
+
+    module: str | None = None
+
+    def at(self, module: str) -> "LayerError":
+        if self.module is not None:
+            return self
+        named = type(self).__new__(type(self))
+        named.__dict__.update(self.__dict__)
+        named.module, named.message, named.hint = module, f"{module}: {self.message}", self.module_hint(module)
+        named.args = (named.message,)
+        return named
+
+    def module_hint(self, module: str) -> str | None:
+        """The fix, once the module is known."""
+        return self.hint
+
+
+class Float16Overflow(LayerError, CheckpointError):
+    """A value the result needs (a scale, an absmax, a bias, an outlier value) lies beyond
+    float16's range, where the formats store it. Comes from the checkpoint's weights."""
+
+    what: str = "value"                  # "scale", "absmax", "bias", "outlier value"
+    value: float = float("nan")          # the value that does not fit
+
+    @classmethod
+    def of(cls, what: str, value: float, source: float | None = None) -> "Float16Overflow":
+        origin = f" (from a weight of {source:.3g})" if source is not None else ""
+        exc = cls(f"{what} {value:.3g}{origin} exceeds float16's {FP16_MAX:g}",
+                  "keep the Linear dense with --keep-dense, or the weights are damaged")
+        exc.what, exc.value = what, value
+        return exc
+
+    def module_hint(self, module: str) -> str:
+        return f"keep it dense with --keep-dense '{re.escape(module)}$', or the weights are damaged"
+
+
+def float16_excess(t: Tensor) -> float | None:
+    """The largest |value| of `t` beyond float16's range (inf and NaN included), or None."""
+    bad = ~(t.abs() <= FP16_MAX)
+    if not bool(bad.any()):
+        return None
+    return float(t[bad].double().abs().max())   # NaN only when every such value is NaN
+
+
+def to_float16(t: Tensor, what: str, module: str | None = None) -> Tensor:
+    """`t` as float16, refusing (Float16Overflow, naming `module` when given) any value beyond
+    float16's range instead of storing inf."""
+    excess = float16_excess(t)
+    if excess is not None:
+        exc = Float16Overflow.of(what, excess)
+        raise exc.at(module) if module is not None else exc
+    return t.to(torch.float16)
+
+
+def to_stored(t: Tensor, dtype: torch.dtype | None, what: str, module: str | None = None) -> Tensor:
+    """`t` in `dtype` (None keeps it as it is); a float16 target goes through `to_float16`."""
+    if dtype is None:
+        return t
+    return to_float16(t, what, module) if dtype == torch.float16 else t.to(dtype)
 
 
 def minmax_params(w: Tensor, bits: int, sym: bool, min_zero: int = 0) -> tuple[Tensor, Tensor]:
@@ -42,13 +110,18 @@ def minmax_params(w: Tensor, bits: int, sym: bool, min_zero: int = 0) -> tuple[T
         raised = zero < min_zero
         zero = zero.clamp(min_zero, maxq)
         scale = torch.where(raised, xmax / (maxq - zero), scale)
-    return to_fp16_scale(scale), zero.to(torch.int32)
+    try:
+        return to_fp16_scale(scale), zero.to(torch.int32)
+    except Float16Overflow:   # name the weight that asked for it
+        i = int(scale.argmax())
+        raise Float16Overflow.of("scale", float(scale[i]), max(-float(xmin[i]), float(xmax[i]))) from None
 
 
 def to_fp16_scale(scale: Tensor) -> Tensor:
-    """Round a positive float scale to float16, never to 0 or inf (overflow raises ValueError)."""
-    if bool((scale > FP16_MAX).any()):
-        raise ValueError(f"a scale of {float(scale.max()):.4g} exceeds the float16 range")
+    """Round a positive float scale to float16, never to 0; beyond float16 raises Float16Overflow."""
+    excess = float16_excess(scale)
+    if excess is not None:
+        raise Float16Overflow.of("scale", excess)
     return scale.clamp(min=FP16_TINY).to(torch.float16)
 
 

@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from ..devices import move, spread
-from ..errors import ModelError, RunError, SpecError
-from ..primitives import default_g_idx, minmax_params, quantize_codes, rtn_group_params
+from ..errors import CheckpointError, ModelError, RunError, SpecError
+from ..primitives import Float16Overflow, default_g_idx, minmax_params, quantize_codes, rtn_group_params
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
 from . import register
-from .base import BlockContext, LayerContext
+from .base import BlockContext, LayerContext, naming, solve_overflow
 from .gptq import GPTQOptions, accumulate_hessian, gptq_quantize
 from .rtn import rtn_quantize
 
@@ -190,6 +190,10 @@ class AWQ:
         stats = _Capture(block, groups, n_search)
         ctx.capture(stats.hooks(), None)
         reference = ctx.forward(0)
+        if not bool(torch.isfinite(reference).all()):   # no scale search or fold check means anything
+            raise CheckpointError(f"block {ctx.index}: its output on the calibration inputs overflows float32 "
+                                  "(inf or NaN)", "a weight, norm or embedding holds a huge value: the checkpoint "
+                                  "looks damaged")
         self.specs = ctx.specs
         # Several devices: the search's trial alphas are spread over block copies, one per device,
         # each folded like the block after every group (the same arithmetic as on the block).
@@ -251,8 +255,11 @@ class AWQ:
 
         def trial(alpha: float) -> float:
             s = scales(alpha)
-            for n, m in linears.items():
-                m.weight.data = fake_rtn(originals[n] * s, self.specs.get(n, self.spec)) / s
+            try:
+                for n, m in linears.items():
+                    m.weight.data = fake_rtn(originals[n] * s, self.specs.get(n, self.spec)) / s
+            except Float16Overflow:   # scales float16 cannot store: not a candidate (the rounding
+                return math.inf       # step names the weight if no alpha avoids it)
             return error(linears, originals)
 
         def restore() -> None:
@@ -275,7 +282,8 @@ class AWQ:
             start = time.perf_counter()
             weight = layer.weights[name].to(device)
             h = self.hessians[layer.input_of.get(name, name)].to(device)
-            qw, ratio = self._round(name, weight.float(), h, layer.index, layer.spec_of(name, self.spec))
+            with naming(layer.full_name(name)):
+                qw, ratio = self._round(name, weight.float(), h, layer.full_name(name), layer.spec_of(name, self.spec))
             metrics = {"rel_error": output_error(weight, qw, h), "seconds": time.perf_counter() - start}
             if ratio is not None:
                 metrics["clip"] = ratio
@@ -288,7 +296,7 @@ class AWQ:
             del self.hessians[key]
         return results
 
-    def _round(self, name: str, w: Tensor, h: Tensor, index: int,
+    def _round(self, name: str, w: Tensor, h: Tensor, module: str,
                spec: QuantSpec) -> tuple[QuantizedWeight, float | None]:
         opts = self.options
         clip = opts.clip and name not in self.no_clip
@@ -310,9 +318,8 @@ class AWQ:
             try:
                 qw, _ = gptq_quantize(w, h.clone(), spec, GPTQOptions(block_size=opts.block_size, damp=opts.damp,
                                                                       clip="minmax"))
-            except ValueError as exc:
-                raise RunError(f"block {index} {name}: {exc}",
-                               f"raise --damp (now {opts.damp}) or use more calibration samples") from None
+            except Float16Overflow as exc:
+                raise solve_overflow(exc, {module: w}, spec, opts.damp) from None
         return qw, (float(ratio.mean()) if ratio is not None else None)
 
 

@@ -1,15 +1,59 @@
 """The Algorithm protocol and the context the runner hands it for each decoder block."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from ..devices import map_units
+from ..errors import CheckpointError, QuantizeError, RunError
+from ..primitives import FP16_MAX, Float16Overflow, LayerError, rtn_group_params
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
+
+
+class NotPositiveDefinite(LayerError, RunError):
+    """The Hessian stayed indefinite up to the damping bound: a damping problem."""
+
+    @classmethod
+    def of(cls, n: int, damp: float, start: float) -> "NotPositiveDefinite":
+        return cls(f"the Hessian ({n}x{n}) is not positive definite even with damping {damp:g}",
+                   f"raise --damp (now {start:g}) or use more calibration samples")
+
+
+class HessianNotFinite(LayerError, CheckpointError):
+    """The calibration inputs overflowed float32 on their way to this Linear."""
+
+    @classmethod
+    def of(cls) -> "HessianNotFinite":
+        return cls("its calibration inputs overflow float32 (inf or NaN in their Hessian X^T X)",
+                   "a weight, norm or embedding before it holds a huge value: the checkpoint looks damaged")
+
+
+@contextmanager
+def naming(module: str) -> Iterator[None]:
+    """Errors of module-blind math raised inside the block name `module`."""
+    try:
+        yield
+    except LayerError as exc:
+        raise exc.at(module) from None
+
+
+def solve_overflow(exc: Float16Overflow, weights: dict[str, Tensor], spec: QuantSpec, damp: float) -> QuantizeError:
+    """The error for a value beyond float16 met inside an error-feedback solve (GPTQ) of `weights`
+    (full name -> the weight it started from). Where a weight's own min-max ranges already need
+    such a scale, the weights are the cause: that overflow, naming its module. Otherwise the
+    feedback itself pushed the values out of range, which more damping tames."""
+    for name, w in weights.items():
+        try:
+            rtn_group_params(w, spec.bits, spec.group_size, spec.sym, spec.min_zero)
+        except Float16Overflow as own:
+            return own.at(name)
+    return RunError(f"{', '.join(weights)}: the error feedback pushed a {exc.what} to {exc.value:.3g}, "
+                    f"beyond float16's {FP16_MAX:g}", f"raise --damp (now {damp:g})")
 
 
 @dataclass
@@ -26,6 +70,7 @@ class LayerContext:
               algorithm's spec (`spec_of`)
     devices   the run's work devices; independent solves go through `map`, which runs them side
               by side when there are several (the weights are on the first)
+    prefix    the block's module path ("model.layers.3."): prefix + local name is the full name
     """
 
     index: int
@@ -35,9 +80,14 @@ class LayerContext:
     report: Callable[[str, dict], None] = field(default=lambda name, metrics: None)
     specs: dict[str, QuantSpec] = field(default_factory=dict)
     devices: tuple[torch.device, ...] = ()
+    prefix: str = ""
 
     def spec_of(self, name: str, default: QuantSpec) -> QuantSpec:
         return self.specs.get(name, default)
+
+    def full_name(self, *names: str) -> str:
+        """The full module name(s) of local Linear names, for messages."""
+        return ", ".join(self.prefix + n for n in names)
 
     def map(self, fn: Callable[[Any, torch.device], Any], units: list) -> list:
         """[fn(unit, device) for each unit]: unit i on devices[i % n], concurrently across devices.

@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 
 from ..errors import RunError, SpecError
-from ..primitives import CLIPS, row_params, rtn_group_params
+from ..primitives import CLIPS, Float16Overflow, LayerError, row_params, rtn_group_params
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
 from . import register
-from .base import LayerContext
+from .base import HessianNotFinite, LayerContext, NotPositiveDefinite, naming, solve_overflow
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,13 @@ class GPTQStats:
 
 
 def cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of H^-1 after damping; damping doubles on failure (returns the one used)."""
-    n = hessian.shape[0]
+    """Upper Cholesky factor of H^-1 after damping; damping doubles on failure (returns the one used).
+
+    Raises HessianNotFinite for inf/NaN entries (overflowed inputs: no damping helps) and
+    NotPositiveDefinite when damp_max is reached."""
+    n, start = hessian.shape[0], damp
+    if not bool(torch.isfinite(hessian).all()):
+        raise HessianNotFinite.of()
     mean_diag = float(torch.diagonal(hessian).mean())
     while True:
         h = hessian.clone()
@@ -67,7 +72,7 @@ def cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float) -> tup
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper, damp
         if damp >= damp_max:
-            raise ValueError(f"the Hessian ({n}x{n}) is not positive definite even with damping {damp:g}")
+            raise NotPositiveDefinite.of(n, damp, start)
         damp = min(damp * 2, damp_max)
 
 
@@ -220,7 +225,8 @@ class GPTQ:
 
             spec = layer.spec_of(name, self.spec)
             h = self.hessians.get(layer.input_of.get(name, name))
-            qw = rtn_quantize(layer.weights[name], spec)
+            with naming(layer.full_name(name)):
+                qw = rtn_quantize(layer.weights[name], spec)
             metrics = {"method": "rtn"}
             if h is not None:
                 w = layer.weights[name].float()
@@ -242,9 +248,11 @@ class GPTQ:
             stacked = torch.cat([layer.weights[n].to(device) for n in names], dim=0)   # (sum of out, in)
             try:
                 qw, stats = gptq_quantize(stacked, h, spec, self.options)
-            except ValueError as exc:
-                raise RunError(f"block {layer.index} {', '.join(names)}: {exc}",
-                               f"raise --damp (now {self.options.damp}) or use more calibration samples") from None
+            except Float16Overflow as exc:
+                raise solve_overflow(exc, {layer.full_name(n): layer.weights[n] for n in names}, spec,
+                                     self.options.damp) from None
+            except LayerError as exc:
+                raise exc.at(layer.full_name(*names)) from None
             row, solved = 0, {}
             for name in names:
                 rows = layer.weights[name].shape[0]

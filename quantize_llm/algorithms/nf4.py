@@ -19,10 +19,11 @@ from torch import Tensor
 
 from .. import nf4codes
 from ..errors import RunError, SpecError
+from ..primitives import Float16Overflow, float16_excess
 from ..qweight import NestedAbsmax, QuantizedWeight
 from ..spec import QuantSpec
 from . import register
-from .base import LayerContext
+from .base import LayerContext, naming
 from .gptq import accumulate_hessian, cholesky_inverse_upper
 
 ROUNDINGS = ("nearest", "gptq")
@@ -63,7 +64,14 @@ def _absmax_statistics(absmax: Tensor, spec: QuantSpec) -> Tensor | NestedAbsmax
     The nested statistics are computed on the CPU, as bitsandbytes' CPU path does: a CUDA mean would
     sum in another order and could move the offset by an ulp. (Its CPU mean, torch's, also depends
     on the thread count beyond 32768 blocks; both sides use the same call.)
+
+    An absmax beyond float16 is refused (Float16Overflow): bitsandbytes dequantizes into the
+    compute dtype, float16 as often as not, and one such block would also set the nested offset
+    (the mean) of every other block.
     """
+    excess = float16_excess(absmax)
+    if excess is not None:
+        raise Float16Overflow.of("absmax", excess)
     if not spec.double_quant:
         return absmax
     codes, nested, offset = nf4codes.double_quantize(absmax.cpu())
@@ -164,7 +172,11 @@ class NF4:
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
         if not self.needs_calibration:
-            return {name: nf4_quantize(w, self.spec) for name, w in layer.weights.items()}
+            results = {}
+            for name, w in layer.weights.items():
+                with naming(layer.full_name(name)):
+                    results[name] = nf4_quantize(w, self.spec)
+            return results
         for name in layer.weights:
             if layer.input_of.get(name, name) not in self.hessians:
                 raise RunError(f"block {layer.index}: no calibration inputs reached {name}")
@@ -172,11 +184,8 @@ class NF4:
         def solve(name: str, device: torch.device) -> QuantizedWeight:
             weight = layer.weights[name].to(device)
             h = self.hessians[layer.input_of.get(name, name)].to(device)
-            try:
+            with naming(layer.full_name(name)):   # the absmax is fixed: an overflow is the weight's own
                 qw, stats = nf4_gptq_quantize(weight, h, self.spec, self.options)
-            except ValueError as exc:
-                raise RunError(f"block {layer.index} {name}: {exc}",
-                               f"raise --damp (now {self.options.damp}) or use more calibration samples") from None
             w = weight.float()
             diff = w - qw.dequantize(torch.float32)
             # ||WX - QX||^2 = tr(D H D^T) with D = W - Q and H = X^T X: no need to keep X.

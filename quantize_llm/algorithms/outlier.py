@@ -22,12 +22,12 @@ import torch
 from torch import Tensor
 
 from ..errors import RunError, SpecError
-from ..primitives import CLIPS, default_g_idx, quantize_codes, rtn_group_params
+from ..primitives import CLIPS, Float16Overflow, default_g_idx, quantize_codes, rtn_group_params, to_float16
 from ..qweight import Outliers, QuantizedWeight
 from ..spec import QuantSpec
 from . import register
-from .base import LayerContext
-from .gptq import GPTQOptions, accumulate_hessian, gptq_quantize
+from .base import LayerContext, naming, solve_overflow
+from .gptq import GPTQOptions, accumulate_hessian, cholesky_inverse_upper, gptq_quantize
 
 INNER = ("rtn", "gptq")
 MODES = ("weight", "channel")
@@ -92,13 +92,15 @@ def top_fraction(score: Tensor, fraction: float) -> Tensor:
     return mask.view(score.shape)
 
 
-def inverse_hessian_diagonal(h: Tensor, damp: float) -> Tensor:
-    """diag((H + damp * mean(diag H) I)^-1), float32; a never-seen input counts as diag 1 (as in GPTQ)."""
+def inverse_hessian_diagonal(h: Tensor, damp: float, damp_max: float = GPTQOptions.damp_max) -> tuple[Tensor, float]:
+    """diag((H + d * mean(diag H) I)^-1) float32, and the damping d used: `damp`, doubled up to
+    `damp_max` while H is not positive definite (GPTQ's escalation). A never-seen input counts as
+    diag 1 (as in GPTQ). Works in float64; does not modify `h`."""
     h = h.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
-    return torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(h))).float()
+    upper, used = cholesky_inverse_upper(h, damp, damp_max)            # H^-1 = U^T U
+    return (upper ** 2).sum(dim=0).float(), used
 
 
 def weight_mask(w: Tensor, how: tuple[str, float], hinv_diag: Tensor | None) -> Tensor:
@@ -121,18 +123,21 @@ def channel_mask(act_max: Tensor, how: tuple[str, float]) -> Tensor:
 
 
 def to_outliers(values: Tensor, mask: Tensor, mode: str) -> Outliers:
-    """Pack the masked entries of `values` (out, in) as weight-mode CSR or channel-mode columns."""
+    """Pack the masked entries of `values` (out, in) as weight-mode CSR or channel-mode columns.
+
+    Raises Float16Overflow for a kept value beyond float16's range."""
     out_features, in_features = values.shape
     if mode == "channel":
         columns = mask.any(dim=0).nonzero().flatten()
-        return Outliers("channel", values[:, columns].to(torch.float16).contiguous(),
+        return Outliers("channel", to_float16(values[:, columns], "outlier value").contiguous(),
                         columns=columns.to(torch.int32))
     rows, cols = mask.nonzero(as_tuple=True)                           # row-major: rows ascending
     counts = torch.bincount(rows, minlength=out_features)
     row_ptr = torch.zeros(out_features + 1, dtype=torch.int32, device=values.device)
     row_ptr[1:] = torch.cumsum(counts, 0)
     index_dtype = torch.int16 if in_features <= 2 ** 15 else torch.int32
-    return Outliers("weight", values[rows, cols].to(torch.float16), row_ptr=row_ptr, col_idx=cols.to(index_dtype))
+    return Outliers("weight", to_float16(values[rows, cols], "outlier value"), row_ptr=row_ptr,
+                    col_idx=cols.to(index_dtype))
 
 
 @register
@@ -173,15 +178,22 @@ class OutlierSplit:
                 raise RunError(f"block {layer.index}: no calibration inputs reached {name}")
             w = weight if weight.dtype == torch.float64 else weight.float()   # float64: the tests' references
             h = h.to(device) if h is not None else None
-            if self.options.mode == "channel":
-                mask = channel_mask(self.act_max[key].to(w.device), self.how).expand_as(w).contiguous()
-            else:
-                hinv = inverse_hessian_diagonal(h, self.options.damp).to(w.device) \
-                    if h is not None and (self.options.calibrated or self.options.inner == "gptq") else None
-                mask = weight_mask(w, self.how, hinv)
-            qw = self._quantize(name, w, h, mask, layer.index, layer.spec_of(name, self.spec))
+            damps = []                          # the damping of the score and of GPTQ, where used
+            with naming(layer.full_name(name)):
+                if self.options.mode == "channel":
+                    mask = channel_mask(self.act_max[key].to(w.device), self.how).expand_as(w).contiguous()
+                else:
+                    hinv = None
+                    if h is not None and (self.options.calibrated or self.options.inner == "gptq"):
+                        hinv, damp = inverse_hessian_diagonal(h, self.options.damp)
+                        hinv = hinv.to(w.device)
+                        damps.append(damp)
+                    mask = weight_mask(w, self.how, hinv)
+                qw = self._quantize(layer.full_name(name), w, h, mask, layer.spec_of(name, self.spec), damps)
             metrics = {"outliers": qw.outliers.count, "outlier_share": qw.outliers.count / w.numel(),
                        "seconds": time.perf_counter() - start}
+            if damps:
+                metrics["damp"] = max(damps)
             if h is not None:
                 diff = w - qw.dequantize(torch.float32)
                 hf = h.to(w.device, w.dtype)
@@ -197,8 +209,9 @@ class OutlierSplit:
             self.act_max.pop(key, None)
         return results
 
-    def _quantize(self, name: str, w: Tensor, h: Tensor | None, mask: Tensor, index: int,
-                  spec: QuantSpec) -> QuantizedWeight:
+    def _quantize(self, module: str, w: Tensor, h: Tensor | None, mask: Tensor, spec: QuantSpec,
+                  damps: list[float]) -> QuantizedWeight:
+        """The low-bit part and the outliers of `w`; appends GPTQ's damping to `damps`."""
         opts = self.options
         if opts.inner == "rtn":
             # Outliers leave the range: 0 is always inside it, so zeroing them removes their pull.
@@ -212,9 +225,9 @@ class OutlierSplit:
             try:
                 qw, stats = gptq_quantize(w, h, spec, GPTQOptions(block_size=opts.block_size, damp=opts.damp,
                                                                   clip=opts.clip), outlier_mask=mask)
-            except ValueError as exc:
-                raise RunError(f"block {index} {name}: {exc}",
-                               f"raise --damp (now {opts.damp}) or use more calibration samples") from None
+            except Float16Overflow as exc:
+                raise solve_overflow(exc, {module: w.masked_fill(mask, 0.0)}, spec, opts.damp) from None
+            damps.append(stats.damp)
             codes, scale, zero, g_store, kept = qw.codes, qw.scale, qw.zero, qw.g_idx, stats.kept
         return QuantizedWeight(codes=codes, scale=scale, zero=zero, g_idx=g_store, spec=spec,
                                outliers=to_outliers(kept, mask, opts.mode))

@@ -12,7 +12,7 @@ from ..primitives import CLIPS, default_g_idx, quantize_codes, rtn_group_params
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
 from . import register
-from .base import LayerContext
+from .base import LayerContext, naming
 
 ROWS_ELEMENTS = 1 << 22   # elements per slice of rows processed at once (16 MiB in float32)
 
@@ -62,5 +62,8 @@ class RTN:
         """RTN needs no statistics."""
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
-        return {name: rtn_quantize(w, layer.spec_of(name, self.spec), self.options.clip)
-                for name, w in layer.weights.items()}
+        results = {}
+        for name, w in layer.weights.items():
+            with naming(layer.full_name(name)):
+                results[name] = rtn_quantize(w, layer.spec_of(name, self.spec), self.options.clip)
+        return results

@@ -137,7 +137,7 @@ def run(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Ten
             with torch.no_grad():
                 qw = algorithm.quantize_layer(LayerContext(index=plan.index, weights={lp.local: weight},
                                                            report=lambda n, m: metrics.update(m),
-                                                           specs=_specs([lp])))[lp.local]
+                                                           specs=_specs([lp]), prefix=plan.prefix))[lp.local]
             t = timer.add("solve", t)
             metrics.setdefault("rel_error", weight_error(weight, qw))
             results[lp.local] = qw
@@ -348,7 +348,8 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                 weights = {n: block.get_submodule(n).weight.detach() for n in names}
                 stage_results = algorithm.quantize_layer(LayerContext(
                     index=plan.index, weights=weights, input_of=input_of, block=block,
-                    report=lambda n, m: extra[n].update(m), specs=_specs(quantize.values()), devices=devices))
+                    report=lambda n, m: extra[n].update(m), specs=_specs(quantize.values()), devices=devices,
+                    prefix=plan.prefix))
                 t = timer.add("solve", t)
                 for name in names:   # later stages see the quantized weights (fake-quant), on every replica
                     fake = stage_results[name].dequantize(block.get_submodule(name).weight.dtype)

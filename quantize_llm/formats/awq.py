@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..packing import pack_awq, unpack_awq
+from ..primitives import to_float16
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
 from .base import (ModuleHeader, TensorHeader, config_bool, config_group_size, config_int, config_method,
@@ -62,7 +63,7 @@ class AWQFormat:
         return {
             "qweight": pack_awq(qw.codes.t().contiguous()),               # (in, out/8)
             "qzeros": pack_awq(qw.zero.t().contiguous()),                 # (G, out/8)
-            "scales": qw.scale.t().contiguous().to(torch.float16),        # (G, out)
+            "scales": to_float16(qw.scale.t().contiguous(), "scale"),     # (G, out)
         }
 
     @staticmethod

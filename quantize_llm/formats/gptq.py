@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..packing import pack_int32, packed_length, unpack_int32
-from ..primitives import default_g_idx
+from ..primitives import default_g_idx, to_float16
 from ..qweight import QuantizedWeight
 from ..spec import QuantSpec
 from .base import (ModuleHeader, TensorHeader, config_bool, config_group_size, config_int, config_method,
@@ -71,7 +71,7 @@ class GPTQFormat:
         return {
             "qweight": pack_int32(codes, bits, dim=0),                  # (in*b/32, out)
             "qzeros": pack_int32((qw.zero - 1).t().contiguous(), bits, dim=1),  # (G, out*b/32)
-            "scales": qw.scale.t().contiguous().to(torch.float16),      # (G, out)
+            "scales": to_float16(qw.scale.t().contiguous(), "scale"),   # (G, out)
             "g_idx": qw.group_index().to(torch.int32).contiguous(),     # (in,)
         }
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..primitives import to_float16
 from ..qweight import Outliers, QuantizedWeight
 from ..spec import QuantSpec
 from .base import ModuleHeader, TensorHeader, check_finite, headers_of, need
@@ -57,10 +58,10 @@ class OutlierFormat:
         if o.mode == "weight":
             tensors.update(outlier_row_ptr=o.row_ptr.to(torch.int32).contiguous(),
                            outlier_col_idx=o.col_idx.contiguous(),
-                           outlier_values=o.values.to(torch.float16).contiguous())
+                           outlier_values=to_float16(o.values, "outlier value").contiguous())
         else:
             tensors.update(outlier_columns=o.columns.to(torch.int32).contiguous(),
-                           outlier_values=o.values.to(torch.float16).contiguous())
+                           outlier_values=to_float16(o.values, "outlier value").contiguous())
         return tensors
 
     @staticmethod

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from quantize_llm.algorithms.base import NotPositiveDefinite
 from quantize_llm.algorithms.gptq import GPTQOptions, gptq_quantize
 from quantize_llm.algorithms.rtn import rtn_quantize
 from quantize_llm.spec import QuantSpec
@@ -74,7 +75,7 @@ def test_dead_columns_and_damping_escalation():
     assert stats.dead_columns == 1 and torch.all(qw.dequantize()[:, 5] == 0)
     singular = -torch.eye(64)                              # negative definite: needs heavy damping
     singular[0, 0] = 50.0
-    with pytest.raises(ValueError, match="not positive definite"):
+    with pytest.raises(NotPositiveDefinite, match="not positive definite"):
         gptq_quantize(w, singular, QuantSpec(bits=4, group_size=32), GPTQOptions(damp_max=0.1))
     rank1 = torch.outer(torch.arange(1.0, 65.0), torch.arange(1.0, 65.0))  # PSD, rank 1: damping suffices
     _, stats = gptq_quantize(w, rank1, QuantSpec(bits=4, group_size=32))
