@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..errors import SpecError, UsageError
+from ..errors import CheckpointError, SpecError, UsageError
 
 FILE_TYPES = (".txt", ".jsonl", ".json", ".parquet")
 ACCEPTED = "a .txt, .jsonl, .json or .parquet file, hf:ID[:CONFIG[:SPLIT]], or self"
@@ -253,6 +253,10 @@ def generate_self(model: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: 
             ids = torch.full((min(batch_size, nsamples - first), 1), start, dtype=torch.int64,
                              device=device)                                    # (n, 1)
             step = model(ids, use_cache=True)
+            if not bool(torch.isfinite(step.logits).all()):   # NaN weights give NaN logits from the start
+                raise CheckpointError("the model's logits are not finite while it writes its own calibration text, "
+                                      "so its weights are damaged", "re-download the checkpoint, or use another "
+                                      "revision")
             tokens = [ids]
             for i in range(seqlen - 1):
                 # The first sampled token is drawn hotter (1.5) so sequences that all start from

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from ..errors import SpecError
+from ..errors import CheckpointError, SpecError
 from ..qweight import QuantizedWeight
 from . import format_for_config, module_qconfig
 from .base import MissingTensor, ModuleHeader, check_finite, damaged
@@ -46,6 +46,11 @@ class QuantizedModules:
                                            if n.endswith(f".{m}")))
         self._local = {p: {t: f"{p}.{t}" for t in self.fmt.tensor_names if f"{p}.{t}" in present}
                        for p in self.prefixes}
+        if not self.prefixes:
+            method = self.qconfig.get("quant_method")
+            raise CheckpointError(f"checkpoint damaged: config.json says quant_method {method!r}, but no tensor "
+                                  f"holds a {self.fmt.name} module (no {', '.join(self.fmt.markers)} tensor)",
+                                  "the config belongs to another checkpoint, or the weights were replaced")
         known = set(self.prefixes)
         # A module's other tensors without its marker: the marker was lost ("weight" is every dense
         # Linear's own name, so it proves nothing).

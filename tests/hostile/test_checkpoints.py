@@ -262,3 +262,22 @@ def test_an_fp4_checkpoint_converts_to_bnb_with_every_module(world, capsys, _tin
     assert again.keys() == source.keys()
     for name, tensor in source.items():
         assert torch.equal(again[name], tensor), name
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["convert", "-o", "{home}/c", "--format", "gptq"],
+                                     ["generate", "hi", "--max-new-tokens", "2"]])
+def test_a_config_naming_another_format_than_the_tensors(world, capsys, command):
+    """compressed-tensors tensors under an awq quantization_config: no awq module anywhere."""
+    import json
+
+    from hostile_harness import refused, run_cli
+
+    q = world / "q"
+    assert run_cli(capsys, "rtn", world / "model", "-o", q, "--group-size", 32, "--format",
+                   "compressed-tensors").code == 0
+    config = json.loads((q / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                     "version": "gemm"}
+    (q / "config.json").write_text(json.dumps(config))
+    args = [c.format(home=world) for c in command]
+    refused(capsys, world, [args[0], q, *args[1:]], needles=("checkpoint damaged", "no awq module|no tensor"))

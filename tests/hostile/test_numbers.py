@@ -160,3 +160,17 @@ def test_the_suggested_keep_dense_is_the_fix(world, capsys):
     written = load_file(world / "out" / "model.safetensors")
     assert float(written[f"{DOWN}.weight"][3, 5]) == 1e6
     assert "model.layers.1.mlp.down_proj.qweight" in written and f"{DOWN}.qweight" not in written
+
+
+def test_self_calibration_on_nan_weights_is_refused(world, capsys):
+    """Self-generated calibration loads the model through transformers before any block is read."""
+    from safetensors.torch import load_file, save_file
+
+    from hostile_harness import refused
+
+    path = world / "model" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    refused(capsys, world, ["gptq", world / "model", "-o", world / "out", "--nsamples", 2, "--seqlen", 8],
+            needles=("not finite", "damaged"))
