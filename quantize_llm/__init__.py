@@ -6,12 +6,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .spec import QuantSpec  # noqa: E402
+from .core.spec import QuantSpec  # noqa: E402
 
 
 def quantize(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
-    """Quantize a model; see `quantize_llm.pipeline.quantize` for the arguments."""
-    from .pipeline import quantize as _quantize
+    """Quantize a model; see `quantize_llm.run.pipeline.quantize` for the arguments."""
+    from .run.pipeline import quantize as _quantize
 
     return _quantize(*args, **kwargs)
 

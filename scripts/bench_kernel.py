@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantize_llm.packing import pack_int32  # noqa: E402
+from quantize_llm.core.packing import pack_int32  # noqa: E402
 from quantize_llm.runtime import ops as _ops  # noqa: E402  (also defines torch.ops.quantize_llm)
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (8192, 8192), (28672, 8192)]
@@ -58,7 +58,7 @@ def packed_weight(out_f: int, in_f: int, bits: int, group: int, sym: bool, act_o
 
 def nf4_weight(out_f: int, in_f: int, blocksize: int, device, gen):
     """Random NF4 codes and absmax in the NF4Linear layout (runtime/qlinear.py)."""
-    from quantize_llm import nf4codes
+    from quantize_llm.core import nf4codes
 
     n = out_f * in_f
     wp = torch.randint(0, 256, (n // 2,), generator=gen, dtype=torch.int32).to(torch.uint8)
@@ -185,12 +185,12 @@ HEADER = (f"{'setting':16} {'out x in':>13} {'tok':>4} {'kernel us':>9} {'eager 
 def bench_generate(args, device: torch.device) -> list[dict]:
     """Tokens per second of `generate` for a random-weight Llama of the given size, bf16 against
     our 4-bit g128 checkpoint of it (speed does not depend on the weights' values)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-    from quantize_llm.generate import generate
-    from quantize_llm.pipeline import quantize
-    from quantize_llm.spec import QuantSpec
+    from quantize_llm.core.spec import QuantSpec
+    from quantize_llm.eval.generate import generate
+    from quantize_llm.run.pipeline import quantize
 
     sizes = {"1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8),

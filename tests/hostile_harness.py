@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from quantize_llm.cli import main
+from quantize_llm.cli.app import main
 
 
 @dataclass

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from quantize_llm.cli import main
 from reference import dequant_f64, rtn_f64
+
+from quantize_llm.cli.app import main
 
 
 def cli(*args: str) -> int:
@@ -103,6 +103,7 @@ def test_checkpoint_layout_files_and_model_card(tiny_model, tmp_path, capsys):
 def test_partial_last_group(tmp_path):
     """in_features 96 with group 64: the GPTQ layout stores ceil(96/64) = 2 groups."""
     import transformers
+
     from quantize_llm import load_quantized
 
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=192, num_hidden_layers=1,

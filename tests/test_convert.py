@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from test_cli import cli, expect_error
 
 GPTQ = ("qweight", "qzeros", "scales", "g_idx")
@@ -46,7 +45,7 @@ def test_a_gptq_v2_checkpoint_from_another_tool(tiny_model, tmp_path):
     v2 = tmp_path / "v2"
     v2.mkdir()
     tensors = load_file(tmp_path / "v1" / "model.safetensors")
-    from quantize_llm.packing import pack_int32, unpack_int32
+    from quantize_llm.core.packing import pack_int32, unpack_int32
 
     for name in [n for n in tensors if n.endswith(".qzeros")]:
         out_f = tensors[name.replace("qzeros", "scales")].shape[1]

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_tokenizer
 from transformers import AutoModelForCausalLM
 
 from quantize_llm.errors import ModelError, UsageError
-from quantize_llm.evaluate import evaluate, file_sha256, load_for_eval, make_windows, tokenize_text
-
-from conftest import byte_tokenizer
+from quantize_llm.eval.evaluate import evaluate, file_sha256, load_for_eval, make_windows, tokenize_text
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Grüße aus Zürich! " * 12)
 

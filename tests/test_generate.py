@@ -6,11 +6,11 @@ import re
 
 import pytest
 import torch
-
 from conftest import build_tiny, byte_tokenizer
-from quantize_llm.generate import generate
-from quantize_llm.runtime.load import load_quantized
 from test_cli import cli, expect_error
+
+from quantize_llm.eval.generate import generate
+from quantize_llm.runtime.load import load_quantized
 
 
 @pytest.fixture

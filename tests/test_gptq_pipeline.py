@@ -6,15 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import cli
 
 from quantize_llm.algorithms.gptq import GPTQOptions, gptq_quantize
 from quantize_llm.calibration.data import CalibrationSpec, read_documents, select_samples
+from quantize_llm.core.spec import QuantSpec
 from quantize_llm.formats.gptq import GPTQFormat
 from quantize_llm.models.architectures import ARCHITECTURES
 from quantize_llm.models.load import CheckpointReader
-from quantize_llm.pipeline import quantize
-from quantize_llm.spec import QuantSpec
-from test_cli import cli
+from quantize_llm.run.pipeline import quantize
+
 
 def reference_gptq(src: Path, tokens: torch.Tensor, spec: QuantSpec, options: GPTQOptions,
                    batch_size: int) -> dict[str, torch.Tensor]:
@@ -83,8 +84,9 @@ def test_pipeline_matches_whole_model_reference(tiny_model, tmp_path, calib_file
 
 
 def test_act_order_checkpoint_loads_to_fake_quant_logits(tiny_model, tmp_path, calib_file):
-    from quantize_llm import load_quantized
     from transformers import AutoModelForCausalLM
+
+    from quantize_llm import load_quantized
 
     src = tiny_model("llama")
     out = tmp_path / "out"
@@ -108,7 +110,8 @@ def test_act_order_checkpoint_loads_to_fake_quant_logits(tiny_model, tmp_path, c
 
 def test_gptq_beats_rtn_on_the_calibration_text(tiny_model, tmp_path, calib_file):
     from transformers import AutoTokenizer
-    from quantize_llm.evaluate import evaluate, load_for_eval
+
+    from quantize_llm.eval.evaluate import evaluate, load_for_eval
 
     src = tiny_model("llama")
     for name, args in (("rtn", ["rtn"]), ("gptq", ["gptq", "--dataset", calib_file, "--nsamples", 8, "--seqlen", 64])):

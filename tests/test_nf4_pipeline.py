@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import cli, expect_error
 
 from quantize_llm.models.load import CheckpointReader
-from test_cli import cli, expect_error
 
 pytest.importorskip("bitsandbytes")
 
@@ -54,7 +54,6 @@ BF16_LOGIT_TOLERANCE = 16 * 2.0 ** -9
 def wide_llama(folder: Path) -> Path:
     """A one-block llama whose Linears are all 128 or 256 wide (see the blocksize 128 case below)."""
     import transformers
-
     from conftest import byte_tokenizer
 
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
@@ -135,7 +134,7 @@ def test_gptq_rounding_end_to_end(tiny_model, tmp_path, calib_file):
 
     from quantize_llm import load_quantized
     from quantize_llm.calibration.data import read_documents, select_samples
-    from quantize_llm.evaluate import evaluate, load_for_eval
+    from quantize_llm.eval.evaluate import evaluate, load_for_eval
 
     src = tiny_model("llama")
     assert cli("nf4", src, "-o", tmp_path / "nearest") == 0

@@ -1,9 +1,9 @@
 """Bit packing against FORMATS.md §1.4's worked examples and an independent bit-string reader."""
 import pytest
 import torch
-
-from quantize_llm.packing import pack_int32, unpack_int32
 from reference import unpack_column_bits
+
+from quantize_llm.core.packing import pack_int32, unpack_int32
 
 
 def u32(x: int) -> int:

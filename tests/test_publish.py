@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from test_cli import cli, expect_error
 
 TEXT = "\n".join(f"Line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 11}." for i in range(400))
@@ -24,7 +23,7 @@ def test_eval_figures_go_into_the_card(tiny_model, tmp_path, eval_file, capsys):
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "eval.txt" in card and "4 non-overlapping windows of 512 tokens" in card
     # the same figures as an independent evaluation of the written checkpoint
-    from quantize_llm.evaluate import run_eval
+    from quantize_llm.eval.evaluate import run_eval
 
     r = run_eval(str(out), eval_file, seqlen=512, windows=4, baseline=str(src), device="cpu")
     assert f"| this checkpoint | {r.perplexity:.3f} | {r.ppl_ratio:.4f} | {r.kl:.5f} |" in card

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import cli, expect_error
 
 from quantize_llm.errors import SpecError, UsageError
-from quantize_llm.recipe import load_recipe
-from test_cli import cli, expect_error
+from quantize_llm.run.recipe import load_recipe
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").iterdir())
 
@@ -199,9 +199,8 @@ def rtn_reference(src: Path, widths):
     """The source model with each Linear for which widths(name) gives (bits, group size) replaced
     by its symmetric float64 RTN reference."""
     import torch
-    from transformers import AutoModelForCausalLM
-
     from reference import dequant_f64, rtn_f64
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     for name, module in model.named_modules():
@@ -261,9 +260,10 @@ keep_dense = true
 
 def test_gptq_with_an_override_inside_a_shared_input_group(tiny_model, tmp_path, calib_file):
     """k_proj at 8 bits while q/v stay at 4: they share an input but are solved per spec."""
+    from safetensors.torch import load_file
+
     from quantize_llm.formats import module_qconfig
     from quantize_llm.formats.gptq import GPTQFormat
-    from safetensors.torch import load_file
 
     src = tiny_model("llama")
     recipe = write(tmp_path, f"""
@@ -315,7 +315,7 @@ def test_plan_prints_memory_disk_and_time(tiny_model, tmp_path, calib_file, caps
 def test_disk_check_counts_the_resume_state(tiny_model, tmp_path, monkeypatch, capsys):
     import shutil as shutil_mod
 
-    import quantize_llm.pipeline as pipeline
+    import quantize_llm.run.pipeline as pipeline
 
     src = tiny_model("llama")
     real = shutil_mod.disk_usage
@@ -325,8 +325,8 @@ def test_disk_check_counts_the_resume_state(tiny_model, tmp_path, monkeypatch, c
         usage = real(path)
         return usage._replace(free=out_bytes.get("free", usage.free))
     monkeypatch.setattr(pipeline.shutil, "disk_usage", fake_usage)
-    from quantize_llm.pipeline import plan_job
-    from quantize_llm.spec import QuantSpec
+    from quantize_llm.core.spec import QuantSpec
+    from quantize_llm.run.pipeline import plan_job
 
     resources = plan_job(str(src), QuantSpec(group_size=32), device="cpu")
     out_bytes["free"] = int(resources.output_bytes * 1.5)                 # the output fits, not with resume state
@@ -399,7 +399,7 @@ def test_method_overrides_that_are_refused(tiny_model, tmp_path, capsys, method,
 
 def _job(**keys):
     """A job from these keys (model and output given), through the recipes' validation."""
-    from quantize_llm.recipe import job_from_dict
+    from quantize_llm.run.recipe import job_from_dict
 
     return job_from_dict({"model": "m", "output": "o", **keys}, "jobs[0]")
 
@@ -409,7 +409,7 @@ def test_every_option_field_has_its_type_checked(method):
     """Each Options field (whatever fields are added later) refuses a list, naming itself."""
     import dataclasses
 
-    from quantize_llm.recipe import _options_class
+    from quantize_llm.run.recipe import _options_class
 
     for field in dataclasses.fields(_options_class(method)):
         with pytest.raises(SpecError) as info:
@@ -462,14 +462,13 @@ def test_static_groups_with_act_order_are_one_thing_on_the_command_line_and_in_a
     """README: --act-order quantizes columns in decreasing activation order; --static-groups keeps
     the groups on the original columns (trivial g_idx). The command and its recipe write the same
     bytes, and the weights are those of act-order GPTQ with static groups on the model's own inputs."""
-    from transformers import AutoTokenizer
-
-    from quantize_llm.models.load import CheckpointReader
     from test_gptq_pipeline import decoded, reference_gptq
+    from transformers import AutoTokenizer
 
     from quantize_llm.algorithms.gptq import GPTQOptions
     from quantize_llm.calibration.data import read_documents, select_samples
-    from quantize_llm.spec import QuantSpec
+    from quantize_llm.core.spec import QuantSpec
+    from quantize_llm.models.load import CheckpointReader
 
     src = tiny_model("llama")
     assert cli("gptq", src, "-o", tmp_path / "cli", "--act-order", "--static-groups", "--group-size", 32, "--asym",

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import quantize_llm.pipeline as pipeline
 from conftest import build_tiny
 from test_cli import cli
+
+import quantize_llm.run.pipeline as pipeline
 
 FILES = ("model.safetensors", "config.json", "quantize_config.json")
 
@@ -258,7 +258,7 @@ def test_the_lock_follows_a_replaced_lock_file(tmp_path, monkeypatch):
     the lock must end up on the file that is at the path, or a third run could lock a fresh one."""
     import fcntl
 
-    from quantize_llm.resume import OutputLock
+    from quantize_llm.run.resume import OutputLock
 
     real, replaced = fcntl.flock, []
 
@@ -284,7 +284,7 @@ def test_a_filesystem_without_locks_is_said(tmp_path, monkeypatch):
     import errno
     import fcntl
 
-    from quantize_llm.resume import OutputLock
+    from quantize_llm.run.resume import OutputLock
 
     def flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")

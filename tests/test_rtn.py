@@ -1,12 +1,12 @@
 """RTN results against a float64 reference of FORMATS.md §1.3 (tests/reference.py)."""
 import pytest
 import torch
+from reference import dequant_f64, rtn_f64
 
 from quantize_llm.algorithms.rtn import rtn_quantize
+from quantize_llm.core.primitives import default_g_idx
+from quantize_llm.core.spec import QuantSpec
 from quantize_llm.errors import SpecError
-from quantize_llm.primitives import default_g_idx
-from quantize_llm.spec import QuantSpec
-from reference import dequant_f64, rtn_f64
 
 
 def near_tie(quot: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_spec_round_trips_and_rejects_unknown_keys():
 
 
 def test_mse_clip_search_matches_brute_force_and_never_loses_to_minmax():
-    from quantize_llm.primitives import minmax_params, mse_params
+    from quantize_llm.core.primitives import minmax_params, mse_params
 
     torch.manual_seed(3)
     w = torch.randn(16, 64) * 0.05

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-
-import quantize_llm.pipeline as pipeline
-from quantize_llm.formats.gptq import GPTQFormat
 from test_cli import cli, expect_error
+
+import quantize_llm.run.pipeline as pipeline
+from quantize_llm.formats.gptq import GPTQFormat
 
 CAL = ["--nsamples", 8, "--seqlen", 32]
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import pytest
-
-from quantize_llm.spec import QuantSpec
-from quantize_llm.vllm_check import preflight
 from test_cli import cli, expect_error
+
+from quantize_llm.core.spec import QuantSpec
+from quantize_llm.formats.vllm import preflight
 
 BIG = [("model.layers.0.mlp.up_proj", 14336, 4096, None), ("model.layers.0.mlp.down_proj", 4096, 14336, None)]
 

@@ -24,11 +24,11 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..devices import move, spread
+from ..core.devices import move, spread
+from ..core.primitives import Float16Overflow, default_g_idx, minmax_params, quantize_codes, rtn_group_params
+from ..core.qweight import QuantizedWeight
+from ..core.spec import QuantSpec
 from ..errors import CheckpointError, ModelError, RunError, SpecError
-from ..primitives import Float16Overflow, default_g_idx, minmax_params, quantize_codes, rtn_group_params
-from ..qweight import QuantizedWeight
-from ..spec import QuantSpec
 from . import register
 from .base import BlockContext, LayerContext, naming, solve_overflow
 from .gptq import GPTQOptions, accumulate_hessian, gptq_quantize

@@ -8,11 +8,11 @@ from typing import Any, Callable, ClassVar, Iterator, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..devices import map_units
+from ..core.devices import map_units
+from ..core.primitives import FP16_MAX, Float16Overflow, LayerError, rtn_group_params
+from ..core.qweight import QuantizedWeight
+from ..core.spec import QuantSpec
 from ..errors import CheckpointError, QuantizeError, RunError
-from ..primitives import FP16_MAX, Float16Overflow, LayerError, rtn_group_params
-from ..qweight import QuantizedWeight
-from ..spec import QuantSpec
 
 
 class NotPositiveDefinite(LayerError, RunError):

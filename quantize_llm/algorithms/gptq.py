@@ -14,10 +14,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..core.primitives import CLIPS, Float16Overflow, LayerError, row_params, rtn_group_params
+from ..core.qweight import QuantizedWeight
+from ..core.spec import QuantSpec
 from ..errors import RunError, SpecError
-from ..primitives import CLIPS, Float16Overflow, LayerError, row_params, rtn_group_params
-from ..qweight import QuantizedWeight
-from ..spec import QuantSpec
 from . import register
 from .base import HessianNotFinite, LayerContext, NotPositiveDefinite, naming, solve_overflow
 

@@ -17,11 +17,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .. import nf4codes
+from ..core import nf4codes
+from ..core.primitives import Float16Overflow, float16_excess
+from ..core.qweight import NestedAbsmax, QuantizedWeight
+from ..core.spec import QuantSpec
 from ..errors import RunError, SpecError
-from ..primitives import Float16Overflow, float16_excess
-from ..qweight import NestedAbsmax, QuantizedWeight
-from ..spec import QuantSpec
 from . import register
 from .base import LayerContext, naming
 from .gptq import accumulate_hessian, cholesky_inverse_upper

@@ -21,10 +21,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..core.primitives import CLIPS, Float16Overflow, default_g_idx, quantize_codes, rtn_group_params, to_float16
+from ..core.qweight import Outliers, QuantizedWeight
+from ..core.spec import QuantSpec
 from ..errors import RunError, SpecError
-from ..primitives import CLIPS, Float16Overflow, default_g_idx, quantize_codes, rtn_group_params, to_float16
-from ..qweight import Outliers, QuantizedWeight
-from ..spec import QuantSpec
 from . import register
 from .base import LayerContext, naming, solve_overflow
 from .gptq import GPTQOptions, accumulate_hessian, cholesky_inverse_upper, gptq_quantize

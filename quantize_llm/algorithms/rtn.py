@@ -7,10 +7,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..core.primitives import CLIPS, default_g_idx, quantize_codes, rtn_group_params
+from ..core.qweight import QuantizedWeight
+from ..core.spec import QuantSpec
 from ..errors import SpecError
-from ..primitives import CLIPS, default_g_idx, quantize_codes, rtn_group_params
-from ..qweight import QuantizedWeight
-from ..spec import QuantSpec
 from . import register
 from .base import LayerContext, naming
 

@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from ..algorithms.base import Algorithm, BlockContext, LayerContext
-from ..devices import move, spread
+from ..core.devices import move, spread
+from ..core.qweight import QuantizedWeight
 from ..errors import RunError
-from ..qweight import QuantizedWeight
 
 
 @dataclass(frozen=True)

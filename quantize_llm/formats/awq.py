@@ -12,12 +12,21 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..packing import pack_awq, unpack_awq
-from ..primitives import to_float16
-from ..qweight import QuantizedWeight
-from ..spec import QuantSpec
-from .base import (ModuleHeader, TensorHeader, config_bool, config_group_size, config_int, config_method,
-                   float16_scales, headers_of, need)
+from ..core.packing import pack_awq, unpack_awq
+from ..core.primitives import to_float16
+from ..core.qweight import QuantizedWeight
+from ..core.spec import QuantSpec
+from .base import (
+    ModuleHeader,
+    TensorHeader,
+    config_bool,
+    config_group_size,
+    config_int,
+    config_method,
+    float16_scales,
+    headers_of,
+    need,
+)
 
 
 class AWQFormat:

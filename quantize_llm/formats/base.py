@@ -14,9 +14,9 @@ from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from ..core.qweight import QuantizedWeight
+from ..core.spec import QuantSpec
 from ..errors import CheckpointError
-from ..qweight import QuantizedWeight
-from ..spec import QuantSpec
 
 
 @dataclass(frozen=True)

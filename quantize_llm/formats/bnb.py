@@ -19,10 +19,10 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .. import nf4codes
-from ..packing import pack_nibbles, unpack_nibbles
-from ..qweight import NestedAbsmax, QuantizedWeight
-from ..spec import QuantSpec
+from ..core import nf4codes
+from ..core.packing import pack_nibbles, unpack_nibbles
+from ..core.qweight import NestedAbsmax, QuantizedWeight
+from ..core.spec import QuantSpec
 from .base import ModuleHeader, TensorHeader, check_finite, check_finite_number, config_method, headers_of, need
 
 _STATE = "weight.quant_state.bitsandbytes__"

@@ -19,11 +19,20 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..packing import pack_int32, packed_length, unpack_int32
-from ..qweight import QuantizedWeight
-from ..spec import QuantSpec
-from .base import (ModuleHeader, TensorHeader, config_bool, config_group_size, config_int, config_method,
-                   float16_scales, headers_of, need)
+from ..core.packing import pack_int32, packed_length, unpack_int32
+from ..core.qweight import QuantizedWeight
+from ..core.spec import QuantSpec
+from .base import (
+    ModuleHeader,
+    TensorHeader,
+    config_bool,
+    config_group_size,
+    config_int,
+    config_method,
+    float16_scales,
+    headers_of,
+    need,
+)
 
 CT_VERSION = "0.20.0"          # the compressed-tensors release whose layout this writes (§4.3 packing)
 BITS = (2, 4, 8)               # widths whose codes fill int32 words exactly

@@ -12,12 +12,21 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..packing import pack_int32, packed_length, unpack_int32
-from ..primitives import default_g_idx, to_float16
-from ..qweight import QuantizedWeight
-from ..spec import QuantSpec
-from .base import (ModuleHeader, TensorHeader, config_bool, config_group_size, config_int, config_method,
-                   float16_scales, headers_of, need)
+from ..core.packing import pack_int32, packed_length, unpack_int32
+from ..core.primitives import default_g_idx, to_float16
+from ..core.qweight import QuantizedWeight
+from ..core.spec import QuantSpec
+from .base import (
+    ModuleHeader,
+    TensorHeader,
+    config_bool,
+    config_group_size,
+    config_int,
+    config_method,
+    float16_scales,
+    headers_of,
+    need,
+)
 
 V1, V2 = "gptq", "gptq_v2"
 BITS = (2, 3, 4, 8)

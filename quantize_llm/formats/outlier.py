@@ -15,9 +15,9 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..primitives import to_float16
-from ..qweight import Outliers, QuantizedWeight
-from ..spec import QuantSpec
+from ..core.primitives import to_float16
+from ..core.qweight import Outliers, QuantizedWeight
+from ..core.spec import QuantSpec
 from .base import ModuleHeader, TensorHeader, check_finite, headers_of, need
 from .gptq import GPTQFormat
 

@@ -10,8 +10,8 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from ..core.qweight import QuantizedWeight
 from ..errors import CheckpointError, SpecError
-from ..qweight import QuantizedWeight
 from . import format_for_config, module_qconfig
 from .base import MissingTensor, ModuleHeader, check_finite, damaged
 

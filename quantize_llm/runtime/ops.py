@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..packing import packed_length, unpack_int32, unpack_nibbles
+from ..core.packing import packed_length, unpack_int32, unpack_nibbles
 
 BITS = (2, 3, 4, 8)
 

@@ -10,9 +10,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .. import nf4codes
-from ..packing import pack_int32, pack_nibbles, packed_length
-from ..qweight import QuantizedWeight
+from ..core import nf4codes
+from ..core.packing import pack_int32, pack_nibbles, packed_length
+from ..core.qweight import QuantizedWeight
 from . import ops  # importing it defines torch.ops.quantize_llm.dequant_matmul
 
 logger = logging.getLogger(__name__)

@@ -6,14 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import ARCHS, TINY_CONFIGS
 from torch import nn
 
-from conftest import ARCHS, TINY_CONFIGS
-from quantize_llm.algorithms.awq import (AWQOptions, _Capture, AWQ, awq_scales, fold, fold_problem,
-                                         hessian_clip_params)
+from quantize_llm.algorithms.awq import AWQ, AWQOptions, _Capture, awq_scales, fold, fold_problem, hessian_clip_params
+from quantize_llm.core.spec import QuantSpec
 from quantize_llm.errors import SpecError
 from quantize_llm.models.architectures import ARCHITECTURES, AWQScale
-from quantize_llm.spec import QuantSpec
 
 
 def tiny_model(arch: str, mha: bool, seed: int = 0) -> nn.Module:

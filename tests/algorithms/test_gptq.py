@@ -1,12 +1,12 @@
 """GPTQ's solve against a float64 column-by-column reference, and its error against RTN."""
 import pytest
 import torch
+from reference import gptq_f64
 
 from quantize_llm.algorithms.base import NotPositiveDefinite
 from quantize_llm.algorithms.gptq import GPTQOptions, gptq_quantize
 from quantize_llm.algorithms.rtn import rtn_quantize
-from quantize_llm.spec import QuantSpec
-from reference import gptq_f64
+from quantize_llm.core.spec import QuantSpec
 
 
 def make_layer(out_features: int, in_features: int, tokens: int = 512, seed: int = 0):

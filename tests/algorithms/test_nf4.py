@@ -5,12 +5,12 @@ import re
 import pytest
 import torch
 
-from quantize_llm import nf4codes
 from quantize_llm.algorithms.nf4 import NF4, NF4Options, nf4_gptq_quantize, nf4_quantize
+from quantize_llm.core import nf4codes
+from quantize_llm.core.packing import pack_nibbles, unpack_nibbles
+from quantize_llm.core.qweight import NestedAbsmax, QuantizedWeight
+from quantize_llm.core.spec import QuantSpec
 from quantize_llm.errors import SpecError
-from quantize_llm.packing import pack_nibbles, unpack_nibbles
-from quantize_llm.qweight import NestedAbsmax, QuantizedWeight
-from quantize_llm.spec import QuantSpec
 
 F = pytest.importorskip("bitsandbytes.functional")
 

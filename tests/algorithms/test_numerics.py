@@ -13,12 +13,12 @@ from quantize_llm.algorithms.gptq import GPTQ, GPTQOptions, gptq_quantize
 from quantize_llm.algorithms.nf4 import NF4, NF4Options, nf4_gptq_quantize, nf4_quantize
 from quantize_llm.algorithms.outlier import OutlierOptions, OutlierSplit, inverse_hessian_diagonal
 from quantize_llm.algorithms.rtn import RTN, rtn_quantize
+from quantize_llm.core.primitives import Float16Overflow, minmax_params, to_float16
+from quantize_llm.core.qweight import Outliers
+from quantize_llm.core.spec import QuantSpec
 from quantize_llm.errors import CheckpointError, RunError
 from quantize_llm.formats.gptq import GPTQFormat
 from quantize_llm.formats.outlier import OutlierFormat
-from quantize_llm.primitives import Float16Overflow, minmax_params, to_float16
-from quantize_llm.qweight import Outliers
-from quantize_llm.spec import QuantSpec
 
 INT4 = QuantSpec(bits=4, group_size=32)
 GPTQ4 = QuantSpec(method="gptq", bits=4, group_size=32)

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import dequant_f64, gptq_f64, rtn_f64
 
 from quantize_llm.algorithms.base import LayerContext
 from quantize_llm.algorithms.gptq import GPTQOptions, gptq_quantize
-from quantize_llm.algorithms.outlier import (OutlierOptions, OutlierSplit, channel_mask, to_outliers, top_fraction,
-                                             weight_mask)
+from quantize_llm.algorithms.outlier import (
+    OutlierOptions,
+    OutlierSplit,
+    channel_mask,
+    to_outliers,
+    top_fraction,
+    weight_mask,
+)
+from quantize_llm.core.qweight import Outliers
+from quantize_llm.core.spec import QuantSpec
 from quantize_llm.errors import SpecError
 from quantize_llm.formats.outlier import OutlierFormat
-from quantize_llm.qweight import Outliers
 from quantize_llm.runtime.qlinear import OutlierLinear, sparse_matmul
-from quantize_llm.spec import QuantSpec
-from reference import dequant_f64, gptq_f64, rtn_f64
 
 GEN = lambda seed=0: torch.Generator().manual_seed(seed)  # noqa: E731
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantize_llm.core.packing import pack_awq, unpack_awq
+from quantize_llm.core.qweight import QuantizedWeight
+from quantize_llm.core.spec import QuantSpec
 from quantize_llm.formats.awq import AWQFormat
-from quantize_llm.packing import pack_awq, unpack_awq
-from quantize_llm.qweight import QuantizedWeight
-from quantize_llm.spec import QuantSpec
 
 REV = [0, 4, 1, 5, 2, 6, 3, 7]     # FORMATS.md §2.3: column 8j + m lives in nibble REV[m]
 

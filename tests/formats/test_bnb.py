@@ -7,11 +7,11 @@ import torch
 
 from quantize_llm.algorithms.nf4 import nf4_quantize
 from quantize_llm.algorithms.rtn import rtn_quantize
+from quantize_llm.core.qweight import NestedAbsmax
+from quantize_llm.core.spec import QuantSpec
 from quantize_llm.formats import format_for_config, get_format
 from quantize_llm.formats.bnb import BnbFormat
 from quantize_llm.formats.gptq import GPTQFormat
-from quantize_llm.qweight import NestedAbsmax
-from quantize_llm.spec import QuantSpec
 
 F = pytest.importorskip("bitsandbytes.functional")
 

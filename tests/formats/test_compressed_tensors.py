@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-
-from quantize_llm.formats.compressed_tensors import CompressedTensorsFormat as CT
-from quantize_llm.qweight import QuantizedWeight
-from quantize_llm.spec import QuantSpec
 from test_cli import cli, expect_error
+
+from quantize_llm.core.qweight import QuantizedWeight
+from quantize_llm.core.spec import QuantSpec
+from quantize_llm.formats.compressed_tensors import CompressedTensorsFormat as CT
 
 
 def u32(x: torch.Tensor) -> int:

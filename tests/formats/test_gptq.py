@@ -1,11 +1,11 @@
 """The GPTQ format: encode against an independent decoder written from FORMATS.md §1, and back."""
 import pytest
 import torch
+from reference import decode_gptq
 
 from quantize_llm.algorithms.rtn import rtn_quantize
+from quantize_llm.core.spec import QuantSpec
 from quantize_llm.formats.gptq import GPTQFormat
-from quantize_llm.spec import QuantSpec
-from reference import decode_gptq
 
 
 @pytest.mark.parametrize("bits,group_size,sym", [(4, 32, True), (4, 64, False), (3, 32, False),
@@ -55,7 +55,7 @@ def test_act_order_g_idx_is_honoured():
     t = {"qweight": GPTQFormat.encode(qp)["qweight"], "scales": qp.scale.t().contiguous(),
          "qzeros": GPTQFormat.encode(qp)["qzeros"], "g_idx": g_idx}
     # codes must be stored in the original input order
-    from quantize_llm.packing import pack_int32
+    from quantize_llm.core.packing import pack_int32
     t["qweight"] = pack_int32(qp.codes[:, invperm].t().contiguous(), 4)
     back = GPTQFormat.decode(t, {"bits": 4, "group_size": gs, "sym": True, "desc_act": True})
     assert back.g_idx is not None

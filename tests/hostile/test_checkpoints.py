@@ -13,10 +13,10 @@ from typing import Callable
 
 import pytest
 import torch
+from hostile_harness import assert_untouched, half_written, refused, run_cli, tree
 from safetensors.torch import load_file, save_file
 
-from hostile_harness import assert_untouched, half_written, refused, run_cli, tree
-from quantize_llm.cli import main
+from quantize_llm.cli.app import main
 
 Q = "model.layers.0.self_attn.q_proj"
 DAMAGED = r"checkpoint damaged: model\.layers\.\d\.[a-z_.]+: "

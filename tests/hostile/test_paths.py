@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from hostile_harness import assert_one_line_error, assert_untouched, half_written, refused, run_cli, tree
 
 
@@ -116,7 +115,7 @@ def test_debug_keeps_the_exit_code_and_the_hint(world, capsys, monkeypatch, valu
 
 
 def test_a_held_lock_refuses_and_names_the_holder(world, capsys):
-    from quantize_llm.resume import OutputLock
+    from quantize_llm.run.resume import OutputLock
 
     with OutputLock(world / "out"):
         before = tree(world)
@@ -127,8 +126,8 @@ def test_a_held_lock_refuses_and_names_the_holder(world, capsys):
 
 
 def test_the_lock_is_taken_before_calibration(world, capsys, monkeypatch):
-    import quantize_llm.pipeline as pipeline
-    from quantize_llm.resume import OutputLock
+    import quantize_llm.run.pipeline as pipeline
+    from quantize_llm.run.resume import OutputLock
 
     def never(*args, **kwargs):
         raise AssertionError("calibration ran although the output was locked")
@@ -178,7 +177,7 @@ def test_output_honours_the_umask(world, capsys):
 
 
 def test_memory_is_checked_before_calibration_data_is_prepared(world, capsys, monkeypatch):
-    import quantize_llm.pipeline as pipeline
+    import quantize_llm.run.pipeline as pipeline
 
     def never(*args, **kwargs):
         raise AssertionError("calibration data was prepared for a run that cannot fit")
@@ -244,7 +243,7 @@ def test_a_full_disk_says_so_and_leaves_nothing_half_written(world, capsys, monk
 
 
 def test_no_resume_interrupt_says_nothing_was_kept(world, capsys, monkeypatch):
-    import quantize_llm.pipeline as pipeline
+    import quantize_llm.run.pipeline as pipeline
 
     real = pipeline.run
 

@@ -10,14 +10,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from quantize_llm.algorithms.rtn import rtn_quantize
+from quantize_llm.core.packing import pack_int32
+from quantize_llm.core.qweight import QuantizedWeight
+from quantize_llm.core.spec import QuantSpec
 from quantize_llm.errors import CheckpointError, ModelError, UsageError
 from quantize_llm.formats.gptq import GPTQFormat
 from quantize_llm.models.architectures import get_architecture
-from quantize_llm.packing import pack_int32
-from quantize_llm.qweight import QuantizedWeight
 from quantize_llm.runtime.load import load_quantized
 from quantize_llm.runtime.qlinear import QuantLinear
-from quantize_llm.spec import QuantSpec
 
 IDS = torch.tensor([[1, 5, 9, 200, 17, 3, 64, 255, 0, 42, 7, 7]])
 
@@ -167,7 +167,7 @@ def test_unexpected_tensor_and_cuda_backend(tiny_model, tmp_path: Path) -> None:
 
 
 def test_load_for_eval_dispatches_quantized_checkpoints(tiny_model, tmp_path: Path) -> None:
-    from quantize_llm.evaluate import evaluate, load_for_eval
+    from quantize_llm.eval.evaluate import evaluate, load_for_eval
 
     src = tiny_model("llama")
     reference = write_quantized(src, tmp_path / "q", QuantSpec(bits=4, group_size=32))

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from quantize_llm.algorithms.rtn import rtn_quantize
+from quantize_llm.core.spec import QuantSpec
 from quantize_llm.runtime.ops import kernel_status
 from quantize_llm.runtime.qlinear import QuantLinear
-from quantize_llm.spec import QuantSpec
 
 op = torch.ops.quantize_llm.dequant_matmul
 
@@ -164,7 +164,7 @@ def test_quantlinear_act_order_and_zero_point_zero() -> None:
     qw = rtn_quantize(weight[:, perm], QuantSpec(bits=4, group_size=32, sym=False))
     assert int(qw.zero.min()) == 0
     inv = torch.argsort(perm)
-    from quantize_llm.qweight import QuantizedWeight
+    from quantize_llm.core.qweight import QuantizedWeight
 
     qw = QuantizedWeight(codes=qw.codes[:, inv], scale=qw.scale, zero=qw.zero,
                          g_idx=(torch.arange(64) // 32)[inv].to(torch.int32), spec=qw.spec)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelError
-from .formats.reading import QuantizedModules
-from .models.load import CheckpointReader, resolve_model
+from ..errors import ModelError
+from ..formats.reading import QuantizedModules
+from ..models.load import CheckpointReader, resolve_model
 
 
 @dataclass

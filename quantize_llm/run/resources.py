@@ -39,7 +39,7 @@ class ResourcePlan:
         return {**asdict(self), "disk_bytes": self.disk_bytes}
 
     def lines(self) -> list[str]:
-        from .formats.checkpoint import human_bytes as gb
+        from ..formats.checkpoint import human_bytes as gb
         out = [f"disk: {gb(self.disk_bytes)} (output {gb(self.output_bytes)}"
                + (f", resume state {gb(self.resume_bytes)})" if self.resume_bytes else ")"),
                f"host memory peak: about {gb(self.host_peak_bytes)} (one block {gb(self.block_bytes)}, "

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
-from .errors import RunError, UsageError
+from .. import __version__
+from ..errors import RunError, UsageError
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class EvalSpec:
 def evaluate_into_card(output: Path, source: Path, spec: EvalSpec, device: str,
                        emit: Callable[[str, dict], None]) -> dict[str, Any]:
     """Perplexity and KL of OUT against SOURCE on spec.dataset; appended to OUT/README.md."""
-    from .evaluate import file_sha256, run_eval
+    from ..eval.evaluate import file_sha256, run_eval
 
     dataset = Path(spec.dataset).expanduser()
     result = run_eval(str(output), dataset, seqlen=spec.seqlen, windows=spec.windows or None,

@@ -41,8 +41,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .errors import OutputError
-from .formats.checkpoint import fsync_path
+from ..errors import OutputError
+from ..formats.checkpoint import fsync_path
 
 STATE_VERSION = 2
 _CHUNK = 64 * 1024 ** 2
@@ -296,8 +296,8 @@ class ResumeState:
     def _check_block(self, index: int) -> str | None:
         """Why block `index`'s file cannot be used, or None: it must parse as safetensors, carry its
         metadata, and hold exactly the bytes whose digests it recorded."""
-        from .errors import CheckpointError
-        from .models.load import SafetensorsFile
+        from ..errors import CheckpointError
+        from ..models.load import SafetensorsFile
 
         try:
             with SafetensorsFile(self.folder / f"block-{index:05d}.safetensors") as f:

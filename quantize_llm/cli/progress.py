@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from rich.console import Console
-from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 
 def open_log(path: Path) -> IO[str]:
     """--log-json FILE opened for appending; a folder or an unwritable path is bad input."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     if path.is_dir():
         raise UsageError(f"--log-json {path} is a folder", "give a file name, e.g. --log-json run.jsonl")
@@ -85,7 +85,7 @@ class Reporter:
             self.stderr.flush()
 
     def _on_plan(self, data: dict) -> None:
-        from .plan import ResourcePlan
+        from ..run.resources import ResourcePlan
 
         plan = ResourcePlan(**{k: v for k, v in data.items() if k != "disk_bytes"})
         for line in plan.lines():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,9 +35,9 @@ def generate(model: str, prompt: str, *, max_new_tokens: int = 64, temperature: 
              seed: int = 0, chat: bool = False, device: str = "auto", backend: str = "auto", dtype: str = "auto",
              ignore_eos: bool = False) -> Generation:
     """Greedy (temperature 0) or sampled continuation of `prompt`; see the module docstring."""
+    from ..run.pipeline import resolve_device
+    from ..runtime.qlinear import NF4Linear, QuantLinear
     from .evaluate import load_for_eval
-    from .pipeline import resolve_device
-    from .runtime.qlinear import NF4Linear, QuantLinear
 
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {max_new_tokens} must be at least 1", "pass --max-new-tokens 64")
@@ -91,6 +91,6 @@ def _backend(quantized: list, dev: torch.device, backend: str) -> str:
         return "dense"
     if backend == "torch" or dev.type != "cuda":
         return "pytorch"
-    from .runtime import cuda
+    from ..runtime import cuda
 
     return "cuda kernels" if cuda.status().available else "pytorch"

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import RunError
-from .qweight import NestedAbsmax, QuantizedWeight
+from ..core.qweight import NestedAbsmax, QuantizedWeight
+from ..errors import RunError
 
 LOGITS_TOLERANCE = 1e-3     # relative; the written biases are float16 where the run used the source's
 
@@ -46,8 +46,8 @@ def digest(qw: QuantizedWeight) -> str:
 
 def check_modules(folder: Path, expected: dict[str, str]) -> int:
     """Decode every quantized module written in `folder`; each must match its expected digest."""
-    from .formats import format_for_config, module_qconfig
-    from .models.load import CheckpointReader
+    from ..formats import format_for_config, module_qconfig
+    from ..models.load import CheckpointReader
 
     with CheckpointReader(folder) as reader:
         qconfig = reader.config["quantization_config"]
@@ -70,7 +70,7 @@ def check_modules(folder: Path, expected: dict[str, str]) -> int:
 def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, device: torch.device) -> float:
     """Relative difference between the last block's output of the written checkpoint on `tokens` and
     `expected` (the run's own); raises beyond LOGITS_TOLERANCE."""
-    from .runtime.load import load_quantized
+    from ..runtime.load import load_quantized
 
     model = load_quantized(folder, device=device, dtype=torch.float32)
     blocks = model.get_submodule(layers)

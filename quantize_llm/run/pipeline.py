@@ -16,21 +16,22 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import __version__
-from .algorithms import get_algorithm
-from .calibration.sequential import BlockPlan, Calibration, LayerReport, LinearPlan, Timer, run
-from .errors import CheckpointError, Interrupted, ModelError, OutputError, RunError, SpecError, UsageError
-from .formats import get_format
-from .formats.checkpoint import NO_SPACE, CheckpointWriter, check_output, human_bytes, local_folder, remove_stale
-from .models.architectures import ArchitectureMap, get_architecture
-from .models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
-from .plan import ResourcePlan, estimate as estimate_resources
+from .. import __version__
+from ..algorithms import get_algorithm
+from ..calibration.sequential import BlockPlan, Calibration, LayerReport, LinearPlan, Timer, run
+from ..core.primitives import Float16Overflow, to_stored
+from ..core.qweight import QuantizedWeight
+from ..core.spec import QuantSpec
+from ..errors import CheckpointError, Interrupted, ModelError, OutputError, RunError, SpecError, UsageError
+from ..formats import get_format
+from ..formats.checkpoint import NO_SPACE, CheckpointWriter, check_output, human_bytes, local_folder, remove_stale
+from ..formats.vllm import preflight
+from ..models.architectures import ArchitectureMap, get_architecture
+from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
+from .resources import ResourcePlan
+from .resources import estimate as estimate_resources
 from .resume import HashingReader, OutputLock, ResumeState, files_identity, model_fingerprint, tokens_fingerprint
 from .verify import check_modules, check_outputs, digest
-from .vllm_check import preflight
-from .primitives import Float16Overflow, to_stored
-from .qweight import QuantizedWeight
-from .spec import QuantSpec
 
 EventHandler = Callable[[str, dict], None]
 
@@ -180,7 +181,7 @@ def output_head(spec: QuantSpec, fmt: Any, reader: CheckpointReader, skeleton: n
 def head_tensors(head: tuple[str, QuantSpec], weight: torch.Tensor, fmt: Any,
                  dtype: torch.dtype) -> tuple[QuantizedWeight, dict]:
     """The output head rounded to its grid (RTN), and its tensors encoded by the format."""
-    from .algorithms.rtn import rtn_quantize
+    from ..algorithms.rtn import rtn_quantize
 
     try:
         qw = replace(rtn_quantize(weight, head[1]), source_dtype=dtype)
@@ -359,7 +360,7 @@ def load_calibration_tokens(folder: Path, config: dict, cal_spec: Any, dev: torc
     """Calibration tokens for a calibrated algorithm (see calibration/data.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .calibration.data import CalibrationSpec, load_calibration
+    from ..calibration.data import CalibrationSpec, load_calibration
 
     cal_spec = cal_spec or CalibrationSpec()
     try:

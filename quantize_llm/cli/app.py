@@ -23,9 +23,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
-from .errors import QuantizeError, UsageError
-from .recipe import Job, job_from_dict, load_recipe, parse_size
+from .. import __version__
+from ..errors import QuantizeError, UsageError
+from ..run.recipe import Job, job_from_dict, load_recipe, parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Quantize LLM weights into checkpoints that transformers "
@@ -109,7 +109,7 @@ def _calibration(args: dict) -> dict:
 
 def _run_job(job: "Job", log_json: Path | None, command: str | None = None) -> None:
     """Run one job with progress on stderr and the summary on stdout (every command comes here)."""
-    from .pipeline import quantize
+    from ..run.pipeline import quantize
     from .progress import Reporter
 
     if command is None:
@@ -290,7 +290,7 @@ def outlier(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4,
             max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     if act_order and inner != "gptq":
         raise UsageError("--act-order only applies to --inner gptq", "add --inner gptq or drop --act-order")
-    from .algorithms.outlier import OutlierOptions
+    from ..algorithms.outlier import OutlierOptions
 
     options = dict(inner=inner, mode=mode, fraction=outlier_fraction, threshold=outlier_threshold,
                    calibrated=dataset is not None, clip=clip or ("mse" if inner == "gptq" else "minmax"),
@@ -368,7 +368,7 @@ def plan(recipe: Annotated[Path, typer.Argument(help="The recipe file (.toml, .y
     import tempfile
     import time
 
-    from .pipeline import plan_job, quantize
+    from ..run.pipeline import plan_job, quantize
 
     jobs = load_recipe(recipe)
     indices = _indices(recipe, jobs, job_index)
@@ -421,7 +421,7 @@ def convert_(path: Annotated[str, typer.Argument(help="A quantized checkpoint fo
              output: OutputOpt,
              format: Annotated[str, typer.Option("--format", help="Target: gptq, awq, compressed-tensors (or outlier, bnb for their own results).", show_default=False)],
              overwrite: OverwriteOpt = False, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
-    from .convert import convert
+    from ..run.convert import convert
     from .progress import Reporter
 
     argv = click.globals.get_current_context().find_root().obj or sys.argv[1:]
@@ -436,7 +436,7 @@ def convert_(path: Annotated[str, typer.Argument(help="A quantized checkpoint fo
              "Example: quantize-llm inspect smol-w4g128")
 def inspect(path: Annotated[str, typer.Argument(help="A quantized checkpoint folder or hub id.")],
             all_modules: Annotated[bool, typer.Option("--all", help="List every module, not a summary by name.")] = False) -> None:
-    from .inspection import inspect_checkpoint
+    from ..eval.inspection import inspect_checkpoint
 
     info = inspect_checkpoint(path)
     table = Table(title=f"{info.path} ({info.quant_method})")
@@ -472,7 +472,7 @@ def eval_(model: ModelArg,
           windows: Annotated[int, typer.Option("--windows", help="Number of windows; 0 = the whole text.")] = 40,
           baseline: Annotated[Optional[str], typer.Option("--baseline", help="Unquantized model for KL and the perplexity ratio.", show_default=False)] = None,
           device: DeviceOpt = "auto", log_json: LogJsonOpt = None) -> None:
-    from .evaluate import run_eval
+    from ..eval.evaluate import run_eval
     from .progress import Reporter
 
     with Reporter(log_json, label="eval") as reporter:
@@ -505,7 +505,7 @@ def generate(model: ModelArg,
              backend: Annotated[str, typer.Option("--backend", help="auto (CUDA kernels where they load), cuda (insist), torch (PyTorch path).")] = "auto",
              dtype: Annotated[str, typer.Option("--dtype", help="Activations: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")] = "auto",
              device: DeviceOpt = "auto") -> None:
-    from .generate import generate as run_generate
+    from ..eval.generate import generate as run_generate
 
     result = run_generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           seed=seed, chat=chat, device=device, backend=backend, dtype=dtype, ignore_eos=ignore_eos)
@@ -520,7 +520,7 @@ def env() -> None:
     import torch
     import transformers
 
-    from .runtime.ops import kernel_status
+    from ..runtime.ops import kernel_status
 
     status = kernel_status()
     out.print(f"quantize-llm {__version__}")

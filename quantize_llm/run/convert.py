@@ -17,15 +17,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import ModelError, SpecError
-from .formats import get_format
-from .formats.checkpoint import CheckpointWriter, check_output, local_folder
-from .formats.reading import QuantizedModules, linear_shape
-from .models.architectures import get_architecture
-from .models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
-from .primitives import Float16Overflow, to_stored
-from .qweight import QuantizedWeight
+from .. import __version__
+from ..core.primitives import Float16Overflow, to_stored
+from ..core.qweight import QuantizedWeight
+from ..errors import ModelError, SpecError
+from ..formats import get_format
+from ..formats.checkpoint import CheckpointWriter, check_output, local_folder
+from ..formats.reading import QuantizedModules, linear_shape
+from ..models.architectures import get_architecture
+from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
 
 
 @dataclass

@@ -6,8 +6,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import SpecError
-from .nf4codes import BLOCKSIZES, CODEBOOKS as TABLE_CODEBOOKS
+from ..errors import SpecError
+from .nf4codes import BLOCKSIZES
+from .nf4codes import CODEBOOKS as TABLE_CODEBOOKS
 
 INT_BITS = (2, 3, 4, 8)
 OVERRIDABLE = ("bits", "group_size", "sym", "method")   # what a per-module override may change

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import QuantizeError, SpecError, UsageError
-from .spec import QuantSpec
+from ..core.spec import QuantSpec
+from ..errors import QuantizeError, SpecError, UsageError
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,11 @@ class Job:
 
 
 def _options_class(method: str) -> type:
-    from .algorithms.awq import AWQOptions
-    from .algorithms.gptq import GPTQOptions
-    from .algorithms.nf4 import NF4Options
-    from .algorithms.outlier import OutlierOptions
-    from .algorithms.rtn import RTNOptions
+    from ..algorithms.awq import AWQOptions
+    from ..algorithms.gptq import GPTQOptions
+    from ..algorithms.nf4 import NF4Options
+    from ..algorithms.outlier import OutlierOptions
+    from ..algorithms.rtn import RTNOptions
 
     return {"rtn": RTNOptions, "gptq": GPTQOptions, "awq": AWQOptions, "nf4": NF4Options,
             "outlier": OutlierOptions}[method]
@@ -342,7 +342,7 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
     if needs_data is None:
         needs_data = method in ("gptq", "awq") or getattr(options, "rounding", "nearest") == "gptq"
     if needs_data:
-        from .calibration.data import CalibrationSpec
+        from ..calibration.data import CalibrationSpec
 
         cal_args = _typed_table(cal_data, CalibrationSpec, f"{where}.calibration", {"dataset": "source"})
         try:
@@ -397,7 +397,7 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
 
 def _hub_id_form(model: str) -> bool:
     """Whether MODEL would be looked up on the hub when no such path exists (resolve_model's rule)."""
-    from .models.load import HUB_ID
+    from ..models.load import HUB_ID
 
     return not model.startswith((".", "/", "~")) and model.count(os.sep) <= 1 and bool(HUB_ID.fullmatch(model))
 
@@ -408,8 +408,8 @@ def check_inputs(job: Job, where: str) -> None:
     is checked with the job.) Hub ids are left to the run, which may download them. The output
     may not destroy anything (the current folder, the model, a folder that is no checkpoint under
     overwrite); an existing output is left to the run (an array job's earlier outputs exist)."""
-    from .formats.checkpoint import check_output, local_folder
-    from .models.load import resolve_model
+    from ..formats.checkpoint import check_output, local_folder
+    from ..models.load import resolve_model
 
     try:
         check_output(job.output, overwrite=job.overwrite, protect=local_folder(job.model), allow_existing=True)
@@ -424,7 +424,7 @@ def check_inputs(job: Job, where: str) -> None:
 def _check_calibration_source(source: str) -> None:
     """What calibration.data reads `source` as, without reading it: self, hf:ID, an existing file
     of a known type, or an org/name[:config[:split]] that is no path and names no file."""
-    from .calibration.data import ACCEPTED, FILE_TYPES, HUB_ID
+    from ..calibration.data import ACCEPTED, FILE_TYPES, HUB_ID
 
     if source == "self" or source.startswith("hf:"):
         return

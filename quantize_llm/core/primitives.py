@@ -12,7 +12,7 @@ import re
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError, QuantizeError
+from ..errors import CheckpointError, QuantizeError
 
 FP16_TINY = 2.0 ** -24   # smallest positive float16 (subnormal): a scale never rounds to 0 below it
 FP16_MAX = 65504.0

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ModelError, UsageError
-from .models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
+from ..errors import ModelError, UsageError
+from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ def load_for_eval(model: str, device: str | torch.device = "cpu", dtype: torch.d
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .formats.reading import QuantizedModules
-    from .runtime.load import load_quantized
+    from ..formats.reading import QuantizedModules
+    from ..runtime.load import load_quantized
 
     folder = resolve_model(model)
     # config.json and the weights first: the tokenizer reads config.json too, and says less about it
@@ -166,7 +166,7 @@ def run_eval(model: str, dataset: Path, *, seqlen: int = 512, windows: int | Non
              baseline: str | None = None, device: str = "auto",
              on_event: Callable[[str, dict], None] | None = None) -> EvalResult:
     """`quantize-llm eval`: load MODEL (and BASELINE), tokenize DATASET once, score the windows."""
-    from .pipeline import resolve_device
+    from ..run.pipeline import resolve_device
 
     emit = on_event or (lambda kind, data: None)
     dev = resolve_device(device)
@@ -193,7 +193,7 @@ def run_eval(model: str, dataset: Path, *, seqlen: int = 512, windows: int | Non
 
 def _warn_if_calibrated_on(model: str, dataset: Path, emit: Callable[[str, dict], None]) -> None:
     """Evaluating on the calibration text flatters the model: say so."""
-    from .calibration.data import same_file
+    from ..calibration.data import same_file
 
     with CheckpointReader(resolve_model(model)) as reader:
         path: Any = reader.config.get("quantization_config")
