@@ -10,8 +10,8 @@ from .core.spec import QuantSpec  # noqa: E402
 
 
 def quantize(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
-    """Quantize a model; see `quantize_llm.run.pipeline.quantize` for the arguments."""
-    from .run.pipeline import quantize as _quantize
+    """Quantize a model; see `quantize_llm.run.execute.quantize` for the arguments."""
+    from .run.execute import quantize as _quantize
 
     return _quantize(*args, **kwargs)
 

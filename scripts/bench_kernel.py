@@ -190,7 +190,7 @@ def bench_generate(args, device: torch.device) -> list[dict]:
 
     from quantize_llm.core.spec import QuantSpec
     from quantize_llm.eval.generate import generate
-    from quantize_llm.run.pipeline import quantize
+    from quantize_llm.run.execute import quantize
 
     sizes = {"1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8),

@@ -117,7 +117,7 @@ def main() -> None:
     from quantize_llm.calibration.data import CalibrationSpec, load_calibration
     from quantize_llm.core.spec import QuantSpec
     from quantize_llm.eval.evaluate import evaluate, load_for_eval, make_windows, tokenize_text
-    from quantize_llm.run.pipeline import quantize
+    from quantize_llm.run.execute import quantize
 
     for path in (args.calib, args.eval):
         if not path.is_file():

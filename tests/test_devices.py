@@ -19,7 +19,7 @@ from test_resume import deep_model, events, fail_after, same_files  # noqa: F401
 import quantize_llm.calibration.sequential as sequential
 from quantize_llm.core.devices import map_units, move, spread
 from quantize_llm.errors import UsageError
-from quantize_llm.run.pipeline import resolve_device, resolve_devices
+from quantize_llm.core.devices import resolve_device, resolve_devices
 
 CPU2 = (torch.device("cpu"), torch.device("cpu"))
 CPU3 = CPU2 + (torch.device("cpu"),)
@@ -212,11 +212,11 @@ def test_two_gpus_give_the_same_checkpoint_as_one(tiny_model, tmp_path, calib_fi
 
 @pytest.mark.cuda
 def test_two_workers_on_one_gpu_give_the_same_checkpoint(tiny_model, tmp_path, calib_file, monkeypatch):
-    import quantize_llm.run.pipeline as pipeline
+    import quantize_llm.run.plan as plan
 
     common = ["gptq", tiny_model("llama"), "--group-size", 32, "--dataset", calib_file, *CAL]
     assert cli(*common, "-o", tmp_path / "one", "--device", "cuda:0", "--log-json", tmp_path / "one.jsonl") == 0
-    monkeypatch.setattr(pipeline, "resolve_devices", lambda text: (torch.device("cuda", 0),) * 2)
+    monkeypatch.setattr(plan, "resolve_devices", lambda text: (torch.device("cuda", 0),) * 2)
     assert cli(*common, "-o", tmp_path / "two", "--device", "cuda:0", "--log-json", tmp_path / "two.jsonl") == 0
     assert (tmp_path / "one/model.safetensors").read_bytes() == (tmp_path / "two/model.safetensors").read_bytes()
     assert layer_errors(tmp_path / "one.jsonl") == layer_errors(tmp_path / "two.jsonl")
@@ -226,7 +226,7 @@ def test_the_plan_splits_activations_over_gpus(tiny_model, calib_file):
     from quantize_llm.core.spec import QuantSpec
     from quantize_llm.models.architectures import get_architecture
     from quantize_llm.models.load import CheckpointReader, build_skeleton
-    from quantize_llm.run.pipeline import plan_blocks, resource_plan
+    from quantize_llm.run.plan import plan_blocks, resource_plan
 
     src = tiny_model("llama")
     spec = QuantSpec(bits=4, group_size=32, method="gptq")

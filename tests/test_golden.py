@@ -37,6 +37,24 @@ RUNS: dict[str, list[str]] = {
                              "--outlier-fraction", "0.05", *CAL],
 }
 
+RECIPE = """[[jobs]]
+model = "{llama}"
+output = "{out}"
+method = "gptq"
+group_size = 32
+keep_dense = ['^model\\.layers\\.0\\.mlp\\.down_proj$']
+[jobs.calibration]
+dataset = "{calib}"
+nsamples = 8
+seqlen = 32
+[[jobs.overrides]]
+match = 'mlp\\.up_proj$'
+bits = 8
+[[jobs.overrides]]
+match = '^lm_head$'
+bits = 8
+"""
+
 # Recorded on the code of issue 14's end (the layout before the restructuring).
 GOLDEN: dict[str, str] = {
     "awq": "0852b50708393a4221c29af7a8cc10c229b30e32c2847234556474e2249abe10",
@@ -53,6 +71,8 @@ GOLDEN: dict[str, str] = {
     "rtn-ct": "d55a386789e7f345bf162555fdabb90869247c0bbe527a5d8408e137a69a5794",
     "rtn-mse-channel": "cf6d9630b104923dc0e6364885a2543195902c70352198eadd4061e9a7983943",
     "rtn-sym": "142ee708228da2bbae20cad1c425be336645a746fd0bc40fa275b447c7fec157",
+    "recipe-overrides-head-dense": "bbd9fce39cde77e56774a93324f372ec8c6af2c2f4fe8a76381302ba1836117c",
+    "convert-gptq-to-ct": "9c13e457d5df036a85d60822254ae54e0f7cf6c7ad02cc97ae22dd63635f1f9f",
 }
 
 
@@ -82,6 +102,19 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     for arch in ("llama", "qwen2", "opt", "phi3"):
         found[arch] = str(build_tiny(arch, root / arch))
     return found
+
+
+def test_a_recipe_with_overrides_a_quantized_head_and_a_dense_module(models: dict[str, str], tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE.format(out=tmp_path / "out", **models))
+    assert cli("run", recipe) == 0
+    assert digest(tmp_path / "out") == GOLDEN["recipe-overrides-head-dense"]
+
+
+def test_convert(models: dict[str, str], tmp_path: Path) -> None:
+    assert cli(*[a.format(**models) for a in RUNS["gptq"]], "-o", tmp_path / "q") == 0
+    assert cli("convert", tmp_path / "q", "-o", tmp_path / "out", "--format", "compressed-tensors") == 0
+    assert digest(tmp_path / "out") == GOLDEN["convert-gptq-to-ct"]
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))

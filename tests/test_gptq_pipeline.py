@@ -14,7 +14,7 @@ from quantize_llm.core.spec import QuantSpec
 from quantize_llm.formats.gptq import GPTQFormat
 from quantize_llm.models.architectures import ARCHITECTURES
 from quantize_llm.models.load import CheckpointReader
-from quantize_llm.run.pipeline import quantize
+from quantize_llm.run.execute import quantize
 
 
 def reference_gptq(src: Path, tokens: torch.Tensor, spec: QuantSpec, options: GPTQOptions,

@@ -315,7 +315,7 @@ def test_plan_prints_memory_disk_and_time(tiny_model, tmp_path, calib_file, caps
 def test_disk_check_counts_the_resume_state(tiny_model, tmp_path, monkeypatch, capsys):
     import shutil as shutil_mod
 
-    import quantize_llm.run.pipeline as pipeline
+    import quantize_llm.run.execute as execute
 
     src = tiny_model("llama")
     real = shutil_mod.disk_usage
@@ -324,11 +324,12 @@ def test_disk_check_counts_the_resume_state(tiny_model, tmp_path, monkeypatch, c
     def fake_usage(path):
         usage = real(path)
         return usage._replace(free=out_bytes.get("free", usage.free))
-    monkeypatch.setattr(pipeline.shutil, "disk_usage", fake_usage)
+    monkeypatch.setattr(execute.shutil, "disk_usage", fake_usage)
     from quantize_llm.core.spec import QuantSpec
-    from quantize_llm.run.pipeline import plan_job
+    from quantize_llm.run.plan import plan_run
+    from quantize_llm.run.recipe import Job
 
-    resources = plan_job(str(src), QuantSpec(group_size=32), device="cpu")
+    resources = plan_run(Job("out", str(src), tmp_path / "out", QuantSpec(group_size=32), device="cpu")).resources
     out_bytes["free"] = int(resources.output_bytes * 1.5)                 # the output fits, not with resume state
     expect_error(capsys, ["rtn", src, "-o", tmp_path / "out", "--group-size", 32], "resume state.*--no-resume")
     assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ import pytest
 from conftest import build_tiny
 from test_cli import cli
 
-import quantize_llm.run.pipeline as pipeline
+import quantize_llm.run.execute as pipeline
 
 FILES = ("model.safetensors", "config.json", "quantize_config.json")
 

@@ -6,7 +6,7 @@ import json
 
 from test_cli import cli, expect_error
 
-import quantize_llm.run.pipeline as pipeline
+import quantize_llm.run.execute as execute
 from quantize_llm.formats.gptq import GPTQFormat
 
 CAL = ["--nsamples", 8, "--seqlen", 32]
@@ -37,13 +37,13 @@ def test_a_module_that_does_not_read_back_fails_the_run(tiny_model, tmp_path, mo
 
 
 def test_a_checkpoint_that_computes_something_else_fails_the_run(tiny_model, tmp_path, calib_file, monkeypatch, capsys):
-    real = pipeline.CheckpointWriter.add
+    real = execute.CheckpointWriter.add
 
     def add(self, name, tensor):
         if name == "model.layers.1.post_attention_layernorm.weight":   # not a quantized module: only the model check sees it
             tensor = tensor * 1.5
         return real(self, name, tensor)
-    monkeypatch.setattr(pipeline.CheckpointWriter, "add", add)
+    monkeypatch.setattr(execute.CheckpointWriter, "add", add)
     expect_error(capsys, ["gptq", tiny_model("llama"), "-o", tmp_path / "out", "--group-size", 32,
                           "--dataset", calib_file, *CAL], "last block differs from the quantized model's", code=1)
     assert not (tmp_path / "out").exists()

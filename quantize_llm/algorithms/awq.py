@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..core.devices import move, spread
 from ..core.primitives import Float16Overflow, default_g_idx, minmax_params, quantize_codes, rtn_group_params
 from ..core.qweight import QuantizedWeight
-from ..core.spec import QuantSpec
+from ..core.spec import MethodRecord, QuantSpec
 from ..errors import CheckpointError, ModelError, RunError, SpecError
 from . import register
 from .base import BlockContext, LayerContext, naming, solve_overflow
@@ -155,6 +155,7 @@ def output_error(w: Tensor, qw: QuantizedWeight, h: Tensor) -> float:
 class AWQ:
     name: ClassVar[str] = "awq"
     needs_calibration: ClassVar[bool] = True
+    codebooks: ClassVar[tuple[str, ...]] = ("int",)
 
     def __init__(self, spec: QuantSpec, options: AWQOptions | None = None) -> None:
         self.spec = spec
@@ -162,6 +163,9 @@ class AWQ:
         self.hessians: dict[str, Tensor] = {}
         self.no_clip: tuple[str, ...] = ()
         self.specs: dict[str, QuantSpec] = {}
+
+    def record(self) -> MethodRecord:
+        return MethodRecord(damp=self.options.damp, true_sequential=self.options.true_sequential)
 
     # ---- scale search and folding (once per block) ----------------------------------------------
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Protocol
+from typing import Any, Callable, ClassVar, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..core.devices import map_units
 from ..core.primitives import FP16_MAX, Float16Overflow, LayerError, rtn_group_params
 from ..core.qweight import QuantizedWeight
-from ..core.spec import QuantSpec
+from ..core.spec import MethodRecord, QuantSpec
 from ..errors import CheckpointError, QuantizeError, RunError
 
 
@@ -135,17 +135,30 @@ class BlockContext:
     replicate: Callable[[torch.device], nn.Module] | None = None
 
 
+@runtime_checkable
 class Algorithm(Protocol):
-    name: ClassVar[str]
-    needs_calibration: ClassVar[bool]
+    """One quantization method (registered by name in algorithms/__init__.py).
 
-    def __init__(self, spec: QuantSpec, options: object | None = None) -> None: ...
+    name               the registry name (the command and the recipe's `method`)
+    needs_calibration  whether the runner must feed it calibration inputs (for some methods it
+                       depends on the options, so it may be set per instance)
+    codebooks          the code families it produces: "int" grids, or bitsandbytes' "nf4"/"fp4"
+    prepare_block      None, or a block-level step called once per block with a BlockContext
+                       before its first stage is observed (AWQ's scale search and folding)
+    """
+
+    name: ClassVar[str]
+    needs_calibration: bool
+    codebooks: ClassVar[tuple[str, ...]]
+    prepare_block: Callable[[BlockContext], None] | None
+
+    def __init__(self, spec: QuantSpec, options: Any = None) -> None: ...
 
     def observe(self, linear_name: str, x: Tensor) -> None:
         """Accumulate statistics from the input x (..., in) of a Linear (or group sharing it)."""
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
-        """Quantize the Linears of one block; returns local name -> result.
+        """Quantize the Linears of one block; returns local name -> result."""
 
-        An algorithm may also define `prepare_block(ctx: BlockContext) -> None`, called once per
-        block before its first stage is observed (block-level algorithms such as AWQ)."""
+    def record(self) -> MethodRecord:
+        """How the numbers are chosen, as far as a checkpoint's quantization_config records it."""

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..core.primitives import CLIPS, Float16Overflow, LayerError, row_params, rtn_group_params
 from ..core.qweight import QuantizedWeight
-from ..core.spec import QuantSpec
+from ..core.spec import MethodRecord, QuantSpec
 from ..errors import RunError, SpecError
 from . import register
 from .base import HessianNotFinite, LayerContext, NotPositiveDefinite, naming, solve_overflow
@@ -205,6 +205,8 @@ class GPTQ:
 
     name: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
+    codebooks: ClassVar[tuple[str, ...]] = ("int",)
+    prepare_block = None
 
     def __init__(self, spec: QuantSpec, options: GPTQOptions | None = None) -> None:
         self.spec = spec
@@ -213,6 +215,10 @@ class GPTQ:
 
     def observe(self, linear_name: str, x: Tensor) -> None:
         accumulate_hessian(self.hessians, linear_name, x)
+
+    def record(self) -> MethodRecord:
+        return MethodRecord(damp=self.options.damp, static_groups=self.options.static_groups,
+                            true_sequential=self.options.true_sequential)
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
         """Linears sharing an input share a Hessian; GPTQ treats rows independently, so their

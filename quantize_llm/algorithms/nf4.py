@@ -20,7 +20,7 @@ from torch import Tensor
 from ..core import nf4codes
 from ..core.primitives import Float16Overflow, float16_excess
 from ..core.qweight import NestedAbsmax, QuantizedWeight
-from ..core.spec import QuantSpec
+from ..core.spec import MethodRecord, QuantSpec
 from ..errors import RunError, SpecError
 from . import register
 from .base import LayerContext, naming
@@ -166,6 +166,11 @@ class NF4:
         self.options = options or NF4Options()
         self.needs_calibration = self.options.rounding == "gptq"
         self.hessians: dict[str, Tensor] = {}
+
+    prepare_block = None
+
+    def record(self) -> MethodRecord:
+        return MethodRecord(damp=self.options.damp, true_sequential=self.options.true_sequential)
 
     def observe(self, linear_name: str, x: Tensor) -> None:
         accumulate_hessian(self.hessians, linear_name, x)

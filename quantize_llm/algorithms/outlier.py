@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..core.primitives import CLIPS, Float16Overflow, default_g_idx, quantize_codes, rtn_group_params, to_float16
 from ..core.qweight import Outliers, QuantizedWeight
-from ..core.spec import QuantSpec
+from ..core.spec import MethodRecord, QuantSpec
 from ..errors import RunError, SpecError
 from . import register
 from .base import LayerContext, naming, solve_overflow
@@ -144,6 +144,8 @@ def to_outliers(values: Tensor, mask: Tensor, mode: str) -> Outliers:
 class OutlierSplit:
     name: ClassVar[str] = "outlier"
     needs_calibration: bool = False   # per instance: see OutlierOptions.needs_calibration
+    codebooks: ClassVar[tuple[str, ...]] = ("int",)
+    prepare_block = None
 
     def __init__(self, spec: QuantSpec, options: OutlierOptions | None = None) -> None:
         self.spec = spec
@@ -153,11 +155,12 @@ class OutlierSplit:
         self.hessians: dict[str, Tensor] = {}
         self.act_max: dict[str, Tensor] = {}
 
-    def config_extra(self) -> dict:
-        """Keys for quantization_config: what a reader needs to know about the outliers."""
+    def record(self) -> MethodRecord:
+        """The solver's settings, and what a reader needs to know about the outliers."""
         kind, value = self.how
-        return {"outlier_mode": self.options.mode, f"outlier_{kind}": value, "outlier_inner": self.options.inner,
-                "outlier_dtype": "float16"}
+        keys = (("outlier_mode", self.options.mode), (f"outlier_{kind}", value), ("outlier_inner", self.options.inner),
+                ("outlier_dtype", "float16"))
+        return MethodRecord(damp=self.options.damp, true_sequential=self.options.true_sequential, keys=keys)
 
     def observe(self, linear_name: str, x: Tensor) -> None:
         if self.options.mode == "channel":

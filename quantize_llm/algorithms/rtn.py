@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..core.primitives import CLIPS, default_g_idx, quantize_codes, rtn_group_params
 from ..core.qweight import QuantizedWeight
-from ..core.spec import QuantSpec
+from ..core.spec import MethodRecord, QuantSpec
 from ..errors import SpecError
 from . import register
 from .base import LayerContext, naming
@@ -53,6 +53,8 @@ def rtn_quantize(weight: Tensor, spec: QuantSpec, clip: str = "minmax") -> Quant
 class RTN:
     name: ClassVar[str] = "rtn"
     needs_calibration: ClassVar[bool] = False
+    codebooks: ClassVar[tuple[str, ...]] = ("int",)
+    prepare_block = None
 
     def __init__(self, spec: QuantSpec, options: RTNOptions | None = None) -> None:
         self.spec = spec
@@ -60,6 +62,9 @@ class RTN:
 
     def observe(self, linear_name: str, x: Tensor) -> None:
         """RTN needs no statistics."""
+
+    def record(self) -> MethodRecord:
+        return MethodRecord()
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
         results = {}

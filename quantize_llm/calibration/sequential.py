@@ -324,7 +324,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         modified: set[str] = set()
         block_calls = calls[plan.index]
         with torch.no_grad():
-            prepare = getattr(algorithm, "prepare_block", None)
+            prepare = algorithm.prepare_block
             if prepare is not None:   # block-level algorithms (AWQ) rewrite the block first, on one device
                 dtype_of = cal.stored_dtype or (lambda name: read(name).dtype)
                 dtypes = {n: dtype_of(plan.prefix + n) for n, _ in block.named_parameters()}

@@ -109,7 +109,7 @@ def _calibration(args: dict) -> dict:
 
 def _run_job(job: "Job", log_json: Path | None, command: str | None = None) -> None:
     """Run one job with progress on stderr and the summary on stdout (every command comes here)."""
-    from ..run.pipeline import quantize
+    from ..run.execute import quantize
     from .progress import Reporter
 
     if command is None:
@@ -368,17 +368,19 @@ def plan(recipe: Annotated[Path, typer.Argument(help="The recipe file (.toml, .y
     import tempfile
     import time
 
-    from ..run.pipeline import plan_job, quantize
+    from ..run.execute import quantize
+    from ..run.plan import plan_run
 
     jobs = load_recipe(recipe)
     indices = _indices(recipe, jobs, job_index)
     for i in indices:
         job = jobs[i]
-        resources = plan_job(job.model, job.spec, options=job.options, calibration=job.calibration,
-                             device=job.device, batch_size=job.batch_size, resume=job.resume, verify=job.verify)
-        out.print(Text.assemble((f"job {i} ({job.name})", "bold"), f": {resources.blocks} blocks -> {job.output}"))
-        for line in resources.lines():
+        run_plan = plan_run(job)
+        out.print(Text.assemble((f"job {i} ({job.name})", "bold"), f": {len(run_plan.blocks)} blocks -> {job.output}"))
+        for line in run_plan.lines():
             out.print(f"  {line}")
+        for reason in run_plan.vllm:
+            out.print(f"  warning: vLLM: {reason}")
         if time_first_block:
             timing: dict = {}
 

@@ -85,10 +85,7 @@ class Reporter:
             self.stderr.flush()
 
     def _on_plan(self, data: dict) -> None:
-        from ..run.resources import ResourcePlan
-
-        plan = ResourcePlan(**{k: v for k, v in data.items() if k != "disk_bytes"})
-        for line in plan.lines():
+        for line in data["lines"]:
             self.console.print(f"plan: {line}", highlight=False, soft_wrap=True, markup=False)
 
     def _on_eta(self, data: dict) -> None:

@@ -1,4 +1,6 @@
-"""Work spread over several devices (`--device cuda:0,cuda:1`).
+"""Devices: what `--device` names, and work spread over several (`--device cuda:0,cuda:1`).
+
+`resolve_devices` is the one parser of `--device` (auto, cpu, cuda, cuda:N, or a list of them).
 
 Item i of a job always runs on `devices[i % n]` (calibration batch i, solve unit i), one thread per
 device taking its items in order. Whatever must be combined in a fixed order (Hessian sums) is
@@ -13,6 +15,8 @@ from concurrent.futures import Future
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
+
+from ..errors import UsageError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -119,3 +123,63 @@ def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, tor
 def map_units(devices: Sequence[torch.device], fn: Callable[[T, torch.device], R], items: Sequence[T]) -> list[R]:
     """[fn(item, device) for each item], item i on devices[i % n], side by side across devices."""
     return spread(devices, len(items), lambda i, dev: fn(items[i], dev))
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> the first CUDA device when present, else CPU; an unusable device is a UsageError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "," in device:
+        raise UsageError(f"--device {device}: this command runs on one device",
+                         "give one device, such as cuda:0")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device} was asked for but CUDA is not available here",
+                             "use --device cpu or --device auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible",
+                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device} is not supported", "use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def parse_devices(device: str) -> tuple[torch.device, ...] | None:
+    """The devices `device` names, checked for form only (nothing about this machine); None for
+    "auto". A list names GPUs with their index, each once, or CPU workers (`cpu,cpu`, which exist
+    to check on a machine without GPUs that a spread run gives the same checkpoint)."""
+    parts = [p.strip() for p in str(device).split(",")]
+    if parts == ["auto"]:
+        return None
+    if len(parts) > 1 and any(not p or p == "auto" for p in parts):
+        raise UsageError(f"--device {device}: a list names each device", "write it like cuda:0,cuda:1")
+    try:
+        devices = tuple(torch.device(p) for p in parts)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
+    bad = next((d for d in devices if d.type not in ("cpu", "cuda")), None)
+    if bad is not None:
+        raise UsageError(f"--device {device} is not supported", "use auto, cpu, cuda or cuda:N")
+    if len(devices) > 1:
+        if len({d.type for d in devices}) > 1:
+            raise UsageError(f"--device {device} mixes CPU and GPU", "list GPUs only, such as cuda:0,cuda:1")
+        if devices[0].type == "cuda":
+            if any(d.index is None for d in devices):
+                raise UsageError(f"--device {device}: a GPU in a list needs its index", "write it like cuda:0,cuda:1")
+            twice = next((d for i, d in enumerate(devices) if d in devices[:i]), None)
+            if twice is not None:
+                raise UsageError(f"--device {device} names {twice} twice", "name each GPU once")
+    return devices
+
+
+def resolve_devices(device: str) -> tuple[torch.device, ...]:
+    """One device (resolve_device) or a comma-separated list of them for a run spread over several
+    (parse_devices), each checked against this machine."""
+    devices = parse_devices(device)
+    if devices is None or len(devices) == 1:
+        return (resolve_device(device.strip()),)
+    return tuple(resolve_device(str(d)) for d in devices)

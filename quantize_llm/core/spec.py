@@ -133,3 +133,14 @@ class QuantSpec:
         data["overrides"] = tuple((o["match"], tuple((k, v) for k, v in o.items() if k != "match"))
                                   for o in data.get("overrides") or ())
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class MethodRecord:
+    """How an algorithm chose the numbers, as far as a checkpoint's quantization_config records it
+    (each format writes what its readers expect: GPTQ's `damp_percent`, ...). None: not applicable."""
+
+    damp: float | None = None              # damping of diag(H), where the method has the setting
+    static_groups: bool | None = None      # act-order with groups fixed on the original order
+    true_sequential: bool | None = None    # stages re-run between q/k/v, o, gate/up, down
+    keys: tuple[tuple[str, Any], ...] = ()  # the method's own keys for this package's formats (outlier split)

@@ -166,7 +166,7 @@ def run_eval(model: str, dataset: Path, *, seqlen: int = 512, windows: int | Non
              baseline: str | None = None, device: str = "auto",
              on_event: Callable[[str, dict], None] | None = None) -> EvalResult:
     """`quantize-llm eval`: load MODEL (and BASELINE), tokenize DATASET once, score the windows."""
-    from ..run.pipeline import resolve_device
+    from ..core.devices import resolve_device
 
     emit = on_event or (lambda kind, data: None)
     dev = resolve_device(device)

@@ -35,7 +35,7 @@ def generate(model: str, prompt: str, *, max_new_tokens: int = 64, temperature: 
              seed: int = 0, chat: bool = False, device: str = "auto", backend: str = "auto", dtype: str = "auto",
              ignore_eos: bool = False) -> Generation:
     """Greedy (temperature 0) or sampled continuation of `prompt`; see the module docstring."""
-    from ..run.pipeline import resolve_device
+    from ..core.devices import resolve_device
     from ..runtime.qlinear import NF4Linear, QuantLinear
     from .evaluate import load_for_eval
 

@@ -7,7 +7,7 @@ out % 8 == 0. A symmetric result is stored with every zero at 8 (the layout alwa
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -17,6 +17,7 @@ from ..core.primitives import to_float16
 from ..core.qweight import QuantizedWeight
 from ..core.spec import QuantSpec
 from .base import (
+    ConfigFacts,
     ModuleHeader,
     TensorHeader,
     config_bool,
@@ -36,6 +37,7 @@ class AWQFormat:
     markers: ClassVar[tuple[str, ...]] = ("qweight",)
     bias_dtype: ClassVar[torch.dtype | None] = torch.float16    # AutoAWQ models are float16 throughout
     config_file: ClassVar[str | None] = None                    # §2.1: config.json only
+    per_module: ClassVar[bool] = False    # one setting for the whole checkpoint
     description: ClassVar[str] = "AutoAWQ GEMM layout that transformers (with gptqmodel) and vLLM load"
 
     @staticmethod
@@ -110,10 +112,10 @@ class AWQFormat:
         return QuantizedWeight(codes=codes, scale=scales.t().contiguous(), zero=zero, g_idx=None, spec=spec)
 
     @staticmethod
-    def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]], extra: Mapping[str, Any], *,
-                            dense_modules: Sequence[str] = (), dtype: str | None = None) -> dict[str, Any]:
+    def quantization_config(facts: ConfigFacts) -> dict[str, Any]:
         # §2.4: bits/group_size (not w_bit/q_group_size) and zero_point are what transformers and
         # vLLM read; every Linear left dense is listed (§2.5 pitfall 6).
+        spec, dense_modules = facts.spec, facts.dense_modules
         config: dict[str, Any] = {
             "quant_method": "awq",
             "zero_point": True,
@@ -122,6 +124,5 @@ class AWQFormat:
             "version": "gemm",
             "modules_to_not_convert": list(dense_modules) or None,
         }
-        if "meta" in extra:
-            config["meta"] = extra["meta"]
+        config["meta"] = facts.meta
         return config

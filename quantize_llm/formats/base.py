@@ -8,14 +8,14 @@ formats/reading.py turns it into "checkpoint damaged: <module>: <reason>".
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import torch
 from torch import Tensor
 
 from ..core.qweight import QuantizedWeight
-from ..core.spec import QuantSpec
+from ..core.spec import MethodRecord, QuantSpec
 from ..errors import CheckpointError
 
 
@@ -28,6 +28,22 @@ class ModuleHeader:
     sym: bool
     shape: tuple[int, int]        # (out_features, in_features)
     codebook: str = "int"
+
+
+@dataclass(frozen=True)
+class ConfigFacts:
+    """What a run (or a conversion) knows that a format may record in quantization_config; each
+    format spells it the way its readers expect (GPTQ's `dynamic`, compressed-tensors' `ignore`, ...)."""
+
+    spec: QuantSpec                                # the checkpoint's setting (per-module ones below)
+    modules_in_block: list[list[str]]              # local Linear names quantized somewhere, by input group
+    overrides: dict[str, QuantSpec] = field(default_factory=dict)   # full name -> its own grid, where it differs
+    excluded: list[str] = field(default_factory=list)   # block Linears left dense where the same local name is not
+    dense_modules: list[str] = field(default_factory=list)   # every Linear left unquantized (full names)
+    lm_head: bool = False                          # the output head is quantized
+    record: MethodRecord = field(default_factory=MethodRecord)
+    meta: dict[str, Any] = field(default_factory=dict)   # our record: tool, method, spec, options, calibration
+    dtype: str | None = None                       # the model's dtype name
 
 
 DAMAGED_HINT = ("the files were changed after they were written, or written by a tool that broke them; "
@@ -154,6 +170,7 @@ class Format(Protocol):
     bias_dtype: ClassVar[torch.dtype | None]  # dtype biases are written in; None keeps the checkpoint's
     config_file: ClassVar[str | None]         # extra file holding quantization_config, if any
     description: ClassVar[str]                # "the ... layout that ... load", for the model card
+    per_module: ClassVar[bool]                # whether modules may differ in bits/group/sym (overrides)
 
     @staticmethod
     def supports(spec: QuantSpec) -> str | None:
@@ -183,9 +200,6 @@ class Format(Protocol):
         `qconfig`; `read(local name)` loads a small tensor. ValueError when they do not fit."""
 
     @staticmethod
-    def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]], extra: Mapping[str, Any], *,
-                            dense_modules: Sequence[str] = (), dtype: str | None = None) -> dict[str, Any]:
-        """The `quantization_config` object for config.json.
-
-        dense_modules: every Linear left unquantized (full names); dtype: the model's dtype name.
-        """
+    def quantization_config(facts: ConfigFacts) -> dict[str, Any]:
+        """The `quantization_config` object for config.json: every key the format's readers
+        expect, spelled their way, plus our `meta`."""

@@ -23,7 +23,16 @@ from ..core import nf4codes
 from ..core.packing import pack_nibbles, unpack_nibbles
 from ..core.qweight import NestedAbsmax, QuantizedWeight
 from ..core.spec import QuantSpec
-from .base import ModuleHeader, TensorHeader, check_finite, check_finite_number, config_method, headers_of, need
+from .base import (
+    ConfigFacts,
+    ModuleHeader,
+    TensorHeader,
+    check_finite,
+    check_finite_number,
+    config_method,
+    headers_of,
+    need,
+)
 
 _STATE = "weight.quant_state.bitsandbytes__"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,6 +47,7 @@ class BnbFormat:
     markers: ClassVar[tuple[str, ...]] = tuple(_STATE + c for c in nf4codes.CODEBOOKS)  # one per module
     bias_dtype: ClassVar[torch.dtype | None] = None        # keep the checkpoint's dtype
     config_file: ClassVar[str | None] = None               # config.json is all transformers reads
+    per_module: ClassVar[bool] = False    # one setting for the whole checkpoint
     description: ClassVar[str] = "bitsandbytes 4-bit layout that transformers (with bitsandbytes) and vLLM load"
 
     @staticmethod
@@ -161,14 +171,14 @@ class BnbFormat:
                                source_dtype=_DTYPES.get(str(blob.get("dtype")), torch.float32))
 
     @staticmethod
-    def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]], extra: Mapping[str, Any], *,
-                            dense_modules: Sequence[str] = (), dtype: str | None = None) -> dict[str, Any]:
+    def quantization_config(facts: ConfigFacts) -> dict[str, Any]:
         """transformers' BitsAndBytesConfig.to_dict() for 4-bit (FORMATS.md §3.5), plus our `meta`.
 
         `llm_int8_skip_modules` lists every Linear left dense (lm_head included): given a list,
         transformers converts every other Linear and skips only those. The compute dtype is the
         model's dtype (`dtype`, float32 when unknown); the block size lives in each tensor's JSON.
         """
+        spec, dense_modules, dtype = facts.spec, facts.dense_modules, facts.dtype
         config: dict[str, Any] = {
             "quant_method": "bitsandbytes",
             "_load_in_4bit": True,
@@ -184,6 +194,5 @@ class BnbFormat:
             "llm_int8_enable_fp32_cpu_offload": False,
             "llm_int8_has_fp16_weight": False,
         }
-        if "meta" in extra:   # provenance; transformers ignores keys it does not know
-            config["meta"] = extra["meta"]
+        config["meta"] = facts.meta   # provenance; transformers ignores keys it does not know
         return config

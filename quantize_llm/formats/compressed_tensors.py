@@ -14,7 +14,7 @@ unless their groups are static. One scheme for the whole checkpoint; every dense
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -23,6 +23,7 @@ from ..core.packing import pack_int32, packed_length, unpack_int32
 from ..core.qweight import QuantizedWeight
 from ..core.spec import QuantSpec
 from .base import (
+    ConfigFacts,
     ModuleHeader,
     TensorHeader,
     config_bool,
@@ -46,6 +47,7 @@ class CompressedTensorsFormat:
     markers: ClassVar[tuple[str, ...]] = ("weight_packed",)
     bias_dtype: ClassVar[torch.dtype | None] = None           # the model's dtype
     config_file: ClassVar[str | None] = None
+    per_module: ClassVar[bool] = False    # one setting for the whole checkpoint
     description: ClassVar[str] = ("compressed-tensors pack-quantized layout that transformers (with "
                                   "compressed-tensors) and vLLM load")
 
@@ -173,9 +175,9 @@ class CompressedTensorsFormat:
                                g_idx=None, spec=spec)
 
     @staticmethod
-    def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]], extra: Mapping[str, Any], *,
-                            dense_modules: Sequence[str] = (), dtype: str | None = None) -> dict[str, Any]:
+    def quantization_config(facts: ConfigFacts) -> dict[str, Any]:
         # §4.4: QuantizationArgs forbids unknown keys, so nothing of ours goes inside `weights`.
+        spec, dense_modules = facts.spec, facts.dense_modules
         channel = spec.group_size == -1
         weights: dict[str, Any] = {
             "num_bits": spec.bits, "type": "int", "symmetric": spec.sym,
@@ -195,6 +197,5 @@ class CompressedTensorsFormat:
             "transform_config": {},
             "version": CT_VERSION,
         }
-        if "meta" in extra:
-            config["meta"] = extra["meta"]
+        config["meta"] = facts.meta
         return config

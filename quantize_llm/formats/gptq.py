@@ -7,7 +7,8 @@ with zeros of at least 1 (`min_zero`), the writer rule of §1.5. Both v1 and v2 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+import re
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -17,6 +18,7 @@ from ..core.primitives import default_g_idx, to_float16
 from ..core.qweight import QuantizedWeight
 from ..core.spec import QuantSpec
 from .base import (
+    ConfigFacts,
     ModuleHeader,
     TensorHeader,
     config_bool,
@@ -138,22 +140,31 @@ class GPTQFormat:
                                spec=spec)
 
     @staticmethod
-    def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]], extra: Mapping[str, Any], *,
-                            dense_modules: Sequence[str] = (), dtype: str | None = None) -> dict[str, Any]:
-        # Dense Linears are implied by modules_in_block_to_quantize and `dynamic` (in `extra`).
+    def quantization_config(facts: ConfigFacts) -> dict[str, Any]:
+        """§1.7: the GPTQModel keys. Dense Linears are implied by modules_in_block_to_quantize and
+        `dynamic` (`-:` for a Linear left dense in some blocks only, `+:` with a module's own grid)."""
+        spec, record = facts.spec, facts.record
         config: dict[str, Any] = {
             "quant_method": "gptq",
             "bits": spec.bits,
             "group_size": spec.group_size,
             "desc_act": spec.act_order,
             "sym": spec.sym,
-            "lm_head": False,
+            "lm_head": facts.lm_head,
             "checkpoint_format": V1,
             "format": V1,
-            "static_groups": False,
-            "true_sequential": True,
+            "static_groups": bool(record.static_groups),
+            "true_sequential": record.true_sequential is not False,
             "pack_dtype": "int32",
-            "modules_in_block_to_quantize": modules_in_block,
+            "modules_in_block_to_quantize": facts.modules_in_block,
+            "meta": facts.meta,
         }
-        config.update(extra)
+        if record.damp is not None:
+            config["damp_percent"] = record.damp
+        config.update(record.keys)
+        dynamic = {f"-:^{re.escape(name)}$": {} for name in facts.excluded}
+        dynamic.update({f"+:^{re.escape(name)}$": {"bits": own.bits, "group_size": own.group_size, "sym": own.sym}
+                        for name, own in facts.overrides.items()})
+        if dynamic:
+            config["dynamic"] = dynamic
         return config

@@ -10,7 +10,7 @@ Where an outlier sits the codes hold the zero point, so W = dequant(codes) + out
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ from torch import Tensor
 from ..core.primitives import to_float16
 from ..core.qweight import Outliers, QuantizedWeight
 from ..core.spec import QuantSpec
-from .base import ModuleHeader, TensorHeader, check_finite, headers_of, need
+from .base import ConfigFacts, ModuleHeader, TensorHeader, check_finite, headers_of, need
 from .gptq import GPTQFormat
 
 QUANT_METHOD = "quantize_llm_outlier"
@@ -104,9 +104,9 @@ class OutlierFormat:
         return replace(qw, spec=qw.spec.replace(format="outlier"), outliers=outliers)
 
     @staticmethod
-    def quantization_config(spec: QuantSpec, modules_in_block: list[list[str]], extra: Mapping[str, Any], *,
-                            dense_modules: Sequence[str] = (), dtype: str | None = None) -> dict[str, Any]:
-        config = GPTQFormat.quantization_config(spec, modules_in_block, extra, dense_modules=dense_modules,
-                                                dtype=dtype)
+    def quantization_config(facts: ConfigFacts) -> dict[str, Any]:
+        """The GPTQ keys (the codes are the GPTQ layout) under our own quant_method, plus the split's
+        keys (mode, fraction or threshold, inner algorithm, value dtype) from the method's record."""
+        config = GPTQFormat.quantization_config(facts)
         config["quant_method"] = QUANT_METHOD
         return config

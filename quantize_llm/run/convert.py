@@ -8,7 +8,6 @@ with the module's name and the reason, before anything is written.
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..core.primitives import Float16Overflow, to_stored
 from ..core.qweight import QuantizedWeight
 from ..errors import ModelError, SpecError
 from ..formats import get_format
+from ..formats.base import ConfigFacts
 from ..formats.checkpoint import CheckpointWriter, check_output, local_folder
 from ..formats.reading import QuantizedModules, linear_shape
 from ..models.architectures import get_architecture
@@ -151,21 +151,17 @@ def _config(target: Any, specs: dict, base: tuple | None, source_qconfig: dict, 
                          act_order=any(s.act_order for s in specs.values()))
     meta = dict(source_qconfig.get("meta") or {})
     meta["converted"] = {"from": source_qconfig.get("quant_method"), "by": f"quantize-llm:{__version__}"}
-    extra: dict[str, Any] = {"meta": meta}
-    dynamic = {f"+:^{re.escape(p)}$": {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
-               for p, s in specs.items() if (s.bits, s.group_size, s.sym) != base}
     try:
         arch = get_architecture(config)
         in_block = [[n for n in group if any(p.endswith("." + n) for p in specs)] for group in arch.sequential]
         in_block = [g for g in in_block if g]
     except ModelError:
         in_block = []
-    if any(p.split(".")[-1] == "lm_head" for p in specs):
-        extra["lm_head"] = True
-    if dynamic:
-        extra["dynamic"] = dynamic
-    return target.quantization_config(spec, in_block, extra, dense_modules=dense,
-                                      dtype=str(model_dtype).removeprefix("torch.") if model_dtype else None)
+    return target.quantization_config(ConfigFacts(
+        spec=spec, modules_in_block=in_block, dense_modules=dense, meta=meta,
+        overrides={p: s for p, s in specs.items() if (s.bits, s.group_size, s.sym) != base},
+        lm_head=any(p.split(".")[-1] == "lm_head" for p in specs),
+        dtype=str(model_dtype).removeprefix("torch.") if model_dtype else None))
 
 
 def _json(obj: Any) -> str:

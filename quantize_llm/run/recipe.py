@@ -354,7 +354,7 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
                         "remove it, or choose options that use calibration data")
     run_args = {k: data[k] for k in RUN_KEYS if k in data}
     if "device" in run_args:
-        from .pipeline import parse_devices
+        from ..core.devices import parse_devices
 
         try:
             parse_devices(run_args["device"])
@@ -384,7 +384,7 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
             raise _within(where, exc) from None
     if data.get("push_to_hub"):
         run_args["push_to_hub"] = data["push_to_hub"]
-    from .pipeline import prepare
+    from .plan import prepare
 
     try:
         prepare(spec, options)           # the format holds the spec, the method produces its codes

@@ -52,7 +52,7 @@ class ResourcePlan:
 def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calibrated: bool, nsamples: int,
              seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool = True,
              devices: int = 1) -> ResourcePlan:
-    """The plan for quantizing `plans` (pipeline.plan_blocks) of the checkpoint behind `reader`.
+    """The plan for quantizing `plans` (plan.plan_blocks) of the checkpoint behind `reader`.
 
     devices: GPUs the run is spread over; the device peak is the first one's (it also holds the
     embeddings and the Hessian sums; each holds a block replica and its share of the activations)."""

@@ -17,8 +17,9 @@ from quantize_llm.algorithms.outlier import (
     weight_mask,
 )
 from quantize_llm.core.qweight import Outliers
-from quantize_llm.core.spec import QuantSpec
+from quantize_llm.core.spec import MethodRecord, QuantSpec
 from quantize_llm.errors import SpecError
+from quantize_llm.formats.base import ConfigFacts
 from quantize_llm.formats.outlier import OutlierFormat
 from quantize_llm.runtime.qlinear import OutlierLinear, sparse_matmul
 
@@ -161,7 +162,8 @@ def test_format_round_trip_and_linear(mode: str) -> None:
     qw, _ = run(spec, options, w, h)
     tensors = OutlierFormat.encode(qw)
     assert tensors["outlier_values"].dtype == torch.float16
-    qconfig = OutlierFormat.quantization_config(spec, [], {"outlier_mode": mode})
+    qconfig = OutlierFormat.quantization_config(ConfigFacts(spec, [], record=MethodRecord(keys=(("outlier_mode", mode),))))
+    assert qconfig["outlier_mode"] == mode
     assert qconfig["quant_method"] == "quantize_llm_outlier" and qconfig["bits"] == 4
     back = OutlierFormat.decode(tensors, qconfig)
     torch.testing.assert_close(back.dequantize(torch.float64), qw.dequantize(torch.float64), rtol=0, atol=0)

@@ -6,8 +6,9 @@ import torch
 
 from quantize_llm.core.packing import pack_awq, unpack_awq
 from quantize_llm.core.qweight import QuantizedWeight
-from quantize_llm.core.spec import QuantSpec
+from quantize_llm.core.spec import MethodRecord, QuantSpec
 from quantize_llm.formats.awq import AWQFormat
+from quantize_llm.formats.base import ConfigFacts
 
 REV = [0, 4, 1, 5, 2, 6, 3, 7]     # FORMATS.md §2.3: column 8j + m lives in nibble REV[m]
 
@@ -63,7 +64,7 @@ def test_encode_matches_the_spec_decoder_and_round_trips() -> None:
     assert tensors["qzeros"].shape == (4, 6) and tensors["scales"].shape == (4, 48)
     assert tensors["scales"].dtype == torch.float16
     torch.testing.assert_close(spec_decode(tensors, 64), qw.dequantize(torch.float64), rtol=0, atol=0)
-    config = AWQFormat.quantization_config(qw.spec, [], {})
+    config = AWQFormat.quantization_config(ConfigFacts(qw.spec, []))
     back = AWQFormat.decode(tensors, config)
     assert torch.equal(back.codes, qw.codes) and torch.equal(back.zero, qw.zero)
     assert torch.equal(back.scale, qw.scale) and back.g_idx is None
@@ -78,8 +79,9 @@ def test_zeros_are_raw_not_minus_one() -> None:
 
 def test_config_has_the_keys_readers_need() -> None:
     spec = QuantSpec(method="awq", bits=4, group_size=128, sym=False, format="awq")
-    config = AWQFormat.quantization_config(spec, [], {"meta": {"method": "awq"}, "damp_percent": 0.01},
-                                           dense_modules=["lm_head", "model.layers.0.mlp.down_proj"])
+    config = AWQFormat.quantization_config(ConfigFacts(
+        spec, [], meta={"method": "awq"}, record=MethodRecord(damp=0.01),
+        dense_modules=["lm_head", "model.layers.0.mlp.down_proj"]))
     assert config == {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4, "version": "gemm",
                       "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.down_proj"],
                       "meta": {"method": "awq"}}

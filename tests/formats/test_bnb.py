@@ -10,6 +10,7 @@ from quantize_llm.algorithms.rtn import rtn_quantize
 from quantize_llm.core.qweight import NestedAbsmax
 from quantize_llm.core.spec import QuantSpec
 from quantize_llm.formats import format_for_config, get_format
+from quantize_llm.formats.base import ConfigFacts
 from quantize_llm.formats.bnb import BnbFormat
 from quantize_llm.formats.gptq import GPTQFormat
 
@@ -103,8 +104,8 @@ def test_quantization_config_is_transformers_own(codebook, double_quant, dtype):
     want = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=codebook, bnb_4bit_use_double_quant=double_quant,
                               bnb_4bit_compute_dtype=getattr(torch, dtype or "float32"),
                               llm_int8_skip_modules=["lm_head"]).to_dict()
-    got = BnbFormat.quantization_config(spec(codebook, 64, double_quant), [], {"meta": {"method": "nf4"}},
-                                        dense_modules=["lm_head"], dtype=dtype)
+    got = BnbFormat.quantization_config(ConfigFacts(spec(codebook, 64, double_quant), [], meta={"method": "nf4"},
+                                                    dense_modules=["lm_head"], dtype=dtype))
     assert got.pop("meta") == {"method": "nf4"}
     assert got == want
     assert format_for_config(got) is BnbFormat and get_format("bnb") is BnbFormat

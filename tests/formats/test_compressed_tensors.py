@@ -10,6 +10,7 @@ from test_cli import cli, expect_error
 
 from quantize_llm.core.qweight import QuantizedWeight
 from quantize_llm.core.spec import QuantSpec
+from quantize_llm.formats.base import ConfigFacts
 from quantize_llm.formats.compressed_tensors import CompressedTensorsFormat as CT
 
 
@@ -48,7 +49,7 @@ def test_round_trip(bits, sym, group_size):
     qw = result(torch.randint(0, 2 ** bits, (out_f, in_f), generator=g), zero, bits, sym, group_size,
                 (torch.rand(out_f, n_groups, generator=g) * 0.01 + 1e-3).half())
     spec = qw.spec
-    config = CT.quantization_config(spec, [], {}, dense_modules=["lm_head"])
+    config = CT.quantization_config(ConfigFacts(spec, [], dense_modules=["lm_head"]))
     back = CT.decode(CT.encode(qw), config)
     for field in ("codes", "scale", "zero"):
         assert torch.equal(getattr(back, field), getattr(qw, field)), field
@@ -60,7 +61,7 @@ def test_config_validates_with_compressed_tensors():
     from compressed_tensors.quantization import QuantizationConfig
 
     for spec in (QuantSpec(bits=4, group_size=128, sym=True), QuantSpec(bits=8, group_size=-1, sym=False)):
-        config = CT.quantization_config(spec, [], {"meta": {"x": 1}}, dense_modules=["lm_head"])
+        config = CT.quantization_config(ConfigFacts(spec, [], meta={"x": 1}, dense_modules=["lm_head"]))
         assert config["ignore"] == ["lm_head"] and "meta" in config
         parsed = QuantizationConfig.model_validate({k: v for k, v in config.items() if k not in ("meta", "version", "sparsity_config", "transform_config")})
         weights = parsed.config_groups["group_0"].weights

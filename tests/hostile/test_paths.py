@@ -126,7 +126,7 @@ def test_a_held_lock_refuses_and_names_the_holder(world, capsys):
 
 
 def test_the_lock_is_taken_before_calibration(world, capsys, monkeypatch):
-    import quantize_llm.run.pipeline as pipeline
+    import quantize_llm.run.execute as pipeline
     from quantize_llm.run.resume import OutputLock
 
     def never(*args, **kwargs):
@@ -177,7 +177,7 @@ def test_output_honours_the_umask(world, capsys):
 
 
 def test_memory_is_checked_before_calibration_data_is_prepared(world, capsys, monkeypatch):
-    import quantize_llm.run.pipeline as pipeline
+    import quantize_llm.run.execute as pipeline
 
     def never(*args, **kwargs):
         raise AssertionError("calibration data was prepared for a run that cannot fit")
@@ -243,7 +243,7 @@ def test_a_full_disk_says_so_and_leaves_nothing_half_written(world, capsys, monk
 
 
 def test_no_resume_interrupt_says_nothing_was_kept(world, capsys, monkeypatch):
-    import quantize_llm.run.pipeline as pipeline
+    import quantize_llm.run.execute as pipeline
 
     real = pipeline.run
 

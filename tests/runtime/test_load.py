@@ -14,6 +14,7 @@ from quantize_llm.core.packing import pack_int32
 from quantize_llm.core.qweight import QuantizedWeight
 from quantize_llm.core.spec import QuantSpec
 from quantize_llm.errors import CheckpointError, ModelError, UsageError
+from quantize_llm.formats.base import ConfigFacts
 from quantize_llm.formats.gptq import GPTQFormat
 from quantize_llm.models.architectures import get_architecture
 from quantize_llm.runtime.load import load_quantized
@@ -64,8 +65,10 @@ def write_quantized(src: Path, dst: Path, spec: QuantSpec, *, v2: bool = False,
     dst.mkdir()
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     quantized = [list(arch.linears)]
-    config["quantization_config"] = GPTQFormat.quantization_config(
-        spec, quantized, {"checkpoint_format": "gptq_v2", "format": "gptq_v2"} if v2 else {})
+    qconfig = GPTQFormat.quantization_config(ConfigFacts(spec, quantized))
+    if v2:
+        qconfig.update(checkpoint_format="gptq_v2", format="gptq_v2")
+    config["quantization_config"] = qconfig
     (dst / "config.json").write_text(json.dumps(config))
     return reference
 

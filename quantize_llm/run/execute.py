@@ -1,0 +1,462 @@
+"""Executing a plan: `execute(plan)` streams the checkpoint block by block into the writer.
+
+    lock OUT -> open the checkpoint, check disk and memory -> writer -> calibration tokens ->
+    resume state -> the tensors outside the blocks -> the blocks an interrupted run finished ->
+    the runner's blocks (encode, write, record) -> config, model card, verification, rename
+
+then, optionally, the evaluation into the model card and the upload. `quantize()` is the library
+call every command ends in: `execute(plan_run(job))`. The only place that knows about the order of
+the run and what a failure part-way must leave behind (DESIGN.md, "Pipeline").
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..algorithms.base import Algorithm
+from ..calibration.sequential import BlockResult, Calibration, LayerReport, Timer, run
+from ..core.primitives import Float16Overflow, to_stored
+from ..core.qweight import QuantizedWeight
+from ..core.spec import QuantSpec
+from ..errors import Interrupted, ModelError, OutputError, RunError, UsageError
+from ..formats.base import ConfigFacts
+from ..formats.checkpoint import NO_SPACE, CheckpointWriter, check_output, human_bytes, remove_stale
+from ..models.load import CheckpointReader
+from .card import model_card
+from .plan import RunPlan, plan_run
+from .recipe import Job
+from .resources import ResourcePlan
+from .resume import HashingReader, OutputLock, ResumeState, files_identity, tokens_fingerprint
+from .verify import check_modules, check_outputs, digest
+
+EventHandler = Callable[[str, dict], None]
+
+# Files carried from the source folder beside the weights (tokenizer, generation settings, license).
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                 "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                 "chat_template.json", "generation_config.json", "*.tiktoken", "LICENSE*")
+
+
+@dataclass
+class Summary:
+    """What a run did, for the summary table, the JSON log and the model card."""
+
+    model: str
+    output: str
+    spec: dict
+    blocks: int
+    seconds: float
+    input_bytes: int
+    output_bytes: int
+    quantized_params: int
+    quantized_bytes: int          # bytes of the quantized Linears' packed tensors (no bias)
+    bits_per_weight: float        # 8 * quantized_bytes / quantized_params
+    peak_rss_mb: float
+    layers: list[LayerReport] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)   # seconds per stage
+    calibration: dict[str, Any] | None = None                 # source, sha256, samples, rule
+    evaluation: dict[str, Any] | None = None                  # perplexity/KL after writing (--eval)
+    pushed_to: str | None = None                              # hub URL (--push-to-hub)
+    verification: dict[str, Any] | None = None                # modules read back, last block's difference
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object | None = None,
+             calibration: Any = None, device: str = "auto", overwrite: bool = False,
+             max_shard_bytes: int = 2 * 1024 ** 3, batch_size: int = 8,
+             on_event: EventHandler | None = None, command: str | None = None, resume: bool = True,
+             evaluation: Any = None, push_to_hub: str | None = None, strict_vllm: bool = False,
+             verify: bool = True) -> Summary:
+    """Quantize MODEL (folder, hub id or cache entry) with `spec` and write OUT atomically.
+
+    `options` are the algorithm's own (e.g. GPTQOptions); `calibration` a CalibrationSpec for
+    algorithms that need data (default: self-generated text). With `resume`, finished blocks are
+    recorded beside OUT (resume.py) and a rerun after an interruption continues from there.
+    `evaluation` (publish.EvalSpec) measures the written checkpoint against the source into its
+    model card; `push_to_hub` uploads it (checked before any work). Combinations that vLLM serves
+    slowly or not at all are warned about before any work (errors with `strict_vllm`). With
+    `verify`, the written files are read back and checked (verify.py) before the rename.
+    """
+    output = Path(output).expanduser()
+    job = Job(name=output.name, model=model, output=output, spec=spec, options=options, calibration=calibration,
+              device=device, overwrite=overwrite, max_shard_size=str(max_shard_bytes), batch_size=batch_size,
+              resume=resume, strict_vllm=strict_vllm, verify=verify, evaluation=evaluation, push_to_hub=push_to_hub)
+    return execute(plan_run(job, command), on_event)
+
+
+def execute(plan: RunPlan, on_event: EventHandler | None = None) -> Summary:
+    """Run `plan` (see the module docstring); the Summary of what was written."""
+    emit = on_event or (lambda kind, data: None)
+    start = time.perf_counter()
+    with OutputLock(plan.output, emit):                 # first: a second run of OUT is refused
+        check_output(plan.output, overwrite=plan.job.overwrite, protect=[plan.source.folder])
+        remove_stale(plan.output)                       # temporary folders of killed runs, never a live one's
+        run = _Run(plan, emit, start)
+        summary = run.guarded()
+    timer = Timer()
+    timer.seconds.update(summary.timings)
+    job = plan.job
+    if job.evaluation is not None:
+        from .publish import evaluate_into_card
+
+        t = time.perf_counter()
+        summary.evaluation = evaluate_into_card(plan.output, plan.source.folder, job.evaluation,
+                                                str(plan.devices[0]), emit)
+        timer.add("evaluation", t)
+    if job.push_to_hub:
+        from .publish import push
+
+        t = time.perf_counter()
+        summary.pushed_to = push(plan.output, job.push_to_hub)
+        timer.add("upload", t)
+    summary.timings = dict(timer.seconds)
+    summary.seconds = time.perf_counter() - start
+    summary.peak_rss_mb = peak_rss_mb()
+    emit("done", {k: v for k, v in summary.to_dict().items() if k != "layers"})
+    return summary
+
+
+class _Run:
+    """One execution in progress, with OUT locked: what it has written so far and how to go on."""
+
+    def __init__(self, plan: RunPlan, emit: EventHandler, start: float) -> None:
+        self.plan, self.emit, self.start = plan, emit, start
+        self.algorithm: Algorithm = plan.algorithm(plan.spec, plan.job.options)
+        self.timer = Timer()
+        self.state: ResumeState | None = None
+        self.cal: Calibration | None = None
+        self.cal_info: dict[str, Any] | None = None
+        self.digests: dict[str, str] = {}           # module -> digest of its result (verification)
+        self.reports: list[LayerReport] = []
+        self.q_params = self.q_bytes = 0
+        self.final_inputs: list[torch.Tensor] | None = None   # the last block's outputs (calibrated runs)
+
+    def guarded(self) -> Summary:
+        """`write()`, with failures mapped: Ctrl-C and SIGTERM say what was kept, a full disk says
+        where, and bad input found part-way drops the saved progress (a rerun would fail the same
+        way); a run that stops before any block is recorded keeps nothing."""
+        try:
+            return self.write()
+        except KeyboardInterrupt:
+            state = self.state
+            kept = state is not None and state.enabled and state.done > 0
+            raise Interrupted("interrupted; the output was not written " + (
+                f"({state.done} finished blocks are kept in {state.folder}: rerun the same command to resume)"
+                if kept and state is not None else "(nothing was kept: rerun the command to start again)"
+                if not self.plan.job.resume else "(no block had finished: rerun the same command to start again)"
+            )) from None
+        except UsageError:
+            if self.state is not None:
+                self.state.clear()
+            raise
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            where = Path(exc.filename).parent if exc.filename else self.plan.output.absolute().parent
+            resumable = self.state is not None and self.state.enabled
+            raise RunError(f"no space left on the disk of {where}",
+                           "free some space and rerun the same command to resume" if resumable else
+                           "free some space and rerun") from None
+        finally:
+            if self.state is not None:
+                if self.state.done == 0:
+                    self.state.clear()
+                else:
+                    self.state.close()
+
+    def write(self) -> Summary:
+        plan, emit = self.plan, self.emit
+        with CheckpointReader(plan.source.folder) as reader:
+            emit("start", {"model": plan.source.model, "output": str(plan.output), "blocks": len(plan.blocks),
+                           "spec": plan.spec.to_dict(), "device": ",".join(map(str, plan.devices)),
+                           "input_bytes": reader.total_bytes})
+            emit("plan", {"lines": plan.lines(), **plan.resources.to_dict()})
+            check_disk(plan.output, plan.resources)
+            check_memory(plan.resources)
+            for reason in plan.vllm:
+                emit("warning", {"message": f"vLLM: {reason}"})
+            read = HashingReader(lambda name: reader.read(name, check_finite=True))
+            with CheckpointWriter(plan.output, overwrite=plan.job.overwrite, max_shard_bytes=plan.max_shard_bytes,
+                                  expected_bytes=plan.resources.output_bytes, protect=[plan.source.folder]) as writer:
+                if plan.calibrated:
+                    self.calibrate(reader)
+                state = self.state = ResumeState(plan.output, {
+                    **plan.fingerprint,
+                    "calibration_tokens": tokens_fingerprint(self.cal.tokens if self.cal is not None else None)},
+                    enabled=plan.job.resume, emit=emit, identity=files_identity(plan.source.folder))
+                state.open(calibrated=plan.calibrated)
+                done = state.check_sources(read, list(plan.outside))
+                self.write_outside(reader, read, writer)
+                state.save_outside(read.take(plan.outside))
+                for index in range(done):              # blocks finished by an interrupted run
+                    self.replay(index, writer)
+                start_inputs = state.load_inputs(done) if done and self.cal is not None else None
+                for result in run(list(plan.blocks), self.algorithm, read, plan.devices, self.cal, self.timer,
+                                  start=done, start_inputs=start_inputs):
+                    self.write_block(result, reader, read, writer, first=result.index == done)
+                return self.finish(reader, writer)
+
+    def calibrate(self, reader: CheckpointReader) -> None:
+        """The calibration tokens, and what the runner needs to feed them through the blocks."""
+        plan, t = self.plan, time.perf_counter()
+        src = plan.source
+        cal_set = load_calibration_tokens(src.folder, src.config, plan.job.calibration, plan.devices[0], self.emit)
+        self.timer.add("calibration data", t)
+        self.cal_info = {"source": cal_set.source, "sha256": cal_set.sha256,
+                         "nsamples": int(cal_set.tokens.shape[0]), "seqlen": int(cal_set.tokens.shape[1]),
+                         "rule": cal_set.rule}
+        source = plan.job.calibration.source if plan.job.calibration is not None else "self"
+        if source != "self" and Path(source).expanduser().is_file():
+            self.cal_info["path"] = str(Path(source).expanduser().resolve())
+        self.cal = Calibration(src.skeleton, src.arch.layers, src.arch.sequential, cal_set.tokens,
+                               true_sequential=self.algorithm.record().true_sequential is not False,
+                               batch_size=plan.job.batch_size, dtype=torch.float32, arch=src.arch,
+                               stored_dtype=reader.dtype)
+
+    def write_outside(self, reader: CheckpointReader, read: HashingReader, writer: CheckpointWriter) -> None:
+        """Embeddings, the final norm and an untied head, as stored (the head rounded when an
+        override quantizes it)."""
+        head = self.plan.head
+        for name in self.plan.outside:
+            if head is None or name != f"{head[0]}.weight":
+                writer.add(name, read(name))
+                continue
+            weight = read(name)
+            qw, encoded = head_tensors(head, weight, self.plan.format, reader.dtype(name))
+            self.digests[head[0]] = digest(qw)
+            for local, tensor in encoded.items():
+                writer.add(f"{head[0]}.{local}", tensor)
+                self.q_bytes += tensor.numel() * tensor.element_size()
+            self.q_params += weight.numel()
+
+    def replay(self, index: int, writer: CheckpointWriter) -> None:
+        """Block `index` as an interrupted run recorded it."""
+        assert self.state is not None
+        tensors, saved = self.state.load_block(index)
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        self.q_params += saved["quantized_params"]
+        self.q_bytes += saved["quantized_bytes"]
+        self.digests.update(saved.get("digests", {}))
+        self.reports.extend(LayerReport(r["name"], tuple(r["shape"]), r["seconds"], r["metrics"])
+                            for r in saved["layers"])
+
+    def write_block(self, result: BlockResult, reader: CheckpointReader, read: HashingReader,
+                    writer: CheckpointWriter, first: bool) -> None:
+        """Encode one finished block, write it, record it for resuming, and report it."""
+        plan, timer, t = self.plan, self.timer, time.perf_counter()
+        fmt = plan.format
+        # Formats that record the weight's dtype (bnb) get the checkpoint's, not the work dtype.
+        encoded = {name: fmt.encode(replace(qw, source_dtype=reader.dtype(f"{name}.weight")))
+                   for name, (qw, _) in result.quantized.items()}
+        block_digests = {name: digest(qw) for name, (qw, _) in result.quantized.items()}
+        self.digests.update(block_digests)
+        if result.next_inputs is not None:
+            self.final_inputs = result.next_inputs
+        t = timer.add("packing", t)
+        ordered: list[tuple[str, torch.Tensor]] = []
+        block_params = block_bytes = 0
+        for name, (qw, bias) in result.quantized.items():
+            for local, tensor in encoded[name].items():
+                ordered.append((f"{name}.{local}", tensor))
+                block_bytes += tensor.numel() * tensor.element_size()
+            if bias is not None:
+                ordered.append((f"{name}.bias", to_stored(bias, fmt.bias_dtype, "bias", name)))
+            block_params += qw.codes.numel()
+        ordered.extend(result.passthrough.items())
+        for name, tensor in ordered:
+            writer.add(name, tensor)
+        self.q_params += block_params
+        self.q_bytes += block_bytes
+        layers = [asdict(r) for r in result.reports]
+        assert self.state is not None
+        self.state.save_block(result.index, ordered, {"quantized_params": block_params, "quantized_bytes": block_bytes,
+                                                      "layers": layers, "digests": block_digests},
+                              result.next_inputs, source=read.take(plan.blocks[result.index].tensors))
+        timer.add("write", t)
+        self.reports.extend(result.reports)
+        if first:
+            remaining = len(plan.blocks) - result.index - 1
+            self.emit("eta", {"first_block_seconds": result.seconds, "remaining_blocks": remaining,
+                              "expected_seconds": (time.perf_counter() - self.start) + remaining * result.seconds})
+        self.emit("block", {"index": result.index, "blocks": len(plan.blocks), "seconds": result.seconds,
+                            "peak_rss_mb": peak_rss_mb(), "peak_device_mb": peak_device_mb(plan.devices),
+                            "timings": {k: round(v, 3) for k, v in timer.seconds.items()}, "layers": layers})
+
+    def finish(self, reader: CheckpointReader, writer: CheckpointWriter) -> Summary:
+        """config.json, the format's config file, the carried files and the model card; then the
+        written folder is verified and renamed into place."""
+        plan, t = self.plan, time.perf_counter()
+        qconfig = plan.format.quantization_config(self.config_facts())
+        summary = Summary(model=plan.source.model, output=str(plan.output), spec=plan.spec.to_dict(),
+                          blocks=len(plan.blocks), seconds=0.0, input_bytes=reader.total_bytes,
+                          output_bytes=writer.total_bytes, quantized_params=self.q_params,
+                          quantized_bytes=self.q_bytes, bits_per_weight=8 * self.q_bytes / max(self.q_params, 1),
+                          peak_rss_mb=0.0, layers=self.reports, timings=dict(self.timer.seconds),
+                          calibration=self.cal_info)
+        files: dict[str, Any] = dict(carried_files(plan.source.folder))
+        if plan.format.config_file:
+            files[plan.format.config_file] = json.dumps(qconfig, indent=2) + "\n"
+        files["README.md"] = model_card(summary, qconfig, plan.command, plan.source.folder, plan.format.description)
+        verification: dict[str, Any] = {}
+        writer.finish(config={**plan.source.config, "quantization_config": qconfig}, files=files,
+                      verify=(lambda tmp: self.verify(tmp, verification)) if plan.job.verify else None)
+        summary.verification = verification or None
+        assert self.state is not None
+        self.state.clear()
+        self.timer.add("write", t)
+        summary.timings = dict(self.timer.seconds)
+        return summary
+
+    def verify(self, tmp: Path, verification: dict[str, Any]) -> None:
+        """The written folder, read back before the rename: every module decodes to its result,
+        and in calibrated runs the loaded checkpoint reproduces the last block's outputs."""
+        t0 = time.perf_counter()
+        verification["modules"] = check_modules(tmp, self.digests)
+        cal, state = self.cal, self.state
+        if cal is not None and self.final_inputs is None and state is not None and state.done == len(self.plan.blocks):
+            self.final_inputs = state.load_inputs(len(self.plan.blocks))
+        if cal is not None and self.final_inputs is not None:
+            batch = min(self.plan.job.batch_size, cal.tokens.shape[0])
+            verification["last_block_rel_diff"] = check_outputs(tmp, cal.tokens[:batch], self.final_inputs[0],
+                                                                self.plan.source.arch.layers, self.plan.devices[0])
+        verification["seconds"] = time.perf_counter() - t0
+        self.emit("verified", dict(verification))
+
+    def config_facts(self) -> ConfigFacts:
+        """What this run tells the format to record in quantization_config."""
+        plan, spec = self.plan, self.plan.spec
+        linears = [lp for b in plan.blocks for lp in b.linears]
+        quantized_somewhere = {lp.local for lp in linears if lp.quantize}
+        groups = [[n for n in group if n in quantized_somewhere] for group in plan.source.arch.sequential]
+        overrides = {lp.name: lp.spec for lp in linears if lp.quantize and lp.spec is not None
+                     and _grid(lp.spec) != _grid(spec)}
+        if plan.head is not None and _grid(plan.head[1]) != _grid(spec):
+            overrides[plan.head[0]] = plan.head[1]
+        quantized = {lp.name for lp in linears if lp.quantize} | ({plan.head[0]} if plan.head else set())
+        meta: dict[str, Any] = {"quantizer": [f"quantize-llm:{__version__}"], "method": spec.method,
+                                "spec": spec.to_dict()}
+        if plan.job.options is not None:
+            meta["options"] = asdict(plan.job.options)
+        if self.cal_info is not None:
+            meta["calibration"] = self.cal_info
+        config = plan.source.config
+        model_dtype = config.get("dtype") or config.get("torch_dtype")
+        return ConfigFacts(
+            spec=spec, modules_in_block=[g for g in groups if g], overrides=overrides,
+            excluded=[lp.name for lp in linears if not lp.quantize and lp.local in quantized_somewhere],
+            dense_modules=[n for n, m in plan.source.skeleton.named_modules()
+                           if isinstance(m, nn.Linear) and n not in quantized],
+            lm_head=plan.head is not None, record=self.algorithm.record(), meta=meta,
+            dtype=str(model_dtype).removeprefix("torch.") if model_dtype else None)
+
+
+def _grid(spec: QuantSpec) -> tuple[int, int, bool]:
+    """What a format must record per module: bits, group size, sym."""
+    return spec.bits, spec.group_size, spec.sym
+
+
+def head_tensors(head: tuple[str, QuantSpec], weight: torch.Tensor, fmt: Any,
+                 dtype: torch.dtype) -> tuple[QuantizedWeight, dict]:
+    """The output head rounded to its grid (RTN), and its tensors encoded by the format."""
+    from ..algorithms.rtn import rtn_quantize
+
+    try:
+        qw = replace(rtn_quantize(weight, head[1]), source_dtype=dtype)
+        return qw, fmt.encode(qw)
+    except Float16Overflow as exc:
+        raise exc.at(head[0]) from None
+
+
+def check_disk(output: Path, resources: ResourcePlan) -> None:
+    """Refuse to start when the output (and the resume state) cannot fit on OUT's disk."""
+    parent = Path(output).expanduser().absolute().parent
+    if not parent.is_dir():
+        return   # the writer reports a missing parent with its own message
+    free, need = shutil.disk_usage(parent).free, int(resources.disk_bytes * 1.1)
+    if free < need:
+        what = (f"the checkpoint ({human_bytes(resources.output_bytes)}) and the resume state "
+                f"({human_bytes(resources.resume_bytes)})") if resources.resume_bytes else \
+            f"the checkpoint ({human_bytes(resources.output_bytes)})"
+        hint = "pass --no-resume to drop the resume state, free some space, or choose another -o" \
+            if resources.resume_bytes else "free some space, or choose another -o"
+        raise OutputError(f"not enough disk space in {parent}: {what} need about {human_bytes(need)} with a "
+                          f"10% margin, {human_bytes(free)} is free", hint)
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory this process can still get (MemAvailable plus free swap), or None."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(resources: ResourcePlan) -> None:
+    """Refuse to start a run whose planned host peak exceeds the memory this machine has free, before
+    any calibration data is prepared (the run would be killed part-way instead)."""
+    free = available_memory()
+    if free is None or resources.host_peak_bytes <= free:
+        return
+    cause = f", calibration activations {human_bytes(resources.activation_bytes)}" if resources.activation_bytes else ""
+    raise UsageError(f"the run needs about {human_bytes(resources.host_peak_bytes)} of host memory (one block "
+                     f"{human_bytes(resources.block_bytes)}{cause}); {human_bytes(free)} is available",
+                     "lower --nsamples, --seqlen or --batch-size, or run on a larger machine"
+                     if resources.activation_bytes else "run on a larger machine")
+
+
+def carried_files(folder: Path) -> dict[str, Path]:
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pat) for pat in CARRIED_FILES):
+            files[path.name] = path
+    return files
+
+
+def load_calibration_tokens(folder: Path, config: dict, cal_spec: Any, dev: torch.device,
+                            emit: EventHandler) -> Any:
+    """Calibration tokens for a calibrated algorithm (see calibration/data.py)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..calibration.data import CalibrationSpec, load_calibration
+
+    cal_spec = cal_spec or CalibrationSpec()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"no usable tokenizer in {folder} ({' '.join(str(exc).split())[:160]})",
+                         "calibration needs the model's tokenizer files beside its weights") from None
+
+    def model_loader() -> nn.Module:
+        dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                    trust_remote_code=False).to(dev).eval()
+
+    max_context = config.get("max_position_embeddings") or config.get("n_positions")
+    return load_calibration(cal_spec, tokenizer, model_loader=model_loader, max_context=max_context,
+                            warn=lambda message: emit("warning", {"message": message}))
+
+
+def peak_device_mb(devices: tuple[torch.device, ...]) -> float | None:
+    """Peak memory allocated by torch so far on the most loaded CUDA work device; None on CPU."""
+    if devices[0].type != "cuda":
+        return None
+    return max(torch.cuda.max_memory_allocated(d) for d in devices) / 2 ** 20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

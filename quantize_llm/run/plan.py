@@ -1,0 +1,290 @@
+"""Planning a run: `plan_run(job)` decides and checks everything before any work.
+
+A RunPlan is a frozen record of what a run will do: the source checkpoint and its architecture,
+every block's Linears with their settings, the output head, the devices, the memory and disk the
+run needs, what identifies it for resuming, and what vLLM will make of the result. Making one
+reads config.json and the safetensors headers (and downloads a hub model); it writes nothing and
+loads no weights. `quantize-llm plan` prints it, and every run prints the same lines before it starts
+(`execute.execute`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..algorithms import get_algorithm
+from ..algorithms.base import Algorithm
+from ..calibration.sequential import BlockPlan, LinearPlan
+from ..core.devices import resolve_devices
+from ..core.spec import QuantSpec
+from ..errors import CheckpointError, ModelError, SpecError
+from ..formats import get_format
+from ..formats.base import Format
+from ..formats.checkpoint import check_output, human_bytes, local_folder
+from ..formats.vllm import preflight
+from ..models.architectures import ArchitectureMap, architecture_name, get_architecture
+from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
+from .recipe import Job, parse_size
+from .resources import ResourcePlan
+from .resources import estimate as estimate_resources
+from .resume import model_fingerprint
+
+
+@dataclass(frozen=True)
+class Source:
+    """The checkpoint a run reads."""
+
+    model: str                   # as the user named it: a folder, a hub id or a cache entry
+    folder: Path                 # the resolved checkpoint folder
+    config: dict[str, Any]       # config.json
+    architecture: str            # config.json's architectures[0]
+    arch: ArchitectureMap
+    skeleton: nn.Module          # the float model on the meta device
+    total_bytes: int             # tensor bytes in the weight files
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will do, decided and checked (see the module docstring)."""
+
+    job: Job
+    command: str | None          # the command line, for the model card
+    source: Source
+    spec: QuantSpec              # the job's spec with the format's smallest zero point
+    format: type[Format]
+    algorithm: type[Algorithm]
+    calibrated: bool             # the algorithm (with these options) needs calibration inputs
+    devices: tuple[torch.device, ...]
+    blocks: tuple[BlockPlan, ...]
+    outside: tuple[str, ...]     # tensors outside the blocks: embeddings, final norm, untied head
+    head: tuple[str, QuantSpec] | None   # the output head and its grid, when an override quantizes it
+    resources: ResourcePlan
+    fingerprint: dict[str, Any]  # what a saved run must share to be resumed (the calibration tokens join it)
+    vllm: tuple[str, ...]        # why vLLM would serve the result slowly or not at all
+
+    @property
+    def output(self) -> Path:
+        return self.job.output
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.job.max_shard_size)
+
+    def lines(self) -> list[str]:
+        """The plan as people read it (`quantize-llm plan`, and the start of every run)."""
+        src, spec = self.source, self.spec
+        linears = [lp for b in self.blocks for lp in b.linears]
+        quantized = sum(lp.quantize for lp in linears)
+        grid = (f"{spec.codebook} blocks of {spec.blocksize}" if spec.codebook != "int" else
+                f"{spec.bits}-bit, group {'per channel' if spec.group_size == -1 else spec.group_size}, "
+                f"{'sym' if spec.sym else 'asym'}{', act-order' if spec.act_order else ''}")
+        overridden = sum(lp.spec is not None for lp in linears)
+        lines = [f"model: {src.model} ({src.architecture}, {len(self.blocks)} blocks, "
+                 f"{human_bytes(src.total_bytes)} of weights)",
+                 f"quantize: {quantized} of {len(linears)} block Linears with {spec.method}, {grid}"
+                 + (f" ({overridden} with their own setting)" if overridden else "")
+                 + (f"; {self.head[0]} too" if self.head else "") + f" -> the {self.format.name} format",
+                 f"calibration: {self._calibration()}",
+                 f"devices: {','.join(map(str, self.devices))}"]
+        return lines + self.resources.lines()
+
+    def _calibration(self) -> str:
+        cal = self.job.calibration
+        if not self.calibrated or cal is None:
+            return "none (this method uses no data)"
+        return f"{cal.source}, {cal.nsamples} x {cal.seqlen} tokens, batches of {self.job.batch_size}"
+
+
+def plan_run(job: Job, command: str | None = None) -> RunPlan:
+    """Decide and check everything `job` will do (see the module docstring). Bad input is refused
+    here, with one line each, before any work: settings the format or the algorithm cannot take,
+    devices this machine lacks, an output that would destroy something, a model that is missing,
+    damaged, already quantized or not of its declared shape, layers the format cannot hold."""
+    fmt, spec, algorithm = prepare(job.spec, job.options)
+    devices = resolve_devices(job.device)
+    check_output(job.output, overwrite=job.overwrite, protect=local_folder(job.model))
+    parse_size(job.max_shard_size)
+    if job.push_to_hub:
+        from .publish import check_hub
+
+        check_hub(job.push_to_hub)
+    folder = resolve_model(job.model)
+    check_output(job.output, overwrite=job.overwrite, protect=[folder])
+    with CheckpointReader(folder) as reader:
+        config = reader.config
+        qconfig = config.get("quantization_config")
+        if qconfig:
+            method = qconfig.get("quant_method", "unknown method") if isinstance(qconfig, dict) else "unreadable"
+            raise ModelError(f"{job.model} is already quantized ({method})", "start from the unquantized checkpoint")
+        arch = get_architecture(config)
+        skeleton = build_skeleton(folder, config)
+        check_against_config(reader, skeleton)
+        blocks = plan_blocks(reader, arch, skeleton, spec)
+        in_blocks = {n for b in blocks for n in b.tensors}
+        head = output_head(spec, fmt, reader, skeleton, config)
+        vllm = tuple(preflight(spec, fmt.name, [(lp.name, lp.out_features, lp.in_features, lp.spec)
+                                                for b in blocks for lp in b.linears if lp.quantize]))
+        if vllm and job.strict_vllm:
+            raise SpecError(f"--strict-vllm: {vllm[0]}", f"{len(vllm)} reason(s) in all" if len(vllm) > 1 else None)
+        resources = resource_plan(reader, blocks, spec, config, algorithm.needs_calibration, job.calibration,
+                                  job.batch_size, devices[0], job.resume, job.verify, devices=len(devices))
+        source = Source(job.model, folder, config, architecture_name(config), arch, skeleton, reader.total_bytes)
+        outside = tuple(n for n in reader.names() if n not in in_blocks)
+    calibrated = bool(algorithm.needs_calibration)
+    fingerprint = {"tool": __version__, "model": model_fingerprint(folder), "spec": spec.to_dict(),
+                   "options": asdict(job.options) if job.options is not None else None, "format": fmt.name,
+                   "batch_size": job.batch_size if calibrated else None, "device": devices[0].type,
+                   "max_shard_bytes": parse_size(job.max_shard_size)}
+    return RunPlan(job=job, command=command, source=source, spec=spec, format=fmt, algorithm=type(algorithm),
+                   calibrated=calibrated, devices=devices, blocks=tuple(blocks), outside=outside, head=head,
+                   resources=resources, fingerprint=fingerprint, vllm=vllm)
+
+
+def prepare(spec: QuantSpec, options: object | None) -> tuple[type[Format], QuantSpec, Algorithm]:
+    """The format, the spec with the format's smallest zero point, and the algorithm; an
+    impossible combination is a SpecError before any model is touched."""
+    fmt = get_format(spec.format)
+    reason = fmt.supports(spec)
+    if reason is not None:
+        raise SpecError(reason)
+    spec = spec.replace(min_zero=fmt.min_zero(spec))
+    algorithm = get_algorithm(spec.method)(spec, options)
+    if spec.codebook not in algorithm.codebooks:
+        raise SpecError(f"the {spec.method} algorithm does not produce {spec.codebook} codes",
+                        "use the nf4 command for nf4/fp4")
+    return fmt, spec, algorithm
+
+
+def plan_blocks(reader: CheckpointReader, arch: ArchitectureMap, skeleton: nn.Module,
+                spec: QuantSpec) -> list[BlockPlan]:
+    """Every block's Linears, checked against the architecture map, the spec and the format."""
+    fmt = get_format(spec.format)
+    try:
+        layers = skeleton.get_submodule(arch.layers)
+    except AttributeError:
+        raise ModelError(f"the model has no {arch.layers}, where this architecture keeps its blocks") from None
+    names = reader.names()
+    present = set(names)
+    plans = []
+    for i, block in enumerate(layers):
+        prefix = f"{arch.layers}.{i}."
+        found = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        unknown = sorted(found - set(arch.linears))
+        if unknown:
+            raise ModelError(f"block {i} holds Linear {unknown[0]} that the architecture map does not know",
+                             "add it to models/architectures.py, or report the model")
+        linears = []
+        for local in arch.linears:
+            name = prefix + local
+            if f"{name}.weight" not in present:
+                raise CheckpointError(f"tensor {name}.weight is missing from the checkpoint",
+                                      "the checkpoint is incomplete or not of the architecture it declares")
+            out_features, in_features = reader.shape(f"{name}.weight")
+            quantize = not spec.is_dense(name)
+            own = None
+            if quantize:
+                own = module_spec(spec, name, fmt)
+                reason = fmt.check_shape(own or spec, out_features, in_features)
+                if reason is not None:
+                    raise SpecError(f"{name}: the {fmt.name} format cannot hold this layer ({reason})",
+                                    f"keep it unquantized with --keep-dense '{re.escape(name)}$'")
+            linears.append(LinearPlan(name, local, out_features, in_features, quantize, own))
+        tensors = tuple(n for n in names if n.startswith(prefix))
+        plans.append(BlockPlan(i, prefix, tuple(linears), tensors))
+    if not plans:
+        raise ModelError(f"the model has no decoder blocks under {arch.layers}")
+    if any(lp.spec is not None and _grid(lp.spec) != _grid(spec) for p in plans for lp in p.linears) \
+            and not fmt.per_module:
+        raise SpecError(f"the {fmt.name} format has one setting for every layer, so it cannot hold per-module "
+                        "overrides", "use the gptq format (it records them as `dynamic` entries)")
+    if not any(lp.quantize for p in plans for lp in p.linears):
+        raise SpecError("--keep-dense leaves no Linear to quantize", "loosen the --keep-dense patterns")
+    return plans
+
+
+def module_spec(spec: QuantSpec, name: str, fmt: Any) -> QuantSpec | None:
+    """The spec of module `name` when a per-module override changes it (checked against the
+    format, with the format's smallest zero point), else None."""
+    if not spec.overrides:
+        return None
+    own = spec.for_module(name)
+    if own == spec.replace(overrides=()):
+        return None
+    reason = fmt.supports(own)
+    if reason is not None:
+        raise SpecError(f"{name}: override {own.to_dict()['bits']}-bit group {own.group_size}: {reason}")
+    return own.replace(min_zero=fmt.min_zero(own))
+
+
+def output_head(spec: QuantSpec, fmt: Any, reader: CheckpointReader, skeleton: nn.Module,
+                config: dict) -> tuple[str, QuantSpec] | None:
+    """(name, spec) of the output head when a per-module override names it, else None.
+
+    The head is quantized only when an override matches its module name (e.g. `^lm_head$`): it
+    is rounded to the nearest grid point (RTN; no calibration statistics reach it) with that
+    override's settings."""
+    get_out = getattr(skeleton, "get_output_embeddings", None)
+    module = get_out() if callable(get_out) else None
+    name = next((n for n, m in skeleton.named_modules() if m is module), None) if module is not None else None
+    if name is None or not spec.overrides or spec.is_dense(name):
+        return None
+    if not any(re.search(pattern, name) for pattern, _ in spec.overrides):
+        return None
+    if not fmt.per_module:
+        raise SpecError(f"the {fmt.name} format cannot hold a quantized {name}", "use the gptq format")
+    tied = getattr(getattr(skeleton, "config", None), "tie_word_embeddings", config.get("tie_word_embeddings", False))
+    if f"{name}.weight" not in set(reader.names()) or tied:
+        raise SpecError(f"{name} shares its weight with the input embeddings, so quantizing it would change them "
+                        "too", f"drop the override for {name}")
+    own = spec.for_module(name)
+    reason = fmt.supports(own) or fmt.check_shape(own, *reader.shape(f"{name}.weight"))
+    if reason is not None:
+        raise SpecError(f"{name}: {reason}")
+    return name, own.replace(min_zero=fmt.min_zero(own), method="rtn")
+
+
+def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec) -> int:
+    """Upper estimate of the written checkpoint's tensor bytes (for the disk-space check)."""
+    total = reader.total_bytes
+    for p in plans:
+        for lp in p.linears:
+            if lp.quantize:
+                n = lp.out_features * lp.in_features
+                total -= reader.nbytes(f"{lp.name}.weight")
+                if spec.codebook != "int":   # codes, a float32 absmax per block, small tables
+                    total += n // 2 + 1 + 4 * (n // spec.blocksize + 1) + 2048
+                    continue
+                own = lp.spec or spec
+                groups = own.n_groups(lp.in_features)
+                total += (n * own.bits // 8
+                          + groups * lp.out_features * (2 + own.bits / 8) + 4 * lp.in_features)
+                if spec.format == "outlier":   # row pointers, and up to 1% of weights at 4-6 bytes each
+                    total += 4 * (lp.out_features + 1) + 6 * n // 100
+    return int(total)
+
+
+def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec, config: dict,
+                  calibrated: bool, calibration: Any, batch_size: int, dev: torch.device, resume: bool,
+                  verify: bool = True, devices: int = 1) -> ResourcePlan:
+    """Memory and disk the run will need (resources.py), from the headers and the settings."""
+    from ..calibration.data import CalibrationSpec
+
+    calibration = calibration or CalibrationSpec()
+    nsamples, seqlen = calibration.nsamples, calibration.seqlen
+    context = config.get("max_position_embeddings") or config.get("n_positions")
+    if context:
+        seqlen = min(seqlen, int(context))
+    return estimate_resources(reader, plans, config, output_bytes=estimate_output_bytes(reader, plans, spec),
+                              calibrated=calibrated, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
+                              device_type=dev.type, resume=resume, verify=verify, devices=devices)
+
+
+def _grid(spec: QuantSpec) -> tuple[int, int, bool]:
+    """What a format must record per module: bits, group size, sym."""
+    return spec.bits, spec.group_size, spec.sym
