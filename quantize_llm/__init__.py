@@ -4,9 +4,8 @@ Public API: `quantize()`, `load_quantized()`, `QuantSpec`, `__version__`.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .core.spec import QuantSpec  # noqa: E402
+from ._version import __version__
+from .core.spec import QuantSpec
 
 
 def quantize(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantize_llm.core.packing import pack_int32  # noqa: E402
-from quantize_llm.runtime import ops as _ops  # noqa: E402  (also defines torch.ops.quantize_llm)
+from quantize_llm.runtime import ops as _ops  # noqa: E402,F401  (defines torch.ops.quantize_llm)
+from quantize_llm.runtime import reference as _reference  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (8192, 8192), (28672, 8192)]
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -155,7 +156,7 @@ def bench_ops(args, device: torch.device) -> list[dict]:
                 if device.type == "cuda":
                     k_ = cuda.kernels(device)
                     if nf4:   # the PyTorch dequantization (there is no NF4 dequantize kernel), then cuBLAS
-                        deq = [lambda p=p: F.linear(x, _ops.nf4_dequantize(p[0], p[1], p[2], out_f, in_f, group,
+                        deq = [lambda p=p: F.linear(x, _reference.nf4_dequantize(p[0], p[1], p[2], out_f, in_f, group,
                                                                            x.dtype)) for p in packs]
                     else:
                         deq = [lambda p=p: (x if p[4] is None else x.index_select(1, p[4]))

@@ -1,25 +1,7 @@
-"""Registry of quantization algorithms by name."""
+"""Quantization algorithms (rtn, gptq, awq, nf4, outlier), registered by name on import."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from . import awq, gptq, nf4, outlier, rtn  # noqa: F401  (each registers its class)
+from .registry import ALGORITHMS, get_algorithm, register
 
-from ..errors import SpecError
-
-if TYPE_CHECKING:
-    from .base import Algorithm
-
-ALGORITHMS: dict[str, type["Algorithm"]] = {}
-
-
-def register(cls: type["Algorithm"]) -> type["Algorithm"]:
-    ALGORITHMS[cls.name] = cls
-    return cls
-
-
-def get_algorithm(name: str) -> type["Algorithm"]:
-    if name not in ALGORITHMS:
-        raise SpecError(f"unknown algorithm {name!r}", f"choose one of {', '.join(sorted(ALGORITHMS))}")
-    return ALGORITHMS[name]
-
-
-from . import awq, gptq, nf4, outlier, rtn  # noqa: E402,F401  (registers)
+__all__ = ["ALGORITHMS", "get_algorithm", "register"]

@@ -29,9 +29,9 @@ from ..core.primitives import Float16Overflow, default_g_idx, minmax_params, qua
 from ..core.qweight import QuantizedWeight
 from ..core.spec import MethodRecord, QuantSpec
 from ..errors import CheckpointError, ModelError, RunError, SpecError
-from . import register
 from .base import BlockContext, LayerContext, naming, solve_overflow
 from .gptq import GPTQOptions, accumulate_hessian, gptq_quantize
+from .registry import register
 from .rtn import rtn_quantize
 
 THEN = ("rtn", "gptq")

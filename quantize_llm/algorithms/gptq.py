@@ -18,8 +18,8 @@ from ..core.primitives import CLIPS, Float16Overflow, LayerError, row_params, rt
 from ..core.qweight import QuantizedWeight
 from ..core.spec import MethodRecord, QuantSpec
 from ..errors import RunError, SpecError
-from . import register
 from .base import HessianNotFinite, LayerContext, NotPositiveDefinite, naming, solve_overflow
+from .registry import register
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from ..core.primitives import Float16Overflow, float16_excess
 from ..core.qweight import NestedAbsmax, QuantizedWeight
 from ..core.spec import MethodRecord, QuantSpec
 from ..errors import RunError, SpecError
-from . import register
 from .base import LayerContext, naming
 from .gptq import accumulate_hessian, cholesky_inverse_upper
+from .registry import register
 
 ROUNDINGS = ("nearest", "gptq")
 CHUNK_ELEMENTS = 1 << 22   # weights per slice for nearest rounding (blocks are independent)

@@ -25,9 +25,9 @@ from ..core.primitives import CLIPS, Float16Overflow, default_g_idx, quantize_co
 from ..core.qweight import Outliers, QuantizedWeight
 from ..core.spec import MethodRecord, QuantSpec
 from ..errors import RunError, SpecError
-from . import register
 from .base import LayerContext, naming, solve_overflow
 from .gptq import GPTQOptions, accumulate_hessian, cholesky_inverse_upper, gptq_quantize
+from .registry import register
 
 INNER = ("rtn", "gptq")
 MODES = ("weight", "channel")

@@ -11,8 +11,8 @@ from ..core.primitives import CLIPS, default_g_idx, quantize_codes, rtn_group_pa
 from ..core.qweight import QuantizedWeight
 from ..core.spec import MethodRecord, QuantSpec
 from ..errors import SpecError
-from . import register
 from .base import LayerContext, naming
+from .registry import register
 
 ROWS_ELEMENTS = 1 << 22   # elements per slice of rows processed at once (16 MiB in float32)
 

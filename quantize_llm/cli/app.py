@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .. import __version__
+from .._version import __version__
 from ..errors import QuantizeError, UsageError
 from ..run.recipe import Job, job_from_dict, load_recipe, parse_size
 

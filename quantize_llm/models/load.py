@@ -393,8 +393,7 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
 def _snapshot(repo_id: str, revision: str | None) -> str:
     """huggingface_hub.snapshot_download, retried from the local cache when the hub is unreachable."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import (GatedRepoError, HFValidationError, RepositoryNotFoundError,
-                                       RevisionNotFoundError)
+    from huggingface_hub.utils import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     # huggingface_hub reads these variables once, at import; honour their values at call time.
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}

@@ -3,12 +3,9 @@ settings, how to load it, and the exact command."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .. import __version__
-
-if TYPE_CHECKING:
-    from .execute import Summary
+from .._version import __version__
+from .summary import Summary
 
 
 def model_card(summary: Summary, qconfig: dict, command: str | None, folder: Path,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..core.primitives import Float16Overflow, to_stored
 from ..core.qweight import QuantizedWeight
 from ..errors import ModelError, SpecError

@@ -15,14 +15,14 @@ import json
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..algorithms.base import Algorithm
 from ..calibration.sequential import BlockResult, Calibration, LayerReport, Timer, run
 from ..core.primitives import Float16Overflow, to_stored
@@ -33,10 +33,11 @@ from ..formats.base import ConfigFacts
 from ..formats.checkpoint import NO_SPACE, CheckpointWriter, check_output, human_bytes, remove_stale
 from ..models.load import CheckpointReader
 from .card import model_card
+from .job import Job
 from .plan import RunPlan, plan_run
-from .recipe import Job
 from .resources import ResourcePlan
 from .resume import HashingReader, OutputLock, ResumeState, files_identity, tokens_fingerprint
+from .summary import Summary
 from .verify import check_modules, check_outputs, digest
 
 EventHandler = Callable[[str, dict], None]
@@ -45,32 +46,6 @@ EventHandler = Callable[[str, dict], None]
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                  "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
                  "chat_template.json", "generation_config.json", "*.tiktoken", "LICENSE*")
-
-
-@dataclass
-class Summary:
-    """What a run did, for the summary table, the JSON log and the model card."""
-
-    model: str
-    output: str
-    spec: dict
-    blocks: int
-    seconds: float
-    input_bytes: int
-    output_bytes: int
-    quantized_params: int
-    quantized_bytes: int          # bytes of the quantized Linears' packed tensors (no bias)
-    bits_per_weight: float        # 8 * quantized_bytes / quantized_params
-    peak_rss_mb: float
-    layers: list[LayerReport] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)   # seconds per stage
-    calibration: dict[str, Any] | None = None                 # source, sha256, samples, rule
-    evaluation: dict[str, Any] | None = None                  # perplexity/KL after writing (--eval)
-    pushed_to: str | None = None                              # hub URL (--push-to-hub)
-    verification: dict[str, Any] | None = None                # modules read back, last block's difference
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object | None = None,

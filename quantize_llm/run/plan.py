@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..algorithms import get_algorithm
 from ..algorithms.base import Algorithm
 from ..calibration.sequential import BlockPlan, LinearPlan
@@ -30,7 +30,7 @@ from ..formats.checkpoint import check_output, human_bytes, local_folder
 from ..formats.vllm import preflight
 from ..models.architectures import ArchitectureMap, architecture_name, get_architecture
 from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
-from .recipe import Job, parse_size
+from .job import Job, parse_size
 from .resources import ResourcePlan
 from .resources import estimate as estimate_resources
 from .resume import model_fingerprint

@@ -35,37 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..core.spec import QuantSpec
 from ..errors import QuantizeError, SpecError, UsageError
-
-
-@dataclass(frozen=True)
-class Job:
-    """One quantization run: what `quantize()` needs, validated."""
-
-    name: str
-    model: str
-    output: Path
-    spec: QuantSpec
-    options: Any = None
-    calibration: Any = None          # CalibrationSpec, or None for methods that need no data
-    device: str = "auto"
-    overwrite: bool = False
-    max_shard_size: str = "2GB"
-    batch_size: int = 8
-    resume: bool = True
-    strict_vllm: bool = False        # vLLM preflight findings are errors, not warnings
-    verify: bool = True              # read the written checkpoint back and check it before the rename
-    evaluation: Any = None           # publish.EvalSpec: measure the written checkpoint into its card
-    push_to_hub: str | None = None   # hub repository to upload to
-    source: dict = field(default_factory=dict)   # the job's keys as given (for the model card)
+from .job import Job, parse_size
 
 
 def _options_class(method: str) -> type:
@@ -93,22 +70,6 @@ DEFAULT_FORMAT = {"nf4": "bnb", "outlier": "outlier"}
 
 
 COMMAND_LINE = "command line"      # the `where` of jobs the subcommands build: their flags name themselves
-
-
-def parse_size(text: str) -> int:
-    """'2GB' -> 2*1000^3 bytes, '500MiB' -> 500*1024^2; a plain number is bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"--max-shard-size {text!r} is not a size", "write it like 2GB or 500MB")
-    base = 1024 if m.group(3) else 1000
-    power = " KMGT".index(m.group(2).upper() or " ")
-    try:
-        size = int(float(m.group(1)) * base ** power)
-    except OverflowError:
-        raise UsageError(f"--max-shard-size {text[:40]!r} is too large", "write it like 2GB or 500MB") from None
-    if size <= 0:
-        raise UsageError(f"--max-shard-size {text!r} must be positive", "write it like 2GB or 500MB")
-    return size
 
 
 def _within(where: str, exc: QuantizeError) -> QuantizeError:

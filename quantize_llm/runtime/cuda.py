@@ -375,7 +375,7 @@ def _time(fn: Any, reps: int = 5) -> float:
 
 def dequant_matmul_cuda(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor,
                         bits: int, group_size: int) -> Tensor:
-    from .ops import _check, dequant_matmul_reference
+    from .reference import _check, dequant_matmul_reference
 
     _check(x, qweight, scales, qzeros, g_idx, bits, group_size)
     try:
@@ -423,7 +423,7 @@ def nf4_supported(x: Tensor, weight_packed: Tensor, blocksize: int) -> str | Non
 
 def nf4_matmul_cuda(x: Tensor, weight_packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,
                     blocksize: int) -> Tensor:
-    from .ops import nf4_matmul_reference
+    from .reference import nf4_matmul_reference
 
     try:
         k = kernels(x.device)

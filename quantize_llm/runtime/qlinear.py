@@ -13,7 +13,10 @@ from torch import Tensor, nn
 from ..core import nf4codes
 from ..core.packing import pack_int32, pack_nibbles, packed_length
 from ..core.qweight import QuantizedWeight
-from . import ops  # importing it defines torch.ops.quantize_llm.dequant_matmul
+from . import (
+    ops,  # noqa: F401  (importing it defines torch.ops.quantize_llm's ops)
+    reference,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ class QuantLinear(nn.Module):
         bias     model dtype (out,) or None
     """
 
-    SUPPORTED_BITS: ClassVar[tuple[int, ...]] = ops.BITS   # the PyTorch path takes any group size
+    SUPPORTED_BITS: ClassVar[tuple[int, ...]] = reference.BITS   # the PyTorch path takes any group size
     backend: str = "auto"    # "torch": always the PyTorch reference, even on CUDA (load_quantized)
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
@@ -87,7 +90,7 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight this module applies, (out, in) in `dtype` (for tests and debugging)."""
-        w = ops.dequantize_packed(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits,
+        w = reference.dequantize_packed(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits,
                                   dtype)                                      # (in, out), stored order
         if self.perm is not None:
             w = torch.empty_like(w).index_copy_(0, self.perm.long(), w)       # back to the original order
@@ -95,7 +98,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out) in x.dtype."""
-        op = ops.dequant_matmul_reference if self.backend == "torch" else torch.ops.quantize_llm.dequant_matmul
+        op = reference.dequant_matmul_reference if self.backend == "torch" else torch.ops.quantize_llm.dequant_matmul
         x2 = x.reshape(-1, self.in_features)                                 # (tokens, in)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)                               # the stored column order
@@ -153,12 +156,12 @@ class NF4Linear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight this module applies, (out, in) in `dtype`."""
-        return ops.nf4_dequantize(self.weight_packed, self.absmax, self.code, self.out_features, self.in_features,
+        return reference.nf4_dequantize(self.weight_packed, self.absmax, self.code, self.out_features, self.in_features,
                                   self.blocksize, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out) in x.dtype."""
-        op = ops.nf4_matmul_reference if self.backend == "torch" else torch.ops.quantize_llm.nf4_matmul
+        op = reference.nf4_matmul_reference if self.backend == "torch" else torch.ops.quantize_llm.nf4_matmul
         y = op(x.reshape(-1, self.in_features), self.weight_packed, self.absmax, self.code, self.out_features,
                self.blocksize)                                                # (tokens, out)
         if self.bias is not None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from quantize_llm.runtime import cuda
-from quantize_llm.runtime.ops import dequant_matmul_reference, dequantize_packed, nf4_matmul_reference
+from quantize_llm.runtime.reference import dequant_matmul_reference, dequantize_packed, nf4_matmul_reference
 from runtime.test_ops import make_args
 
 NAMES = [f"gemv_b{b}_m{m}_{d}" for b in (4, 8) for m in cuda.GEMV_BUCKETS for d in ("f16", "bf16", "f32")] + \

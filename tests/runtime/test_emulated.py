@@ -23,7 +23,7 @@ from runtime.test_ops import make_args
 from quantize_llm.algorithms.rtn import rtn_quantize
 from quantize_llm.core.spec import QuantSpec
 from quantize_llm.runtime import cuda
-from quantize_llm.runtime.ops import dequant_matmul_reference, dequantize_packed, nf4_matmul_reference
+from quantize_llm.runtime.reference import dequant_matmul_reference, dequantize_packed, nf4_matmul_reference
 from quantize_llm.runtime.qlinear import QuantLinear
 
 HERE = Path(__file__).resolve().parent
