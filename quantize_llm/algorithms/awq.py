@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.devices import move, spread
-from ..core.primitives import Float16Overflow, default_g_idx, minmax_params, quantize_codes, rtn_group_params
+from ..core.primitives import Float16Overflow, clip_search, default_g_idx, quantize_codes, rtn_group_params
 from ..core.qweight import QuantizedWeight
 from ..core.spec import QuantSpec
 from ..errors import CheckpointError, ModelError, RunError, SpecError
@@ -103,10 +103,9 @@ def fake_rtn(weight: Tensor, spec: QuantSpec) -> Tensor:
 
 def hessian_clip_params(w: Tensor, h: Tensor, spec: QuantSpec, grid: int = 20,
                         max_shrink: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
-    """Per (row, group) range chosen by output error: for p = 1, 1 - 1/grid, ... 1 - max_shrink,
-    the range (p*min, p*max) is rounded to the grid and scored by d^T H_gg d, d the group's
-    weight error and H_gg the group's block of the input Hessian X^T X; the least error wins
-    (p = 1 on a tie).
+    """Per (row, group) range chosen by output error: the clip trials of `clip_search`
+    (p = 1, 1 - 1/grid, ... 1 - max_shrink) scored by d^T H_gg d, d the group's weight error and
+    H_gg the group's block of the input Hessian X^T X; the least error wins (p = 1 on a tie).
 
     w (out, in) float32; h (in, in). Returns scale float16 (out, G), zero int32 (out, G), and the
     chosen p (out, G) float32. Does not modify its inputs.
@@ -114,32 +113,23 @@ def hessian_clip_params(w: Tensor, h: Tensor, spec: QuantSpec, grid: int = 20,
     out_features, in_features = w.shape
     gs = spec.effective_group_size(in_features)
     n_groups = spec.n_groups(in_features)
-    p = 1 - torch.arange(0, int(max_shrink * grid) + 1, device=w.device, dtype=torch.float64) / grid   # (T,)
+    trials = int(max_shrink * grid) + 1
     scale = torch.empty(out_features, n_groups, dtype=torch.float16, device=w.device)
     zero = torch.empty(out_features, n_groups, dtype=torch.int32, device=w.device)
     ratio = torch.empty(out_features, n_groups, dtype=torch.float32, device=w.device)
     for g in range(n_groups):
         cols = slice(g * gs, min(in_features, (g + 1) * gs))
         hg = h[cols, cols].float()                                       # (k, k)
-        k = hg.shape[0]
-        step = max(1, TRIAL_ELEMENTS // (len(p) * k))
+        step = max(1, TRIAL_ELEMENTS // (trials * hg.shape[0]))
         for r in range(0, out_features, step):
-            wg = w[r:r + step, cols].float()                             # (rows, k)
-            rows = wg.shape[0]
-            xmin = wg.amin(dim=1).clamp(max=0).double()
-            xmax = wg.amax(dim=1).clamp(min=0).double()
-            trials = torch.stack([(xmin[None] * p[:, None]).reshape(-1), (xmax[None] * p[:, None]).reshape(-1)], 1)
-            s, z = minmax_params(trials, spec.bits, spec.sym, spec.min_zero)   # (T*rows,)
-            s, z = s.view(len(p), rows), z.view(len(p), rows)
-            sf, zf = s.float()[..., None], z.float()[..., None]              # (T, rows, 1)
-            q = torch.clamp(torch.round(wg[None] / sf) + zf, 0, spec.maxq)
-            d = sf * (q - zf) - wg[None]                                     # (T, rows, k)
-            err = ((d @ hg) * d).sum(-1)                                     # (T, rows)
-            best = err.argmin(dim=0, keepdim=True)                           # first minimum
-            scale[r:r + step, g] = s.gather(0, best)[0]
-            zero[r:r + step, g] = z.gather(0, best)[0]
-            ratio[r:r + step, g] = p.float()[best[0]]
+            scale[r:r + step, g], zero[r:r + step, g], ratio[r:r + step, g] = clip_search(
+                w[r:r + step, cols], spec.bits, spec.sym, spec.min_zero, _energies(hg), grid, max_shrink)
     return scale, zero, ratio
+
+
+def _energies(h: Tensor) -> Callable[[Tensor], Tensor]:
+    """d (T, rows, k) -> (T, rows): per row, d H d^T, the energy of its output error d X^T."""
+    return lambda d: ((d @ h) * d).sum(-1)
 
 
 def output_error(w: Tensor, qw: QuantizedWeight, h: Tensor) -> float:
