@@ -31,8 +31,9 @@ from ..core.spec import QuantSpec
 from ..errors import CheckpointError, ModelError, RunError, SpecError
 from . import register
 from .base import BlockContext, LayerContext, naming, solve_overflow
-from .gptq import GPTQOptions, accumulate_hessian, gptq_quantize
+from .gptq import GPTQOptions, gptq_quantize
 from .rtn import rtn_quantize
+from .solve import accumulate_hessian
 
 THEN = ("rtn", "gptq")
 FOLD_TOLERANCE = 0.02     # folding may change a block's output only by the rounding of stored norms

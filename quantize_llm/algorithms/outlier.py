@@ -27,7 +27,8 @@ from ..core.spec import QuantSpec
 from ..errors import RunError, SpecError
 from . import register
 from .base import LayerContext, naming, solve_overflow
-from .gptq import GPTQOptions, accumulate_hessian, cholesky_inverse_upper, gptq_quantize
+from .gptq import GPTQOptions, gptq_quantize
+from .solve import accumulate_hessian, cholesky_inverse_upper, drop_dead_inputs
 
 INNER = ("rtn", "gptq")
 MODES = ("weight", "channel")
@@ -97,8 +98,7 @@ def inverse_hessian_diagonal(h: Tensor, damp: float, damp_max: float = GPTQOptio
     `damp_max` while H is not positive definite (GPTQ's escalation). A never-seen input counts as
     diag 1 (as in GPTQ). Works in float64; does not modify `h`."""
     h = h.double().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    drop_dead_inputs(h)
     upper, used = cholesky_inverse_upper(h, damp, damp_max)            # H^-1 = U^T U
     return (upper ** 2).sum(dim=0).float(), used
 
