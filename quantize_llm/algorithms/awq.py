@@ -33,7 +33,7 @@ from . import register
 from .base import BlockContext, LayerContext, naming, solve_overflow
 from .gptq import GPTQOptions, gptq_quantize
 from .rtn import rtn_quantize
-from .solve import accumulate_hessian
+from .solve import accumulate_hessian, energy, output_error
 
 THEN = ("rtn", "gptq")
 FOLD_TOLERANCE = 0.02     # folding may change a block's output only by the rounding of stored norms
@@ -131,15 +131,6 @@ def hessian_clip_params(w: Tensor, h: Tensor, spec: QuantSpec, grid: int = 20,
 def _energies(h: Tensor) -> Callable[[Tensor], Tensor]:
     """d (T, rows, k) -> (T, rows): per row, d H d^T, the energy of its output error d X^T."""
     return lambda d: ((d @ h) * d).sum(-1)
-
-
-def output_error(w: Tensor, qw: QuantizedWeight, h: Tensor) -> float:
-    """||WX - QX|| / ||WX|| from H = X^T X: tr(D H D^T) / tr(W H W^T), D = W - Q."""
-    w = w.float()
-    diff = w - qw.dequantize(torch.float32)
-    num = float(((diff @ h) * diff).sum())
-    den = float(((w @ h) * w).sum())
-    return math.sqrt(max(num, 0.0) / max(den, 1e-30))
 
 
 @register
@@ -275,7 +266,8 @@ class AWQ:
             h = self.hessians[layer.input_of.get(name, name)].to(device)
             with naming(layer.full_name(name)):
                 qw, ratio = self._round(name, weight.float(), h, layer.full_name(name), layer.spec_of(name, self.spec))
-            metrics = {"rel_error": output_error(weight, qw, h), "seconds": time.perf_counter() - start}
+            metrics = {"rel_error": output_error(weight.float(), qw.dequantize(torch.float32), h),
+                       "seconds": time.perf_counter() - start}
             if ratio is not None:
                 metrics["clip"] = ratio
             layer.report(name, metrics)
@@ -435,11 +427,8 @@ class _Capture:
             h = self.hessians[entry.prev] if device is None else self.hessians[entry.prev].to(device)
 
             def linear_error(linears: dict, originals: dict) -> float:
-                num = den = 0.0
-                for n, m in linears.items():
-                    d = originals[n] - m.weight.data
-                    num += float(((d @ h) * d).sum())
-                    den += float(((originals[n] @ h) * originals[n]).sum())
+                num = sum(energy(originals[n] - m.weight.data, h) for n, m in linears.items())
+                den = sum(energy(originals[n], h) for n in linears)
                 return num / max(den, 1e-30)
             return linear_error
 

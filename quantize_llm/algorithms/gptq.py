@@ -22,7 +22,15 @@ from ..core.spec import QuantSpec
 from ..errors import RunError, SpecError
 from . import register
 from .base import LayerContext, naming, solve_overflow
-from .solve import Grid, SolveStats, accumulate_hessian, cholesky_inverse_upper, drop_dead_inputs, feedback
+from .solve import (
+    Grid,
+    SolveStats,
+    accumulate_hessian,
+    cholesky_inverse_upper,
+    drop_dead_inputs,
+    feedback,
+    output_error,
+)
 
 
 @dataclass(frozen=True)
@@ -184,10 +192,7 @@ class GPTQ:
                 qw = rtn_quantize(layer.weights[name], spec)
             metrics = {"method": "rtn"}
             if h is not None:
-                w = layer.weights[name].float()
-                diff = w - qw.dequantize(torch.float32)
-                metrics["rel_error"] = math.sqrt(max(float(((diff @ h) * diff).sum()), 0.0)
-                                                 / max(float(((w @ h) * w).sum()), 1e-30))
+                metrics["rel_error"] = output_error(layer.weights[name].float(), qw.dequantize(torch.float32), h)
             layer.report(name, metrics)
             results[name] = qw
         by_input: dict[tuple[str, QuantSpec], list[str]] = {}   # same input and same spec: stacked
@@ -214,13 +219,9 @@ class GPTQ:
                 part = QuantizedWeight(codes=qw.codes[row:row + rows].contiguous(),
                                        scale=qw.scale[row:row + rows].contiguous(),
                                        zero=qw.zero[row:row + rows].contiguous(), g_idx=qw.g_idx, spec=qw.spec)
-                w = stacked[row:row + rows].float()
+                error = output_error(stacked[row:row + rows].float(), part.dequantize(torch.float32), h)
                 row += rows
-                diff = w - part.dequantize(torch.float32)
-                # ||WX - QX||^2 = tr(D H D^T) with D = W - Q and H = X^T X: no need to keep X.
-                num = float(((diff @ h) * diff).sum())
-                den = float(((w @ h) * w).sum())
-                layer.report(name, {"rel_error": math.sqrt(max(num, 0.0) / max(den, 1e-30)), "damp": stats.damp,
+                layer.report(name, {"rel_error": error, "damp": stats.damp,
                                     "dead_columns": stats.dead_columns,
                                     "seconds": stats.seconds * rows / stacked.shape[0]})
                 solved[name] = part

@@ -9,7 +9,6 @@ min-max). The result is stored in exactly the layout bitsandbytes reads.
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,15 @@ from ..core.spec import QuantSpec
 from ..errors import RunError, SpecError
 from . import register
 from .base import LayerContext, naming
-from .solve import Grid, SolveStats, accumulate_hessian, cholesky_inverse_upper, drop_dead_inputs, feedback
+from .solve import (
+    Grid,
+    SolveStats,
+    accumulate_hessian,
+    cholesky_inverse_upper,
+    drop_dead_inputs,
+    feedback,
+    output_error,
+)
 
 ROUNDINGS = ("nearest", "gptq")
 CHUNK_ELEMENTS = 1 << 22   # weights per slice for nearest rounding (blocks are independent)
@@ -186,12 +193,8 @@ class NF4:
             h = self.hessians[layer.input_of.get(name, name)].to(device)
             with naming(layer.full_name(name)):   # the absmax is fixed: an overflow is the weight's own
                 qw, stats = nf4_gptq_quantize(weight, h, self.spec, self.options)
-            w = weight.float()
-            diff = w - qw.dequantize(torch.float32)
-            # ||WX - QX||^2 = tr(D H D^T) with D = W - Q and H = X^T X: no need to keep X.
-            num = float(((diff @ h) * diff).sum())
-            den = float(((w @ h) * w).sum())
-            layer.report(name, {"rel_error": math.sqrt(max(num, 0.0) / max(den, 1e-30)), "damp": stats.damp,
+            layer.report(name, {"rel_error": output_error(weight.float(), qw.dequantize(torch.float32), h),
+                                "damp": stats.damp,
                                 "dead_columns": stats.dead_columns, "seconds": stats.seconds})
             return qw
 

@@ -28,7 +28,7 @@ from ..errors import RunError, SpecError
 from . import register
 from .base import LayerContext, naming, solve_overflow
 from .gptq import GPTQOptions, gptq_quantize
-from .solve import accumulate_hessian, cholesky_inverse_upper, drop_dead_inputs
+from .solve import accumulate_hessian, cholesky_inverse_upper, drop_dead_inputs, output_error
 
 INNER = ("rtn", "gptq")
 MODES = ("weight", "channel")
@@ -195,10 +195,7 @@ class OutlierSplit:
             if damps:
                 metrics["damp"] = max(damps)
             if h is not None:
-                diff = w - qw.dequantize(torch.float32)
-                hf = h.to(w.device, w.dtype)
-                num, den = float(((diff @ hf) * diff).sum()), float(((w @ hf) * w).sum())
-                metrics["rel_error"] = math.sqrt(max(num, 0.0) / max(den, 1e-30))
+                metrics["rel_error"] = output_error(w, qw.dequantize(torch.float32), h)
             layer.report(name, metrics)
             return qw
 

@@ -5,11 +5,12 @@ through gptq_quantize awq --then gptq and outlier --inner gptq.
 Columns are rounded one at a time; each column's rounding error, divided by the pivot of the
 upper Cholesky factor U of H^-1 (H = X^T X, the Hessian of the layer's inputs), is taken off the
 columns not yet rounded along U's row. How a column is rounded is the caller's: a `Grid`. Here
-live the pieces around it: the Hessian's accumulation, its dead inputs and its damped
-factorization.
+live the pieces around it: the Hessian's accumulation, its dead inputs, its damped
+factorization, and the output error ||WX - QX|| / ||WX|| measured from it.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -73,6 +74,18 @@ def cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float) -> tup
         if damp >= damp_max:
             raise NotPositiveDefinite.of(n, damp, start)
         damp = min(damp * 2, damp_max)
+
+
+def energy(d: Tensor, h: Tensor) -> float:
+    """tr(D H D^T) for D (out, in) and H = X^T X (in, in): ||D X^T||^2 without keeping X."""
+    return float(((d @ h) * d).sum())
+
+
+def output_error(w: Tensor, q: Tensor, h: Tensor) -> float:
+    """||WX - QX|| / ||WX|| for a weight `w` (out, in) and its dequantized `q`, from H = X^T X;
+    computed in w's dtype."""
+    h = h.to(w.device, w.dtype)
+    return math.sqrt(max(energy(w - q, h), 0.0) / max(energy(w, h), 1e-30))
 
 
 class Grid:
