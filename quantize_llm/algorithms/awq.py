@@ -33,7 +33,7 @@ from . import register
 from .base import BlockContext, LayerContext, naming, solve_overflow
 from .gptq import GPTQOptions, gptq_quantize
 from .rtn import rtn_quantize
-from .solve import accumulate_hessian, energy, output_error
+from .solve import SolverOptions, accumulate_hessian, energy, output_error
 
 THEN = ("rtn", "gptq")
 FOLD_TOLERANCE = 0.02     # folding may change a block's output only by the rounding of stored norms
@@ -49,9 +49,10 @@ class AWQOptions:
     search_samples: int = 16       # calibration sequences the scale search runs inspected modules on (0: all)
     duo_scaling: bool = False      # AutoAWQ's variant: s = mean|x|^alpha / mean|w|^(1-alpha) (w normalized per group)
     then: str = "rtn"              # rounding after scaling and clipping: "rtn" or "gptq"
-    damp: float = 0.01             # then="gptq": damping of diag(H)
-    block_size: int = 128          # then="gptq": columns per lazy-update block
-    true_sequential: bool = True   # observe q/k/v, then o, then gate/up, then down, re-running between
+    # then="gptq": the solver's (SolverOptions says what they mean; damp_max is its default)
+    damp: float = SolverOptions.damp
+    block_size: int = SolverOptions.block_size
+    true_sequential: bool = SolverOptions.true_sequential   # observed stage by stage with either rounding
 
     def __post_init__(self) -> None:
         if self.grid < 1:
@@ -65,10 +66,7 @@ class AWQOptions:
         if self.then not in THEN:
             raise SpecError(f"--then {self.then} is not known",
                             f"choose one of {', '.join(THEN)}; rtn is AWQ's own rounding")
-        if not 0 < self.damp <= 1:
-            raise SpecError(f"--damp {self.damp} must be in (0, 1]", "0.01 is typical")
-        if self.block_size < 1:
-            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
+        SolverOptions.of(self)
 
 
 def awq_scales(act_mean: Tensor, alpha: float) -> Tensor:

@@ -24,6 +24,7 @@ from . import register
 from .base import LayerContext, naming, solve_overflow
 from .solve import (
     Grid,
+    SolverOptions,
     SolveStats,
     accumulate_hessian,
     cholesky_inverse_upper,
@@ -35,23 +36,18 @@ from .solve import (
 
 @dataclass(frozen=True)
 class GPTQOptions:
-    block_size: int = 128          # columns per lazy-update block (not the quantization group)
-    damp: float = 0.01             # added to diag(H), as a fraction of mean(diag(H))
-    damp_max: float = 1.0          # damping is doubled after a failed Cholesky, up to this bound
+    # the solver's (SolverOptions says what they mean)
+    block_size: int = SolverOptions.block_size
+    damp: float = SolverOptions.damp
+    damp_max: float = SolverOptions.damp_max
     static_groups: bool = False    # act-order with groups fixed on the original column order (trivial g_idx):
                                    # columns are permuted even when spec.act_order, which says whether a
                                    # non-trivial g_idx is stored, is off
-    true_sequential: bool = True   # quantize q/k/v, then o, then gate/up, then down, re-running between
+    true_sequential: bool = SolverOptions.true_sequential
     clip: str = "mse"              # group range: "mse" (shrunk where the diag(H)-weighted error drops) or "minmax"
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
-        if not 0 < self.damp_max <= 1:
-            raise SpecError(f"damp_max {self.damp_max} must be in (0, 1]",
-                            "1.0 is the default: a failed Cholesky doubles the damping up to it")
-        if not 0 < self.damp <= self.damp_max:
-            raise SpecError(f"--damp {self.damp} must be in (0, {self.damp_max}]", "0.01 is typical")
+        SolverOptions.of(self)
         if self.clip not in CLIPS:
             raise SpecError(f"--clip {self.clip} is not known", f"choose one of {', '.join(CLIPS)}; mse is the default")
 

@@ -26,6 +26,7 @@ from . import register
 from .base import LayerContext, naming
 from .solve import (
     Grid,
+    SolverOptions,
     SolveStats,
     accumulate_hessian,
     cholesky_inverse_upper,
@@ -41,22 +42,17 @@ CHUNK_ELEMENTS = 1 << 22   # weights per slice for nearest rounding (blocks are 
 @dataclass(frozen=True)
 class NF4Options:
     rounding: str = "nearest"      # "nearest" (bitsandbytes) or "gptq" (error feedback, needs calibration)
-    block_size: int = 128          # gptq rounding: columns per lazy-update block
-    damp: float = 0.01             # gptq rounding: added to diag(H), as a fraction of mean(diag(H))
-    damp_max: float = 1.0          # gptq rounding: damping doubles after a failed Cholesky, up to this
-    true_sequential: bool = True   # gptq rounding: quantize q/k/v, then o, then gate/up, then down
+    # gptq rounding: the solver's (SolverOptions says what they mean)
+    block_size: int = SolverOptions.block_size
+    damp: float = SolverOptions.damp
+    damp_max: float = SolverOptions.damp_max
+    true_sequential: bool = SolverOptions.true_sequential
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
             raise SpecError(f"--rounding {self.rounding} is not supported",
                             f"choose {' or '.join(ROUNDINGS)}; nearest, bitsandbytes' own, needs no data")
-        if self.block_size < 1:
-            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
-        if not 0 < self.damp_max <= 1:
-            raise SpecError(f"damp_max {self.damp_max} must be in (0, 1]",
-                            "1.0 is the default: a failed Cholesky doubles the damping up to it")
-        if not 0 < self.damp <= self.damp_max:
-            raise SpecError(f"--damp {self.damp} must be in (0, {self.damp_max}]", "0.01 is typical")
+        SolverOptions.of(self)
 
 
 def _absmax_statistics(absmax: Tensor, spec: QuantSpec) -> Tensor | NestedAbsmax:

@@ -28,7 +28,7 @@ from ..errors import RunError, SpecError
 from . import register
 from .base import LayerContext, naming, solve_overflow
 from .gptq import GPTQOptions, gptq_quantize
-from .solve import accumulate_hessian, cholesky_inverse_upper, drop_dead_inputs, output_error
+from .solve import SolverOptions, accumulate_hessian, cholesky_inverse_upper, drop_dead_inputs, output_error
 
 INNER = ("rtn", "gptq")
 MODES = ("weight", "channel")
@@ -44,9 +44,11 @@ class OutlierOptions:
     threshold: float | None = None # weight: sensitivity above threshold^2 x mean; channel: max |x| >= threshold
     calibrated: bool = False       # score weights with the inverse Hessian (implied by gptq and channel mode)
     clip: str = "minmax"           # group range of the low-bit part (as for rtn / gptq)
-    damp: float = 0.01
-    block_size: int = 128
-    true_sequential: bool = True
+    # the solver's, for inner="gptq" and the calibrated score (SolverOptions says what they mean;
+    # damp_max is its default)
+    damp: float = SolverOptions.damp
+    block_size: int = SolverOptions.block_size
+    true_sequential: bool = SolverOptions.true_sequential
 
     def __post_init__(self) -> None:
         if self.inner not in INNER:
@@ -66,10 +68,7 @@ class OutlierOptions:
         if self.clip not in CLIPS:
             raise SpecError(f"--clip {self.clip} is not known",
                             f"choose one of {', '.join(CLIPS)}; minmax suits --inner rtn, mse --inner gptq")
-        if not 0 < self.damp <= 1:
-            raise SpecError(f"--damp {self.damp} must be in (0, 1]", "0.01 is typical")
-        if self.block_size < 1:
-            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
+        SolverOptions.of(self)
 
     @property
     def needs_calibration(self) -> bool:
@@ -93,7 +92,7 @@ def top_fraction(score: Tensor, fraction: float) -> Tensor:
     return mask.view(score.shape)
 
 
-def inverse_hessian_diagonal(h: Tensor, damp: float, damp_max: float = GPTQOptions.damp_max) -> tuple[Tensor, float]:
+def inverse_hessian_diagonal(h: Tensor, damp: float, damp_max: float = SolverOptions.damp_max) -> tuple[Tensor, float]:
     """diag((H + d * mean(diag H) I)^-1) float32, and the damping d used: `damp`, doubled up to
     `damp_max` while H is not positive definite (GPTQ's escalation). A never-seen input counts as
     diag 1 (as in GPTQ). Works in float64; does not modify `h`."""

@@ -5,20 +5,52 @@ through gptq_quantize awq --then gptq and outlier --inner gptq.
 Columns are rounded one at a time; each column's rounding error, divided by the pivot of the
 upper Cholesky factor U of H^-1 (H = X^T X, the Hessian of the layer's inputs), is taken off the
 columns not yet rounded along U's row. How a column is rounded is the caller's: a `Grid`. Here
-live the pieces around it: the Hessian's accumulation, its dead inputs, its damped
-factorization, and the output error ||WX - QX|| / ||WX|| measured from it.
+live the pieces around it: the solver's options, the Hessian's accumulation, its dead inputs,
+its damped factorization and the output error ||WX - QX|| / ||WX|| measured from it.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from ..errors import SpecError
 from .base import HessianNotFinite, NotPositiveDefinite
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """The solve's options, one definition for the four methods that use it.
+
+    GPTQOptions, AWQOptions (then="gptq"), NF4Options (rounding="gptq") and OutlierOptions
+    (inner="gptq") carry these as fields of their own, under these names and with these defaults
+    (they are recipe keys, and the options recorded in config.json), and check them through
+    `SolverOptions.of`. AWQOptions and OutlierOptions have no damp_max: theirs is the default.
+    """
+
+    block_size: int = 128          # columns per lazy-update block (not the quantization group)
+    damp: float = 0.01             # added to diag(H), as a fraction of mean(diag(H))
+    damp_max: float = 1.0          # damping is doubled after a failed Cholesky, up to this bound
+    true_sequential: bool = True   # quantize q/k/v, then o, then gate/up, then down, re-running between
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
+        if not 0 < self.damp_max <= 1:
+            raise SpecError(f"damp_max {self.damp_max} must be in (0, 1]",
+                            "1.0 is the default: a failed Cholesky doubles the damping up to it")
+        if not 0 < self.damp <= self.damp_max:
+            raise SpecError(f"--damp {self.damp} must be in (0, {self.damp_max:g}]", "0.01 is typical")
+
+    @classmethod
+    def of(cls, options: Any) -> "SolverOptions":
+        """The solver options of a method's Options (checked: SpecError when out of bounds)."""
+        return cls(options.block_size, options.damp, getattr(options, "damp_max", cls.damp_max),
+                   options.true_sequential)
 
 
 @dataclass(frozen=True)
