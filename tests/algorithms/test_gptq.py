@@ -77,9 +77,15 @@ def test_dead_columns_and_damping_escalation():
     singular[0, 0] = 50.0
     with pytest.raises(NotPositiveDefinite, match="not positive definite"):
         gptq_quantize(w, singular, QuantSpec(bits=4, group_size=32), GPTQOptions(damp_max=0.1))
-    rank1 = torch.outer(torch.arange(1.0, 65.0), torch.arange(1.0, 65.0))  # PSD, rank 1: damping suffices
+    rank1 = torch.outer(torch.arange(1.0, 65.0), torch.arange(1.0, 65.0))  # PSD, rank 1: the first damping suffices
     _, stats = gptq_quantize(w, rank1, QuantSpec(bits=4, group_size=32))
-    assert stats.damp >= 0.01
+    assert stats.damp == 0.01
+    # eigenvalue -0.5 (the 2x2 block [[1, 1.5], [1.5, 1]]), mean diagonal 1: positive definite from
+    # damping 0.5 on, so the doubling 0.01, 0.02, ... stops at 0.64
+    indefinite = torch.eye(64)
+    indefinite[1, 2] = indefinite[2, 1] = 1.5
+    _, stats = gptq_quantize(w, indefinite, QuantSpec(bits=4, group_size=32))
+    assert stats.damp == 0.64
 
 
 def test_inputs_are_not_modified():
