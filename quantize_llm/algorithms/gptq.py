@@ -66,7 +66,7 @@ class IntegerGrid(Grid):
                  static: tuple[Tensor, Tensor] | None, mask: Tensor | None) -> None:
         out_features, in_features = w.shape
         self.spec, self.clip, self.hdiag, self.groups, self.mask = spec, clip, hdiag, groups, mask
-        self.gs = spec.effective_group_size(in_features)
+        self.gs, self.maxq = spec.effective_group_size(in_features), spec.maxq
         self.static = static
         if static is not None:
             self.scale, self.zero = static
@@ -79,8 +79,9 @@ class IntegerGrid(Grid):
         self.loaded = -1                                                # the group whose params are in cur_s
 
     def round(self, j: int, col: Tensor, current: Callable[[int, int], Tensor]) -> Tensor:
-        g, spec = self.groups[j], self.spec
+        g = self.groups[j]
         if self.static is None and j % self.gs == 0:
+            spec = self.spec
             cols = current(j, self.gs)
             if self.mask is not None:   # outliers out of the range: 0 is always inside it
                 cols = cols.masked_fill(self.mask[:, j:j + cols.shape[1]], 0.0)
@@ -90,11 +91,12 @@ class IntegerGrid(Grid):
             self.loaded = -1
         if g != self.loaded:
             self.cur_s, self.cur_z, self.loaded = self.scale[:, g].to(col.dtype), self.zero[:, g].to(col.dtype), g
-        q = torch.round(col / self.cur_s).add_(self.cur_z).clamp_(0, spec.maxq)
+        s, z = self.cur_s, self.cur_z
+        q = torch.round(col / s).add_(z).clamp_(0, self.maxq)
         if self.mask is not None:
-            q = torch.where(self.mask[:, j], self.cur_z, q)
+            q = torch.where(self.mask[:, j], z, q)
         self.codes[:, j] = q
-        return self.cur_s * (q - self.cur_z)
+        return s * (q - z)
 
 
 @torch.no_grad()
