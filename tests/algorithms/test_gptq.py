@@ -1,22 +1,12 @@
 """GPTQ's solve against a float64 column-by-column reference, and its error against RTN."""
 import pytest
 import torch
-from reference import gptq_f64
+from reference import gptq_f64, make_layer
 
 from quantize_llm.algorithms.base import NotPositiveDefinite
 from quantize_llm.algorithms.gptq import GPTQOptions, gptq_quantize
 from quantize_llm.algorithms.rtn import rtn_quantize
 from quantize_llm.core.spec import QuantSpec
-
-
-def make_layer(out_features: int, in_features: int, tokens: int = 512, seed: int = 0):
-    """A weight and the Hessian X^T X of correlated inputs with uneven channel scales."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(in_features, in_features, generator=g) / in_features ** 0.5
-    x = torch.randn(tokens, in_features, generator=g) @ (torch.eye(in_features) + 0.9 * mix)
-    x = x * torch.linspace(0.2, 3.0, in_features)[torch.randperm(in_features, generator=g)]
-    w = torch.randn(out_features, in_features, generator=g) * 0.05
-    return w, x
 
 
 @pytest.mark.parametrize("bits,group_size,sym,act_order,static", [
