@@ -4,9 +4,9 @@ through gptq_quantize awq --then gptq and outlier --inner gptq.
 
 Columns are rounded one at a time; each column's rounding error, divided by the pivot of the
 upper Cholesky factor U of H^-1 (H = X^T X, the Hessian of the layer's inputs), is taken off the
-columns not yet rounded along U's row. How a column is rounded is the caller's: a `Grid`. Here
-live the pieces around it: the solver's options, the Hessian's accumulation, its dead inputs,
-its damped factorization and the output error ||WX - QX|| / ||WX|| measured from it.
+columns not yet rounded in proportion to U's row. How a column is rounded is the caller's: a
+`Grid`. Here live the pieces around it: the solver's options, the Hessian's accumulation, its
+dead inputs, its damped factorization and the output error ||WX - QX|| / ||WX|| measured from it.
 """
 from __future__ import annotations
 
