@@ -1,4 +1,4 @@
-"""Independent float64 / pure-Python references, used only by tests.
+"""Independent float64 / pure-Python references, and their test data, used only by tests.
 
 Written from FORMATS.md's prose, not from the package's code: a different algorithm (Python
 integers and bit strings) so that a bug in quantize_llm cannot hide in both.
@@ -8,6 +8,17 @@ from __future__ import annotations
 import math
 
 import torch
+
+
+def make_layer(out_features: int, in_features: int, tokens: int = 512, seed: int = 0):
+    """Test data: a weight (out, in) and inputs X (tokens, in), correlated and with uneven channel
+    scales, as calibration inputs are (the tests use X^T X as the Hessian)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(in_features, in_features, generator=g) / in_features ** 0.5
+    x = torch.randn(tokens, in_features, generator=g) @ (torch.eye(in_features) + 0.9 * mix)
+    x = x * torch.linspace(0.2, 3.0, in_features)[torch.randperm(in_features, generator=g)]
+    w = torch.randn(out_features, in_features, generator=g) * 0.05
+    return w, x
 
 
 def minmax_f64(cols: torch.Tensor, bits: int, sym: bool, min_zero: int = 0):

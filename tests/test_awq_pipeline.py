@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import cli, expect_error
 
 from quantize_llm.calibration.data import read_documents, select_samples
-from test_cli import cli, expect_error
 
 CAL = ["--nsamples", 8, "--seqlen", 64]
 

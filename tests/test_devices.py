@@ -17,9 +17,8 @@ from test_cli import cli, expect_error
 from test_resume import deep_model, events, fail_after, same_files  # noqa: F401  (fixture)
 
 import quantize_llm.calibration.sequential as sequential
-from quantize_llm.core.devices import map_units, move, spread
+from quantize_llm.core.devices import map_units, move, resolve_device, resolve_devices, spread
 from quantize_llm.errors import UsageError
-from quantize_llm.core.devices import resolve_device, resolve_devices
 
 CPU2 = (torch.device("cpu"), torch.device("cpu"))
 CPU3 = CPU2 + (torch.device("cpu"),)

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import CALIB_TEXT, build_tiny
 from test_cli import cli
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from quantize_llm.formats.outlier import OutlierFormat
 from test_awq_pipeline import calib_tokens, hidden_errors
 from test_cli import cli, expect_error
+
+from quantize_llm.formats.outlier import OutlierFormat
 
 CAL = ["--nsamples", 8, "--seqlen", 64]
 

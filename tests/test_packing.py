@@ -27,10 +27,10 @@ def test_3bit_worked_example_straddling_words():
     (2, 1, [0x55555555]), (3, 3, [0xDB6DB6DB, 0xB6DB6DB6, 0x6DB6DB6D]),
     (4, 7, [0x77777777]), (8, 127, [0x7F7F7F7F])])
 def test_sym_v1_zero_words(bits, field, v1_words):
-    zeros = torch.full((1, 32), field, dtype=torch.uint8)          # one group, 32 output columns
+    zeros = torch.full((1, 64), field, dtype=torch.uint8)          # one group, 64 output columns
     words = [u32(int(w)) for w in pack_int32(zeros, bits, dim=1)[0]]
-    per_32 = len(v1_words)
-    assert words[:per_32] == v1_words
+    assert len(words) == 64 * bits // 32
+    assert words == v1_words * (len(words) // len(v1_words))       # the pattern repeats over every word
 
 
 def test_8bit_negative_word_is_twos_complement():

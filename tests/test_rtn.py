@@ -1,7 +1,7 @@
 """RTN results against a float64 reference of FORMATS.md §1.3 (tests/reference.py)."""
 import pytest
 import torch
-from reference import dequant_f64, rtn_f64
+from reference import dequant_f64, minmax_f64, rtn_f64
 
 from quantize_llm.algorithms.rtn import rtn_quantize
 from quantize_llm.core.primitives import default_g_idx
@@ -77,7 +77,7 @@ def test_spec_round_trips_and_rejects_unknown_keys():
 
 
 def test_mse_clip_search_matches_brute_force_and_never_loses_to_minmax():
-    from quantize_llm.core.primitives import minmax_params, mse_params
+    from quantize_llm.core.primitives import mse_params
 
     torch.manual_seed(3)
     w = torch.randn(16, 64) * 0.05
@@ -92,10 +92,10 @@ def test_mse_clip_search_matches_brute_force_and_never_loses_to_minmax():
         for i in range(0, 81):                                     # brute force over the same grid
             p = 1 - i / 100
             lo = torch.tensor([[float(w[row].min().clamp(max=0)) * p, float(w[row].max().clamp(min=0)) * p]])
-            ts, tz = minmax_params(lo, 3, False, 1)
+            ts, tz = minmax_f64(lo.double(), 3, False, 1)          # the reference's scale and zero
             e = err(ts[0], tz[0], row)
             if best is None or e < best - 1e-12:
                 best = e
         assert err(s[row], z[row], row) == pytest.approx(best, rel=1e-5)
-        ms, mz = minmax_params(w[row:row + 1], 3, False, 1)
+        ms, mz = minmax_f64(w[row:row + 1].double(), 3, False, 1)
         assert err(s[row], z[row], row) <= err(ms[0], mz[0], row) + 1e-12

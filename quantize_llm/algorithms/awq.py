@@ -25,14 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from ..core.devices import move, spread
-from ..core.primitives import Float16Overflow, default_g_idx, minmax_params, quantize_codes, rtn_group_params
+from ..core.primitives import Float16Overflow, clip_search, default_g_idx, quantize_codes, rtn_group_params
 from ..core.qweight import QuantizedWeight
 from ..core.spec import MethodRecord, QuantSpec
 from ..errors import CheckpointError, ModelError, RunError, SpecError
 from .base import BlockContext, LayerContext, naming, solve_overflow
-from .gptq import GPTQOptions, accumulate_hessian, gptq_quantize
+from .gptq import GPTQOptions, gptq_quantize
 from .registry import register
 from .rtn import rtn_quantize
+from .solve import SolverOptions, accumulate_hessian, energy, output_error
 
 THEN = ("rtn", "gptq")
 FOLD_TOLERANCE = 0.02     # folding may change a block's output only by the rounding of stored norms
@@ -48,9 +49,10 @@ class AWQOptions:
     search_samples: int = 16       # calibration sequences the scale search runs inspected modules on (0: all)
     duo_scaling: bool = False      # AutoAWQ's variant: s = mean|x|^alpha / mean|w|^(1-alpha) (w normalized per group)
     then: str = "rtn"              # rounding after scaling and clipping: "rtn" or "gptq"
-    damp: float = 0.01             # then="gptq": damping of diag(H)
-    block_size: int = 128          # then="gptq": columns per lazy-update block
-    true_sequential: bool = True   # observe q/k/v, then o, then gate/up, then down, re-running between
+    # then="gptq": the solver's (SolverOptions says what they mean; damp_max is its default)
+    damp: float = SolverOptions.damp
+    block_size: int = SolverOptions.block_size
+    true_sequential: bool = SolverOptions.true_sequential   # observed stage by stage with either rounding
 
     def __post_init__(self) -> None:
         if self.grid < 1:
@@ -64,10 +66,7 @@ class AWQOptions:
         if self.then not in THEN:
             raise SpecError(f"--then {self.then} is not known",
                             f"choose one of {', '.join(THEN)}; rtn is AWQ's own rounding")
-        if not 0 < self.damp <= 1:
-            raise SpecError(f"--damp {self.damp} must be in (0, 1]", "0.01 is typical")
-        if self.block_size < 1:
-            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
+        SolverOptions.of(self)
 
 
 def awq_scales(act_mean: Tensor, alpha: float) -> Tensor:
@@ -103,10 +102,9 @@ def fake_rtn(weight: Tensor, spec: QuantSpec) -> Tensor:
 
 def hessian_clip_params(w: Tensor, h: Tensor, spec: QuantSpec, grid: int = 20,
                         max_shrink: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
-    """Per (row, group) range chosen by output error: for p = 1, 1 - 1/grid, ... 1 - max_shrink,
-    the range (p*min, p*max) is rounded to the grid and scored by d^T H_gg d, d the group's
-    weight error and H_gg the group's block of the input Hessian X^T X; the least error wins
-    (p = 1 on a tie).
+    """Per (row, group) range chosen by output error: the clip trials of `clip_search`
+    (p = 1, 1 - 1/grid, ... 1 - max_shrink) scored by d^T H_gg d, d the group's weight error and
+    H_gg the group's block of the input Hessian X^T X; the least error wins (p = 1 on a tie).
 
     w (out, in) float32; h (in, in). Returns scale float16 (out, G), zero int32 (out, G), and the
     chosen p (out, G) float32. Does not modify its inputs.
@@ -114,41 +112,23 @@ def hessian_clip_params(w: Tensor, h: Tensor, spec: QuantSpec, grid: int = 20,
     out_features, in_features = w.shape
     gs = spec.effective_group_size(in_features)
     n_groups = spec.n_groups(in_features)
-    p = 1 - torch.arange(0, int(max_shrink * grid) + 1, device=w.device, dtype=torch.float64) / grid   # (T,)
+    trials = int(max_shrink * grid) + 1
     scale = torch.empty(out_features, n_groups, dtype=torch.float16, device=w.device)
     zero = torch.empty(out_features, n_groups, dtype=torch.int32, device=w.device)
     ratio = torch.empty(out_features, n_groups, dtype=torch.float32, device=w.device)
     for g in range(n_groups):
         cols = slice(g * gs, min(in_features, (g + 1) * gs))
         hg = h[cols, cols].float()                                       # (k, k)
-        k = hg.shape[0]
-        step = max(1, TRIAL_ELEMENTS // (len(p) * k))
+        step = max(1, TRIAL_ELEMENTS // (trials * hg.shape[0]))
         for r in range(0, out_features, step):
-            wg = w[r:r + step, cols].float()                             # (rows, k)
-            rows = wg.shape[0]
-            xmin = wg.amin(dim=1).clamp(max=0).double()
-            xmax = wg.amax(dim=1).clamp(min=0).double()
-            trials = torch.stack([(xmin[None] * p[:, None]).reshape(-1), (xmax[None] * p[:, None]).reshape(-1)], 1)
-            s, z = minmax_params(trials, spec.bits, spec.sym, spec.min_zero)   # (T*rows,)
-            s, z = s.view(len(p), rows), z.view(len(p), rows)
-            sf, zf = s.float()[..., None], z.float()[..., None]              # (T, rows, 1)
-            q = torch.clamp(torch.round(wg[None] / sf) + zf, 0, spec.maxq)
-            d = sf * (q - zf) - wg[None]                                     # (T, rows, k)
-            err = ((d @ hg) * d).sum(-1)                                     # (T, rows)
-            best = err.argmin(dim=0, keepdim=True)                           # first minimum
-            scale[r:r + step, g] = s.gather(0, best)[0]
-            zero[r:r + step, g] = z.gather(0, best)[0]
-            ratio[r:r + step, g] = p.float()[best[0]]
+            scale[r:r + step, g], zero[r:r + step, g], ratio[r:r + step, g] = clip_search(
+                w[r:r + step, cols], spec.bits, spec.sym, spec.min_zero, _energies(hg), grid, max_shrink)
     return scale, zero, ratio
 
 
-def output_error(w: Tensor, qw: QuantizedWeight, h: Tensor) -> float:
-    """||WX - QX|| / ||WX|| from H = X^T X: tr(D H D^T) / tr(W H W^T), D = W - Q."""
-    w = w.float()
-    diff = w - qw.dequantize(torch.float32)
-    num = float(((diff @ h) * diff).sum())
-    den = float(((w @ h) * w).sum())
-    return math.sqrt(max(num, 0.0) / max(den, 1e-30))
+def _energies(h: Tensor) -> Callable[[Tensor], Tensor]:
+    """d (T, rows, k) -> (T, rows): per row, d H d^T, the energy of its output error d X^T."""
+    return lambda d: ((d @ h) * d).sum(-1)
 
 
 @register
@@ -288,7 +268,8 @@ class AWQ:
             h = self.hessians[layer.input_of.get(name, name)].to(device)
             with naming(layer.full_name(name)):
                 qw, ratio = self._round(name, weight.float(), h, layer.full_name(name), layer.spec_of(name, self.spec))
-            metrics = {"rel_error": output_error(weight, qw, h), "seconds": time.perf_counter() - start}
+            metrics = {"rel_error": output_error(weight.float(), qw.dequantize(torch.float32), h),
+                       "seconds": time.perf_counter() - start}
             if ratio is not None:
                 metrics["clip"] = ratio
             layer.report(name, metrics)
@@ -448,11 +429,8 @@ class _Capture:
             h = self.hessians[entry.prev] if device is None else self.hessians[entry.prev].to(device)
 
             def linear_error(linears: dict, originals: dict) -> float:
-                num = den = 0.0
-                for n, m in linears.items():
-                    d = originals[n] - m.weight.data
-                    num += float(((d @ h) * d).sum())
-                    den += float(((originals[n] @ h) * originals[n]).sum())
+                num = sum(energy(originals[n] - m.weight.data, h) for n, m in linears.items())
+                den = sum(energy(originals[n], h) for n in linears)
                 return num / max(den, 1e-30)
             return linear_error
 

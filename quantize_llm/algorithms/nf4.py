@@ -9,8 +9,8 @@ min-max). The result is stored in exactly the layout bitsandbytes reads.
 """
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,8 +23,17 @@ from ..core.qweight import NestedAbsmax, QuantizedWeight
 from ..core.spec import MethodRecord, QuantSpec
 from ..errors import RunError, SpecError
 from .base import LayerContext, naming
-from .gptq import accumulate_hessian, cholesky_inverse_upper
 from .registry import register
+from .solve import (
+    Grid,
+    SolverOptions,
+    SolveStats,
+    accumulate_hessian,
+    cholesky_inverse_upper,
+    drop_dead_inputs,
+    feedback,
+    output_error,
+)
 
 ROUNDINGS = ("nearest", "gptq")
 CHUNK_ELEMENTS = 1 << 22   # weights per slice for nearest rounding (blocks are independent)
@@ -33,29 +42,17 @@ CHUNK_ELEMENTS = 1 << 22   # weights per slice for nearest rounding (blocks are 
 @dataclass(frozen=True)
 class NF4Options:
     rounding: str = "nearest"      # "nearest" (bitsandbytes) or "gptq" (error feedback, needs calibration)
-    block_size: int = 128          # gptq rounding: columns per lazy-update block
-    damp: float = 0.01             # gptq rounding: added to diag(H), as a fraction of mean(diag(H))
-    damp_max: float = 1.0          # gptq rounding: damping doubles after a failed Cholesky, up to this
-    true_sequential: bool = True   # gptq rounding: quantize q/k/v, then o, then gate/up, then down
+    # gptq rounding: the solver's (SolverOptions says what they mean)
+    block_size: int = SolverOptions.block_size
+    damp: float = SolverOptions.damp
+    damp_max: float = SolverOptions.damp_max
+    true_sequential: bool = SolverOptions.true_sequential
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
             raise SpecError(f"--rounding {self.rounding} is not supported",
                             f"choose {' or '.join(ROUNDINGS)}; nearest, bitsandbytes' own, needs no data")
-        if self.block_size < 1:
-            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
-        if not 0 < self.damp_max <= 1:
-            raise SpecError(f"damp_max {self.damp_max} must be in (0, 1]",
-                            "1.0 is the default: a failed Cholesky doubles the damping up to it")
-        if not 0 < self.damp <= self.damp_max:
-            raise SpecError(f"--damp {self.damp} must be in (0, {self.damp_max}]", "0.01 is typical")
-
-
-@dataclass(frozen=True)
-class RoundingStats:
-    damp: float                    # damping fraction finally used
-    dead_columns: int              # inputs that never fired (diag(H) == 0), quantized as zeros
-    seconds: float
+        SolverOptions.of(self)
 
 
 def _absmax_statistics(absmax: Tensor, spec: QuantSpec) -> Tensor | NestedAbsmax:
@@ -99,9 +96,41 @@ def nf4_quantize(weight: Tensor, spec: QuantSpec) -> QuantizedWeight:
                            spec=spec, source_dtype=weight.dtype)
 
 
+class CodebookGrid(Grid):
+    """Rounding onto the fixed grid table * absmax of a 4-bit codebook (a `Grid` for `feedback`):
+    the nearest entry, by the thresholds nf4codes uses. Column j of row r has the absmax of its
+    block, absmax[(r * in + j) // blocksize] (blocks run along the flattened rows)."""
+
+    fused: ClassVar[bool] = False
+
+    def __init__(self, w: Tensor, absmax: Tensor, spec: QuantSpec) -> None:
+        out_features, in_features = w.shape
+        self.absmax, self.blocksize = absmax, spec.blocksize
+        self.row_start = torch.arange(out_features, device=w.device) * in_features   # (out,) flat index
+        table = nf4codes.code_table(spec.codebook, w.device)
+        self.order, self.bounds = nf4codes.thresholds(table)            # nearest entry, as nf4codes
+        self.table = table.to(w.dtype)
+        self.codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=w.device)
+        self.i1 = 0
+
+    def block(self, i1: int, i2: int) -> None:
+        cols = torch.arange(i1, i2, device=self.absmax.device)
+        self.i1 = i1
+        self.scale = self.absmax[(self.row_start[:, None] + cols[None, :]) // self.blocksize]   # (out, b)
+        # An all-zero block has absmax 0: every code dequantizes to 0 there; scale its values to 0.
+        s = self.scale
+        self.inverse = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+
+    def round(self, j: int, col: Tensor, current: Callable[[int, int], Tensor]) -> Tensor:
+        i = j - self.i1
+        q = self.order[torch.bucketize((col * self.inverse[:, i]).float(), self.bounds)]   # thresholds in float32
+        self.codes[:, j] = q.to(torch.uint8)
+        return self.table[q] * self.scale[:, i]
+
+
 @torch.no_grad()
 def nf4_gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
-                      options: NF4Options = NF4Options()) -> tuple[QuantizedWeight, RoundingStats]:
+                      options: NF4Options = NF4Options()) -> tuple[QuantizedWeight, SolveStats]:
     """GPTQ rounding of a (out, in) weight onto the codebook grid of fixed per-block absmax.
 
     `hessian` (in, in) is X^T X of the layer inputs. Does not modify either. Works in float32
@@ -112,43 +141,17 @@ def nf4_gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
     """
     start = time.perf_counter()
     dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    out_features, in_features = weight.shape
     stats = _absmax_statistics(nf4codes.block_absmax(weight, spec.blocksize), spec)
     absmax = (stats.dequantize() if isinstance(stats, NestedAbsmax) else stats).to(dt)  # (nblocks,) as read
-    row_start = torch.arange(out_features, device=weight.device) * in_features           # (out,) flat index
-    table = nf4codes.code_table(spec.codebook, weight.device)
-    order, bounds = nf4codes.thresholds(table)                          # nearest entry, as nf4codes
-    table_dt = table.to(dt)
-
     w = weight.to(dt).clone()                                           # (out, in)
     h = hessian.to(dt).clone()                                          # (in, in)
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0                                                 # a never-seen input: any value
-    w[:, dead] = 0.0                                                    # ... and its weight is moot
+    dead = drop_dead_inputs(h, w)
     hinv, damp = cholesky_inverse_upper(h, options.damp, options.damp_max)
     del h
-
-    codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=w.device)
-    for i1 in range(0, in_features, options.block_size):
-        i2 = min(i1 + options.block_size, in_features)
-        w1 = w[:, i1:i2].clone()                                        # (out, b)
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        cols = torch.arange(i1, i2, device=w.device)
-        s1 = absmax[(row_start[:, None] + cols[None, :]) // spec.blocksize]  # (out, b) grid scale
-        # An all-zero block has absmax 0: every code dequantizes to 0 there; scale its values to 0.
-        inv1 = torch.where(s1 > 0, 1.0 / torch.where(s1 > 0, s1, torch.ones_like(s1)), torch.zeros_like(s1))
-        for i in range(i2 - i1):
-            col, s = w1[:, i], s1[:, i]                                 # (out,), (out,)
-            q = order[torch.bucketize((col * inv1[:, i]).float(), bounds)]   # thresholds in float32
-            codes[:, i1 + i] = q.to(torch.uint8)
-            err = (col - table_dt[q] * s) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-
-    qw = QuantizedWeight(codes=codes, scale=stats, zero=None, g_idx=None, spec=spec, source_dtype=weight.dtype)
-    return qw, RoundingStats(damp=damp, dead_columns=int(dead.sum()), seconds=time.perf_counter() - start)
+    grid = CodebookGrid(w, absmax, spec)
+    feedback(w, hinv, options.block_size, grid)
+    qw = QuantizedWeight(codes=grid.codes, scale=stats, zero=None, g_idx=None, spec=spec, source_dtype=weight.dtype)
+    return qw, SolveStats(damp=damp, dead_columns=int(dead.sum()), seconds=time.perf_counter() - start)
 
 
 @register
@@ -191,12 +194,8 @@ class NF4:
             h = self.hessians[layer.input_of.get(name, name)].to(device)
             with naming(layer.full_name(name)):   # the absmax is fixed: an overflow is the weight's own
                 qw, stats = nf4_gptq_quantize(weight, h, self.spec, self.options)
-            w = weight.float()
-            diff = w - qw.dequantize(torch.float32)
-            # ||WX - QX||^2 = tr(D H D^T) with D = W - Q and H = X^T X: no need to keep X.
-            num = float(((diff @ h) * diff).sum())
-            den = float(((w @ h) * w).sum())
-            layer.report(name, {"rel_error": math.sqrt(max(num, 0.0) / max(den, 1e-30)), "damp": stats.damp,
+            layer.report(name, {"rel_error": output_error(weight.float(), qw.dequantize(torch.float32), h),
+                                "damp": stats.damp,
                                 "dead_columns": stats.dead_columns, "seconds": stats.seconds})
             return qw
 

@@ -26,8 +26,9 @@ from ..core.qweight import Outliers, QuantizedWeight
 from ..core.spec import MethodRecord, QuantSpec
 from ..errors import RunError, SpecError
 from .base import LayerContext, naming, solve_overflow
-from .gptq import GPTQOptions, accumulate_hessian, cholesky_inverse_upper, gptq_quantize
+from .gptq import GPTQOptions, gptq_quantize
 from .registry import register
+from .solve import SolverOptions, accumulate_hessian, cholesky_inverse_upper, drop_dead_inputs, output_error
 
 INNER = ("rtn", "gptq")
 MODES = ("weight", "channel")
@@ -43,9 +44,11 @@ class OutlierOptions:
     threshold: float | None = None # weight: sensitivity above threshold^2 x mean; channel: max |x| >= threshold
     calibrated: bool = False       # score weights with the inverse Hessian (implied by gptq and channel mode)
     clip: str = "minmax"           # group range of the low-bit part (as for rtn / gptq)
-    damp: float = 0.01
-    block_size: int = 128
-    true_sequential: bool = True
+    # the solver's, for inner="gptq" and the calibrated score (SolverOptions says what they mean;
+    # damp_max is its default)
+    damp: float = SolverOptions.damp
+    block_size: int = SolverOptions.block_size
+    true_sequential: bool = SolverOptions.true_sequential
 
     def __post_init__(self) -> None:
         if self.inner not in INNER:
@@ -65,10 +68,7 @@ class OutlierOptions:
         if self.clip not in CLIPS:
             raise SpecError(f"--clip {self.clip} is not known",
                             f"choose one of {', '.join(CLIPS)}; minmax suits --inner rtn, mse --inner gptq")
-        if not 0 < self.damp <= 1:
-            raise SpecError(f"--damp {self.damp} must be in (0, 1]", "0.01 is typical")
-        if self.block_size < 1:
-            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
+        SolverOptions.of(self)
 
     @property
     def needs_calibration(self) -> bool:
@@ -92,13 +92,12 @@ def top_fraction(score: Tensor, fraction: float) -> Tensor:
     return mask.view(score.shape)
 
 
-def inverse_hessian_diagonal(h: Tensor, damp: float, damp_max: float = GPTQOptions.damp_max) -> tuple[Tensor, float]:
+def inverse_hessian_diagonal(h: Tensor, damp: float, damp_max: float = SolverOptions.damp_max) -> tuple[Tensor, float]:
     """diag((H + d * mean(diag H) I)^-1) float32, and the damping d used: `damp`, doubled up to
     `damp_max` while H is not positive definite (GPTQ's escalation). A never-seen input counts as
     diag 1 (as in GPTQ). Works in float64; does not modify `h`."""
     h = h.double().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    drop_dead_inputs(h)
     upper, used = cholesky_inverse_upper(h, damp, damp_max)            # H^-1 = U^T U
     return (upper ** 2).sum(dim=0).float(), used
 
@@ -198,10 +197,7 @@ class OutlierSplit:
             if damps:
                 metrics["damp"] = max(damps)
             if h is not None:
-                diff = w - qw.dequantize(torch.float32)
-                hf = h.to(w.device, w.dtype)
-                num, den = float(((diff @ hf) * diff).sum()), float(((w @ hf) * w).sum())
-                metrics["rel_error"] = math.sqrt(max(num, 0.0) / max(den, 1e-30))
+                metrics["rel_error"] = output_error(w, qw.dequantize(torch.float32), h)
             layer.report(name, metrics)
             return qw
 

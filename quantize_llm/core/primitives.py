@@ -8,6 +8,7 @@ are computed, so the dequantized weight is exactly what every reader of the chec
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -193,14 +194,30 @@ def mse_params(w: Tensor, bits: int, sym: bool, min_zero: int = 0, weights: Tens
                grid: int = 100, max_shrink: float = 0.8) -> tuple[Tensor, Tensor]:
     """Like `minmax_params`, but the range is shrunk where that lowers the rounding error.
 
-    For each row of `w` (rows, n), the ranges (p*min, p*max) for p = 1, 1 - 1/grid, ... down to
-    1 - max_shrink are tried and the one with the least squared error sum_c weights[c] (w - w')^2
-    is kept (the clip search of the GPTQ authors' quantizer; `weights` (n,), e.g. the Hessian
-    diagonal of those input columns, makes it activation-aware). Returns float16 scale (rows,) and
-    int32 zero (rows,). Does not modify `w`.
+    For each row of `w` (rows, n), the clip trials of `clip_search` are scored by the squared error
+    sum_c weights[c] (w - w')^2 (the clip search of the GPTQ authors' quantizer; `weights` (n,),
+    e.g. the Hessian diagonal of those input columns, makes it activation-aware). Returns float16
+    scale (rows,) and int32 zero (rows,). Does not modify `w`.
+    """
+    weights = weights.float() if weights is not None else None
+
+    def score(d: Tensor) -> Tensor:
+        return (d ** 2 * weights if weights is not None else d ** 2).sum(-1)
+    scale, zero, _ = clip_search(w, bits, sym, min_zero, score, grid, max_shrink)
+    return scale, zero
+
+
+def clip_search(w: Tensor, bits: int, sym: bool, min_zero: int, score: Callable[[Tensor], Tensor],
+                grid: int, max_shrink: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The clip trial grid: for each row of `w` (rows, n), the ranges (p*min, p*max) for
+    p = 1, 1 - 1/grid, ... down to 1 - max_shrink are rounded to and `score`d; the least score
+    wins (the largest p on a tie).
+
+    score(d) -> (T, rows) takes the trials' errors d = w' - w (T, rows, n). Returns scale float16
+    (rows,), zero int32 (rows,) and the chosen p (rows,) float32. Does not modify `w`.
     """
     w = w.float()
-    rows, n = w.shape
+    rows = w.shape[0]
     p = 1 - torch.arange(0, int(max_shrink * grid) + 1, device=w.device, dtype=torch.float64) / grid   # (T,)
     xmin = w.amin(dim=1).clamp(max=0).double()
     xmax = w.amax(dim=1).clamp(min=0).double()
@@ -209,7 +226,6 @@ def mse_params(w: Tensor, bits: int, sym: bool, min_zero: int = 0, weights: Tens
     s, z = s.view(len(p), rows), z.view(len(p), rows)                   # (T, rows)
     sf, zf = s.float()[..., None], z.float()[..., None]                 # (T, rows, 1)
     q = torch.clamp(torch.round(w[None] / sf) + zf, 0, 2 ** bits - 1)   # (T, rows, n)
-    err = (sf * (q - zf) - w[None]) ** 2
-    err = (err * weights.float()).sum(-1) if weights is not None else err.sum(-1)   # (T, rows)
+    err = score(sf * (q - zf) - w[None])                                # (T, rows)
     best = err.argmin(dim=0, keepdim=True)                              # (1, rows): first minimum
-    return s.gather(0, best)[0], z.gather(0, best)[0]
+    return s.gather(0, best)[0], z.gather(0, best)[0], p.float()[best[0]]

@@ -6,7 +6,8 @@ names the module and turns it into "checkpoint damaged: <module>: <reason>" (a C
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -29,6 +30,23 @@ def _reason(prefix: str, exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def marked_module(name: str, markers: Iterable[str]) -> str | None:
+    """The module whose marker tensor `name` is ("m.q_proj.qweight" -> "m.q_proj" for the marker
+    "qweight"), else None. A module is quantized iff it stores one of its format's markers."""
+    for m in markers:
+        if name.endswith(f".{m}"):
+            return name[: -len(m) - 1]
+    return None
+
+
+def quantized_modules(names: list[str], fmt: Any) -> dict[str, dict[str, str]]:
+    """The modules among tensor `names` that `fmt` quantized, in file order: module -> local name
+    -> full name of the tensors it stores."""
+    present = set(names)
+    found = dict.fromkeys(p for p in (marked_module(n, fmt.markers) for n in names) if p is not None)
+    return {p: {t: f"{p}.{t}" for t in fmt.tensor_names if f"{p}.{t}" in present} for p in found}
+
+
 class QuantizedModules:
     """The quantized modules of an open CheckpointReader whose config.json has a quantization_config.
 
@@ -41,11 +59,8 @@ class QuantizedModules:
         self.qconfig: dict[str, Any] = reader.config.get("quantization_config")
         self.fmt = format_for_config(self.qconfig)
         names = reader.names()
-        present = set(names)
-        self.prefixes = list(dict.fromkeys(n[: -len(m) - 1] for n in names for m in self.fmt.markers
-                                           if n.endswith(f".{m}")))
-        self._local = {p: {t: f"{p}.{t}" for t in self.fmt.tensor_names if f"{p}.{t}" in present}
-                       for p in self.prefixes}
+        self._local = quantized_modules(names, self.fmt)
+        self.prefixes = list(self._local)
         if not self.prefixes:
             method = self.qconfig.get("quant_method")
             raise CheckpointError(f"checkpoint damaged: config.json says quant_method {method!r}, but no tensor "

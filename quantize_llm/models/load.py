@@ -555,6 +555,7 @@ def _patterns(model: nn.Module, attribute: str) -> list[re.Pattern]:
 def _quantized_tensor_names(names: list[str]) -> list[str]:
     """The names among `names` that are a quantized module's tensors in some format we read."""
     from ..formats import FORMATS
+    from ..formats.reading import marked_module
 
     markers = {m for fmt in FORMATS.values() for m in fmt.markers}
-    return [n for n in names if any(n == m or n.endswith(f".{m}") for m in markers)]
+    return [n for n in names if n in markers or marked_module(n, markers) is not None]

@@ -23,7 +23,7 @@ from ..errors import ModelError, SpecError
 from ..formats import get_format
 from ..formats.base import ConfigFacts
 from ..formats.checkpoint import CheckpointWriter, check_output, local_folder
-from ..formats.reading import QuantizedModules, linear_shape
+from ..formats.reading import QuantizedModules, linear_shape, marked_module
 from ..models.architectures import get_architecture
 from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
 
@@ -110,7 +110,7 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
             for name in names:
                 if name in used:
                     prefix = next(p for p in prefixes if name.startswith(p + "."))
-                    if not any(name == f"{prefix}.{m}" for m in src_fmt.markers):
+                    if marked_module(name, src_fmt.markers) != prefix:
                         continue              # written with its module, at its marker
                     try:
                         encoded = target.encode(decoded(prefix))

@@ -47,19 +47,20 @@ def digest(qw: QuantizedWeight) -> str:
 def check_modules(folder: Path, expected: dict[str, str]) -> int:
     """Decode every quantized module written in `folder`; each must match its expected digest."""
     from ..formats import format_for_config, module_qconfig
+    from ..formats.reading import quantized_modules
     from ..models.load import CheckpointReader
 
     with CheckpointReader(folder) as reader:
         qconfig = reader.config["quantization_config"]
         fmt = format_for_config(qconfig)
-        names = set(reader.names())
-        found = {n[: -len(m) - 1] for n in names for m in fmt.markers if n.endswith(f".{m}")}
+        modules = quantized_modules(reader.names(), fmt)
+        found = set(modules)
         if found != set(expected):
             missing = sorted(set(expected) - found) or sorted(found - set(expected))
             raise RunError(f"verification failed: the written checkpoint's quantized modules differ from the run's "
                            f"(first: {missing[0]})", "report it; nothing was written to the output")
         for prefix in sorted(found):
-            local = {t: f"{prefix}.{t}" for t in fmt.tensor_names if f"{prefix}.{t}" in names}
+            local = modules[prefix]
             qw = fmt.decode({t: reader.read(full) for t, full in local.items()}, module_qconfig(qconfig, prefix))
             if digest(qw) != expected[prefix]:
                 raise RunError(f"verification failed: {prefix} does not read back as it was quantized",

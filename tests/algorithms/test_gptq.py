@@ -1,22 +1,12 @@
 """GPTQ's solve against a float64 column-by-column reference, and its error against RTN."""
 import pytest
 import torch
-from reference import gptq_f64
+from reference import gptq_f64, make_layer
 
 from quantize_llm.algorithms.base import NotPositiveDefinite
 from quantize_llm.algorithms.gptq import GPTQOptions, gptq_quantize
 from quantize_llm.algorithms.rtn import rtn_quantize
 from quantize_llm.core.spec import QuantSpec
-
-
-def make_layer(out_features: int, in_features: int, tokens: int = 512, seed: int = 0):
-    """A weight and the Hessian X^T X of correlated inputs with uneven channel scales."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(in_features, in_features, generator=g) / in_features ** 0.5
-    x = torch.randn(tokens, in_features, generator=g) @ (torch.eye(in_features) + 0.9 * mix)
-    x = x * torch.linspace(0.2, 3.0, in_features)[torch.randperm(in_features, generator=g)]
-    w = torch.randn(out_features, in_features, generator=g) * 0.05
-    return w, x
 
 
 @pytest.mark.parametrize("bits,group_size,sym,act_order,static", [
@@ -77,9 +67,15 @@ def test_dead_columns_and_damping_escalation():
     singular[0, 0] = 50.0
     with pytest.raises(NotPositiveDefinite, match="not positive definite"):
         gptq_quantize(w, singular, QuantSpec(bits=4, group_size=32), GPTQOptions(damp_max=0.1))
-    rank1 = torch.outer(torch.arange(1.0, 65.0), torch.arange(1.0, 65.0))  # PSD, rank 1: damping suffices
+    rank1 = torch.outer(torch.arange(1.0, 65.0), torch.arange(1.0, 65.0))  # PSD, rank 1: the first damping suffices
     _, stats = gptq_quantize(w, rank1, QuantSpec(bits=4, group_size=32))
-    assert stats.damp >= 0.01
+    assert stats.damp == 0.01
+    # eigenvalue -0.5 (the 2x2 block [[1, 1.5], [1.5, 1]]), mean diagonal 1: positive definite from
+    # damping 0.5 on, so the doubling 0.01, 0.02, ... stops at 0.64
+    indefinite = torch.eye(64)
+    indefinite[1, 2] = indefinite[2, 1] = 1.5
+    _, stats = gptq_quantize(w, indefinite, QuantSpec(bits=4, group_size=32))
+    assert stats.damp == 0.64
 
 
 def test_inputs_are_not_modified():

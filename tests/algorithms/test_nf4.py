@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from reference import make_layer
 
 from quantize_llm.algorithms.nf4 import NF4, NF4Options, nf4_gptq_quantize, nf4_quantize
 from quantize_llm.core import nf4codes
@@ -155,16 +156,6 @@ def test_options_and_algorithm_checks():
 
 
 # ---- GPTQ rounding --------------------------------------------------------------------------------
-
-def make_layer(out_features: int, in_features: int, tokens: int = 512, seed: int = 0):
-    """A weight and correlated inputs with uneven channel scales (as in test_gptq.py)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(in_features, in_features, generator=g) / in_features ** 0.5
-    x = torch.randn(tokens, in_features, generator=g) @ (torch.eye(in_features) + 0.9 * mix)
-    x = x * torch.linspace(0.2, 3.0, in_features)[torch.randperm(in_features, generator=g)]
-    w = torch.randn(out_features, in_features, generator=g) * 0.05
-    return w, x
-
 
 def gptq_onto_grid_f64(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, table: torch.Tensor,
                        damp: float = 0.01) -> torch.Tensor:

@@ -9,12 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from quantize_llm.calibration.data import (CalibrationSet, CalibrationSpec, generate_self, load_calibration,
-                                           read_documents, same_file, select_samples)
-from quantize_llm.errors import SpecError, UsageError
-
 from conftest import SHARED, byte_tokenizer
+
+from quantize_llm.calibration.data import (
+    CalibrationSet,
+    CalibrationSpec,
+    generate_self,
+    load_calibration,
+    read_documents,
+    same_file,
+    select_samples,
+)
+from quantize_llm.errors import SpecError, UsageError
 
 C4 = SHARED / "data" / "c4" / "c4_validation_2k.parquet"
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"

@@ -57,21 +57,25 @@ def test_round_trip(bits, sym, group_size):
 
 
 def test_config_validates_with_compressed_tensors():
-    ct = pytest.importorskip("compressed_tensors")
+    pytest.importorskip("compressed_tensors")
     from compressed_tensors.quantization import QuantizationConfig
 
-    for spec in (QuantSpec(bits=4, group_size=128, sym=True), QuantSpec(bits=8, group_size=-1, sym=False)):
+    for spec, group_size, strategy in ((QuantSpec(bits=4, group_size=128, sym=True), 128, "group"),
+                                       (QuantSpec(bits=8, group_size=-1, sym=False), None, "channel")):
         config = CT.quantization_config(ConfigFacts(spec, [], meta={"x": 1}, dense_modules=["lm_head"]))
         assert config["ignore"] == ["lm_head"] and "meta" in config
         parsed = QuantizationConfig.model_validate({k: v for k, v in config.items() if k not in ("meta", "version", "sparsity_config", "transform_config")})
+        assert parsed.format == "pack-quantized" and parsed.config_groups["group_0"].targets == ["Linear"]
         weights = parsed.config_groups["group_0"].weights
         assert (weights.num_bits, weights.symmetric) == (spec.bits, spec.sym)
-        assert ct is not None
+        assert (weights.type, weights.group_size, weights.strategy) == ("int", group_size, strategy)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(bits=3), QuantSpec(bits=4, act_order=True)])
-def test_unsupported_specs(spec):
-    assert CT.supports(spec) is not None
+@pytest.mark.parametrize("spec, reason", [(QuantSpec(bits=3), "use 4 or 8 bits"),
+                                          (QuantSpec(bits=4, act_order=True), "act-order groups cannot be stored")])
+def test_unsupported_specs(spec, reason):
+    assert reason in CT.supports(spec)
+    assert CT.supports(spec.replace(bits=4, act_order=False)) is None
 
 
 def test_shape_checks():

@@ -9,10 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from conftest import build_tiny
 from hostile_harness import assert_untouched, half_written, refused, run_cli, tree
+from safetensors.torch import load_file, save_file
 
 CAL = ["--dataset", "{home}/calib.txt", "--nsamples", "4", "--seqlen", "32"]
 Q = "model.layers.0.self_attn.q_proj"
@@ -164,9 +163,8 @@ def test_the_suggested_keep_dense_is_the_fix(world, capsys):
 
 def test_self_calibration_on_nan_weights_is_refused(world, capsys):
     """Self-generated calibration loads the model through transformers before any block is read."""
-    from safetensors.torch import load_file, save_file
-
     from hostile_harness import refused
+    from safetensors.torch import load_file, save_file
 
     path = world / "model" / "model.safetensors"
     tensors = load_file(path)

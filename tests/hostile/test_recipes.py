@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from hostile_harness import refused, run_cli, tree
 
 JOB = 'model = "{home}/model"\noutput = "{home}/out"\nmethod = "{method}"\ngroup_size = 32\n'

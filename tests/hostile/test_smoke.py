@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from hostile_harness import assert_untouched, half_written, refused, run_cli, tree
 
 

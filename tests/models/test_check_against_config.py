@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ARCHS
 from safetensors.torch import load_file, save_file
 
-from conftest import ARCHS
 from quantize_llm.errors import CheckpointError, ModelError
 from quantize_llm.models.load import CheckpointReader, build_skeleton, check_against_config
 

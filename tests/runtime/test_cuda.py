@@ -13,10 +13,10 @@ import warnings
 
 import pytest
 import torch
+from runtime.test_ops import make_args
 
 from quantize_llm.runtime import cuda
 from quantize_llm.runtime.reference import dequant_matmul_reference, dequantize_packed, nf4_matmul_reference
-from runtime.test_ops import make_args
 
 NAMES = [f"gemv_b{b}_m{m}_{d}" for b in (4, 8) for m in cuda.GEMV_BUCKETS for d in ("f16", "bf16", "f32")] + \
         [f"dequant_b{b}_{d}" for b in (4, 8) for d in ("f16", "bf16", "f32")] + \
@@ -290,8 +290,9 @@ def test_cuda_status_and_loader(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("method", [["rtn", "--bits", "4"], ["rtn", "--bits", "8", "--asym"], ["nf4"]])
 def test_a_model_on_the_kernels_matches_the_pytorch_path(tiny_model, tmp_path, method):
-    from quantize_llm.runtime.load import load_quantized
     from test_cli import cli
+
+    from quantize_llm.runtime.load import load_quantized
 
     assert cli(*method[:1], tiny_model("llama"), "-o", tmp_path / "q", *method[1:]) == 0
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3)).cuda()

@@ -23,8 +23,8 @@ from runtime.test_ops import make_args
 from quantize_llm.algorithms.rtn import rtn_quantize
 from quantize_llm.core.spec import QuantSpec
 from quantize_llm.runtime import cuda
-from quantize_llm.runtime.reference import dequant_matmul_reference, dequantize_packed, nf4_matmul_reference
 from quantize_llm.runtime.qlinear import QuantLinear
+from quantize_llm.runtime.reference import dequant_matmul_reference, dequantize_packed, nf4_matmul_reference
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")

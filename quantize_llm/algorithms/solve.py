@@ -1,0 +1,187 @@
+"""GPTQ's error-feedback solve (Frantar et al., ICLR 2023), written once for every method that
+rounds with it: gptq on its integer grid, nf4 --rounding gptq on the fixed NF4/FP4 grid, and
+through gptq_quantize awq --then gptq and outlier --inner gptq.
+
+Columns are rounded one at a time; each column's rounding error, divided by the pivot of the
+upper Cholesky factor U of H^-1 (H = X^T X, the Hessian of the layer's inputs), is taken off the
+columns not yet rounded in proportion to U's row. How a column is rounded is the caller's: a
+`Grid`. Here live the pieces around it: the solver's options, the Hessian's accumulation, its
+dead inputs, its damped factorization and the output error ||WX - QX|| / ||WX|| measured from it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import SpecError
+from .base import HessianNotFinite, NotPositiveDefinite
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """The solve's options, one definition for the four methods that use it.
+
+    GPTQOptions, AWQOptions (then="gptq"), NF4Options (rounding="gptq") and OutlierOptions
+    (inner="gptq") carry these as fields of their own, under these names and with these defaults
+    (they are recipe keys, and the options recorded in config.json), and check them through
+    `SolverOptions.of`. AWQOptions and OutlierOptions have no damp_max: theirs is the default.
+    """
+
+    block_size: int = 128          # columns per lazy-update block (not the quantization group)
+    damp: float = 0.01             # added to diag(H), as a fraction of mean(diag(H))
+    damp_max: float = 1.0          # damping is doubled after a failed Cholesky, up to this bound
+    true_sequential: bool = True   # quantize q/k/v, then o, then gate/up, then down, re-running between
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise SpecError(f"--block-size {self.block_size} must be at least 1", "128 is typical")
+        if not 0 < self.damp_max <= 1:
+            raise SpecError(f"damp_max {self.damp_max} must be in (0, 1]",
+                            "1.0 is the default: a failed Cholesky doubles the damping up to it")
+        if not 0 < self.damp <= self.damp_max:
+            raise SpecError(f"--damp {self.damp} must be in (0, {self.damp_max:g}]", "0.01 is typical")
+
+    @classmethod
+    def of(cls, options: Any) -> "SolverOptions":
+        """The solver options of a method's Options (checked: SpecError when out of bounds)."""
+        return cls(options.block_size, options.damp, getattr(options, "damp_max", cls.damp_max),
+                   options.true_sequential)
+
+
+@dataclass(frozen=True)
+class SolveStats:
+    damp: float                    # damping fraction finally used
+    dead_columns: int              # inputs that never fired (diag(H) == 0), quantized as zeros
+    seconds: float
+    kept: Tensor | None = None     # with an outlier mask: the masked weights' final values (out, in), 0 elsewhere
+
+
+def accumulate_hessian(hessians: dict[str, Tensor], name: str, x: Tensor) -> None:
+    """hessians[name] += X^T X in float32 for inputs x (..., in); created on first use, on x's device.
+
+    Inputs from other devices (a run spread over several) are moved to the sum's device first, so
+    every batch's term is formed and added by the same operation, in batch order, wherever it ran."""
+    x = x.reshape(-1, x.shape[-1]).float()                              # (tokens, in)
+    h = hessians.get(name)
+    if h is None:
+        h = hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+    x = x.to(h.device)
+    h.addmm_(x.t(), x)
+
+
+def drop_dead_inputs(h: Tensor, w: Tensor | None = None) -> Tensor:
+    """In place: an input that never fired (diag(H) == 0) gets H_jj = 1 (any value would do:
+    nothing flows through it) and, in `w` (out, in) where given, zero weights (they are moot).
+    Returns the bool mask (in,) of those inputs."""
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    if w is not None:
+        w[:, dead] = 0.0
+    return dead
+
+
+def cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of H^-1 after damping; damping doubles on failure (returns the one used).
+
+    Raises HessianNotFinite for inf/NaN entries (overflowed inputs: no damping helps) and
+    NotPositiveDefinite when damp_max is reached."""
+    n, start = hessian.shape[0], damp
+    if not bool(torch.isfinite(hessian).all()):
+        raise HessianNotFinite.of()
+    mean_diag = float(torch.diagonal(hessian).mean())
+    while True:
+        h = hessian.clone()
+        h.diagonal().add_(damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)                         # (n, n) = H^-1
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, damp
+        if damp >= damp_max:
+            raise NotPositiveDefinite.of(n, damp, start)
+        damp = min(damp * 2, damp_max)
+
+
+def energy(d: Tensor, h: Tensor) -> float:
+    """tr(D H D^T) for D (out, in) and H = X^T X (in, in): ||D X^T||^2 without keeping X."""
+    return float(((d @ h) * d).sum())
+
+
+def output_error(w: Tensor, q: Tensor, h: Tensor) -> float:
+    """||WX - QX|| / ||WX|| for a weight `w` (out, in) and its dequantized `q`, from H = X^T X;
+    computed in w's dtype."""
+    h = h.to(w.device, w.dtype)
+    return math.sqrt(max(energy(w - q, h), 0.0) / max(energy(w, h), 1e-30))
+
+
+class Grid:
+    """How `feedback` rounds a column: the codes it stores and the values they dequantize to."""
+
+    # The arithmetic of the update: fused (addr_/addmm_, the pivot as a Python number) or separate
+    # products. They differ in the last bit; each grid keeps the one its checkpoints were made with.
+    fused: ClassVar[bool] = True
+
+    def block(self, i1: int, i2: int) -> None:
+        """Called before columns i1 .. i2-1 (processing order) are rounded."""
+
+    def round(self, j: int, col: Tensor, current: Callable[[int, int], Tensor]) -> Tensor:
+        """Store the codes of column j for its current values `col` (out,); return what they
+        dequantize to (out,). current(j, k): columns j .. j+k-1 as they stand now (every error
+        fed back so far applied; fewer at the right edge)."""
+        raise NotImplementedError
+
+
+@torch.no_grad()
+def feedback(w: Tensor, hinv: Tensor, block_size: int, grid: Grid, mask: Tensor | None = None) -> Tensor | None:
+    """Round the columns of `w` (out, in) in order with error feedback, updating `w` in place.
+
+    hinv (in, in): the upper Cholesky factor U of H^-1, in the same column order. Columns go in
+    lazy blocks of `block_size`: the error of a block reaches the columns after it in one matrix
+    product. mask (out, in) bool: weights kept exactly (the grid stores what it likes there), which
+    feed back no error; their final values, error received included, are returned (0 elsewhere).
+    """
+    n = w.shape[1]
+    kept = torch.zeros_like(w) if mask is not None else None
+    fused = grid.fused
+    pivots = torch.diagonal(hinv).tolist() if fused else torch.diagonal(hinv)   # plain floats: no syncs
+    i1 = i2 = 0
+    w1 = err1 = w
+
+    def current(j: int, k: int) -> Tensor:
+        cols = w1[:, j - i1:j - i1 + k]
+        beyond = min(j + k, n) - i2
+        if beyond > 0:   # past the block these columns still lack its errors (the lazy update)
+            late = w[:, i2:i2 + beyond] - err1[:, :j - i1] @ hinv[i1:j, i2:i2 + beyond]
+            cols = torch.cat([cols, late], dim=1)
+        return cols
+
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1 = w[:, i1:i2].clone()                                        # (out, b)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        grid.block(i1, i2)
+        for i in range(i2 - i1):
+            j = i1 + i
+            col = w1[:, i]
+            err = (col - grid.round(j, col, current)).div_(pivots[j])
+            if mask is not None:
+                m = mask[:, j]
+                kept[:, j] = torch.where(m, col, 0.0)
+                err = err.masked_fill(m, 0.0)
+            if fused:
+                w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)            # rank-1 update of the block
+            else:
+                w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        if fused:
+            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)          # lazy update of the rest
+        else:
+            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return kept

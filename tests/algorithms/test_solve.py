@@ -1,0 +1,125 @@
+"""The shared error-feedback solve: its loop against a naive column-by-column float64 loop, its
+output error against ||WX - QX|| / ||WX|| computed from X, and one set of solver options."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from quantize_llm.algorithms.awq import AWQOptions
+from quantize_llm.algorithms.gptq import GPTQOptions
+from quantize_llm.algorithms.nf4 import NF4Options
+from quantize_llm.algorithms.outlier import OutlierOptions
+from quantize_llm.algorithms.solve import Grid, drop_dead_inputs, feedback, output_error
+from quantize_llm.errors import SpecError
+
+STEP = 0.1
+
+
+class Tenths(Grid):
+    """Round to the nearest multiple of 0.1 (a grid independent of every method's)."""
+
+    def __init__(self, w: torch.Tensor, fused: bool) -> None:
+        self.fused = fused
+        self.codes = torch.zeros_like(w)
+
+    def round(self, j, col, current):
+        self.codes[:, j] = torch.round(col / STEP)
+        return self.codes[:, j] * STEP
+
+
+def layer(out_features: int = 12, in_features: int = 40, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, in_features, generator=g, dtype=torch.float64) @ (
+        torch.eye(in_features, dtype=torch.float64) + 0.3 * torch.randn(in_features, in_features, generator=g,
+                                                                           dtype=torch.float64))
+    w = torch.randn(out_features, in_features, generator=g, dtype=torch.float64) * 0.3
+    return w, x
+
+
+def naive(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor):
+    """Frantar et al. 2023, Alg. 1 without lazy blocks: explicit inverse, one column at a time."""
+    w = w.clone()
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    q, kept = torch.zeros_like(w), torch.zeros_like(w)
+    for j in range(w.shape[1]):
+        q[:, j] = torch.round(w[:, j] / STEP) * STEP
+        kept[:, j] = torch.where(mask[:, j], w[:, j], 0.0)
+        err = torch.where(mask[:, j], 0.0, (w[:, j] - q[:, j]) / u[j, j])
+        w[:, j:] -= err[:, None] * u[j, j:][None, :]
+    return q, kept
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("block_size", [1, 7, 40, 128])
+def test_feedback_matches_the_columnwise_loop(fused: bool, block_size: int) -> None:
+    w, x = layer()
+    h = x.t() @ x
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) < 0.1
+    want_q, want_kept = naive(w, h, mask)
+    work = w.clone()
+    grid = Tenths(w, fused)
+    kept = feedback(work, torch.linalg.cholesky(torch.linalg.inv(h), upper=True), block_size, grid, mask)
+    torch.testing.assert_close(grid.codes * STEP, want_q, rtol=0, atol=1e-12)
+    torch.testing.assert_close(kept, want_kept, rtol=0, atol=1e-12)
+
+
+def test_output_error_is_the_relative_error_of_the_outputs() -> None:
+    w, x = layer()
+    q = torch.round(w / STEP) * STEP
+    want = torch.linalg.norm(x @ w.t() - x @ q.t()) / torch.linalg.norm(x @ w.t())
+    assert output_error(w, q, x.t() @ x) == pytest.approx(float(want), rel=1e-9)
+    assert output_error(w.float(), q.float(), (x.t() @ x).float()) == pytest.approx(float(want), rel=1e-4)
+
+
+def test_dead_inputs_get_a_unit_diagonal_and_zero_weights() -> None:
+    h = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 3.0]])
+    w = torch.ones(2, 3)
+    assert drop_dead_inputs(h, w).tolist() == [False, True, False]
+    assert h.tolist() == [[2.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 3.0]]
+    assert w.tolist() == [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
+
+
+SOLVER_OPTIONS = [GPTQOptions, AWQOptions, NF4Options, OutlierOptions]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"damp": 0}, "--damp 0 must be in (0, 1] (0.01 is typical)"),
+    ({"damp": 1.5}, "--damp 1.5 must be in (0, 1] (0.01 is typical)"),
+    ({"damp": float("nan")}, "--damp nan must be in (0, 1] (0.01 is typical)"),
+    ({"block_size": 0}, "--block-size 0 must be at least 1 (128 is typical)"),
+])
+@pytest.mark.parametrize("cls", SOLVER_OPTIONS, ids=lambda c: c.__name__)
+def test_every_method_bounds_the_solver_options_alike(cls, kwargs: dict, message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        cls(**kwargs)
+    assert info.value.one_line() == message
+
+
+@pytest.mark.parametrize("cls", SOLVER_OPTIONS, ids=lambda c: c.__name__)
+def test_the_bounds_are_inclusive_at_one(cls) -> None:
+    assert cls(damp=1.0, block_size=1).damp == 1.0
+
+
+def test_damp_max_lowers_the_bound_where_it_is_an_option() -> None:
+    for cls in (GPTQOptions, NF4Options):
+        with pytest.raises(SpecError, match=r"^--damp 0\.2 must be in \(0, 0\.1\]"):
+            cls(damp=0.2, damp_max=0.1)
+
+
+def test_option_names_and_defaults_are_the_recipe_keys() -> None:
+    """Recipes and the options recorded in config.json use these names: they must not move."""
+    def fields(cls):
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+    assert fields(GPTQOptions) == {"block_size": 128, "damp": 0.01, "damp_max": 1.0, "static_groups": False,
+                                   "true_sequential": True, "clip": "mse"}
+    assert fields(NF4Options) == {"rounding": "nearest", "block_size": 128, "damp": 0.01, "damp_max": 1.0,
+                                  "true_sequential": True}
+    assert fields(AWQOptions) == {"grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5, "search_samples": 16,
+                                  "duo_scaling": False, "then": "rtn", "damp": 0.01, "block_size": 128,
+                                  "true_sequential": True}
+    assert fields(OutlierOptions) == {"inner": "rtn", "mode": "weight", "fraction": None, "threshold": None,
+                                      "calibrated": False, "clip": "minmax", "damp": 0.01, "block_size": 128,
+                                      "true_sequential": True}
+    assert list(fields(GPTQOptions)) == ["block_size", "damp", "damp_max", "static_groups", "true_sequential", "clip"]
