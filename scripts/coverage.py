@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout: import this checkout's package
     sys.path.insert(0, str(ROOT))
 
-SCRIPT_VERSION = 1  # bump when the shrinking or the checks change: cached builds and results are keyed by it
+SCRIPT_VERSION = 2  # bump when the shrinking or the checks change: cached builds and results are keyed by it
 
 # ---------------------------------------------------------------------------------------------
 # Tiny sizes
@@ -190,7 +190,7 @@ OTHER_LAYER_COUNTS = re.compile(r"(encoder|decoder)_layers|num_(encoder|decoder)
                                 r"|n_recurrent_layers|conf_num_hidden_layers|resampler_depth|num_global_layers"
                                 r"|num_layers_per_stack|n_(input|output)_layers|aligner_num_add_layers")
 # An integer that repeats a layer kind every v layers (need >= v layers to see the pattern).
-PERIODIC = re.compile(r".*(period|_step|interval|every_n_layers|pattern|frequency|_freq|_every)")
+PERIODIC = re.compile(r".*(period|_step|interval|every_n_layers|pattern|frequency|_freq|_every|_per_.*block)")
 OFFSET = re.compile(r".*_offset")
 # Sub-configs of towers other than the text decoder.
 TOWER = re.compile(r".*(vision|visual|audio|speech|image|video|encoder|vq|perceiver|resampler|conformer).*")
@@ -302,10 +302,13 @@ def _shrink_layers(d: dict, orig: dict, cap: int) -> None:
         elif isinstance(v, int) and not isinstance(v, bool) and isinstance(k, str) and "layer" in k \
                 and k not in LAYER_COUNT_KEYS and rule_for(k) is None \
                 and not OTHER_LAYER_COUNTS.fullmatch(k) and not PERIODIC.fullmatch(k):
-            # a layer index or count inside the stack (max_window_layers, moe_layer_end_index, ...)
-            if v == layers:
+            # a count of layers (num_kv_shared_layers) keeps its share of the stack; a layer index
+            # (max_window_layers, moe_layer_end_index, ...) stays inside it
+            if re.fullmatch(r"(num|n)_.*layers", k):
+                d[k] = 0 if v <= 0 else min(n - 1, max(1, round(v * n / layers)))
+            elif v == layers:
                 d[k] = n
-            elif v == layers - 1 or v >= n:
+            elif v >= n:
                 d[k] = n - 1
 
 
@@ -642,7 +645,10 @@ def tiny_config(arch: Architecture, max_layers: int = MAX_LAYERS) -> Any:
     if config_cls is None:
         raise TypeError(f"{arch.name} names no config_class")
     default = config_cls()
-    return shrink_config(default, max_layers=max_layers, defaults=modeling_defaults(cls, default))
+    config = shrink_config(default, max_layers=max_layers, defaults=modeling_defaults(cls, default))
+    if "causal-lm" in arch.tasks and getattr(config, "is_decoder", None) is False:
+        config.is_decoder = True  # encoder families' causal-LM heads (Bert, Reformer, ...) as decoders
+    return config
 
 
 def config_key(config: Any) -> str:
@@ -679,6 +685,20 @@ def build(arch: Architecture, folder: Path, max_layers: int = MAX_LAYERS) -> dic
     byte_tokenizer().save_pretrained(folder)
     marker.write_text(json.dumps(record, indent=1, default=str))
     return record
+
+
+def default_config_note(arch: Architecture) -> str:
+    """" (the default config fails too: ...)" when the untouched default config cannot build the model
+    either (on the meta device, no memory): the failure is then transformers' default, not the shrinking."""
+    import torch
+
+    try:
+        cls = model_class(arch.name)
+        with torch.device("meta"):
+            cls(cls.config_class())
+    except Exception as exc:  # noqa: BLE001
+        return f" (the default config fails too: {type(exc).__name__})"
+    return ""
 
 
 def forward(model: Any) -> dict:
@@ -927,7 +947,7 @@ def check_architecture(arch: Architecture, cache: Path, methods: list[str], max_
     try:
         info = build(arch, folder, max_layers)
     except Exception as exc:  # noqa: BLE001
-        rec.build_reason = crash_reason(exc)
+        rec.build_reason = crash_reason(exc) + default_config_note(arch)
         try:
             rec.kinds = kinds(arch, tiny_config(arch, max_layers))
         except Exception:  # noqa: BLE001
