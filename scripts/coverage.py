@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout: import this checkout's package
     sys.path.insert(0, str(ROOT))
 
-SCRIPT_VERSION = 2  # bump when the shrinking or the checks change: cached builds and results are keyed by it
+SCRIPT_VERSION = 3  # bump when the shrinking or the checks change: cached builds and results are keyed by it
 
 # ---------------------------------------------------------------------------------------------
 # Tiny sizes
@@ -573,6 +573,8 @@ HYBRID_CONFIG = re.compile(r"mamba_.*|.*ssm_.*|linear_(num|key|value|conv).*|.*c
                            r"|short_conv.*|rescale_every|.*recurrent.*|state_size|ssm_state_size")
 HYBRID_MODULE = re.compile(r"Mamba|Ssm|SSM|GatedDeltaNet|DeltaNet|LinearAttention|LinearAttn|ShortConv|Recurrent"
                            r"|Rwkv|RWKV|Lstm|LSTM|Rglru|RgLru|Lightning|CausalConv|Conv1d|xLSTM|Mlstm|Slstm")
+# Sub-configs that make a model multimodal (a byte-level encoder or a perceiver alone does not).
+MEDIA_CONFIG = re.compile(r".*(vision|visual|audio|speech|image|video|vq).*")
 TOWER_MODULE = re.compile(r".*(vision|visual|audio|image|video|speech|multi_modal|mm_projector|vqmodel|vq_model"
                           r"|patch_embed|encoder|merger|resampler|connector|projector).*", re.IGNORECASE)
 
@@ -584,8 +586,9 @@ def kinds(arch: Architecture, config: Any | None, model: Any | None = None) -> d
         multimodal = True
     if config is not None:
         for path, cfg in sub_configs(config).items():
-            tower = bool(path) and bool(TOWER.fullmatch(path.split(".")[-1]))
-            multimodal |= tower and path.split(".")[-1] != "text_config"
+            last = path.split(".")[-1]
+            tower = bool(path) and bool(TOWER.fullmatch(last)) and last != "text_config"
+            multimodal |= bool(path) and bool(MEDIA_CONFIG.fullmatch(last))
             if tower:
                 continue
             for key, value in vars(cfg).items():
@@ -1032,7 +1035,7 @@ def run_isolated(arch: Architecture, cache: Path, methods: list[str], max_layers
         rec = Record(arch.name, arch.model_types, arch.tasks)
     if rec.stage != "done":
         what = "timeout" if status == "timeout" else "crash"
-        reason = (f"no result after {timeout:.0f} s" if status == "timeout"
+        reason = (f"no result after {timeout:g} s" if status == "timeout"
                   else f"the child process died ({_status_text(status)})")
         stage = rec.stage or "build"
         if stage == "build":
@@ -1040,6 +1043,9 @@ def run_isolated(arch: Architecture, cache: Path, methods: list[str], max_layers
         else:
             method = stage.split(":")[0]
             rec.methods[method] = asdict(MethodResult(method, result=what, reason=f"{reason} at {stage}"))
+            for later in methods:
+                if later not in rec.methods:
+                    rec.methods[later] = asdict(MethodResult(later, reason=f"not run: {what} at {method}"))
         rec.stage = "done"
         rec.seconds = time.monotonic() - start
         save(rec)
@@ -1107,7 +1113,7 @@ def table_rows(records: list[Record], methods: list[str], build_only: bool) -> l
                 "multimodal": rec.kinds.get("multimodal", False), "method": method or "-",
                 "built": rec.built, "forward": rec.forward, "quantized": m.get("quantized", False),
                 "loaded": m.get("loaded", False),
-                "diff": diff.get("max_abs_diff"), "tol": diff.get("tol"),
+                "diff": diff.get("max_abs_diff"), "tol": diff.get("tol"), "quant_error": m.get("quant_error"),
                 "stock": None if m.get("stock") is None else m["stock"].get("ok"),
                 "result": result, "reason": reason})
     return rows
@@ -1133,24 +1139,36 @@ def print_table(rows: list[dict], out: Any = sys.stdout, reason_width: int = 110
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip(), file=out)
 
 
+KIND_FLAGS = ("dense", "moe", "hybrid", "multimodal")
+STAGE_RESULTS = ("build-fail", "forward-fail", "built", "skipped")
+
+
+def _has_kind(kind: str, flags: dict[str, bool], label: str) -> bool:
+    return label == "dense" if kind == "dense" else bool(flags.get(kind))
+
+
 def summary(records: list[Record], rows: list[dict]) -> dict:
     from collections import Counter
 
-    by_kind: dict[str, Counter] = {}
-    for r in rows:
-        for flag in ("dense", "moe", "hybrid", "multimodal"):
-            if (flag == "dense" and r["kind"] == "dense") or r.get(flag):
-                by_kind.setdefault(flag, Counter())[f"{r['method']}:{r['result']}"] += 1
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by_kind: dict[str, dict] = {}
+    for kind in KIND_FLAGS:
+        recs = [rec for rec in records if _has_kind(kind, rec.kinds, rec.kind)]
+        entry: dict[str, Any] = {"architectures": len(recs), "built": sum(rec.built for rec in recs),
+                                 "forward": sum(rec.built and rec.forward for rec in recs)}
+        for m in methods:
+            entry[m] = dict(Counter(r["result"] for r in rows if r["method"] == m
+                                    and _has_kind(kind, r, r["kind"]) and r["result"] not in STAGE_RESULTS))
+        by_kind[kind] = entry
     reasons = Counter(_reason_shape(r["reason"]) for r in rows
-                      if r["result"] not in ("pass", "build-fail", "forward-fail", "built", "skipped"))
+                      if r["result"] not in ("pass", *STAGE_RESULTS))
     return {
         "architectures": len(records),
         "built": sum(rec.built for rec in records),
         "forward": sum(rec.built and rec.forward for rec in records),
         "kinds": dict(Counter(rec.kind for rec in records)),
-        "by_method": {m: dict(Counter(r["result"] for r in rows if r["method"] == m))
-                      for m in dict.fromkeys(r["method"] for r in rows)},
-        "by_kind": {k: dict(sorted(v.items())) for k, v in by_kind.items()},
+        "by_method": {m: dict(Counter(r["result"] for r in rows if r["method"] == m)) for m in methods},
+        "by_kind": by_kind,
         "build_failures": dict(Counter(_reason_shape(rec.build_reason or rec.forward_reason) for rec in records
                                        if not (rec.built and rec.forward)).most_common(15)),
         "tool_failures": dict(reasons.most_common(15)),
@@ -1174,9 +1192,15 @@ def print_summary(s: dict, seconds: float, out: Any = sys.stdout) -> None:
     for method, counts in s["by_method"].items():
         print(f"{method}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])),
               file=out)
-    print("by kind (method:result count):", file=out)
-    for kind, counts in s["by_kind"].items():
-        print(f"  {kind}: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=out)
+    print("by kind (a row can count under several kinds; results of the models that ran a forward pass):",
+          file=out)
+    for kind, e in s["by_kind"].items():
+        if not e["architectures"]:
+            continue
+        results = "; ".join(f"{m} " + ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: -kv[1]))
+                            for m, c in e.items() if isinstance(c, dict))
+        print(f"  {kind:<10} {e['architectures']:4d} archs, {e['built']:4d} built, {e['forward']:4d} forward"
+              f"{': ' + results if results else ''}", file=out)
     if s["build_failures"]:
         print("most common build/forward failures:", file=out)
         for reason, n in s["build_failures"].items():
@@ -1196,6 +1220,14 @@ def select(archs: list[Architecture], only: list[str] | None) -> list[Architectu
     if missing:
         raise SystemExit(f"unknown architecture or model type: {', '.join(sorted(missing))}")
     return chosen
+
+
+def _config_kind_may_be(arch: Architecture, kind: str, max_layers: int) -> bool:
+    try:
+        flags = kinds(arch, tiny_config(arch, max_layers))
+    except Exception:  # noqa: BLE001  (it will fail to build: keep it, the sweep says why)
+        return True
+    return kind == "dense" or flags[kind]  # a dense-looking config may still build expert modules
 
 
 def preload() -> None:
@@ -1247,11 +1279,13 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.monotonic()
     archs = select(architectures(), args.only)
+    if args.kind:  # a first guess from the tiny config; the built model's modules decide below
+        archs = [a for a in archs if _config_kind_may_be(a, args.kind, args.max_layers)]
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     records = sweep(archs, args.cache.expanduser(), args.methods, args.max_layers, args.build_only, args.timeout,
                     args.fresh, log)
     if args.kind:
-        records = [r for r in records if (args.kind == "dense" and r.kind == "dense") or r.kinds.get(args.kind)]
+        records = [r for r in records if _has_kind(args.kind, r.kinds, r.kind)]
     seconds = time.monotonic() - start
     rows = table_rows(records, args.methods, args.build_only)
     print_table(rows)
