@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 RECORD = Path(__file__).with_name("cli_options.json")
 
 
@@ -70,3 +72,40 @@ def test_the_five_methods_share_the_run_options():
         seen = [table[c][flags] for c in ("gptq", "awq", "outlier", "nf4")]
         assert all(s == seen[0] for s in seen), flags
         assert flags not in table["rtn"]
+
+
+SHARED_ARGS = ["--device", "cpu", "--overwrite", "--no-resume", "--eval-windows", "3", "--push-to-hub", "me/model",
+               "--strict-vllm", "--no-verify", "--max-shard-size", "1GB", "--keep-dense", "down_proj",
+               "--log-json", "events.jsonl"]
+CALIBRATION_ARGS = ["--dataset", "calib.txt", "--nsamples", "3", "--seqlen", "16", "--seed", "5", "--text-column",
+                    "body", "--batch-size", "2", "--damp", "0.02", "--block-size", "64", "--no-true-sequential"]
+COMMANDS = {"rtn": ["--clip", "mse"], "gptq": ["--act-order", *CALIBRATION_ARGS],
+            "awq": ["--then", "gptq", *CALIBRATION_ARGS], "outlier": ["--inner", "gptq", *CALIBRATION_ARGS],
+            "nf4": ["--rounding", "gptq", *CALIBRATION_ARGS]}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_each_option_reaches_the_job_under_its_own_name(command, tmp_path, monkeypatch):
+    """Every shared option, set away from its default, arrives in the job the command runs."""
+    from test_cli import cli
+
+    import quantize_llm.cli.quantize as commands
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_text("some text")
+    ran = []
+    monkeypatch.setattr(commands, "run_job", lambda job, log_json: ran.append((job, log_json)))
+    assert cli(command, "model-folder", "-o", "out", "--eval", "text.txt", *SHARED_ARGS, *COMMANDS[command]) == 0
+    (job, log_json), = ran
+    assert (job.model, job.output, job.spec.method, log_json) == ("model-folder", Path("out"), command,
+                                                                 Path("events.jsonl"))
+    assert (job.device, job.overwrite, job.resume, job.push_to_hub, job.strict_vllm, job.verify,
+            job.max_shard_size) == ("cpu", True, False, "me/model", True, False, "1GB")
+    assert (job.evaluation.dataset, job.evaluation.windows) == ("text.txt", 3)
+    assert job.spec.keep_dense == ("down_proj",)
+    if command == "rtn":
+        assert job.options.clip == "mse" and job.calibration is None
+        return
+    c = job.calibration
+    assert (c.source, c.nsamples, c.seqlen, c.seed, c.text_column, job.batch_size) == ("calib.txt", 3, 16, 5, "body", 2)
+    assert (job.options.damp, job.options.block_size, job.options.true_sequential) == (0.02, 64, False)
