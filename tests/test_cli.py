@@ -301,3 +301,28 @@ def test_ctrl_c_removes_the_temporary_folder(tmp_path):
     assert proc.wait(timeout=60) == 130, err
     assert err.strip().splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+# ---- what goes where: stdout, stderr and the noise of the libraries underneath ----------------------
+
+def test_log_json_dash_leaves_stdout_to_the_json_events(tiny_model, tmp_path, calib_file, capsys):
+    """With --log-json -, every stdout line parses as a JSON event and the results go to stderr."""
+    src = tiny_model("llama")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[[jobs]]\nmodel = "{src}"\noutput = "{tmp_path / "job"}"\nmethod = "rtn"\ngroup_size = 32\n')
+    runs = [(["rtn", src, "-o", tmp_path / "rtn", "--group-size", 32], "wrote "),
+            (["gptq", src, "-o", tmp_path / "gptq", "--group-size", 32, "--dataset", calib_file, "--nsamples", 4,
+              "--seqlen", 32], "wrote "),
+            (["convert", tmp_path / "rtn", "-o", tmp_path / "ct", "--format", "compressed-tensors"], "converted "),
+            (["eval", tmp_path / "rtn", "--dataset", calib_file, "--seqlen", 64, "--windows", 2, "--baseline", src],
+             "KL to baseline"),
+            (["run", recipe, "--check"], "1 job(s)"),
+            (["run", recipe], "wrote ")]
+    for args, result in runs:
+        capsys.readouterr()
+        assert cli(*args, "--log-json", "-") == 0, args
+        captured = capsys.readouterr()
+        events = [json.loads(line) for line in captured.out.splitlines()]
+        assert all(isinstance(e, dict) and "event" in e for e in events), args
+        assert (events == []) == (args[-1] == "--check"), args              # --check runs nothing
+        assert result in captured.err, args

@@ -1,7 +1,8 @@
 """What the commands print as results: the run summary, AWQ's scale search, a checkpoint's modules,
 an evaluation and a recipe's jobs.
 
-Results go to stdout. Strings are printed as text, never as rich markup (they
+Results go to stdout, except under `--log-json -`, where stdout carries the JSON events only and the
+results go to stderr (`Results(log_json)`). Strings are printed as text, never as rich markup (they
 hold paths and names: `[/x]` must print as it is); styles come as `Text`.
 """
 from __future__ import annotations
@@ -18,13 +19,14 @@ from ..core.spec import QuantSpec
 
 
 class Results:
-    """A command's results, on stdout; wide enough off a terminal that names are never cut."""
+    """A command's results: stdout, or stderr when `--log-json -` writes the events to stdout. Wide
+    enough off a terminal that names are never cut."""
 
     def __init__(self, log_json: Path | str | None = None) -> None:
-        self.log_json = log_json
+        self.to_stderr = log_json is not None and str(log_json) == "-"
 
     def print(self, *args: Any, **kwargs: Any) -> None:
-        stream = sys.stdout
+        stream = sys.stderr if self.to_stderr else sys.stdout
         Console(file=stream, highlight=False, markup=False,
                 width=None if stream.isatty() else 200).print(*args, **kwargs)
 
