@@ -326,3 +326,53 @@ def test_log_json_dash_leaves_stdout_to_the_json_events(tiny_model, tmp_path, ca
         assert all(isinstance(e, dict) and "event" in e for e in events), args
         assert (events == []) == (args[-1] == "--check"), args              # --check runs nothing
         assert result in captured.err, args
+
+
+def test_the_noise_of_transformers_stays_out_of_our_progress_output(tiny_model, tmp_path):
+    """A run that loads the model with transformers and writes its own calibration text with it: its
+    stderr holds our lines only, no weight-loading bar, log line or deprecation warning of transformers."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-m", "quantize_llm", "gptq", str(tiny_model("llama")), "-o",
+                           str(tmp_path / "out"), "--group-size", "32", "--nsamples", "2", "--seqlen", "16"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for noise in ("Loading weights", "past_key_values", "Warning:", "[transformers]", "it/s]"):
+        assert noise not in proc.stderr, noise
+
+
+def test_quiet_transformers_restores_what_it_changed():
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from quantize_llm.cli.progress import quiet_transformers
+
+    saved = hf_logging.get_verbosity()
+    try:
+        for verbosity, bars in ((hf_logging.INFO, True), (hf_logging.WARNING, False)):
+            hf_logging.set_verbosity(verbosity)
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                filters = list(warnings.filters)
+                with quiet_transformers():
+                    assert hf_logging.get_verbosity() == hf_logging.ERROR and not hf_logging.is_progress_bar_enabled()
+                    warnings.warn("an argument is deprecated", FutureWarning, stacklevel=1)
+                    warnings.warn("ours", UserWarning, stacklevel=1)
+                warnings.warn("after", FutureWarning, stacklevel=1)
+                assert warnings.filters == filters
+            assert [str(w.message) for w in seen] == ["ours", "after"]
+            assert hf_logging.get_verbosity() == verbosity and hf_logging.is_progress_bar_enabled() == bars
+    finally:
+        hf_logging.set_verbosity(saved)
+        hf_logging.enable_progress_bar()
+
+
+def test_importing_the_command_line_changes_nothing_in_transformers():
+    code = ("import warnings, torch; from transformers.utils import logging as l; "   # torch adds filters of its own
+            "before = (l.get_verbosity(), l.is_progress_bar_enabled(), list(warnings.filters)); "
+            "import quantize_llm.cli; "
+            "assert (l.get_verbosity(), l.is_progress_bar_enabled(), list(warnings.filters)) == before")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -2,12 +2,17 @@
 
 Progress goes to stderr: a rich bar with ETA on a terminal, one plain line per block otherwise.
 `--log-json FILE` adds one JSON object per event and line (`-` = stdout), flushed as written.
+While a Reporter is open, transformers' own log lines, progress bars and warnings stay quiet
+(`quiet_transformers`): they are not ours to report.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,6 +34,37 @@ def open_log(path: Path) -> IO[str]:
                          "give a file in a writable folder") from None
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Within: transformers logs errors only and shows no progress bars of its own (weight loading,
+    shard writing), and deprecation warnings (FutureWarning, DeprecationWarning) and other Python
+    warnings raised from transformers are not shown. Everything is restored on exit. Download bars
+    of huggingface_hub stay as they were."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars, hub_bars = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
+                                 not are_progress_bars_disabled())
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()          # which turns huggingface_hub's off too
+    if hub_bars:
+        enable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category)
+            warnings.filterwarnings("ignore", module=r"transformers(\.|$)")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+            if not hub_bars:
+                from huggingface_hub.utils import disable_progress_bars
+
+                disable_progress_bars()
+
+
 class Reporter:
     """Callable event handler: `reporter(kind, data)`; use as a context manager."""
 
@@ -43,13 +79,16 @@ class Reporter:
         self.log: IO[str] | None = None
         self.log_path = log_json
         self.job = job                      # recipe job name, added to every JSON event
+        self.quiet = ExitStack()
 
-    def __enter__(self) -> "Reporter":
+    def __enter__(self) -> Reporter:
         if self.log_path is not None:
             self.log = sys.stdout if str(self.log_path) == "-" else open_log(Path(self.log_path))
+        self.quiet.enter_context(quiet_transformers())
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.quiet.close()
         if self.progress is not None:
             self.progress.stop()
         if self.log is not None and self.log is not sys.stdout:
@@ -66,8 +105,8 @@ class Reporter:
         total = data.get("total", data.get("blocks"))
         unit = data.get("unit", "blocks")
         if self.interactive:
-            self.progress = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"),
+            self.progress = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                                     MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"),
                                      TimeRemainingColumn(), console=self.console, transient=False)
             self.progress.start()
             self.task = self.progress.add_task(self.label, total=total)

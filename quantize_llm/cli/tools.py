@@ -87,9 +87,12 @@ def generate(model: ModelArg,
                                                 "CPU), float32, bfloat16, float16.")] = "auto",
              device: DeviceOpt = "auto") -> None:
     from ..eval.generate import generate as run_generate
+    from .progress import quiet_transformers
 
-    result = run_generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed, chat=chat, device=device, backend=backend, dtype=dtype, ignore_eos=ignore_eos)
+    with quiet_transformers():
+        result = run_generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed, chat=chat, device=device, backend=backend, dtype=dtype,
+                              ignore_eos=ignore_eos)
     out.print(result.text)
     Console(stderr=True, highlight=False).print(
         f"{result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
