@@ -338,6 +338,7 @@ def test_the_noise_of_transformers_stays_out_of_our_progress_output(tiny_model, 
     assert proc.returncode == 0, proc.stderr
     for noise in ("Loading weights", "past_key_values", "Warning:", "[transformers]", "it/s]"):
         assert noise not in proc.stderr, noise
+    assert "calibration text: 32/32 tokens written" in proc.stderr
 
 
 def test_quiet_transformers_restores_what_it_changed():
@@ -376,3 +377,30 @@ def test_importing_the_command_line_changes_nothing_in_transformers():
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_reporter_shows_the_calibration_text_being_written():
+    """calibration_text events: a line per tenth on plain stderr, a bar of its own on a terminal."""
+    import io
+
+    from quantize_llm.cli.progress import Reporter
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    start = {"blocks": 2, "model": "m", "output": "o", "device": "cpu"}
+    plain = io.StringIO()
+    with Reporter(stderr=plain, label="gptq") as report:
+        report("start", start)
+        for tokens in range(0, 101, 5):
+            report("calibration_text", {"tokens": tokens, "total": 100})
+    lines = [line for line in plain.getvalue().splitlines() if line.startswith("calibration text")]
+    assert lines == [f"calibration text: {t}/100 tokens written" for t in range(10, 101, 10)]
+    with Reporter(stderr=Terminal(), label="gptq") as report:
+        report("start", start)
+        report("calibration_text", {"tokens": 40, "total": 100})
+        bars = {task.description: task for task in report.progress.tasks}
+        assert (bars["gptq"].total, bars["gptq"].fields["unit"]) == (2, "blocks")
+        text = bars["calibration text"]
+        assert (text.completed, text.total, text.fields["unit"]) == (40, 100, "tokens")

@@ -80,6 +80,8 @@ class Reporter:
         self.log_path = log_json
         self.job = job                      # recipe job name, added to every JSON event
         self.quiet = ExitStack()
+        self.text_task = None               # the bar of self-generated calibration text
+        self.text_shown = 0                 # tenths of it reported on plain stderr
 
     def __enter__(self) -> Reporter:
         if self.log_path is not None:
@@ -106,10 +108,10 @@ class Reporter:
         unit = data.get("unit", "blocks")
         if self.interactive:
             self.progress = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
-                                     MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"),
-                                     TimeRemainingColumn(), console=self.console, transient=False)
+                                     MofNCompleteColumn(), TextColumn("{task.fields[unit]}"), TimeElapsedColumn(),
+                                     TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False)
             self.progress.start()
-            self.task = self.progress.add_task(self.label, total=total)
+            self.task = self.progress.add_task(self.label, total=total, unit=unit)
         else:
             self.stderr.write(f"{self.label} {data.get('model')} -> {data.get('output')}: {total} {unit} "
                               f"on {data.get('device')}\n")
@@ -141,6 +143,18 @@ class Reporter:
             self.progress.update(self.task, completed=data["from_block"])
         self.console.print(f"resuming: blocks 1-{data['from_block']} were finished by an earlier run "
                            f"(saved in {data['folder']})", highlight=False, soft_wrap=True, markup=False)
+
+    def _on_calibration_text(self, data: dict) -> None:
+        """Self-generated calibration text: `tokens` of `total` written so far."""
+        done, total = data["tokens"], data["total"]
+        if self.progress is not None:
+            if self.text_task is None:
+                self.text_task = self.progress.add_task("calibration text", total=total, unit="tokens")
+            self.progress.update(self.text_task, completed=done)
+        elif not self.interactive and 10 * done // total > self.text_shown:
+            self.text_shown = 10 * done // total
+            self.stderr.write(f"calibration text: {done}/{total} tokens written\n")
+            self.stderr.flush()
 
     def _on_window(self, data: dict) -> None:
         if self.progress is not None and self.task is not None:
