@@ -29,9 +29,9 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name)
 
 
-def fake_quantized_logits(src: Path, bits: int, group_size: int, sym: bool, ids: torch.Tensor,
-                          dense: str | None = None) -> torch.Tensor:
-    """Logits of the source model with every block Linear replaced by its float64 RTN reference."""
+def fake_quantized_model(src: Path, bits: int, group_size: int, sym: bool,
+                         dense: str | None = None) -> torch.nn.Module:
+    """The source model with every block Linear replaced by its float64 RTN reference."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -41,8 +41,14 @@ def fake_quantized_logits(src: Path, bits: int, group_size: int, sym: bool, ids:
             codes, scale, zero, _ = rtn_f64(w, bits, group_size, sym, 0 if sym else 1)
             g_idx = torch.arange(w.shape[1]) // (w.shape[1] if group_size == -1 else group_size)
             module.weight.data = dequant_f64(codes, scale, zero, g_idx).float()
+    return model
+
+
+def fake_quantized_logits(src: Path, bits: int, group_size: int, sym: bool, ids: torch.Tensor,
+                          dense: str | None = None) -> torch.Tensor:
+    """Logits of `fake_quantized_model` on ids."""
     with torch.no_grad():
-        return model(ids).logits
+        return fake_quantized_model(src, bits, group_size, sym, dense)(ids).logits
 
 
 ARCH_CASES = [("llama", 4, 32, True), ("llama-tied", 4, 64, False), ("mistral", 8, -1, True),
@@ -66,7 +72,8 @@ def test_rtn_writes_a_checkpoint_that_loads_to_the_fake_quantized_logits(tiny_mo
     torch.testing.assert_close(got, fake_quantized_logits(src, bits, group_size, sym, ids), rtol=0, atol=2e-5)
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qconfig == json.loads((out / "quantize_config.json").read_text())
-    assert (qconfig["bits"], qconfig["group_size"], qconfig["sym"], qconfig["quant_method"]) == (bits, group_size, sym, "gptq")
+    assert (qconfig["bits"], qconfig["group_size"], qconfig["sym"], qconfig["quant_method"]) == \
+        (bits, group_size, sym, "gptq")
     assert qconfig["checkpoint_format"] == qconfig["format"] == "gptq" and qconfig["desc_act"] is False
     assert leftovers(tmp_path) == []
 
@@ -124,7 +131,8 @@ def test_keep_dense_and_uneven_skips(tiny_model, tmp_path):
 
     src = tiny_model("llama")
     out = tmp_path / "out"
-    assert cli("rtn", src, "-o", out, "--keep-dense", r"mlp\.down_proj", "--keep-dense", r"layers\.1\.self_attn\.o_proj") == 0
+    assert cli("rtn", src, "-o", out, "--keep-dense", r"mlp\.down_proj",
+               "--keep-dense", r"layers\.1\.self_attn\.o_proj") == 0
     with safe_open(out / "model.safetensors", "pt") as f:
         names = set(f.keys())
     assert "model.layers.0.mlp.down_proj.weight" in names and "model.layers.0.mlp.down_proj.qweight" not in names
@@ -151,7 +159,8 @@ def test_inspect_reports_modules_and_bits_per_weight(tiny_model, tmp_path, capsy
     assert cli("inspect", out) == 0
     text = capsys.readouterr().out
     # 4 bits + fp16 scale/32 + 4-bit zero/32 + int32 g_idx per input over `out` rows
-    linears = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64), "g": (128, 64), "u": (128, 64), "d": (64, 128)}
+    linears = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64), "g": (128, 64), "u": (128, 64),
+               "d": (64, 128)}
     bits = sum(o * i * 4 + (i // 32) * o * (16 + 4) + 32 * i for o, i in linears.values())
     params = sum(o * i for o, i in linears.values())
     assert f"bits per weight: {bits / params:.3f}" in text
@@ -183,7 +192,7 @@ def expect_error(capsys, args, needle: str, code: int = 2) -> str:
 
 
 def test_missing_path(capsys, tmp_path):
-    expect_error(capsys, ["rtn", tmp_path / "nope", "-o", tmp_path / "out"], "no such folder|does not exist")
+    expect_error(capsys, ["rtn", tmp_path / "nope", "-o", tmp_path / "out"], "no such folder: .*nope")
     assert not (tmp_path / "out").exists()
 
 
@@ -207,8 +216,10 @@ def test_pickle_only_checkpoint_is_refused(capsys, tiny_model, tmp_path):
     expect_error(capsys, ["rtn", src, "-o", tmp_path / "out"], "safetensors")
 
 
-@pytest.mark.parametrize("args,needle", [(["--bits", "5"], "--bits 5"), (["--group-size", "0"], "--group-size 0"),
-                                         (["--device", "cuda:7"], "cuda"), (["--max-shard-size", "lots"], "size")])
+@pytest.mark.parametrize("args,needle", [
+    (["--bits", "5"], "--bits 5"), (["--group-size", "0"], "--group-size 0"),
+    (["--device", "cuda:7"], "--device cuda:7 was asked for but CUDA is not available"),
+    (["--max-shard-size", "lots"], "--max-shard-size 'lots' is not a size")])
 def test_bad_options(capsys, tiny_model, tmp_path, args, needle):
     if args[0] == "--device" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -239,7 +250,8 @@ def test_overwrite_replaces_checkpoints_only(capsys, tiny_model, tmp_path):
 def test_unwritable_output(capsys, tiny_model, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    expect_error(capsys, ["rtn", tiny_model("llama"), "-o", blocker / "out"], "file|folder|writ")
+    expect_error(capsys, ["rtn", tiny_model("llama"), "-o", blocker / "out"],
+                 "the parent folder .*file does not exist or is not a folder")
 
 
 def test_truncated_and_corrupt_safetensors(capsys, tiny_model, tmp_path):
@@ -252,8 +264,9 @@ def test_truncated_and_corrupt_safetensors(capsys, tiny_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("shard,needle", [("model-00009-of-00009.safetensors", "missing|not found|does not exist"),
-                                          ("../outside.safetensors", r"\.\.|outside|escape")])
+@pytest.mark.parametrize("shard,needle", [
+    ("model-00009-of-00009.safetensors", "names shard model-00009-of-00009.safetensors, which is missing"),
+    ("../outside.safetensors", r"names shard '\.\./outside\.safetensors' outside the checkpoint folder")])
 def test_bad_index(capsys, tiny_model, tmp_path, shard, needle):
     src = tiny_model("llama", max_shard_size="100KB")
     index_path = src / "model.safetensors.index.json"
