@@ -8,6 +8,7 @@ While a Reporter is open, transformers' own log lines, progress bars and warning
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import warnings
@@ -65,6 +66,11 @@ def quiet_transformers() -> Iterator[None]:
                 disable_progress_bars()
 
 
+# A warning about one module ("vLLM: model.layers.3.mlp.up_proj: shape [1536, 576] does not ..."):
+# the same finding for many modules is shown once, naming the first and counting the others.
+MODULE_FINDING = re.compile(r"(?P<head>[\w ]+: )?(?P<module>\w+(?:\.\w+)+): (?P<finding>.+)", re.DOTALL)
+
+
 class Reporter:
     """Callable event handler: `reporter(kind, data)`; use as a context manager."""
 
@@ -82,6 +88,7 @@ class Reporter:
         self.quiet = ExitStack()
         self.text_task = None               # the bar of self-generated calibration text
         self.text_shown = 0                 # tenths of it reported on plain stderr
+        self.module_warnings: dict[tuple[str, str], list[str]] = {}   # (head, finding) -> the modules
 
     def __enter__(self) -> Reporter:
         if self.log_path is not None:
@@ -91,6 +98,7 @@ class Reporter:
 
     def __exit__(self, *exc: Any) -> None:
         self.quiet.close()
+        self._show_module_warnings()
         if self.progress is not None:
             self.progress.stop()
         if self.log is not None and self.log is not sys.stdout:
@@ -101,6 +109,8 @@ class Reporter:
             head = {"event": kind, "time": round(time.time(), 3), **({"job": self.job} if self.job else {})}
             self.log.write(json.dumps({**head, **data}, default=str) + "\n")
             self.log.flush()
+        if kind != "warning":
+            self._show_module_warnings()
         getattr(self, f"_on_{kind}", lambda d: None)(data)
 
     def _on_start(self, data: dict) -> None:
@@ -169,4 +179,18 @@ class Reporter:
             self.progress = None
 
     def _on_warning(self, data: dict) -> None:
-        self.console.print(Text.assemble(("warning:", "yellow"), " ", data["message"]), highlight=False, soft_wrap=True)
+        found = MODULE_FINDING.fullmatch(data["message"])
+        if found is None:
+            self._warn(data["message"])
+        else:           # held until the burst ends, then one line per finding (--log-json keeps each)
+            self.module_warnings.setdefault((found["head"], found["finding"]), []).append(found["module"])
+
+    def _show_module_warnings(self) -> None:
+        """The findings held by _on_warning: "vLLM: NAME and 29 more modules: FINDING"."""
+        for (head, finding), modules in self.module_warnings.items():
+            more = f" and {len(modules) - 1} more module{'s' if len(modules) > 2 else ''}" if len(modules) > 1 else ""
+            self._warn(f"{head}{modules[0]}{more}: {finding}")
+        self.module_warnings.clear()
+
+    def _warn(self, message: str) -> None:
+        self.console.print(Text.assemble(("warning:", "yellow"), " ", message), highlight=False, soft_wrap=True)
