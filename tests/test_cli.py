@@ -421,7 +421,7 @@ def test_the_reporter_shows_the_calibration_text_being_written():
 
 def test_the_same_finding_for_many_modules_is_one_line(tmp_path):
     """Per-module warnings are shown once per finding, naming the first module and counting the rest,
-    when the burst ends (the next other event); --log-json keeps every one."""
+    when the burst ends (any other event, in order); --log-json keeps every one."""
     import io
 
     from quantize_llm.cli.progress import Reporter
@@ -429,16 +429,21 @@ def test_the_same_finding_for_many_modules_is_one_line(tmp_path):
     stderr, log = io.StringIO(), tmp_path / "log.jsonl"
     findings = [f"vLLM: model.layers.{i}.mlp.up_proj: shape [128, 64] does not tile" for i in range(3)]
     findings += ["vLLM: model.layers.0.self_attn.o_proj: in_features 64 is not a multiple of 128",
-                 "vLLM: asymmetric GPTQ checkpoints run on vLLM's slow gptq kernel"]
+                 "vLLM: model.layers.1.mlp.up_proj: shape [128, 64] does not tile",
+                 "vLLM: asymmetric GPTQ checkpoints run on vLLM's slow gptq kernel",
+                 "vLLM: model.layers.1.self_attn.o_proj: in_features 64 is not a multiple of 128"]
     with Reporter(log, stderr=stderr) as report:
         report("start", {"blocks": 2, "model": "m", "output": "o", "device": "cpu"})
-        for message in findings:
+        for message in findings[:4]:
             report("warning", {"message": message})
-        assert "shape" not in stderr.getvalue()                              # held until the burst ends
+        assert "warning" not in stderr.getvalue()                            # held while the burst lasts
+        for message in findings[4:]:
+            report("warning", {"message": message})
         report("block", {"index": 0, "blocks": 2, "seconds": 1.0, "peak_rss_mb": 10.0})
     lines = stderr.getvalue().splitlines()
-    assert lines[1:5] == ["warning: vLLM: asymmetric GPTQ checkpoints run on vLLM's slow gptq kernel",
-                          "warning: vLLM: model.layers.0.mlp.up_proj and 2 more modules: shape [128, 64] does not tile",
+    assert lines[1:6] == ["warning: vLLM: model.layers.0.mlp.up_proj and 3 more modules: shape [128, 64] does not tile",
                           "warning: vLLM: model.layers.0.self_attn.o_proj: in_features 64 is not a multiple of 128",
+                          "warning: vLLM: asymmetric GPTQ checkpoints run on vLLM's slow gptq kernel",
+                          "warning: vLLM: model.layers.1.self_attn.o_proj: in_features 64 is not a multiple of 128",
                           "block 1/2 done in 1.00s (peak RSS 10 MiB)"]
     assert [json.loads(line)["message"] for line in log.read_text().splitlines()[1:-1]] == findings

@@ -110,7 +110,7 @@ class Reporter:
             self.log.write(json.dumps({**head, **data}, default=str) + "\n")
             self.log.flush()
         if kind != "warning":
-            self._show_module_warnings()
+            self._show_module_warnings()    # in order: the findings held before this event
         getattr(self, f"_on_{kind}", lambda d: None)(data)
 
     def _on_start(self, data: dict) -> None:
@@ -181,6 +181,7 @@ class Reporter:
     def _on_warning(self, data: dict) -> None:
         found = MODULE_FINDING.fullmatch(data["message"])
         if found is None:
+            self._show_module_warnings()
             self._warn(data["message"])
         else:           # held until the burst ends, then one line per finding (--log-json keeps each)
             self.module_warnings.setdefault((found["head"], found["finding"]), []).append(found["module"])
