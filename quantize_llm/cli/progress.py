@@ -68,7 +68,7 @@ def quiet_transformers() -> Iterator[None]:
 
 # A warning about one module ("vLLM: model.layers.3.mlp.up_proj: shape [1536, 576] does not ..."):
 # the same finding for many modules is shown once, naming the first and counting the others.
-MODULE_FINDING = re.compile(r"(?P<head>[\w ]+: )?(?P<module>\w+(?:\.\w+)+): (?P<finding>.+)", re.DOTALL)
+MODULE_FINDING = re.compile(r"(?P<head>[\w ]+: |)(?P<module>\w+(?:\.\w+)+): (?P<finding>.+)", re.DOTALL)
 
 
 class Reporter:
