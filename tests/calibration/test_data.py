@@ -9,12 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from quantize_llm.calibration.data import (CalibrationSet, CalibrationSpec, generate_self, load_calibration,
-                                           read_documents, same_file, select_samples)
-from quantize_llm.errors import SpecError, UsageError
-
 from conftest import SHARED, byte_tokenizer
+
+from quantize_llm.calibration.data import (
+    CalibrationSet,
+    CalibrationSpec,
+    generate_self,
+    load_calibration,
+    read_documents,
+    same_file,
+    select_samples,
+)
+from quantize_llm.errors import SpecError, UsageError
 
 C4 = SHARED / "data" / "c4" / "c4_validation_2k.parquet"
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
@@ -360,7 +366,7 @@ def test_generate_self_feeds_one_new_token_per_step_with_the_cache(tiny_lm, monk
         generate_self(tiny_lm, byte_tokenizer(), nsamples=3, seqlen=9, seed=0, batch_size=2)
     shapes = [shape for shape, _, _ in calls]
     assert shapes == [(2, 1)] * 8 + [(1, 1)] * 8                 # 1 + 7 passes per batch, never the prefix
-    for (_, passed, _), (_, _, before) in zip(calls[1:], calls[:-1]):
+    for (_, passed, _), (_, _, before) in zip(calls[1:], calls[:-1], strict=True):
         if passed:                                                # not the first pass of a batch
             assert list(passed) == [name] and passed[name] is getattr(before, name)
     assert sum(1 for _, passed, _ in calls if passed) == 14
