@@ -29,9 +29,9 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name)
 
 
-def fake_quantized_logits(src: Path, bits: int, group_size: int, sym: bool, ids: torch.Tensor,
-                          dense: str | None = None) -> torch.Tensor:
-    """Logits of the source model with every block Linear replaced by its float64 RTN reference."""
+def fake_quantized_model(src: Path, bits: int, group_size: int, sym: bool,
+                         dense: str | None = None) -> torch.nn.Module:
+    """The source model with every block Linear replaced by its float64 RTN reference."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -41,8 +41,14 @@ def fake_quantized_logits(src: Path, bits: int, group_size: int, sym: bool, ids:
             codes, scale, zero, _ = rtn_f64(w, bits, group_size, sym, 0 if sym else 1)
             g_idx = torch.arange(w.shape[1]) // (w.shape[1] if group_size == -1 else group_size)
             module.weight.data = dequant_f64(codes, scale, zero, g_idx).float()
+    return model
+
+
+def fake_quantized_logits(src: Path, bits: int, group_size: int, sym: bool, ids: torch.Tensor,
+                          dense: str | None = None) -> torch.Tensor:
+    """Logits of `fake_quantized_model` on ids."""
     with torch.no_grad():
-        return model(ids).logits
+        return fake_quantized_model(src, bits, group_size, sym, dense)(ids).logits
 
 
 ARCH_CASES = [("llama", 4, 32, True), ("llama-tied", 4, 64, False), ("mistral", 8, -1, True),
@@ -66,7 +72,8 @@ def test_rtn_writes_a_checkpoint_that_loads_to_the_fake_quantized_logits(tiny_mo
     torch.testing.assert_close(got, fake_quantized_logits(src, bits, group_size, sym, ids), rtol=0, atol=2e-5)
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qconfig == json.loads((out / "quantize_config.json").read_text())
-    assert (qconfig["bits"], qconfig["group_size"], qconfig["sym"], qconfig["quant_method"]) == (bits, group_size, sym, "gptq")
+    assert (qconfig["bits"], qconfig["group_size"], qconfig["sym"], qconfig["quant_method"]) == \
+        (bits, group_size, sym, "gptq")
     assert qconfig["checkpoint_format"] == qconfig["format"] == "gptq" and qconfig["desc_act"] is False
     assert leftovers(tmp_path) == []
 
@@ -124,7 +131,8 @@ def test_keep_dense_and_uneven_skips(tiny_model, tmp_path):
 
     src = tiny_model("llama")
     out = tmp_path / "out"
-    assert cli("rtn", src, "-o", out, "--keep-dense", r"mlp\.down_proj", "--keep-dense", r"layers\.1\.self_attn\.o_proj") == 0
+    assert cli("rtn", src, "-o", out, "--keep-dense", r"mlp\.down_proj",
+               "--keep-dense", r"layers\.1\.self_attn\.o_proj") == 0
     with safe_open(out / "model.safetensors", "pt") as f:
         names = set(f.keys())
     assert "model.layers.0.mlp.down_proj.weight" in names and "model.layers.0.mlp.down_proj.qweight" not in names
@@ -151,7 +159,8 @@ def test_inspect_reports_modules_and_bits_per_weight(tiny_model, tmp_path, capsy
     assert cli("inspect", out) == 0
     text = capsys.readouterr().out
     # 4 bits + fp16 scale/32 + 4-bit zero/32 + int32 g_idx per input over `out` rows
-    linears = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64), "g": (128, 64), "u": (128, 64), "d": (64, 128)}
+    linears = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64), "g": (128, 64), "u": (128, 64),
+               "d": (64, 128)}
     bits = sum(o * i * 4 + (i // 32) * o * (16 + 4) + 32 * i for o, i in linears.values())
     params = sum(o * i for o, i in linears.values())
     assert f"bits per weight: {bits / params:.3f}" in text
@@ -183,7 +192,7 @@ def expect_error(capsys, args, needle: str, code: int = 2) -> str:
 
 
 def test_missing_path(capsys, tmp_path):
-    expect_error(capsys, ["rtn", tmp_path / "nope", "-o", tmp_path / "out"], "no such folder|does not exist")
+    expect_error(capsys, ["rtn", tmp_path / "nope", "-o", tmp_path / "out"], "no such folder: .*nope")
     assert not (tmp_path / "out").exists()
 
 
@@ -207,8 +216,10 @@ def test_pickle_only_checkpoint_is_refused(capsys, tiny_model, tmp_path):
     expect_error(capsys, ["rtn", src, "-o", tmp_path / "out"], "safetensors")
 
 
-@pytest.mark.parametrize("args,needle", [(["--bits", "5"], "--bits 5"), (["--group-size", "0"], "--group-size 0"),
-                                         (["--device", "cuda:7"], "cuda"), (["--max-shard-size", "lots"], "size")])
+@pytest.mark.parametrize("args,needle", [
+    (["--bits", "5"], "--bits 5"), (["--group-size", "0"], "--group-size 0"),
+    (["--device", "cuda:7"], "--device cuda:7 was asked for but CUDA is not available"),
+    (["--max-shard-size", "lots"], "--max-shard-size 'lots' is not a size")])
 def test_bad_options(capsys, tiny_model, tmp_path, args, needle):
     if args[0] == "--device" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -239,7 +250,8 @@ def test_overwrite_replaces_checkpoints_only(capsys, tiny_model, tmp_path):
 def test_unwritable_output(capsys, tiny_model, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    expect_error(capsys, ["rtn", tiny_model("llama"), "-o", blocker / "out"], "file|folder|writ")
+    expect_error(capsys, ["rtn", tiny_model("llama"), "-o", blocker / "out"],
+                 "the parent folder .*file does not exist or is not a folder")
 
 
 def test_truncated_and_corrupt_safetensors(capsys, tiny_model, tmp_path):
@@ -252,8 +264,9 @@ def test_truncated_and_corrupt_safetensors(capsys, tiny_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("shard,needle", [("model-00009-of-00009.safetensors", "missing|not found|does not exist"),
-                                          ("../outside.safetensors", r"\.\.|outside|escape")])
+@pytest.mark.parametrize("shard,needle", [
+    ("model-00009-of-00009.safetensors", "names shard model-00009-of-00009.safetensors, which is missing"),
+    ("../outside.safetensors", r"names shard '\.\./outside\.safetensors' outside the checkpoint folder")])
 def test_bad_index(capsys, tiny_model, tmp_path, shard, needle):
     src = tiny_model("llama", max_shard_size="100KB")
     index_path = src / "model.safetensors.index.json"
@@ -301,3 +314,136 @@ def test_ctrl_c_removes_the_temporary_folder(tmp_path):
     assert proc.wait(timeout=60) == 130, err
     assert err.strip().splitlines()[-1].startswith("error: interrupted") and "Traceback" not in err
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+# ---- what goes where: stdout, stderr and the noise of the libraries underneath ----------------------
+
+def test_log_json_dash_leaves_stdout_to_the_json_events(tiny_model, tmp_path, calib_file, capsys):
+    """With --log-json -, every stdout line parses as a JSON event and the results go to stderr."""
+    src = tiny_model("llama")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[[jobs]]\nmodel = "{src}"\noutput = "{tmp_path / "job"}"\nmethod = "rtn"\ngroup_size = 32\n')
+    runs = [(["rtn", src, "-o", tmp_path / "rtn", "--group-size", 32], "wrote "),
+            (["gptq", src, "-o", tmp_path / "gptq", "--group-size", 32, "--dataset", calib_file, "--nsamples", 4,
+              "--seqlen", 32], "wrote "),
+            (["convert", tmp_path / "rtn", "-o", tmp_path / "ct", "--format", "compressed-tensors"], "converted "),
+            (["eval", tmp_path / "rtn", "--dataset", calib_file, "--seqlen", 64, "--windows", 2, "--baseline", src],
+             "KL to baseline"),
+            (["run", recipe, "--check"], "1 job(s)"),
+            (["run", recipe], "wrote ")]
+    for args, result in runs:
+        capsys.readouterr()
+        assert cli(*args, "--log-json", "-") == 0, args
+        captured = capsys.readouterr()
+        events = [json.loads(line) for line in captured.out.splitlines()]
+        assert all(isinstance(e, dict) and "event" in e for e in events), args
+        assert (events == []) == (args[-1] == "--check"), args              # --check runs nothing
+        assert result in captured.err, args
+
+
+def test_the_noise_of_transformers_stays_out_of_our_progress_output(tiny_model, tmp_path):
+    """A run that loads the model with transformers and writes its own calibration text with it: its
+    stderr holds our lines only, no weight-loading bar, log line or deprecation warning of transformers."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-m", "quantize_llm", "gptq", str(tiny_model("llama")), "-o",
+                           str(tmp_path / "out"), "--group-size", "32", "--nsamples", "2", "--seqlen", "16"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for noise in ("Loading weights", "past_key_values", "Warning:", "[transformers]", "it/s]"):
+        assert noise not in proc.stderr, noise
+    assert "calibration text: 32/32 tokens written" in proc.stderr
+
+
+def test_quiet_transformers_restores_what_it_changed():
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from quantize_llm.cli.progress import quiet_transformers
+
+    saved = hf_logging.get_verbosity()
+    try:
+        for verbosity, bars in ((hf_logging.INFO, True), (hf_logging.WARNING, False)):
+            hf_logging.set_verbosity(verbosity)
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                filters = list(warnings.filters)
+                with quiet_transformers():
+                    assert hf_logging.get_verbosity() == hf_logging.ERROR and not hf_logging.is_progress_bar_enabled()
+                    warnings.warn("an argument is deprecated", FutureWarning, stacklevel=1)
+                    warnings.warn("ours", UserWarning, stacklevel=1)
+                warnings.warn("after", FutureWarning, stacklevel=1)
+                assert warnings.filters == filters
+            assert [str(w.message) for w in seen] == ["ours", "after"]
+            assert hf_logging.get_verbosity() == verbosity and hf_logging.is_progress_bar_enabled() == bars
+    finally:
+        hf_logging.set_verbosity(saved)
+        hf_logging.enable_progress_bar()
+
+
+def test_importing_the_command_line_changes_nothing_in_transformers():
+    code = ("import warnings, torch; from transformers.utils import logging as l; "   # torch adds filters of its own
+            "before = (l.get_verbosity(), l.is_progress_bar_enabled(), list(warnings.filters)); "
+            "import quantize_llm.cli; "
+            "assert (l.get_verbosity(), l.is_progress_bar_enabled(), list(warnings.filters)) == before")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_reporter_shows_the_calibration_text_being_written():
+    """calibration_text events: a line per tenth on plain stderr, a bar of its own on a terminal."""
+    import io
+
+    from quantize_llm.cli.progress import Reporter
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    start = {"blocks": 2, "model": "m", "output": "o", "device": "cpu"}
+    plain = io.StringIO()
+    with Reporter(stderr=plain, label="gptq") as report:
+        report("start", start)
+        for tokens in range(0, 101, 5):
+            report("calibration_text", {"tokens": tokens, "total": 100})
+    lines = [line for line in plain.getvalue().splitlines() if line.startswith("calibration text")]
+    assert lines == [f"calibration text: {t}/100 tokens written" for t in range(10, 101, 10)]
+    with Reporter(stderr=Terminal(), label="gptq") as report:
+        report("start", start)
+        report("calibration_text", {"tokens": 40, "total": 100})
+        bars = {task.description: task for task in report.progress.tasks}
+        assert (bars["gptq"].total, bars["gptq"].fields["unit"]) == (2, "blocks")
+        text = bars["calibration text"]
+        assert (text.completed, text.total, text.fields["unit"]) == (40, 100, "tokens")
+
+
+def test_the_same_finding_for_many_modules_is_one_line(tmp_path):
+    """Per-module warnings are shown once per finding, naming the first module and counting the rest,
+    when the burst ends (any other event, in order); --log-json keeps every one."""
+    import io
+
+    from quantize_llm.cli.progress import Reporter
+
+    stderr, log = io.StringIO(), tmp_path / "log.jsonl"
+    findings = [f"vLLM: model.layers.{i}.mlp.up_proj: shape [128, 64] does not tile" for i in range(3)]
+    findings += ["vLLM: model.layers.0.self_attn.o_proj: in_features 64 is not a multiple of 128",
+                 "vLLM: model.layers.1.mlp.up_proj: shape [128, 64] does not tile",
+                 "vLLM: asymmetric GPTQ checkpoints run on vLLM's slow gptq kernel",
+                 "vLLM: model.layers.1.self_attn.o_proj: in_features 64 is not a multiple of 128"]
+    with Reporter(log, stderr=stderr) as report:
+        report("start", {"blocks": 2, "model": "m", "output": "o", "device": "cpu"})
+        for message in findings[:4]:
+            report("warning", {"message": message})
+        assert "warning" not in stderr.getvalue()                            # held while the burst lasts
+        for message in findings[4:]:
+            report("warning", {"message": message})
+        report("block", {"index": 0, "blocks": 2, "seconds": 1.0, "peak_rss_mb": 10.0})
+    lines = stderr.getvalue().splitlines()
+    assert lines[1:6] == ["warning: vLLM: model.layers.0.mlp.up_proj and 3 more modules: shape [128, 64] does not tile",
+                          "warning: vLLM: model.layers.0.self_attn.o_proj: in_features 64 is not a multiple of 128",
+                          "warning: vLLM: asymmetric GPTQ checkpoints run on vLLM's slow gptq kernel",
+                          "warning: vLLM: model.layers.1.self_attn.o_proj: in_features 64 is not a multiple of 128",
+                          "block 1/2 done in 1.00s (peak RSS 10 MiB)"]
+    assert [json.loads(line)["message"] for line in log.read_text().splitlines()[1:-1]] == findings

@@ -1,8 +1,14 @@
 """Publishing: figures measured after writing go into the model card; hub uploads fail early and clearly."""
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
-from test_cli import cli, expect_error
+import torch
+import torch.nn.functional as F
+from test_cli import cli, expect_error, fake_quantized_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 TEXT = "\n".join(f"Line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 11}." for i in range(400))
 
@@ -22,12 +28,28 @@ def test_eval_figures_go_into_the_card(tiny_model, tmp_path, eval_file, capsys):
     assert "evaluation on eval.txt (4 x 512 tokens)" in stdout
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "eval.txt" in card and "4 non-overlapping windows of 512 tokens" in card
-    # the same figures as an independent evaluation of the written checkpoint
-    from quantize_llm.eval.evaluate import run_eval
-
-    r = run_eval(str(out), eval_file, seqlen=512, windows=4, baseline=str(src), device="cpu")
-    assert f"| this checkpoint | {r.perplexity:.3f} | {r.ppl_ratio:.4f} | {r.kl:.5f} |" in card
-    assert f"| source (unquantized) | {r.baseline_perplexity:.3f} |" in card
+    got = re.search(r"\| this checkpoint \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", card)
+    base = re.search(r"\| source \(unquantized\) \| ([\d.]+) \|", card)
+    ppl, ratio, kl = map(float, got.groups())
+    # The protocol computed here on its own: the first 4 windows of 512 tokens of the text, the
+    # quantized model as the float64 RTN reference of every block Linear, perplexity from
+    # transformers' loss, KL(source || quantized) from torch's kl_div in float64.
+    ids = AutoTokenizer.from_pretrained(src)(TEXT, add_special_tokens=False)["input_ids"]
+    windows = torch.tensor(ids[:4 * 512]).view(4, 512)
+    source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    quantized = fake_quantized_model(src, bits=3, group_size=32, sym=True)
+    with torch.no_grad():
+        want_ppl, want_base = (math.exp(sum(float(m(w[None], labels=w[None]).loss) for w in windows) / 4)
+                               for m in (quantized, source))
+        kl_sum = sum(F.kl_div(F.log_softmax(quantized(w[None]).logits[0, :-1].double(), -1),
+                              F.log_softmax(source(w[None]).logits[0, :-1].double(), -1),
+                              log_target=True, reduction="sum") for w in windows)
+    want_kl = float(kl_sum) / (4 * 511)
+    assert want_kl > 1e-3                                         # 3 bits: a difference worth measuring
+    assert ppl == pytest.approx(want_ppl, abs=5e-4 + 1e-5 * want_ppl)            # the card rounds to 3 places
+    assert float(base.group(1)) == pytest.approx(want_base, abs=5e-4 + 1e-5 * want_base)
+    assert ratio == pytest.approx(want_ppl / want_base, abs=5e-5 + 1e-5)
+    assert kl == pytest.approx(want_kl, abs=5e-6 + 1e-4 * want_kl)
 
 
 def test_eval_file_must_exist(tiny_model, tmp_path, capsys):

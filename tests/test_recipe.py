@@ -146,7 +146,7 @@ seqlen = 32
 """
 
 
-def test_run_all_jobs_and_job_index(tiny_model, tmp_path, calib_file):
+def test_run_all_jobs_and_job_index(tiny_model, tmp_path, calib_file, capsys):
     src = tiny_model("llama")
     recipe = write(tmp_path, recipe_text(src, tmp_path, calib_file))
     log = tmp_path / "log.jsonl"
@@ -155,11 +155,14 @@ def test_run_all_jobs_and_job_index(tiny_model, tmp_path, calib_file):
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert {e["job"] for e in events} == {"gptq"}
     block = next(e for e in events if e["event"] == "block")
-    assert block["peak_rss_mb"] > 0 and block["timings"]["solve"] >= 0 and block["peak_device_mb"] is None
+    assert block["peak_rss_mb"] > 0 and block["timings"]["solve"] > 0 and block["peak_device_mb"] is None
     card = (tmp_path / "gptq" / "README.md").read_text()
     assert f"quantize-llm run {recipe} --job-index 1" in card
     assert cli("run", recipe, "--job-index", 1) == 2            # the output exists: refused, not overwritten
+    capsys.readouterr()
     assert cli("run", recipe, "--check") == 0
+    listed = [line.split("│")[1:4] for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert [[cell.strip() for cell in row] for row in listed] == [["0", "rtn", "rtn"], ["1", "gptq", "gptq"]]
     assert not (tmp_path / "rtn").exists()
 
 

@@ -422,7 +422,8 @@ def load_calibration_tokens(folder: Path, config: dict, cal_spec: Any, dev: torc
 
     max_context = config.get("max_position_embeddings") or config.get("n_positions")
     return load_calibration(cal_spec, tokenizer, model_loader=model_loader, max_context=max_context,
-                            warn=lambda message: emit("warning", {"message": message}))
+                            warn=lambda message: emit("warning", {"message": message}),
+                            progress=lambda tokens, total: emit("calibration_text", {"tokens": tokens, "total": total}))
 
 
 def peak_device_mb(devices: tuple[torch.device, ...]) -> float | None:

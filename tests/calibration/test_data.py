@@ -294,6 +294,94 @@ def test_top_p_sampling_matches_a_hand_computation() -> None:
         assert _sample_top_p(logits, torch.tensor([[u]])).item() == want, u
 
 
+def sample_by_sorting_everything(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The top-p sampler as first written: one stable sort of the whole vocabulary per row."""
+    from quantize_llm.calibration.data import TOP_P
+
+    probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True, stable=True)
+    keep = probs.cumsum(dim=-1) - probs < TOP_P
+    cdf = torch.where(keep, probs, torch.zeros_like(probs)).cumsum(dim=-1)
+    pick = torch.minimum(torch.searchsorted(cdf, u * cdf[:, -1:], right=True), keep.sum(dim=-1, keepdim=True) - 1)
+    return order.gather(-1, pick)
+
+
+def test_top_p_sampling_picks_what_sorting_the_whole_vocabulary_picks() -> None:
+    """Nuclei inside the first candidates, beyond them, beyond the second tier, and ties across the
+    candidate boundaries (equal probabilities are ordered by token id)."""
+    from quantize_llm.calibration.data import NUCLEUS_CANDIDATES, _sample_top_p
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 3 * NUCLEUS_CANDIDATES[-1]
+    cases = [torch.randn(16, vocab, generator=g) * scale for scale in (8.0, 3.0, 1.0, 0.1)]
+    tied = torch.full((4, vocab), -30.0)
+    for row, width in enumerate((NUCLEUS_CANDIDATES[0] - 1, NUCLEUS_CANDIDATES[0] + 7, NUCLEUS_CANDIDATES[1] + 3,
+                                 vocab)):
+        tied[row, torch.randperm(vocab, generator=g)[:width]] = 0.0      # `width` tokens of equal probability
+    cases += [tied, torch.round(cases[1])]                               # and many ties everywhere
+    for logits in cases:
+        for _ in range(20):
+            u = torch.rand(len(logits), 1, generator=g)
+            assert torch.equal(_sample_top_p(logits, u), sample_by_sorting_everything(logits, u))
+
+
+def sample_without_a_cache(model, tok, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Self-generated text as its rule says, re-running the whole prefix at every step (no KV cache)."""
+    from quantize_llm.calibration.data import FIRST_TEMPERATURE
+
+    uniforms = torch.rand(nsamples, seqlen - 1, generator=torch.Generator().manual_seed(seed))
+    start = next((t for t in (tok.bos_token_id, tok.eos_token_id) if t is not None), 0)
+    ids = torch.full((nsamples, 1), start, dtype=torch.int64)
+    with torch.no_grad():
+        for i in range(seqlen - 1):
+            logits = model(ids, use_cache=False).logits[:, -1].float() / (FIRST_TEMPERATURE if i == 0 else 1.0)
+            ids = torch.cat([ids, sample_by_sorting_everything(logits, uniforms[:, i:i + 1])], dim=1)
+    return ids
+
+
+def test_generate_self_is_the_sampling_rule_run_without_a_cache(tiny_lm) -> None:
+    tok = tokenizer_with(bos="ā")
+    got = generate_self(tiny_lm, tok, nsamples=3, seqlen=12, seed=4, batch_size=2)
+    assert torch.equal(got, sample_without_a_cache(tiny_lm, tok, nsamples=3, seqlen=12, seed=4))
+
+
+def test_generate_self_feeds_one_new_token_per_step_with_the_cache(tiny_lm, monkeypatch) -> None:
+    """After the start token, each forward pass gets one token per sequence and the cache the
+    previous pass returned, under the name this transformers takes without a deprecation warning."""
+    import functools
+    import inspect
+    import warnings
+
+    forward, calls = tiny_lm.forward, []
+
+    @functools.wraps(forward)
+    def spy(input_ids, **kwargs):
+        step = forward(input_ids, **kwargs)
+        calls.append((tuple(input_ids.shape), {k: v for k, v in kwargs.items() if k in ("cache", "past_key_values")},
+                      step))
+        return step
+    monkeypatch.setattr(tiny_lm, "forward", spy)
+    name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # a deprecated argument name would fail here
+        generate_self(tiny_lm, byte_tokenizer(), nsamples=3, seqlen=9, seed=0, batch_size=2)
+    shapes = [shape for shape, _, _ in calls]
+    assert shapes == [(2, 1)] * 8 + [(1, 1)] * 8                 # 1 + 7 passes per batch, never the prefix
+    for (_, passed, _), (_, _, before) in zip(calls[1:], calls[:-1], strict=True):
+        if passed:                                                # not the first pass of a batch
+            assert list(passed) == [name] and passed[name] is getattr(before, name)
+    assert sum(1 for _, passed, _ in calls if passed) == 14
+
+
+def test_generate_self_reports_the_tokens_written(tiny_lm) -> None:
+    progress: list[tuple[int, int]] = []
+    generate_self(tiny_lm, byte_tokenizer(), nsamples=3, seqlen=41, seed=0, batch_size=2,
+                  progress=lambda done, total: progress.append((done, total)))
+    done = [d for d, _ in progress]
+    assert {t for _, t in progress} == {123} and done[-1] == 123 and done == sorted(set(done))
+    assert 30 <= len(done) <= 50                         # about twenty reports per batch, not one per token
+    assert done[19] == 2 * 41                            # the first batch (2 sequences of 41) ends at the 20th
+
+
 # ---------------------------------------------------------------------------- real data
 
 @pytest.mark.slow
