@@ -31,9 +31,12 @@ ARCHS = [a for a in TINY_CONFIGS if a != "llama-tied"]
 
 
 def build_tiny(arch: str, folder: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-               max_shard_size: str | None = None, tokenizer: bool = True, config: dict | None = None) -> Path:
+               max_shard_size: str | None = None, tokenizer: bool = True, config: dict | None = None,
+               stable: bool = False) -> Path:
     """Save a randomly initialised tiny model of `arch` (with a byte tokenizer) into `folder`;
-    `config` overrides entries of the architecture's tiny config (e.g. num_hidden_layers)."""
+    `config` overrides entries of the architecture's tiny config (e.g. num_hidden_layers).
+    stable: every matrix (embeddings too) drawn from a generator of its own, so the weights do not
+    depend on how the installed transformers initialises them (pinned digests need that)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -41,10 +44,13 @@ def build_tiny(arch: str, folder: Path, *, seed: int = 0, dtype: torch.dtype = t
     config = getattr(transformers, cls_name)(**{**kwargs, **(config or {})})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
+    generator = torch.Generator().manual_seed(seed) if stable else None
     with torch.no_grad():  # random init is tiny; widen it so quantization error is visible
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name:
-                p.normal_(0, 0.08)
+                p.normal_(0, 0.08, generator=generator)
+            elif p.dim() == 2 and stable:
+                p.normal_(0, 0.02, generator=generator)
     folder.mkdir(parents=True, exist_ok=True)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kw)
