@@ -25,6 +25,9 @@ CheckpointArg = Annotated[str, typer.Argument(help="A quantized checkpoint folde
 def convert_(path: CheckpointArg, output: OutputOpt,
              format: Annotated[str, typer.Option("--format", help="Target: gptq, awq, compressed-tensors (or outlier, "
                                                  "bnb for their own results).", show_default=False)],
+             bits: Annotated[int | None, typer.Option("--bits", help="Widen the integer codes to this many bits "
+                                                      "(exact: e.g. 3-bit to 4-bit, which vLLM serves).",
+                                                      show_default=False)] = None,
              overwrite: OverwriteOpt = False, max_shard_size: ShardOpt = "2GB", log_json: LogJsonOpt = None) -> None:
     from ..run.convert import convert
     from .progress import Reporter
@@ -32,7 +35,8 @@ def convert_(path: CheckpointArg, output: OutputOpt,
     argv = click.globals.get_current_context().find_root().obj or sys.argv[1:]
     with Reporter(log_json, label="convert") as reporter:
         summary = convert(path, output, format, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
-                          on_event=reporter, command="quantize-llm " + " ".join(shlex.quote(str(a)) for a in argv))
+                          on_event=reporter, command="quantize-llm " + " ".join(shlex.quote(str(a)) for a in argv),
+                          bits=bits)
     Results(log_json).print(f"converted {summary.modules} modules from {summary.source_format} to "
                             f"{summary.target_format} in {summary.seconds:.1f} s: wrote {summary.output} "
                             f"({human(summary.output_bytes)})")

@@ -5,13 +5,18 @@ v1/v2, AutoAWQ GEMM, compressed-tensors pack-quantized) into the format-neutral 
 encoded by the target format. The conversion is exact or refused: a module the target cannot
 represent (a width, act-order, a zero point of 0 in GPTQ v1, a codebook, float16 outliers) stops it
 with the module's name and the reason, before anything is written.
+
+`bits` widens integer codes on the way (3-bit to 4-bit, say: the nearest setting vLLM serves,
+formats/vllm.py): with shift = 2^(bits-1) - 2^(old-1), code + shift and zero + shift give the
+same scale * (code - zero) on the wider grid, and a symmetric result stays symmetric.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,9 +58,25 @@ def _target_problem(qw: QuantizedWeight, target: Any) -> str | None:
     return None
 
 
+def widen(qw: QuantizedWeight, bits: int) -> QuantizedWeight:
+    """`qw` on a `bits`-wide integer grid, exactly (see the module docstring); refuses narrowing."""
+    old = qw.spec.bits
+    if qw.is_codebook:
+        raise SpecError(f"--bits {bits}: a {qw.spec.codebook} codebook has no integer grid to widen",
+                        "requantize with rtn, gptq or awq")
+    if bits < old:
+        raise SpecError(f"--bits {bits} would narrow {old}-bit codes, which cannot be exact",
+                        f"requantize with --bits {bits}")
+    if bits == old:
+        return qw
+    shift = 2 ** (bits - 1) - 2 ** (old - 1)
+    return replace(qw, codes=(qw.codes.to(torch.int32) + shift).to(qw.codes.dtype), zero=qw.zero + shift,
+                   spec=qw.spec.replace(bits=bits))
+
+
 def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool = False,
             max_shard_bytes: int = 2 * 1024 ** 3, on_event: Callable[[str, dict], None] | None = None,
-            command: str | None = None) -> ConvertSummary:
+            command: str | None = None, bits: int | None = None) -> ConvertSummary:
     emit = on_event or (lambda kind, data: None)
     start = time.perf_counter()
     target = get_format(fmt_name)
@@ -82,7 +103,8 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
         def decoded(prefix: str) -> QuantizedWeight:
             qw = modules.decode(prefix, shapes[prefix])
             spec = qw.spec.replace(format=target.name, act_order=qw.g_idx is not None, min_zero=0)
-            return replace(qw, spec=spec, source_dtype=dtype if isinstance(dtype, torch.dtype) else None)
+            qw = replace(qw, spec=spec, source_dtype=dtype if isinstance(dtype, torch.dtype) else None)
+            return qw if bits is None else widen(qw, bits)
 
         # Check every module before writing anything (headers and small tensors only are kept).
         specs = {}
@@ -136,7 +158,7 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
                     files[path.name] = path
             if target.config_file:
                 files[target.config_file] = _json(new_qconfig)
-            files["README.md"] = _card(source, output, src_fmt, target, command, folder)
+            files["README.md"] = _card(source, output, src_fmt, target, command, folder, bits)
             writer.finish(config={**config, "quantization_config": new_qconfig}, files=files)
     summary = ConvertSummary(source, str(output), src_fmt.name, target.name, len(prefixes), writer.total_bytes,
                              time.perf_counter() - start)
@@ -170,11 +192,14 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2) + "\n"
 
 
-def _card(source: str, output: Path, src_fmt: Any, target: Any, command: str | None, folder: Path) -> str:
+def _card(source: str, output: Path, src_fmt: Any, target: Any, command: str | None, folder: Path,
+          bits: int | None = None) -> str:
     old = folder / "README.md"
     body = old.read_text(encoding="utf-8") if old.is_file() else f"# {output.name}\n"
+    kept = ("every weight, scale and zero point is unchanged" if bits is None else
+            f"codes and zero points are widened to {bits}-bit by one shift, so every dequantized weight is unchanged")
     note = ["", "## Conversion", "",
             f"Re-encoded from the {src_fmt.name} format of `{source}` into the {target.description} by "
-            f"quantize-llm {__version__}, without requantizing: every weight, scale and zero point is unchanged.",
+            f"quantize-llm {__version__}, without requantizing: {kept}.",
             "", "```", command or f"quantize-llm convert {source} -o {output.name} --format {target.name}", "```", ""]
     return body.rstrip("\n") + "\n" + "\n".join(note)
