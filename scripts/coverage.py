@@ -78,6 +78,7 @@ METHODS = {
     "rtn": ["rtn", "--group-size", "32"],
     "gptq": ["gptq", "--group-size", "32", "--nsamples", "4", "--seqlen", "32"],
     "rtn-ct": ["rtn", "--group-size", "32", "--format", "compressed-tensors"],
+    "awq": ["awq", "--group-size", "32", "--nsamples", "4", "--seqlen", "32"],
 }
 DEFAULT_METHODS = ("rtn", "gptq", "rtn-ct")
 CALIBRATION_TEXT = "\n\n".join(
@@ -861,7 +862,7 @@ def run_method(method: str, source: Path, work: Path, arch: str, float_logits: A
     args = list(METHODS[method])
     args[1:1] = [str(source), "-o", str(out)]
     args += ["--no-resume"]
-    if args[0] == "gptq":
+    if args[0] in ("gptq", "awq"):
         args += ["--dataset", str(calib)]
     progress(f"{method}: quantize")
     code, stderr = run_cli(args)

@@ -165,15 +165,32 @@ def test_awq_format_refuses_shapes_it_cannot_hold(tiny_model, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-def test_family_without_awq_groups(tiny_model, tmp_path, capsys, calib_file, monkeypatch):
+def test_a_family_without_written_groups_gets_measured_ones(tiny_model, tmp_path, calib_file, monkeypatch):
+    """Without the Llama entry in models/architectures.py, the groups are measured on each block:
+    the checkpoint is byte for byte the one the written groups give."""
     import dataclasses
 
     from quantize_llm.models import architectures
 
-    bare = dataclasses.replace(architectures.LLAMA, awq=())
-    monkeypatch.setitem(architectures.ARCHITECTURES, "LlamaForCausalLM", bare)
+    src = tiny_model("llama")
+    args = ["--group-size", 32, "--dataset", calib_file, *CAL]
+    assert cli("awq", src, "-o", tmp_path / "written", *args) == 0
+    monkeypatch.setitem(architectures.ARCHITECTURES, "LlamaForCausalLM", dataclasses.replace(architectures.LLAMA, awq=()))
+    assert cli("awq", src, "-o", tmp_path / "measured", *args) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "written" / name).read_bytes() == (tmp_path / "measured" / name).read_bytes()
+
+
+def test_a_block_without_any_scaling_group_is_refused(tiny_model, tmp_path, capsys, calib_file, monkeypatch):
+    import dataclasses
+
+    from quantize_llm.calibration import sequential
+    from quantize_llm.models import architectures
+
+    monkeypatch.setitem(architectures.ARCHITECTURES, "LlamaForCausalLM", dataclasses.replace(architectures.LLAMA, awq=()))
+    monkeypatch.setattr(sequential, "awq_groups", lambda *a, **k: ())
     expect_error(capsys, ["awq", tiny_model("llama"), "-o", tmp_path / "out", "--group-size", 32,
-                          "--dataset", calib_file, *CAL], "AWQ has no scaling groups.*architectures.py")
+                          "--dataset", calib_file, *CAL], "AWQ found no scaling group in block 0")
     assert not (tmp_path / "out").exists()
 
 

@@ -201,12 +201,29 @@ def test_folder_without_config(capsys, tmp_path):
     expect_error(capsys, ["rtn", tmp_path / "empty", "-o", tmp_path / "out"], "config.json")
 
 
-def test_unknown_architecture_lists_known(capsys, tiny_model, tmp_path):
+def test_an_architecture_name_transformers_lacks_is_built_from_its_model_type(tiny_model, tmp_path):
+    """Nothing is looked up in a table of allowed names: config.json's model_type builds the model
+    and its blocks are found in it."""
+    from quantize_llm import load_quantized
+
     src = tiny_model("llama")
     cfg = json.loads((src / "config.json").read_text())
     cfg["architectures"] = ["MysteryForCausalLM"]
     (src / "config.json").write_text(json.dumps(cfg))
-    expect_error(capsys, ["rtn", src, "-o", tmp_path / "out"], "MysteryForCausalLM.*LlamaForCausalLM")
+    assert cli("rtn", src, "-o", tmp_path / "out", "--group-size", "32") == 0
+    model = load_quantized(tmp_path / "out")
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
+
+
+def test_blocks_without_linear_layers_are_refused_in_one_line(capsys, tmp_path):
+    """GPT-2 computes its projections with transformers' Conv1D, not torch.nn.Linear."""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    expect_error(capsys, ["rtn", tmp_path / "gpt2", "-o", tmp_path / "out"],
+                 "GPT2LMHeadModel has no list of decoder blocks holding Linear layers")
+    assert not (tmp_path / "out").exists()
 
 
 def test_pickle_only_checkpoint_is_refused(capsys, tiny_model, tmp_path):
@@ -299,8 +316,11 @@ def test_ctrl_c_removes_the_temporary_folder(tmp_path):
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The child gets SIGINT's default disposition even where the test runner's ignores it (a job
+    # started in the background), as a terminal's Ctrl-C would find it.
     proc = subprocess.Popen([sys.executable, "-m", "quantize_llm", "rtn", str(src), "-o", str(out)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -225,12 +225,14 @@ def test_the_plan_splits_activations_over_gpus(tiny_model, calib_file):
     from quantize_llm.core.spec import QuantSpec
     from quantize_llm.models.architectures import get_architecture
     from quantize_llm.models.load import CheckpointReader, build_skeleton
+    from quantize_llm.models.structure import discover
     from quantize_llm.run.plan import plan_blocks, resource_plan
 
     src = tiny_model("llama")
     spec = QuantSpec(bits=4, group_size=32, method="gptq")
     with CheckpointReader(src) as reader:
-        plans = plan_blocks(reader, get_architecture(reader.config), build_skeleton(src, reader.config), spec)
+        skeleton = build_skeleton(src, reader.config)
+        plans = plan_blocks(reader, discover(skeleton), get_architecture(reader.config), skeleton, spec)
         one, two = (resource_plan(reader, plans, spec, reader.config, True, None, 8, torch.device("cuda"), False,
                                   verify=False, devices=n) for n in (1, 2))
     assert two.device_peak_bytes == one.device_peak_bytes - one.activation_bytes // 2

@@ -112,8 +112,10 @@ def test_killed_process_resumes_byte_identical(deep_model, tmp_path, calib_file,
             "--seqlen", "64", "--batch-size", "1"]
     assert cli(*args, "-o", tmp_path / "whole") == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # SIGINT's default disposition in the child even where the test runner ignores it (see test_cli).
     proc = subprocess.Popen([sys.executable, "-m", "quantize_llm", *args, "-o", str(tmp_path / "out"),
-                             "--log-json", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--log-json", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("{") and json.loads(line).get("event") == "block" and json.loads(line)["index"] >= 2:
             proc.send_signal(sig)

@@ -152,8 +152,10 @@ class AWQ:
     def prepare_block(self, ctx: BlockContext) -> None:
         arch = ctx.arch
         if arch is None or not arch.awq:
-            raise ModelError("AWQ has no scaling groups for this model family",
-                             "add AWQScale entries to its map in models/architectures.py, or use gptq")
+            raise ModelError(f"AWQ found no scaling group in block {ctx.index}: no norm or Linear produces the input "
+                             "of its Linears with nothing but per-channel operations in between",
+                             "use gptq for this model, or add AWQScale entries for the family in "
+                             "models/architectures.py")
         self.no_clip = arch.awq_no_clip
         block = ctx.block
         groups = []
@@ -200,7 +202,7 @@ class AWQ:
         change = float((ctx.forward(0) - reference).norm() / reference.norm().clamp(min=1e-30))
         if not change <= FOLD_TOLERANCE:
             raise RunError(f"block {ctx.index}: folding the AWQ scales changed the block's output by "
-                           f"{change:.1%}; the family's AWQ groups in models/architectures.py do not fit "
+                           f"{change:.1%}; the AWQ groups (models/architectures.py, or measured) do not fit "
                            "this model", "use gptq or rtn for this model, and report it")
 
     def _search(self, copies: list[nn.Module], devices: tuple[torch.device, ...], entry: Any,

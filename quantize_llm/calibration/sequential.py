@@ -32,6 +32,7 @@ from ..algorithms.base import Algorithm, BlockContext, LayerContext
 from ..core.devices import move, spread
 from ..core.qweight import QuantizedWeight
 from ..errors import RunError
+from .trace import awq_groups, query_key, trace
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,12 @@ class Calibration:
     """What calibrated runs need besides the checkpoint."""
 
     skeleton: nn.Module          # the model on the meta device (models.load.build_skeleton)
-    layers: str                  # ArchitectureMap.layers
-    sequential: tuple[tuple[str, ...], ...]
+    layers: str                  # the path of the ModuleList of decoder blocks (models.structure)
     tokens: Tensor               # int64 (n, L)
     true_sequential: bool = True
     batch_size: int = 8
     dtype: torch.dtype = torch.float32
-    arch: Any = None             # the ArchitectureMap, for block-level algorithms (AWQ)
+    arch: Any = None             # the family's ArchitectureMap override, for block-level algorithms (AWQ)
     stored_dtype: Callable[[str], torch.dtype] | None = None   # checkpoint dtype of a tensor name
 
 
@@ -315,24 +315,32 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         _materialize(block, plan.prefix, read, primary, cal.dtype)
         t = timer.add("read", t)
         quantize = {lp.local: lp for lp in plan.linears if lp.quantize}
-        groups = [tuple(n for n in g if n in quantize) for g in cal.sequential]
-        groups = [g for g in groups if g]
+        block_calls = calls[plan.index]
+        with torch.no_grad():
+            layout = trace(block, tuple(quantize), [lambda i=i: _block_forward(block, inputs[i].to(primary),
+                                                                                move(block_calls[i], primary))
+                                                    for i in range(len(inputs))])
+        t = timer.add("forward", t)
+        groups = [g for g in layout.groups if g]
         stages = [[g] for g in groups] if cal.true_sequential else [groups]
         input_of = {name: g[0] for g in groups for name in g}
         results: dict[str, QuantizedWeight] = {}
         extra: dict[str, dict] = {name: {} for name in quantize}
         modified: set[str] = set()
-        block_calls = calls[plan.index]
         with torch.no_grad():
             prepare = algorithm.prepare_block
             if prepare is not None:   # block-level algorithms (AWQ) rewrite the block first, on one device
+                arch = cal.arch
+                if arch is None or not arch.awq:   # no measured groups for the family: find them here
+                    arch = discovered_awq(block, layout, lambda: _block_forward(block, inputs[0], block_calls[0]),
+                                          cal.layers)
                 dtype_of = cal.stored_dtype or (lambda name: read(name).dtype)
                 dtypes = {n: dtype_of(plan.prefix + n) for n, _ in block.named_parameters()}
                 here = [x.to(primary) for x in inputs] if ndev > 1 else inputs
                 here_calls = move(block_calls, primary) if ndev > 1 else block_calls
                 prepare(BlockContext(
                     index=plan.index, block=block, inputs=here, calls=here_calls,
-                    quantize=tuple(quantize), arch=cal.arch, stored_dtype=dtypes, modified=modified,
+                    quantize=tuple(quantize), arch=arch, stored_dtype=dtypes, modified=modified,
                     specs=_specs(quantize.values()),
                     capture=lambda hooks, stop, batches=None: capture(block, here, here_calls,
                                                                       hooks, stop, batches),
@@ -356,6 +364,8 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                     for replica, dev in zip(replicas, devices):
                         replica.get_submodule(name).weight.data = fake.to(dev)
                 results.update(stage_results)
+            if layout.unused:   # no input reaches them: rounded to the nearest grid point
+                results.update(_round_unused(layout.unused, block, plan, quantize, algorithm.spec, extra))
             inputs = spread(devices, len(inputs),
                             lambda i, dev: _block_forward(replicas[i % ndev], inputs[i], block_calls[i]))
             timer.add("forward", t)
@@ -368,6 +378,36 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         result.next_inputs = inputs
         yield result
         release_memory()
+
+
+def discovered_awq(block: nn.Module, layout: Any, forward: Callable[[], Any], layers: str) -> Any:
+    """An ArchitectureMap holding the AWQ groups measured on this block (trace.awq_groups)."""
+    from ..models.architectures import ArchitectureMap
+
+    names = [n for g in layout.groups for n in g]
+    return ArchitectureMap(layers=layers, sequential=layout.groups, awq=awq_groups(block, layout, forward),
+                           awq_no_clip=query_key(names))
+
+
+def _round_unused(names: tuple[str, ...], block: nn.Module, plan: BlockPlan, quantize: dict[str, LinearPlan],
+                  spec: Any, extra: dict[str, dict]) -> dict[str, QuantizedWeight]:
+    """Nearest rounding for the Linears the block's forward pass never reached (a branch the
+    calibration text does not take: there is nothing to calibrate them on), flagged `unused`."""
+    from ..algorithms.nf4 import NF4, NF4Options
+    from ..algorithms.rtn import rtn_quantize
+
+    out = {}
+    for name in names:
+        own = quantize[name].spec or spec
+        weight = block.get_submodule(name).weight.detach()
+        if own.codebook == "int":
+            qw = rtn_quantize(weight, own)
+        else:
+            qw = NF4(own, NF4Options()).quantize_layer(LayerContext(
+                index=plan.index, weights={name: weight}, report=lambda n, m: None, prefix=plan.prefix))[name]
+        extra[name].update({"unused": 1.0, "rel_error": weight_error(weight, qw)})
+        out[name] = qw
+    return out
 
 
 def _replica(template: nn.Module, block: nn.Module, device: torch.device) -> nn.Module:

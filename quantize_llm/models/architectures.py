@@ -1,7 +1,10 @@
-"""Per-family knowledge, as data: where the decoder blocks are and which Linears they hold.
+"""Per-family overrides, as data: what discovery from the model (models/structure.py) cannot know.
 
-Keyed by `config.architectures[0]`. Supporting a family means adding an entry here (or pointing
-a new architecture name at an existing map), never code elsewhere.
+Keyed by `config.architectures[0]`. Any architecture transformers builds is quantized without an
+entry here; an entry adds what has been measured for a family: AWQ's scaling groups (which norm or
+Linear produces each group's input, and the norm's form), the Linears AWQ's clip search leaves
+alone, and the order the family's Linears are listed in (its quantization_config). The blocks'
+path is found by discovery unless `layers` names it.
 """
 from __future__ import annotations
 
@@ -39,9 +42,11 @@ class AWQScale:
 class ArchitectureMap:
     """Where the decoder blocks live and how their Linears are grouped.
 
-    layers      module path of the ModuleList of decoder blocks, e.g. "model.layers"
-    sequential  Linears (paths relative to a block) quantized together because they share an
-                input, in execution order; together they are every Linear of the block
+    layers      module path of the ModuleList of decoder blocks, e.g. "model.layers" (checked
+                against discovery by the tests)
+    sequential  Linears (paths relative to a block) that share an input, in execution order, as
+                the family's quantization_config lists them (the calibrated runner traces the
+                groups itself; the tests check that the trace finds these)
     awq         AWQ scaling groups, in execution order (empty: AWQ does not support the family)
     awq_no_clip Linears whose range AWQ's clip search leaves alone (queries and keys: their error
                 is amplified by the softmax, which the per-Linear clip objective does not see)
@@ -124,21 +129,14 @@ ARCHITECTURES: dict[str, ArchitectureMap] = {
 
 
 def architecture_name(config: Mapping[str, Any]) -> str:
+    """config.json's architectures[0]; a config without one is a ModelError (the family is unknown)."""
     archs = config.get("architectures") or []
-    if not archs:
+    if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
         raise ModelError("config.json has no 'architectures' entry, so the model family is unknown",
-                         f"add e.g. \"architectures\": [\"LlamaForCausalLM\"]; known: {known_list()}")
+                         "add the model class transformers saves, e.g. \"architectures\": [\"LlamaForCausalLM\"]")
     return archs[0]
 
 
-def get_architecture(config: Mapping[str, Any]) -> ArchitectureMap:
-    """The map for a model's config.json contents; an unknown family is a ModelError."""
-    name = architecture_name(config)
-    if name not in ARCHITECTURES:
-        raise ModelError(f"architecture {name} is not supported",
-                         f"known architectures: {known_list()}")
-    return ARCHITECTURES[name]
-
-
-def known_list() -> str:
-    return ", ".join(sorted(ARCHITECTURES))
+def get_architecture(config: Mapping[str, Any]) -> ArchitectureMap | None:
+    """The override for a model's config.json contents, or None where discovery alone is used."""
+    return ARCHITECTURES.get(architecture_name(config))

@@ -439,13 +439,16 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_skeleton(folder: Path, config: dict | None = None) -> nn.Module:
-    """AutoModelForCausalLM for the folder's config.json (or `config`), parameters on meta, eval mode.
+    """The model of the folder's config.json (or `config`), parameters on meta, eval mode.
 
-    Parameters take the config's dtype; buffers (e.g. rotary inv_freq) stay real on CPU.
-    trust_remote_code is off and any quantization_config is dropped: this is the float model.
+    The class is the one config.json's `architectures` names where transformers has it (so a
+    multimodal model keeps its vision tower and its tensor names), else AutoModelForCausalLM, else
+    AutoModelForImageTextToText. Parameters take the config's dtype; buffers (e.g. rotary
+    inv_freq) stay real on CPU. trust_remote_code is off and any quantization_config is dropped:
+    this is the float model.
     """
     import accelerate
-    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     try:
         if config is None:
@@ -455,7 +458,7 @@ def build_skeleton(folder: Path, config: dict | None = None) -> nn.Module:
         if getattr(cfg, "quantization_config", None) is not None:
             del cfg.quantization_config
         with accelerate.init_empty_weights():
-            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+            model = _instantiate(cfg)
     except (KeyError, ValueError, OSError, ImportError) as e:
         raise ModelError(f"transformers cannot build a causal LM from {Path(folder) / 'config.json'}: "
                          f"{_first_line(e)}", "check model_type and architectures; models that need "
@@ -469,6 +472,21 @@ def build_skeleton(folder: Path, config: dict | None = None) -> nn.Module:
                          f"{reason}", "sizes and counts must be positive integers; restore the "
                          "config.json the checkpoint was saved with") from None
     return model.eval()
+
+
+def _instantiate(cfg: Any) -> nn.Module:
+    """The model class for `cfg` (see build_skeleton), built from it with random (meta) weights."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
+
+    for name in getattr(cfg, "architectures", None) or ():
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and isinstance(cfg, cls.config_class):
+            return cls._from_config(cfg)
+    try:
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
+    except ValueError:
+        return AutoModelForImageTextToText.from_config(cfg, trust_remote_code=False)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -175,10 +175,14 @@ def _config(target: Any, specs: dict, base: tuple | None, source_qconfig: dict, 
     meta["converted"] = {"from": source_qconfig.get("quant_method"), "by": f"quantize-llm:{__version__}"}
     try:
         arch = get_architecture(config)
+    except ModelError:
+        arch = None
+    listed = source_qconfig.get("modules_in_block_to_quantize")
+    in_block = [list(g) for g in listed] if isinstance(listed, list) and all(
+        isinstance(g, list) and all(isinstance(n, str) for n in g) for g in listed) else []
+    if not in_block and arch is not None:
         in_block = [[n for n in group if any(p.endswith("." + n) for p in specs)] for group in arch.sequential]
         in_block = [g for g in in_block if g]
-    except ModelError:
-        in_block = []
     return target.quantization_config(ConfigFacts(
         spec=spec, modules_in_block=in_block, dense_modules=dense, meta=meta,
         overrides={p: s for p, s in specs.items() if (s.bits, s.group_size, s.sym) != base},

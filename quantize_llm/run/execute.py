@@ -195,7 +195,7 @@ class _Run:
         source = plan.job.calibration.source if plan.job.calibration is not None else "self"
         if source != "self" and Path(source).expanduser().is_file():
             self.cal_info["path"] = str(Path(source).expanduser().resolve())
-        self.cal = Calibration(src.skeleton, src.arch.layers, src.arch.sequential, cal_set.tokens,
+        self.cal = Calibration(src.skeleton, src.layers, cal_set.tokens,
                                true_sequential=self.algorithm.record().true_sequential is not False,
                                batch_size=plan.job.batch_size, dtype=torch.float32, arch=src.arch,
                                stored_dtype=reader.dtype)
@@ -306,7 +306,7 @@ class _Run:
         if cal is not None and self.final_inputs is not None:
             batch = min(self.plan.job.batch_size, cal.tokens.shape[0])
             verification["last_block_rel_diff"] = check_outputs(tmp, cal.tokens[:batch], self.final_inputs[0],
-                                                                self.plan.source.arch.layers, self.plan.devices[0])
+                                                                self.plan.source.layers, self.plan.devices[0])
         verification["seconds"] = time.perf_counter() - t0
         self.emit("verified", dict(verification))
 
@@ -315,7 +315,7 @@ class _Run:
         plan, spec = self.plan, self.plan.spec
         linears = [lp for b in plan.blocks for lp in b.linears]
         quantized_somewhere = {lp.local for lp in linears if lp.quantize}
-        groups = [[n for n in group if n in quantized_somewhere] for group in plan.source.arch.sequential]
+        groups = [[n for n in group if n in quantized_somewhere] for group in listed_groups(plan)]
         overrides = {lp.name: lp.spec for lp in linears if lp.quantize and lp.spec is not None
                      and _grid(lp.spec) != _grid(spec)}
         if plan.head is not None and _grid(plan.head[1]) != _grid(spec):
@@ -436,3 +436,17 @@ def peak_device_mb(devices: tuple[torch.device, ...]) -> float | None:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def listed_groups(plan: RunPlan) -> list[list[str]]:
+    """The block Linears as quantization_config lists them (`modules_in_block_to_quantize`): the
+    family's groups where it has an override, then every other Linear in its own group, in the
+    order the blocks hold them."""
+    groups = [list(g) for g in plan.source.arch.sequential] if plan.source.arch is not None else []
+    listed = {n for g in groups for n in g}
+    for block in plan.blocks:
+        for lp in block.linears:
+            if lp.local not in listed:
+                listed.add(lp.local)
+                groups.append([lp.local])
+    return groups

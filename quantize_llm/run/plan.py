@@ -30,6 +30,7 @@ from ..formats.checkpoint import check_output, human_bytes, local_folder
 from ..formats.vllm import preflight
 from ..models.architectures import ArchitectureMap, architecture_name, get_architecture
 from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
+from ..models.structure import Blocks, discover
 from .job import Job, parse_size
 from .resources import ResourcePlan
 from .resources import estimate as estimate_resources
@@ -44,9 +45,11 @@ class Source:
     folder: Path                 # the resolved checkpoint folder
     config: dict[str, Any]       # config.json
     architecture: str            # config.json's architectures[0]
-    arch: ArchitectureMap
+    arch: ArchitectureMap | None  # the family's override (models/architectures.py), if it has one
     skeleton: nn.Module          # the float model on the meta device
     total_bytes: int             # tensor bytes in the weight files
+    layers: str                  # the path of the ModuleList of decoder blocks (models/structure.py)
+    kept: tuple[str, ...]        # what stays dense besides embeddings and head, as plan lines
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class RunPlan:
                  + (f"; {self.head[0]} too" if self.head else "") + f" -> the {self.format.name} format",
                  f"calibration: {self._calibration()}",
                  f"devices: {','.join(map(str, self.devices))}"]
+        lines += [f"dense: {line}" for line in src.kept]
         return lines + self.resources.lines()
 
     def _calibration(self) -> str:
@@ -122,10 +126,12 @@ def plan_run(job: Job, command: str | None = None) -> RunPlan:
         if qconfig:
             method = qconfig.get("quant_method", "unknown method") if isinstance(qconfig, dict) else "unreadable"
             raise ModelError(f"{job.model} is already quantized ({method})", "start from the unquantized checkpoint")
+        architecture = architecture_name(config)
         arch = get_architecture(config)
         skeleton = build_skeleton(folder, config)
         check_against_config(reader, skeleton)
-        blocks = plan_blocks(reader, arch, skeleton, spec)
+        found = discover(skeleton, arch.layers if arch is not None else None)
+        blocks = plan_blocks(reader, found, arch, skeleton, spec)
         in_blocks = {n for b in blocks for n in b.tensors}
         head = output_head(spec, fmt, reader, skeleton, config)
         vllm = tuple(preflight(spec, fmt.name, [(lp.name, lp.out_features, lp.in_features, lp.spec)
@@ -134,8 +140,9 @@ def plan_run(job: Job, command: str | None = None) -> RunPlan:
             raise SpecError(f"--strict-vllm: {vllm[0]}", f"{len(vllm)} reason(s) in all" if len(vllm) > 1 else None)
         resources = resource_plan(reader, blocks, spec, config, algorithm.needs_calibration, job.calibration,
                                   job.batch_size, devices[0], job.resume, job.verify, devices=len(devices))
-        source = Source(job.model, folder, config, architecture_name(config), arch, skeleton, reader.total_bytes)
         outside = tuple(n for n in reader.names() if n not in in_blocks)
+        source = Source(job.model, folder, config, architecture, arch, skeleton, reader.total_bytes, found.path,
+                        kept_dense(found, skeleton, outside))
     calibrated = bool(algorithm.needs_calibration)
     fingerprint = {"tool": __version__, "model": model_fingerprint(folder), "spec": spec.to_dict(),
                    "options": asdict(job.options) if job.options is not None else None, "format": fmt.name,
@@ -161,30 +168,24 @@ def prepare(spec: QuantSpec, options: object | None) -> tuple[type[Format], Quan
     return fmt, spec, algorithm
 
 
-def plan_blocks(reader: CheckpointReader, arch: ArchitectureMap, skeleton: nn.Module,
+def plan_blocks(reader: CheckpointReader, found: Blocks, arch: ArchitectureMap | None, skeleton: nn.Module,
                 spec: QuantSpec) -> list[BlockPlan]:
-    """Every block's Linears, checked against the architecture map, the spec and the format."""
+    """Every block's Linears (discovered, models/structure.py), checked against the checkpoint,
+    the spec and the format. A family's override fixes the order they are listed in."""
     fmt = get_format(spec.format)
-    try:
-        layers = skeleton.get_submodule(arch.layers)
-    except AttributeError:
-        raise ModelError(f"the model has no {arch.layers}, where this architecture keeps its blocks") from None
     names = reader.names()
     present = set(names)
+    order = {name: i for i, name in enumerate(arch.linears)} if arch is not None else {}
     plans = []
-    for i, block in enumerate(layers):
-        prefix = f"{arch.layers}.{i}."
-        found = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        unknown = sorted(found - set(arch.linears))
-        if unknown:
-            raise ModelError(f"block {i} holds Linear {unknown[0]} that the architecture map does not know",
-                             "add it to models/architectures.py, or report the model")
+    for i, locals_ in enumerate(found.linears):
+        prefix = f"{found.path}.{i}."
         linears = []
-        for local in arch.linears:
+        for local in sorted(locals_, key=lambda n: (order.get(n, len(order)), locals_.index(n))):
             name = prefix + local
             if f"{name}.weight" not in present:
                 raise CheckpointError(f"tensor {name}.weight is missing from the checkpoint",
-                                      "the checkpoint is incomplete or not of the architecture it declares")
+                                      "the checkpoint is incomplete, not of the architecture it declares, or "
+                                      "saved under older tensor names (re-save it with the installed transformers)")
             out_features, in_features = reader.shape(f"{name}.weight")
             quantize = not spec.is_dense(name)
             own = None
@@ -197,8 +198,11 @@ def plan_blocks(reader: CheckpointReader, arch: ArchitectureMap, skeleton: nn.Mo
             linears.append(LinearPlan(name, local, out_features, in_features, quantize, own))
         tensors = tuple(n for n in names if n.startswith(prefix))
         plans.append(BlockPlan(i, prefix, tuple(linears), tensors))
-    if not plans:
-        raise ModelError(f"the model has no decoder blocks under {arch.layers}")
+    if not any(p.linears for p in plans):
+        raise ModelError(f"the decoder blocks under {found.path} hold no Linear layer this tool can quantize"
+                         + (f" (their weights are fused 3-D parameters such as {found.fused[0][0]})"
+                            if any(found.fused) else ""),
+                         "this family cannot be quantized by this tool yet; report the model")
     if any(lp.spec is not None and _grid(lp.spec) != _grid(spec) for p in plans for lp in p.linears) \
             and not fmt.per_module:
         raise SpecError(f"the {fmt.name} format has one setting for every layer, so it cannot hold per-module "
@@ -206,6 +210,28 @@ def plan_blocks(reader: CheckpointReader, arch: ArchitectureMap, skeleton: nn.Mo
     if not any(lp.quantize for p in plans for lp in p.linears):
         raise SpecError("--keep-dense leaves no Linear to quantize", "loosen the --keep-dense patterns")
     return plans
+
+
+def kept_dense(found: Blocks, skeleton: nn.Module, outside: tuple[str, ...]) -> tuple[str, ...]:
+    """What stays unquantized besides embeddings, norms and the head, one line per kind: MoE
+    routers, fused experts, and Linears outside the decoder blocks (vision towers, projectors)."""
+    lines = []
+    routers = sorted({r for block in found.routers for r in block})
+    if routers:
+        lines.append(f"MoE routers ({', '.join(routers)}) in {sum(map(bool, found.routers))} blocks")
+    fused = sorted({f for block in found.fused for f in block})
+    if fused:
+        lines.append(f"fused 3-D expert weights ({', '.join(fused)}) in {sum(map(bool, found.fused))} blocks "
+                     "(per-expert quantization of fused experts is not supported yet)")
+    blocks_prefix = found.path + "."
+    head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
+    others = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and m is not head
+              and not n.startswith(blocks_prefix)]
+    if others:
+        parts = sorted({n.split(".")[0] if n.split(".")[0] != "model" else ".".join(n.split(".")[:2])
+                        for n in others})
+        lines.append(f"{len(others)} Linears outside the decoder blocks (under {', '.join(parts)})")
+    return tuple(lines)
 
 
 def module_spec(spec: QuantSpec, name: str, fmt: Any) -> QuantSpec | None:
