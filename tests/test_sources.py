@@ -282,7 +282,7 @@ def test_processor_files_and_extra_chat_templates_are_carried(tiny_model, tmp_pa
 
 def test_extra_file_names_cannot_leave_the_folder():
     assert carried_name("tokenizer.json") and carried_name("additional_chat_templates/tool_use.jinja")
-    for bad in ["", ".", "..", "../x", "a/b", "/etc/passwd", "additional_chat_templates/../x",
+    for bad in ["", ".", "..", "../x", "a/b", "/etc/passwd", "/abs", "/additional_chat_templates/x", "additional_chat_templates/../x",
                 "additional_chat_templates/", "additional_chat_templates/.hidden", "additional_chat_templates/a/b",
                 "additional_chat_templates/..", "x\\y", "additional_chat_templates/x\\..\\y"]:
         assert not carried_name(bad), bad

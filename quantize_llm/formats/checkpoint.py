@@ -261,7 +261,7 @@ def carried_name(fname: str) -> bool:
     inside one of CARRIED_FOLDERS ("additional_chat_templates/tool_use.jinja", not hidden); nothing
     that could leave the folder (no "..", no absolute path, no backslash, no deeper folder)."""
     folder, _, name = fname.rpartition("/")
-    if folder and (folder not in CARRIED_FOLDERS or name.startswith(".")):
+    if "/" in fname and (folder not in CARRIED_FOLDERS or name.startswith(".")):
         return False
     return (bool(name) and name not in (".", "..") and "\\" not in name and os.sep not in name
             and "\0" not in name and not Path(name).is_absolute())
