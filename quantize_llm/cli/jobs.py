@@ -11,7 +11,7 @@ from rich.text import Text
 from ..errors import QuantizeError, UsageError
 from ..run.recipe import load_recipe
 from .app import app
-from .options import LogJsonOpt, RecipeArg
+from .options import LogJsonOpt, RecipeArg, TrustRemoteCodeOpt
 from .quantize import run_job
 from .report import Results, out, print_jobs
 
@@ -25,8 +25,8 @@ def run(recipe: RecipeArg,
                                                          "scheduler's array index.", show_default=False)] = None,
         check: Annotated[bool, typer.Option("--check", help="Validate the recipe and list its jobs; run "
                                             "nothing.")] = False,
-        log_json: LogJsonOpt = None) -> None:
-    jobs = load_recipe(recipe)
+        trust_remote_code: TrustRemoteCodeOpt = False, log_json: LogJsonOpt = None) -> None:
+    jobs = _trusting(load_recipe(recipe), trust_remote_code)
     indices = _indices(recipe, jobs, job_index)
     if check:
         print_jobs(recipe, jobs, indices, Results(log_json))
@@ -45,17 +45,21 @@ def run(recipe: RecipeArg,
              "Example: quantize-llm plan configs/llama3-8b-gptq-w4g128.toml --time")
 def plan(recipe: RecipeArg,
          job_index: Annotated[int | None, typer.Option("--job-index", help="Plan only job I (0-based).", show_default=False)] = None,
-         time_first_block: Annotated[bool, typer.Option("--time", help="Also time the first block (loads calibration data and runs it).")] = False) -> None:
+         time_first_block: Annotated[bool, typer.Option("--time", help="Also time the first block (loads calibration data and runs it).")] = False,
+         trust_remote_code: TrustRemoteCodeOpt = False) -> None:
     import tempfile
     import time
 
+    from ..models.load import remote_code_warning
     from ..run.execute import quantize
     from ..run.plan import plan_run
 
-    jobs = load_recipe(recipe)
+    jobs = _trusting(load_recipe(recipe), trust_remote_code)
     indices = _indices(recipe, jobs, job_index)
     for i in indices:
         job = jobs[i]
+        if job.trust_remote_code:
+            out.print(f"  warning: {remote_code_warning(job.model)}")
         run_plan = plan_run(job)
         out.print(Text.assemble((f"job {i} ({job.name})", "bold"), f": {len(run_plan.blocks)} blocks -> {job.output}"))
         for line in run_plan.lines():
@@ -74,13 +78,21 @@ def plan(recipe: RecipeArg,
                 try:
                     quantize(job.model, Path(tmp) / "timing", job.spec, options=job.options,
                              calibration=job.calibration, device=job.device, batch_size=job.batch_size,
-                             on_event=stop_after_first, resume=False)
+                             on_event=stop_after_first, resume=False, trust_remote_code=job.trust_remote_code)
                 except _PlanTimed:
                     pass
             if timing:
                 out.print(f"  time: the first block took {timing['first_block_seconds']:.1f} s after "
                           f"{time.perf_counter() - start - timing['first_block_seconds']:.1f} s of set-up; expected "
                           f"total about {timing['expected_seconds'] / 60:.1f} min")
+
+
+def _trusting(jobs: list, trust_remote_code: bool) -> list:
+    """The recipe's jobs, each allowed the model's own code where --trust-remote-code says so (a
+    job's own `trust_remote_code = true` allows it for that job alone)."""
+    from dataclasses import replace
+
+    return [replace(job, trust_remote_code=True) if trust_remote_code else job for job in jobs]
 
 
 class _PlanTimed(Exception):

@@ -76,6 +76,10 @@ VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Read the 
                                          "(calibrated runs) the loaded model must reproduce the run's last-block "
                                          "outputs.")]
 
+TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a model whose config.json "
+                                                  "names code of its own (auto_map) and run that Python code "
+                                                  "from its folder. Off: such a model is refused.")]
+
 # ---- calibration and the solve -----------------------------------------------------------------------
 DatasetOpt = Annotated[str, typer.Option("--dataset", help="Calibration text: a .txt/.jsonl/.json/.parquet file, "
                                          "a datasets hub id (org/name[:config[:split]]), or 'self' (the model "
@@ -106,6 +110,7 @@ class RunOptions:
     push_to_hub: PushOpt = None
     strict_vllm: StrictVllmOpt = False
     verify: VerifyOpt = True
+    trust_remote_code: TrustRemoteCodeOpt = False
     max_shard_size: ShardOpt = "2GB"
     log_json: LogJsonOpt = None          # the command's event log, not part of the job
 
@@ -114,6 +119,8 @@ class RunOptions:
         keys: dict[str, Any] = {"device": self.device, "overwrite": self.overwrite, "resume": self.resume,
                                 "strict_vllm": self.strict_vllm, "verify": self.verify,
                                 "max_shard_size": self.max_shard_size}
+        if self.trust_remote_code:
+            keys["trust_remote_code"] = True
         if self.push_to_hub is not None:
             keys["push_to_hub"] = self.push_to_hub
         if self.eval_file is not None:

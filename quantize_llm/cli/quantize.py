@@ -48,7 +48,7 @@ def run_job(job: Job, log_json: Path | None, command: str | None = None) -> None
                            device=job.device, overwrite=job.overwrite, max_shard_bytes=parse_size(job.max_shard_size),
                            batch_size=job.batch_size, on_event=reporter, command=command, resume=job.resume,
                            evaluation=job.evaluation, push_to_hub=job.push_to_hub, strict_vllm=job.strict_vllm,
-                           verify=job.verify)
+                           verify=job.verify, trust_remote_code=job.trust_remote_code)
     print_summary(summary, job.spec, Results(log_json))
 
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from .._version import __version__
 from ..run.recipe import parse_size
 from .app import app, click
-from .options import DeviceOpt, LogJsonOpt, ModelArg, OutputOpt, OverwriteOpt, ShardOpt
+from .options import DeviceOpt, LogJsonOpt, ModelArg, OutputOpt, OverwriteOpt, ShardOpt, TrustRemoteCodeOpt
 from .report import Results, human, out, print_evaluation, print_inspection
 
 CheckpointArg = Annotated[str, typer.Argument(help="A quantized checkpoint folder or hub id.", show_default=False)]
@@ -62,13 +62,17 @@ def eval_(model: ModelArg,
           windows: Annotated[int, typer.Option("--windows", help="Number of windows; 0 = the whole text.")] = 40,
           baseline: Annotated[str | None, typer.Option("--baseline", help="Unquantized model for KL and the "
                                                           "perplexity ratio.", show_default=False)] = None,
-          device: DeviceOpt = "auto", log_json: LogJsonOpt = None) -> None:
+          device: DeviceOpt = "auto", trust_remote_code: TrustRemoteCodeOpt = False,
+          log_json: LogJsonOpt = None) -> None:
     from ..eval.evaluate import run_eval
+    from ..models.load import remote_code_warning
     from .progress import Reporter
 
     with Reporter(log_json, label="eval") as reporter:
+        if trust_remote_code:
+            reporter("warning", {"message": remote_code_warning(model)})
         result = run_eval(model, dataset, seqlen=seqlen, windows=windows, baseline=baseline, device=device,
-                          on_event=reporter)
+                          on_event=reporter, trust_remote_code=trust_remote_code)
     print_evaluation(result, model, dataset, baseline, Results(log_json))
 
 
@@ -89,14 +93,17 @@ def generate(model: ModelArg,
                                                   "(insist), torch (PyTorch path).")] = "auto",
              dtype: Annotated[str, typer.Option("--dtype", help="Activations: auto (bfloat16 on CUDA, float32 on "
                                                 "CPU), float32, bfloat16, float16.")] = "auto",
-             device: DeviceOpt = "auto") -> None:
+             device: DeviceOpt = "auto", trust_remote_code: TrustRemoteCodeOpt = False) -> None:
     from ..eval.generate import generate as run_generate
+    from ..models.load import remote_code_warning
     from .progress import quiet_transformers
 
+    if trust_remote_code:
+        Console(stderr=True, highlight=False).print(f"warning: {remote_code_warning(model)}", markup=False)
     with quiet_transformers():
         result = run_generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               seed=seed, chat=chat, device=device, backend=backend, dtype=dtype,
-                              ignore_eos=ignore_eos)
+                              ignore_eos=ignore_eos, trust_remote_code=trust_remote_code)
     out.print(result.text)
     Console(stderr=True, highlight=False).print(
         f"{result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "

@@ -128,43 +128,43 @@ def evaluate(model: nn.Module, windows: Tensor, baseline: nn.Module | None = Non
 
 
 def load_for_eval(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  backend: str = "auto") -> tuple[nn.Module, Any]:
+                  backend: str = "auto", trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """(eval-mode model in `dtype` on `device`, tokenizer) for MODEL, quantized or not.
 
     Quantized checkpoints load through `load_quantized` (with `backend`); others through
-    transformers, safetensors only (our reader refuses pickle-only folders first) and without
-    remote code.
+    transformers, safetensors only (our reader refuses pickle-only folders first), an FP8 source
+    through our reader's bfloat16 view; the model's own code runs only with `trust_remote_code`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..formats.reading import QuantizedModules
+    from ..models.sources import load_float_model
     from ..runtime.load import load_quantized
 
-    folder = resolve_model(model)
+    folder = resolve_model(model, trust_remote_code=trust_remote_code)
     # config.json and the weights first: the tokenizer reads config.json too, and says less about it
     with CheckpointReader(folder) as reader:
         quantized = bool(reader.config.get("quantization_config"))
         if quantized:
             QuantizedModules(reader)   # a quantization_config we cannot read; load_quantized checks the rest
-        skeleton = build_skeleton(folder, reader.config)
+        skeleton = build_skeleton(folder, reader.config, trust_remote_code=trust_remote_code)
         if not quantized:          # transformers would fill what is missing with random weights
             check_against_config(reader, skeleton)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise ModelError(f"no usable tokenizer in {folder} ({reason})",
                          "copy the tokenizer files of the original model into the folder") from None
     if quantized:
-        return load_quantized(folder, device=device, dtype=dtype, backend=backend), tokenizer
-    net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
-                                               trust_remote_code=False)
-    return net.to(device).eval(), tokenizer
+        return (load_quantized(folder, device=device, dtype=dtype, backend=backend,
+                               trust_remote_code=trust_remote_code), tokenizer)
+    return load_float_model(folder, dtype, trust_remote_code).to(device).eval(), tokenizer
 
 
 def run_eval(model: str, dataset: Path, *, seqlen: int = 512, windows: int | None = 40,
              baseline: str | None = None, device: str = "auto",
-             on_event: Callable[[str, dict], None] | None = None) -> EvalResult:
+             on_event: Callable[[str, dict], None] | None = None, trust_remote_code: bool = False) -> EvalResult:
     """`quantize-llm eval`: load MODEL (and BASELINE), tokenize DATASET once, score the windows."""
     from ..core.devices import resolve_device
 
@@ -174,10 +174,10 @@ def run_eval(model: str, dataset: Path, *, seqlen: int = 512, windows: int | Non
     if not dataset.is_file():
         raise UsageError(f"--dataset {dataset} is not a file", "pass a UTF-8 text file, e.g. wiki.test.raw")
     _warn_if_calibrated_on(model, dataset, emit)
-    net, tokenizer = load_for_eval(model, dev)
+    net, tokenizer = load_for_eval(model, dev, trust_remote_code=trust_remote_code)
     ref = None
     if baseline is not None:
-        ref, ref_tokenizer = load_for_eval(baseline, dev)
+        ref, ref_tokenizer = load_for_eval(baseline, dev, trust_remote_code=trust_remote_code)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UsageError(f"--baseline {baseline} uses another vocabulary than {model}",
                              "compare a quantized model with the model it was made from")

@@ -33,7 +33,7 @@ class Generation:
 
 def generate(model: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, chat: bool = False, device: str = "auto", backend: str = "auto", dtype: str = "auto",
-             ignore_eos: bool = False) -> Generation:
+             ignore_eos: bool = False, trust_remote_code: bool = False) -> Generation:
     """Greedy (temperature 0) or sampled continuation of `prompt`; see the module docstring."""
     from ..core.devices import resolve_device
     from ..runtime.qlinear import NF4Linear, QuantLinear
@@ -49,7 +49,7 @@ def generate(model: str, prompt: str, *, max_new_tokens: int = 64, temperature: 
         raise UsageError(f"--dtype {dtype} is not supported", f"choose one of {', '.join(DTYPES)}")
     dev = resolve_device(device)
     work_dtype = DTYPES[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    net, tokenizer = load_for_eval(model, dev, dtype=work_dtype, backend=backend)
+    net, tokenizer = load_for_eval(model, dev, dtype=work_dtype, backend=backend, trust_remote_code=trust_remote_code)
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise UsageError(f"{model} has no chat template", "drop --chat to use the prompt as it is")

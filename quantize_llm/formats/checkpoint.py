@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import json
 import logging
 import os
@@ -33,6 +34,14 @@ INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 _ALIGNMENTS = (8, 4, 2, 1)                        # data buffer order: descending itemsize (§5.1)
 _COPY_CHUNK = 16 * 1024**2
+# Files carried from the source folder beside the weights (tokenizer, processor of a multimodal model,
+# chat templates, generation settings, license), and the folder of extra chat templates.
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                 "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                 "chat_template.json", "generation_config.json", "preprocessor_config.json",
+                 "processor_config.json", "video_preprocessor_config.json", "*.tiktoken", "LICENSE*")
+# Folders of a checkpoint whose plain files are carried into the output under the same folder name.
+CARRIED_FOLDERS = ("additional_chat_templates",)
 _OVERWRITE_HINT = "pass --overwrite to replace it, or choose another -o"
 
 # torch dtype -> safetensors dtype string (§5.1); the optional ones exist only in newer torch.
@@ -239,6 +248,43 @@ def fsync_path(path: Path) -> None:
         pass
 
 
+def _names_code(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("auto_map"))
+
+
+def carried_name(fname: str) -> bool:
+    """Whether `fname` may name an extra file of a checkpoint: a plain file name, or a plain file name
+    inside one of CARRIED_FOLDERS ("additional_chat_templates/tool_use.jinja", not hidden); nothing
+    that could leave the folder (no "..", no absolute path, no backslash, no deeper folder)."""
+    folder, _, name = fname.rpartition("/")
+    if "/" in fname and (folder not in CARRIED_FOLDERS or name.startswith(".")):
+        return False
+    return (bool(name) and name not in (".", "..") and "\\" not in name and os.sep not in name
+            and "\0" not in name and not Path(name).is_absolute())
+
+
+def carried_files(folder: Path) -> dict[str, Path]:
+    """The files of `folder` to copy beside the weights: CARRIED_FILES, and the plain files directly
+    inside its CARRIED_FOLDERS (as "additional_chat_templates/NAME"; nothing deeper, nothing hidden);
+    where config.json's auto_map names code of the model's own, its Python files too (the written
+    config.json keeps the auto_map)."""
+    files = {}
+    patterns = CARRIED_FILES + (("*.py",) if _names_code(folder) else ())
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pat) for pat in patterns):
+            files[path.name] = path
+    for sub in CARRIED_FOLDERS:
+        if (folder / sub).is_dir():
+            for path in sorted((folder / sub).iterdir()):
+                if path.is_file() and carried_name(f"{sub}/{path.name}"):
+                    files[f"{sub}/{path.name}"] = path
+    return files
+
+
 class CheckpointWriter:
     """Stream tensors into safetensors shards inside a temp folder next to `out`; rename on finish.
 
@@ -366,9 +412,9 @@ class CheckpointWriter:
             raise RuntimeError("this CheckpointWriter is finished or aborted")
         files = dict(files or {})
         for fname in files:
-            if (not fname or fname in (".", "..") or "/" in fname or "\\" in fname or os.sep in fname
-                    or Path(fname).is_absolute()):
-                raise ValueError(f"extra file name {fname!r} must be a plain file name")
+            if not carried_name(fname):
+                raise ValueError(f"extra file name {fname!r} must be a plain file name, or one inside "
+                                 f"{' or '.join(CARRIED_FOLDERS)}/")
             if fname in (CONFIG_FILE, INDEX_FILE) or fname.endswith(".safetensors"):
                 raise ValueError(f"extra file name {fname!r} clashes with a checkpoint file")
         if any(self._shard.entries.values()) or not self._shard_paths:  # no tensors -> one empty file
@@ -384,6 +430,8 @@ class CheckpointWriter:
             (self._tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (self._tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
         for fname, content in files.items():
+            if "/" in fname:
+                (self._tmp / fname).parent.mkdir(exist_ok=True)
             if isinstance(content, Path):
                 shutil.copy2(content, self._tmp / fname)
             elif isinstance(content, str):

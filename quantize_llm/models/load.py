@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ModelError
+from .sources import FP8Source, fp8_block
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,12 @@ MAX_INDEX = 10 * 1024 * 1024      # huggingface_hub refuses larger index files (
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-# What a quantization run needs from a hub repo: never pickle weights, never remote code.
+# What a quantization run needs from a hub repo: never pickle weights, remote code (*.py) only with
+# --trust-remote-code. A multimodal model's processor files and extra chat templates come too.
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX, "tokenizer*",
                 "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
-                "chat_template*", "*.tiktoken", "README.md", "LICENSE*"]
+                "chat_template*", "*.tiktoken", "README.md", "LICENSE*", "preprocessor_config.json",
+                "processor_config.json", "video_preprocessor_config.json", "additional_chat_templates/*"]
 REPAIR = "re-download the checkpoint, or re-save it with save_pretrained"
 
 # safetensors dtype -> (bits per element, torch dtype; None where torch has no equivalent).
@@ -198,6 +201,10 @@ class CheckpointReader(_Closing):
     Every header, the index (§5.2 rules 8-10) and the tensor-to-shard map are validated on
     construction; a shard file is opened by the first read of one of its tensors and kept open
     until close(). `.config` is the parsed config.json, `.files` the shard paths (sorted).
+
+    An FP8 source (sources.py) reads as the bfloat16 checkpoint it stands for: its weights dequantized,
+    its scales no tensors, and its quantization_config moved from `.config` to `.source_quantization`
+    (None for every other checkpoint).
     """
 
     def __init__(self, folder: Path | str) -> None:
@@ -212,6 +219,12 @@ class CheckpointReader(_Closing):
                     raise CheckpointError(f"tensor {name} is in both {self._where[name].path.name} and "
                                           f"{shard.path.name} of {self.folder}", REPAIR)
                 self._where[name] = shard
+        self.source_quantization, self._fp8 = None, None
+        if fp8_block(self.config.get("quantization_config"))[0]:
+            self.source_quantization = self.config["quantization_config"]
+            self.config = {k: v for k, v in self.config.items() if k != "quantization_config"}
+            self._fp8 = FP8Source(self.source_quantization, list(self._where), lambda n: self._where[n].dtype(n),
+                                  lambda n: self._where[n].shape(n), self.folder)
         if weight_map is None:
             return
         for name, file in weight_map.items():   # §5.2 rule 10: trust the shards, not the index
@@ -225,22 +238,24 @@ class CheckpointReader(_Closing):
 
     def names(self) -> list[str]:
         """Every tensor: shards in `.files` order, each in its file order."""
-        return list(self._where)
+        return list(self._where) if self._fp8 is None else self._fp8.names(list(self._where))
 
     def _shard(self, name: str) -> SafetensorsFile:
-        if name not in self._where:
+        if name not in self._where or self._fp8 is not None and name in self._fp8.hidden:
             raise CheckpointError(f"the checkpoint in {self.folder} has no tensor named {name!r}",
                                   "check that the architecture matches the weights")
         return self._where[name]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._shard(name).dtype(name)
+        stored = self._shard(name).dtype(name)
+        return stored if self._fp8 is None else self._fp8.dtype(name, stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shard(name).shape(name)
 
     def nbytes(self, name: str) -> int:
-        return self._shard(name).nbytes(name)
+        stored = self._shard(name).nbytes(name)
+        return stored if self._fp8 is None else self._fp8.nbytes(name, stored)
 
     def shard_name(self, name: str) -> str:
         """The file name of the shard that holds tensor `name`."""
@@ -251,6 +266,9 @@ class CheckpointReader(_Closing):
         tensor holding NaN or Inf is a CheckpointError naming it."""
         shard = self._shard(name)
         tensor = shard.read(name)
+        if self._fp8 is not None and name in self._fp8.scale_of:
+            scale = self._fp8.scale_of[name]
+            tensor = self._fp8.dequantize(tensor, self._where[scale].read(scale))
         if check_finite and (tensor.is_floating_point() or tensor.is_complex()):
             nan, inf = _count_nonfinite(tensor)
             if nan or inf:
@@ -261,8 +279,9 @@ class CheckpointReader(_Closing):
 
     @property
     def total_bytes(self) -> int:
-        """Sum of tensor storage sizes (headers excluded), like the index's total_size."""
-        return sum(s.nbytes(n) for s in self._shards for n in s.names())
+        """Sum of tensor storage sizes (headers excluded), like the index's total_size (of the
+        bfloat16 view, for an FP8 source)."""
+        return sum(self.nbytes(n) for n in self.names())
 
     def close(self) -> None:
         for shard in self._shards:
@@ -366,10 +385,11 @@ def _check_shard_name(folder: Path, index: Path, name: str) -> None:
                               "only safetensors is read; convert with save_pretrained(safe_serialization=True)")
 
 
-def resolve_model(model: str, revision: str | None = None) -> Path:
+def resolve_model(model: str, revision: str | None = None, trust_remote_code: bool = False) -> Path:
     """The checkpoint folder for MODEL: an existing local folder, or a hub id (downloaded or cached).
 
-    Only config, tokenizer, safetensors and index files are fetched (HUB_PATTERNS). Offline
+    Only config, tokenizer, processor, safetensors and index files are fetched (HUB_PATTERNS), and
+    the repo's Python files with `trust_remote_code`. Offline
     (HF_HUB_OFFLINE=1 or no network) the local hub cache answers; neither is a ModelError.
     """
     path = Path(model).expanduser()
@@ -383,14 +403,14 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
         return path.resolve()
     if model.startswith((".", "/", "~")) or model.count(os.sep) > 1 or not HUB_ID.fullmatch(model):
         raise ModelError(f"no such folder: {model}", "check the path; hub ids look like org/name")
-    folder = Path(_snapshot(model, revision))
+    folder = Path(_snapshot(model, revision, HUB_PATTERNS + ["*.py"] if trust_remote_code else HUB_PATTERNS))
     if not (folder / "config.json").is_file():
         raise ModelError(f"hub repo {model} has no config.json: not a transformers model",
                          "pass the id of a transformers causal-LM repo")
     return folder
 
 
-def _snapshot(repo_id: str, revision: str | None) -> str:
+def _snapshot(repo_id: str, revision: str | None, patterns: list[str] = HUB_PATTERNS) -> str:
     """huggingface_hub.snapshot_download, retried from the local cache when the hub is unreachable."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
@@ -399,7 +419,7 @@ def _snapshot(repo_id: str, revision: str | None) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
     home = os.environ.get("HF_HOME")
     cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(home, "hub") if home else None)
-    kw = dict(revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache)
+    kw = dict(revision=revision, allow_patterns=patterns, cache_dir=cache)
     network_errors = _network_errors()
     try:
         try:
@@ -438,31 +458,39 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def build_skeleton(folder: Path, config: dict | None = None) -> nn.Module:
+def build_skeleton(folder: Path, config: dict | None = None, *, trust_remote_code: bool = False) -> nn.Module:
     """The model of the folder's config.json (or `config`), parameters on meta, eval mode.
 
     The class is the one config.json's `architectures` names where transformers has it (so a
     multimodal model keeps its vision tower and its tensor names), else AutoModelForCausalLM, else
     AutoModelForImageTextToText. Parameters take the config's dtype; buffers (e.g. rotary
-    inv_freq) stay real on CPU. trust_remote_code is off and any quantization_config is dropped:
-    this is the float model.
+    inv_freq) stay real on CPU. Any quantization_config is dropped: this is the float model. A
+    config whose `auto_map` names code of the model's own runs that code only with
+    `trust_remote_code`; without it, transformers' built-in class of the model_type is used, and
+    where there is none the model is refused naming the flag.
     """
     import accelerate
     from transformers import CONFIG_MAPPING, AutoConfig
 
+    raw = config if config is not None else _read_config(Path(folder))
+    custom = remote_code(raw)
+    if custom and not trust_remote_code and raw.get("model_type") not in CONFIG_MAPPING:
+        raise ModelError(f"{Path(folder) / 'config.json'} names the model's own code ({custom}), which would run "
+                         "to build it", "pass --trust-remote-code if you trust the Python files in that folder")
+    remote = bool(custom) and trust_remote_code
     try:
-        if config is None:
-            cfg = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        if config is None or remote:
+            cfg = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
         else:
             cfg = CONFIG_MAPPING[config["model_type"]].from_dict(dict(config))
         if getattr(cfg, "quantization_config", None) is not None:
             del cfg.quantization_config
         with accelerate.init_empty_weights():
-            model = _instantiate(cfg)
+            model = _instantiate(cfg, remote)
     except (KeyError, ValueError, OSError, ImportError) as e:
         raise ModelError(f"transformers cannot build a causal LM from {Path(folder) / 'config.json'}: "
-                         f"{_first_line(e)}", "check model_type and architectures; models that need "
-                         "trust_remote_code are not supported; a newer transformers may know it") from None
+                         f"{_first_line(e)}", "check model_type and architectures; a newer transformers may "
+                         "know it") from None
     except Exception as e:  # noqa: BLE001
         # A value of the wrong type or range: transformers' strict config classes raise their own
         # validation errors (TypeError or huggingface_hub's StrictDataclassError), torch a
@@ -474,11 +502,13 @@ def build_skeleton(folder: Path, config: dict | None = None) -> nn.Module:
     return model.eval()
 
 
-def _instantiate(cfg: Any) -> nn.Module:
+def _instantiate(cfg: Any, remote: bool = False) -> nn.Module:
     """The model class for `cfg` (see build_skeleton), built from it with random (meta) weights."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
 
+    if remote:
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=True)
     for name in getattr(cfg, "architectures", None) or ():
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and isinstance(cfg, cls.config_class):
@@ -487,6 +517,27 @@ def _instantiate(cfg: Any) -> nn.Module:
         return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
     except ValueError:
         return AutoModelForImageTextToText.from_config(cfg, trust_remote_code=False)
+
+
+def remote_code(config: dict) -> str | None:
+    """The code of the model's own that config.json's auto_map names for a causal LM (e.g.
+    "modeling_x.XForCausalLM"), or None."""
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return None
+    for key in ("AutoModelForCausalLM", "AutoConfig"):
+        ref = auto_map.get(key)
+        if isinstance(ref, (list, tuple)):
+            ref = next((r for r in ref if r), None)
+        if isinstance(ref, str) and ref:
+            return ref
+    return None
+
+
+def remote_code_warning(model: str) -> str:
+    """The one warning line of --trust-remote-code."""
+    return (f"--trust-remote-code: Python code from {model}'s folder will run with your permissions "
+            "(where its config.json names code of its own); use it only for code you have read or trust")
 
 
 def _first_line(exc: BaseException) -> str:

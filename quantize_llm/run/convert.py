@@ -27,7 +27,7 @@ from ..core.qweight import QuantizedWeight
 from ..errors import ModelError, SpecError
 from ..formats import get_format
 from ..formats.base import ConfigFacts
-from ..formats.checkpoint import CheckpointWriter, check_output, local_folder
+from ..formats.checkpoint import CheckpointWriter, carried_files, check_output, local_folder
 from ..formats.reading import QuantizedModules, linear_shape, marked_module
 from ..models.architectures import get_architecture
 from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
@@ -156,6 +156,7 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
                 if path.is_file() and path.name not in ("config.json", "quantize_config.json", "README.md") \
                         and not path.name.endswith((".safetensors", ".safetensors.index.json")):
                     files[path.name] = path
+            files.update({n: p for n, p in carried_files(folder).items() if "/" in n})   # extra chat templates
             if target.config_file:
                 files[target.config_file] = _json(new_qconfig)
             files["README.md"] = _card(source, output, src_fmt, target, command, folder, bits)

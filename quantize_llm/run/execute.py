@@ -10,7 +10,6 @@ the run and what a failure part-way must leave behind (DESIGN.md, "Pipeline").
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import resource
 import shutil
@@ -30,8 +29,8 @@ from ..core.qweight import QuantizedWeight
 from ..core.spec import QuantSpec
 from ..errors import Interrupted, ModelError, OutputError, RunError, UsageError
 from ..formats.base import ConfigFacts
-from ..formats.checkpoint import NO_SPACE, CheckpointWriter, check_output, human_bytes, remove_stale
-from ..models.load import CheckpointReader
+from ..formats.checkpoint import NO_SPACE, CheckpointWriter, carried_files, check_output, human_bytes, remove_stale
+from ..models.load import CheckpointReader, remote_code_warning
 from .card import model_card
 from .job import Job
 from .plan import RunPlan, plan_run
@@ -42,18 +41,12 @@ from .verify import check_modules, check_outputs, digest
 
 EventHandler = Callable[[str, dict], None]
 
-# Files carried from the source folder beside the weights (tokenizer, generation settings, license).
-CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                 "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
-                 "chat_template.json", "generation_config.json", "*.tiktoken", "LICENSE*")
-
-
 def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object | None = None,
              calibration: Any = None, device: str = "auto", overwrite: bool = False,
              max_shard_bytes: int = 2 * 1024 ** 3, batch_size: int = 8,
              on_event: EventHandler | None = None, command: str | None = None, resume: bool = True,
              evaluation: Any = None, push_to_hub: str | None = None, strict_vllm: bool = False,
-             verify: bool = True) -> Summary:
+             verify: bool = True, trust_remote_code: bool = False) -> Summary:
     """Quantize MODEL (folder, hub id or cache entry) with `spec` and write OUT atomically.
 
     `options` are the algorithm's own (e.g. GPTQOptions); `calibration` a CalibrationSpec for
@@ -62,12 +55,17 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
     `evaluation` (publish.EvalSpec) measures the written checkpoint against the source into its
     model card; `push_to_hub` uploads it (checked before any work). Combinations that vLLM serves
     slowly or not at all are warned about before any work (errors with `strict_vllm`). With
-    `verify`, the written files are read back and checked (verify.py) before the rename.
+    `verify`, the written files are read back and checked (verify.py) before the rename. With
+    `trust_remote_code`, a model whose config.json names code of its own is built with that code (one
+    warning says so); without it, such a model is refused.
     """
     output = Path(output).expanduser()
     job = Job(name=output.name, model=model, output=output, spec=spec, options=options, calibration=calibration,
               device=device, overwrite=overwrite, max_shard_size=str(max_shard_bytes), batch_size=batch_size,
-              resume=resume, strict_vllm=strict_vllm, verify=verify, evaluation=evaluation, push_to_hub=push_to_hub)
+              resume=resume, strict_vllm=strict_vllm, verify=verify, evaluation=evaluation, push_to_hub=push_to_hub,
+              trust_remote_code=trust_remote_code)
+    if trust_remote_code and on_event is not None:
+        on_event("warning", {"message": remote_code_warning(model)})
     return execute(plan_run(job, command), on_event)
 
 
@@ -88,7 +86,7 @@ def execute(plan: RunPlan, on_event: EventHandler | None = None) -> Summary:
 
         t = time.perf_counter()
         summary.evaluation = evaluate_into_card(plan.output, plan.source.folder, job.evaluation,
-                                                str(plan.devices[0]), emit)
+                                                str(plan.devices[0]), emit, trust_remote_code=job.trust_remote_code)
         timer.add("evaluation", t)
     if job.push_to_hub:
         from .publish import push
@@ -187,7 +185,8 @@ class _Run:
         """The calibration tokens, and what the runner needs to feed them through the blocks."""
         plan, t = self.plan, time.perf_counter()
         src = plan.source
-        cal_set = load_calibration_tokens(src.folder, src.config, plan.job.calibration, plan.devices[0], self.emit)
+        cal_set = load_calibration_tokens(src.folder, src.config, plan.job.calibration, plan.devices[0], self.emit,
+                                          trust_remote_code=plan.job.trust_remote_code)
         self.timer.add("calibration data", t)
         self.cal_info = {"source": cal_set.source, "sha256": cal_set.sha256,
                          "nsamples": int(cal_set.tokens.shape[0]), "seqlen": int(cal_set.tokens.shape[1]),
@@ -306,7 +305,8 @@ class _Run:
         if cal is not None and self.final_inputs is not None:
             batch = min(self.plan.job.batch_size, cal.tokens.shape[0])
             verification["last_block_rel_diff"] = check_outputs(tmp, cal.tokens[:batch], self.final_inputs[0],
-                                                                self.plan.source.layers, self.plan.devices[0])
+                                                                self.plan.source.layers, self.plan.devices[0],
+                                                                trust_remote_code=self.plan.job.trust_remote_code)
         verification["seconds"] = time.perf_counter() - t0
         self.emit("verified", dict(verification))
 
@@ -393,32 +393,24 @@ def check_memory(resources: ResourcePlan) -> None:
                      if resources.activation_bytes else "run on a larger machine")
 
 
-def carried_files(folder: Path) -> dict[str, Path]:
-    files = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and any(fnmatch.fnmatch(path.name, pat) for pat in CARRIED_FILES):
-            files[path.name] = path
-    return files
-
-
 def load_calibration_tokens(folder: Path, config: dict, cal_spec: Any, dev: torch.device,
-                            emit: EventHandler) -> Any:
+                            emit: EventHandler, trust_remote_code: bool = False) -> Any:
     """Calibration tokens for a calibrated algorithm (see calibration/data.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..calibration.data import CalibrationSpec, load_calibration
+    from ..models.sources import load_float_model
 
     cal_spec = cal_spec or CalibrationSpec()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelError(f"no usable tokenizer in {folder} ({' '.join(str(exc).split())[:160]})",
                          "calibration needs the model's tokenizer files beside its weights") from None
 
     def model_loader() -> nn.Module:
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
-                                                    trust_remote_code=False).to(dev).eval()
+        return load_float_model(folder, dtype, trust_remote_code).to(dev).eval()
 
     max_context = config.get("max_position_embeddings") or config.get("n_positions")
     return load_calibration(cal_spec, tokenizer, model_loader=model_loader, max_context=max_context,

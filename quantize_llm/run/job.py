@@ -27,6 +27,7 @@ class Job:
     resume: bool = True
     strict_vllm: bool = False        # vLLM preflight findings are errors, not warnings
     verify: bool = True              # read the written checkpoint back and check it before the rename
+    trust_remote_code: bool = False  # run the model folder's own code where its config.json names some
     evaluation: Any = None           # publish.EvalSpec: measure the written checkpoint into its card
     push_to_hub: str | None = None   # hub repository to upload to
     source: dict = field(default_factory=dict)   # the job's keys as given (for the model card)

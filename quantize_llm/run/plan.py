@@ -31,6 +31,7 @@ from ..formats.vllm import preflight
 from ..models.architectures import ArchitectureMap, architecture_name, get_architecture
 from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
 from ..models.structure import Blocks, discover
+from ..models.sources import refuse_quantized
 from .job import Job, parse_size
 from .resources import ResourcePlan
 from .resources import estimate as estimate_resources
@@ -118,17 +119,15 @@ def plan_run(job: Job, command: str | None = None) -> RunPlan:
         from .publish import check_hub
 
         check_hub(job.push_to_hub)
-    folder = resolve_model(job.model)
+    folder = resolve_model(job.model, trust_remote_code=job.trust_remote_code)
     check_output(job.output, overwrite=job.overwrite, protect=[folder])
     with CheckpointReader(folder) as reader:
         config = reader.config
-        qconfig = config.get("quantization_config")
-        if qconfig:
-            method = qconfig.get("quant_method", "unknown method") if isinstance(qconfig, dict) else "unreadable"
-            raise ModelError(f"{job.model} is already quantized ({method})", "start from the unquantized checkpoint")
+        if config.get("quantization_config"):      # an FP8 source reads as bfloat16 and has none here
+            refuse_quantized(job.model, config["quantization_config"])
         architecture = architecture_name(config)
         arch = get_architecture(config)
-        skeleton = build_skeleton(folder, config)
+        skeleton = build_skeleton(folder, config, trust_remote_code=job.trust_remote_code)
         check_against_config(reader, skeleton)
         found = discover(skeleton, arch.layers if arch is not None else None)
         blocks = plan_blocks(reader, found, arch, skeleton, spec)

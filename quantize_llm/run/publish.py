@@ -33,13 +33,13 @@ class EvalSpec:
 
 
 def evaluate_into_card(output: Path, source: Path, spec: EvalSpec, device: str,
-                       emit: Callable[[str, dict], None]) -> dict[str, Any]:
+                       emit: Callable[[str, dict], None], trust_remote_code: bool = False) -> dict[str, Any]:
     """Perplexity and KL of OUT against SOURCE on spec.dataset; appended to OUT/README.md."""
     from ..eval.evaluate import file_sha256, run_eval
 
     dataset = Path(spec.dataset).expanduser()
     result = run_eval(str(output), dataset, seqlen=spec.seqlen, windows=spec.windows or None,
-                      baseline=str(source), device=device,
+                      baseline=str(source), device=device, trust_remote_code=trust_remote_code,
                       on_event=lambda kind, data: emit("warning", data) if kind == "warning" else None)
     record = {"dataset": dataset.name, "dataset_sha256": file_sha256(dataset), **asdict(result)}
     section = ["", "## Evaluation", "",

@@ -68,12 +68,13 @@ def check_modules(folder: Path, expected: dict[str, str]) -> int:
     return len(found)
 
 
-def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, device: torch.device) -> float:
+def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, device: torch.device,
+                  trust_remote_code: bool = False) -> float:
     """Relative difference between the last block's output of the written checkpoint on `tokens` and
     `expected` (the run's own); raises beyond LOGITS_TOLERANCE."""
     from ..runtime.load import load_quantized
 
-    model = load_quantized(folder, device=device, dtype=torch.float32)
+    model = load_quantized(folder, device=device, dtype=torch.float32, trust_remote_code=trust_remote_code)
     blocks = model.get_submodule(layers)
     seen: dict[str, Any] = {}
 

@@ -24,14 +24,16 @@ BACKENDS = ("auto", "torch", "cuda")
 
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None, backend: str = "auto") -> PreTrainedModel:
+                   dtype: torch.dtype | None = None, backend: str = "auto",
+                   trust_remote_code: bool = False) -> PreTrainedModel:
     """A quantized checkpoint (folder, hub id or cache entry) as an eval-mode model on `device`.
 
     dtype: activations, norms, embeddings and biases (default: the checkpoint's config dtype,
     else float32); scales stay as stored (float16; an NF4 absmax float32). backend: "auto" uses the
     CUDA kernels on a CUDA device where they load (else the PyTorch path, with one warning saying
     why), "cuda" insists on them (a UsageError where they cannot load), "torch" always runs the
-    PyTorch path.
+    PyTorch path. trust_remote_code: build a model whose config.json names code of its own with
+    that code (models/load.py build_skeleton).
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
@@ -44,7 +46,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
         if not st.available:
             raise UsageError(f"the CUDA kernels cannot be used here: {st.reason}",
                              "use backend 'auto' or 'torch' (the PyTorch implementation)")
-    folder = resolve_model(str(path))
+    folder = resolve_model(str(path), trust_remote_code=trust_remote_code)
     with CheckpointReader(folder) as reader:
         config = reader.config
         qconfig = config.get("quantization_config")
@@ -53,7 +55,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
                              "AutoModelForCausalLM.from_pretrained(folder), or quantize it first")
         modules = QuantizedModules(reader)
         dtype = dtype or config_dtype(config)
-        model = build_skeleton(folder, config)
+        model = build_skeleton(folder, config, trust_remote_code=trust_remote_code)
         check_against_config(reader, model, quantized=modules.prefixes)
         names = reader.names()
         present = set(names)
