@@ -467,3 +467,49 @@ def test_the_same_finding_for_many_modules_is_one_line(tmp_path):
                           "warning: vLLM: model.layers.1.self_attn.o_proj: in_features 64 is not a multiple of 128",
                           "block 1/2 done in 1.00s (peak RSS 10 MiB)"]
     assert [json.loads(line)["message"] for line in log.read_text().splitlines()[1:-1]] == findings
+
+
+def test_small_linears_the_format_cannot_hold_stay_dense_and_are_listed(tmp_path, capsys):
+    """k_proj and v_proj of a 1-KV-head model are 16 x 64, which the GPTQ layout cannot pack (it
+    needs multiples of 32): being a small part of each block they stay dense, the plan says so, the
+    config lists them as not quantized and the checkpoint loads; a block made mostly of such
+    Linears is refused instead (the test below)."""
+    from conftest import build_tiny
+    from safetensors.torch import load_file
+
+    from quantize_llm import load_quantized
+
+    src = build_tiny("llama", tmp_path / "src", config={"num_key_value_heads": 1})
+    assert cli("rtn", src, "-o", tmp_path / "out", "--group-size", "32") == 0
+    err = capsys.readouterr().err
+    assert "dense: 4 block Linears the format cannot hold, such as model.layers.0.self_attn.k_proj [16, 64]" in err
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert "model.layers.0.self_attn.k_proj.weight" in written and "model.layers.0.self_attn.q_proj.qweight" in written
+    model = load_quantized(tmp_path / "out")
+    assert type(model.model.layers[1].self_attn.v_proj).__name__ == "Linear"
+    assert type(model.model.layers[1].self_attn.q_proj).__name__ == "QuantLinear"
+
+
+def test_a_block_mostly_made_of_linears_the_format_cannot_hold_is_refused(capsys, tmp_path):
+    from conftest import build_tiny
+
+    src = build_tiny("llama", tmp_path / "src", config={"intermediate_size": 72})
+    expect_error(capsys, ["rtn", src, "-o", tmp_path / "out", "--group-size", "32"],
+                 r"model\.layers\.0\.mlp\.gate_proj: the gptq format cannot hold this layer.*--keep-dense")
+    assert not (tmp_path / "out").exists()
+
+
+def test_blocks_called_with_positional_arguments_are_calibrated(tmp_path, calib_file):
+    """XGLM's decoder passes the attention mask to each block positionally; the runner replays it."""
+    import transformers
+
+    from quantize_llm import load_quantized
+
+    cfg = transformers.XGLMConfig(vocab_size=256, d_model=64, ffn_dim=128, num_layers=2, attention_heads=4,
+                                  max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.XGLMForCausalLM(cfg).save_pretrained(tmp_path / "xglm")
+    assert cli("gptq", tmp_path / "xglm", "-o", tmp_path / "out", "--group-size", "32", "--dataset", calib_file,
+               "--nsamples", "4", "--seqlen", "32") == 0
+    model = load_quantized(tmp_path / "out")
+    assert type(model.model.layers[0].fc1).__name__ == "QuantLinear"

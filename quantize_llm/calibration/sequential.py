@@ -45,6 +45,7 @@ class LinearPlan:
     in_features: int
     quantize: bool
     spec: Any = None             # this Linear's QuantSpec when a per-module override applies
+    why_dense: str | None = None   # kept dense by the plan, not by --keep-dense: why (the format cannot hold it)
 
 
 @dataclass(frozen=True)
@@ -209,11 +210,10 @@ class _Recorder(nn.Module):
         self.index, self.last, self.calls, self.inputs = index, last, calls, inputs
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if args:
-            raise RunError("a decoder block was called with positional arguments beyond hidden_states; "
-                           "this architecture is not supported by the calibrated runner")
         kwargs.pop("past_key_values", None)
         kwargs.pop("past_key_value", None)
+        if args:   # replayed positionally (an encoder-decoder's mask, encoder states), caches left out
+            kwargs[POSITIONAL] = tuple(None if _is_cache(a) else a for a in args)
         kwargs["use_cache"] = False
         self.calls[self.index].append(kwargs)
         if self.index == 0:
@@ -287,8 +287,19 @@ def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torc
     return inputs, calls
 
 
+POSITIONAL = "\0positional"   # key of a recorded call's positional arguments after hidden_states
+
+
+def _is_cache(value: Any) -> bool:
+    return any(cls.__name__.endswith("Cache") for cls in type(value).__mro__)
+
+
 def _block_forward(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
-    out = block(x, **kwargs)
+    if POSITIONAL in kwargs:
+        kwargs = dict(kwargs)
+        out = block(x, *kwargs.pop(POSITIONAL), **kwargs)
+    else:
+        out = block(x, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 

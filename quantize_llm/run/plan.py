@@ -9,6 +9,7 @@ loads no weights. `quantize-llm plan` prints it, and every run prints the same l
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -141,7 +142,7 @@ def plan_run(job: Job, command: str | None = None) -> RunPlan:
                                   job.batch_size, devices[0], job.resume, job.verify, devices=len(devices))
         outside = tuple(n for n in reader.names() if n not in in_blocks)
         source = Source(job.model, folder, config, architecture, arch, skeleton, reader.total_bytes, found.path,
-                        kept_dense(found, skeleton, outside))
+                        kept_dense(found, skeleton, outside, blocks))
     calibrated = bool(algorithm.needs_calibration)
     fingerprint = {"tool": __version__, "model": model_fingerprint(folder), "spec": spec.to_dict(),
                    "options": asdict(job.options) if job.options is not None else None, "format": fmt.name,
@@ -178,7 +179,7 @@ def plan_blocks(reader: CheckpointReader, found: Blocks, arch: ArchitectureMap |
     plans = []
     for i, locals_ in enumerate(found.linears):
         prefix = f"{found.path}.{i}."
-        linears = []
+        linears, unfit = [], []
         for local in sorted(locals_, key=lambda n: (order.get(n, len(order)), locals_.index(n))):
             name = prefix + local
             if f"{name}.weight" not in present:
@@ -192,9 +193,10 @@ def plan_blocks(reader: CheckpointReader, found: Blocks, arch: ArchitectureMap |
                 own = module_spec(spec, name, fmt)
                 reason = fmt.check_shape(own or spec, out_features, in_features)
                 if reason is not None:
-                    raise SpecError(f"{name}: the {fmt.name} format cannot hold this layer ({reason})",
-                                    f"keep it unquantized with --keep-dense '{re.escape(name)}$'")
+                    unfit.append((len(linears), reason))
             linears.append(LinearPlan(name, local, out_features, in_features, quantize, own))
+        if unfit:
+            linears = _keep_unfit_dense(linears, unfit, fmt.name)
         tensors = tuple(n for n in names if n.startswith(prefix))
         plans.append(BlockPlan(i, prefix, tuple(linears), tensors))
     if not any(p.linears for p in plans):
@@ -211,10 +213,35 @@ def plan_blocks(reader: CheckpointReader, found: Blocks, arch: ArchitectureMap |
     return plans
 
 
-def kept_dense(found: Blocks, skeleton: nn.Module, outside: tuple[str, ...]) -> tuple[str, ...]:
+UNFIT_SHARE = 0.5   # at most this share of a block's Linear weights may be kept dense for their shape
+
+
+def _keep_unfit_dense(linears: list[LinearPlan], unfit: list[tuple[int, str]], fmt: str) -> list[LinearPlan]:
+    """Linears whose shape the format cannot hold (a state-space model's 4-row gate projection, a
+    width no group size divides) stay dense when they are a small part of the block; where they
+    are not, the run is refused, naming the first and the fix."""
+    size = sum(lp.out_features * lp.in_features for lp in linears)
+    small = sum(linears[i].out_features * linears[i].in_features for i, _ in unfit)
+    if small > UNFIT_SHARE * size:
+        lp, reason = linears[unfit[0][0]], unfit[0][1]
+        raise SpecError(f"{lp.name}: the {fmt} format cannot hold this layer ({reason})",
+                        f"keep it unquantized with --keep-dense '{re.escape(lp.name)}$'")
+    for i, reason in unfit:
+        linears[i] = dataclasses.replace(linears[i], quantize=False, spec=None, why_dense=reason)
+    return linears
+
+
+def kept_dense(found: Blocks, skeleton: nn.Module, outside: tuple[str, ...],
+               blocks: list[BlockPlan] | None = None) -> tuple[str, ...]:
     """What stays unquantized besides embeddings, norms and the head, one line per kind: MoE
-    routers, fused experts, and Linears outside the decoder blocks (vision towers, projectors)."""
+    routers, fused experts, Linears whose shape the format cannot hold, and Linears outside the
+    decoder blocks (vision towers, projectors)."""
     lines = []
+    unfit = [lp for b in blocks or () for lp in b.linears if lp.why_dense]
+    if unfit:
+        first = unfit[0]
+        lines.append(f"{len(unfit)} block Linears the format cannot hold, such as {first.name} "
+                     f"[{first.out_features}, {first.in_features}] ({first.why_dense})")
     routers = sorted({r for block in found.routers for r in block})
     if routers:
         lines.append(f"MoE routers ({', '.join(routers)}) in {sum(map(bool, found.routers))} blocks")
