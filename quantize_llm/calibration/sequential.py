@@ -32,6 +32,7 @@ from ..algorithms.base import Algorithm, BlockContext, LayerContext
 from ..core.devices import move, spread
 from ..core.qweight import QuantizedWeight
 from ..errors import RunError
+from .experts import MIN_EXPERT_TOKENS, ExpertUnits, expert_units, observing
 from .trace import awq_groups, query_key, trace
 
 
@@ -46,14 +47,21 @@ class LinearPlan:
     quantize: bool
     spec: Any = None             # this Linear's QuantSpec when a per-module override applies
     why_dense: str | None = None   # kept dense by the plan, not by --keep-dense: why (the format cannot hold it)
+    expert: tuple[str, str, int] | None = None   # one expert's matrix of fused experts: (the fused parameter's
+    #                                             path in the block, the stored tensors' pattern, expert index)
 
 
 @dataclass(frozen=True)
 class BlockPlan:
     index: int
-    prefix: str                  # e.g. "model.layers.0."
+    prefix: str                  # e.g. "model.layers.0.", as the checkpoint names the block's tensors
     linears: tuple[LinearPlan, ...]
-    tensors: tuple[str, ...]     # every tensor name stored under the prefix
+    tensors: tuple[str, ...]     # every stored tensor of the block
+    memory_prefix: str = ""      # the block's path in the model in memory, where it differs (renamed)
+
+    @property
+    def module_prefix(self) -> str:
+        return self.memory_prefix or self.prefix
 
 
 @dataclass
@@ -88,6 +96,20 @@ class Calibration:
     dtype: torch.dtype = torch.float32
     arch: Any = None             # the family's ArchitectureMap override, for block-level algorithms (AWQ)
     stored_dtype: Callable[[str], torch.dtype] | None = None   # checkpoint dtype of a tensor name
+    weights: Any = None          # models.weightmap.WeightMap: the model's parameter names -> stored tensors
+
+    def loader(self, read: Callable[[str], Tensor]) -> Callable[[str], Tensor]:
+        """A model parameter's value by its name in memory (renamed, or rebuilt from fused experts)."""
+        weights = self.weights
+        return read if weights is None else (lambda name: weights.assemble(name, read))
+
+    def stored_name(self, name: str) -> str:
+        """The stored tensor behind a model parameter (the first piece of fused experts)."""
+        weights = self.weights
+        if weights is None:
+            return name
+        fused = weights.fused.get(name)
+        return fused.names()[0] if fused is not None else weights.disk_name(name)
 
 
 class _Stop(Exception):
@@ -264,7 +286,7 @@ def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torc
     base_path, _, _ = layers_path.rpartition(".")
     base = cal.skeleton.get_submodule(base_path)
     layers = cal.skeleton.get_submodule(layers_path)
-    loaded = _materialize(base, base_path + "." if base_path else "", read, device, cal.dtype,
+    loaded = _materialize(base, base_path + "." if base_path else "", cal.loader(read), device, cal.dtype,
                           skip=(layers_path[len(base_path) + 1:] + ".",))
     calls: list[list[dict]] = [[] for _ in range(len(layers))]
     inputs: list[Tensor] = []
@@ -323,12 +345,13 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         block_start = t = time.perf_counter()
         block = layers[plan.index]
         template = copy.deepcopy(block) if ndev > 1 else None   # still on meta: the replicas' skeleton
-        _materialize(block, plan.prefix, read, primary, cal.dtype)
+        _materialize(block, plan.module_prefix, cal.loader(read), primary, cal.dtype)
         t = timer.add("read", t)
         quantize = {lp.local: lp for lp in plan.linears if lp.quantize}
         block_calls = calls[plan.index]
         with torch.no_grad():
-            layout = trace(block, tuple(quantize), [lambda i=i: _block_forward(block, inputs[i].to(primary),
+            layout = trace(block, tuple(n for n, lp in quantize.items() if lp.expert is None),
+                           [lambda i=i: _block_forward(block, inputs[i].to(primary),
                                                                                 move(block_calls[i], primary))
                                                     for i in range(len(inputs))])
         t = timer.add("forward", t)
@@ -346,7 +369,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                     arch = discovered_awq(block, layout, lambda: _block_forward(block, inputs[0], block_calls[0]),
                                           cal.layers)
                 dtype_of = cal.stored_dtype or (lambda name: read(name).dtype)
-                dtypes = {n: dtype_of(plan.prefix + n) for n, _ in block.named_parameters()}
+                dtypes = {n: dtype_of(cal.stored_name(plan.module_prefix + n)) for n, _ in block.named_parameters()}
                 here = [x.to(primary) for x in inputs] if ndev > 1 else inputs
                 here_calls = move(block_calls, primary) if ndev > 1 else block_calls
                 prepare(BlockContext(
@@ -377,10 +400,14 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                 results.update(stage_results)
             if layout.unused:   # no input reaches them: rounded to the nearest grid point
                 results.update(_round_unused(layout.unused, block, plan, quantize, algorithm.spec, extra))
+            experts = expert_units(list(quantize.values()))
+            if experts.units:   # fused experts: each expert's matrices, from the tokens routed to it
+                t = _quantize_experts(block, replicas, devices, plan, experts, algorithm, inputs, block_calls,
+                                      read, cal, extra, results, timer, t)
             inputs = spread(devices, len(inputs),
                             lambda i, dev: _block_forward(replicas[i % ndev], inputs[i], block_calls[i]))
             timer.add("forward", t)
-        rewritten = {plan.prefix + n: block.get_parameter(n).detach().to("cpu", dtypes[n])
+        rewritten = {cal.stored_name(plan.module_prefix + n): block.get_parameter(n).detach().to("cpu", dtypes[n])
                      for n in sorted(modified)} if modified else {}
         del replicas
         block.to("meta")
@@ -389,6 +416,71 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         result.next_inputs = inputs
         yield result
         release_memory()
+
+
+def _quantize_experts(block: nn.Module, replicas: list[nn.Module], devices: tuple[torch.device, ...], plan: BlockPlan,
+                      experts: ExpertUnits, algorithm: Algorithm, inputs: list[Tensor], calls: list[dict],
+                      read: Callable[[str], Tensor], cal: Calibration, extra: dict[str, dict],
+                      results: dict[str, QuantizedWeight], timer: Timer, t: float) -> float:
+    """Quantize the matrices of fused experts: first every expert's gate and up projections (their
+    input: the tokens routed to the expert), then, with those in place, the down projections (their
+    input: the gated intermediate). Statistics come from forward passes of the whole block through
+    calibration.experts.observe_forward; results are put back into the fused parameters (rebuilt
+    with transformers' own conversion) so later stages and the next block see them."""
+    primary = devices[0]
+    paths = {id(m): p for p, m in block.named_modules()}
+    routed: dict[tuple[str, int], int] = defaultdict(int)
+    everyone = {module: f"{module}#all" for module, _, _ in experts.units}   # every token into the layer
+
+    def few(module: nn.Module, e: int) -> bool:
+        return routed[(paths[id(module)], e)] < MIN_EXPERT_TOKENS
+
+    for role in ("in", "mid"):
+        stage = {key: names for key, names in experts.units.items() if key[2] == role}
+        if not stage:
+            continue
+
+        def observer(module: nn.Module, e: int, r: str, x: Tensor, count: int, role: str = role) -> None:
+            path = paths[id(module)]
+            if r != role:
+                return
+            h0 = time.perf_counter()
+            if e < 0:
+                if path in everyone:
+                    algorithm.observe(everyone[path], x)
+            else:
+                if r == "in":
+                    routed[(path, e)] += count
+                names = stage.get((path, e, r))
+                if names:
+                    algorithm.observe(names[0], x)
+            timer.seconds["hessian"] += time.perf_counter() - h0
+
+        with observing(block, observer, wants_all=few if role == "mid" else None):
+            for i in range(len(inputs)):
+                _block_forward(block, inputs[i].to(primary), move(calls[i], primary))
+        t = timer.add("forward", t)
+        input_of: dict[str, str] = {}
+        for (module, e, _), names in stage.items():
+            scarce = routed[(module, e)] < MIN_EXPERT_TOKENS
+            for name in names:
+                input_of[name] = everyone[module] if role == "in" and scarce else names[0]
+                extra[name].update({"tokens": float(routed[(module, e)]), "all_tokens": float(scarce)})
+        weights = {name: read(f"{plan.prefix}{name}.weight").to(primary, cal.dtype) for names in stage.values()
+                   for name in names}
+        quantize = {lp.local: lp for lp in plan.linears if lp.local in weights}
+        stage_results = algorithm.quantize_layer(LayerContext(
+            index=plan.index, weights=weights, input_of=input_of, block=block,
+            report=lambda n, m: extra[n].update(m), specs=_specs(quantize.values()), devices=devices,
+            prefix=plan.prefix))
+        t = timer.add("solve", t)
+        results.update(stage_results)
+        fake = {f"{plan.prefix}{n}.weight": qw.dequantize(cal.dtype) for n, qw in stage_results.items()}
+        for target in {lp.expert[0] for lp in quantize.values() if lp.expert}:
+            value = cal.loader(lambda n: fake[n] if n in fake else read(n))(plan.module_prefix + target)
+            for replica, dev in zip(replicas, devices):
+                replica.get_parameter(target).data = value.to(dev, cal.dtype)
+    return t
 
 
 def discovered_awq(block: nn.Module, layout: Any, forward: Callable[[], Any], layers: str) -> Any:

@@ -566,22 +566,32 @@ def check_against_config(reader: CheckpointReader, skeleton: nn.Module, quantize
     holds, and how many other tensors are wrong. Every command that reads a checkpoint's dense
     tensors calls this before any work.
     """
+    from .weightmap import build as build_map
+
+    quantized = list(quantized)
     under = tuple(f"{p}." for p in quantized)
-    expected = {n: t for n, t in skeleton.state_dict(keep_vars=True).items() if not n.startswith(under)}
+    stored = [n for n in reader.names() if not n.startswith(under)]
+    # Stored names as transformers maps them into the model (renamed, or merged into fused experts).
+    weights = build_map(skeleton, stored + [f"{p}.weight" for p in quantized])
+    memory = weights.memory_of()
+    quantized_memory = {memory.get(f"{p}.weight", f"{p}.weight") for p in quantized}
+    under_memory = tuple(m.removesuffix(".weight") + "." for m in quantized_memory if m not in weights.fused)
+    expected = {n: t for n, t in skeleton.state_dict(keep_vars=True).items() if not n.startswith(under_memory)}
     params: dict[int, list[str]] = {}          # tied parameters are one object under several names
     for name, p in skeleton.named_parameters(remove_duplicate=False):
         params.setdefault(id(p), []).append(name)
     tied = dict(getattr(skeleton, "all_tied_weights_keys", None) or {})     # target -> source
-    present = [n for n in reader.names() if not n.startswith(under)]
-    have = set(present)
+    present = stored
+    have = {memory.get(n, n) for n in stored} | {m for m in quantized_memory if m in weights.fused}
     ignore_missing = _patterns(skeleton, "_keys_to_ignore_on_load_missing")
     ignore_unexpected = _patterns(skeleton, "_keys_to_ignore_on_load_unexpected")
 
     problems: list[str] = []
     for name in present:
-        if name not in expected:
+        target = memory.get(name, name)
+        if target not in expected or target in weights.fused:   # fused experts: rebuilt and checked when read
             continue
-        want = expected[name]
+        want = expected[target]
         dtype, shape = reader.dtype(name), tuple(reader.shape(name))
         if shape != tuple(want.shape) or dtype_class(dtype) != dtype_class(want.dtype):
             problems.append(f"tensor {name} is {str(dtype).removeprefix('torch.')} {list(shape)} in "
@@ -589,13 +599,13 @@ def check_against_config(reader: CheckpointReader, skeleton: nn.Module, quantize
                             f"{dtype_class(want.dtype)} {list(want.shape)}")
     for names in params.values():
         for name in names:
-            if name in have or name.startswith(under) or any(p.search(name) for p in ignore_missing):
+            if name in have or name.startswith(under_memory) or any(p.search(name) for p in ignore_missing):
                 continue
             if any(other in have for other in names) or tied.get(name) in have:
                 continue
             problems.append(f"tensor {name}, which config.json's {type(skeleton).__name__} needs, is "
                             "missing from the checkpoint")
-    unexpected = [n for n in present if n not in expected and not any(p.search(n) for p in ignore_unexpected)]
+    unexpected = [n for n in present if memory.get(n, n) not in expected and not any(p.search(n) for p in ignore_unexpected)]
     quantized_names = _quantized_tensor_names(unexpected)
     if quantized_names and not reader.config.get("quantization_config"):
         raise CheckpointError(f"{reader.folder} holds quantized tensors (such as {quantized_names[0]}) but its "

@@ -197,7 +197,7 @@ class _Run:
         self.cal = Calibration(src.skeleton, src.layers, cal_set.tokens,
                                true_sequential=self.algorithm.record().true_sequential is not False,
                                batch_size=plan.job.batch_size, dtype=torch.float32, arch=src.arch,
-                               stored_dtype=reader.dtype)
+                               stored_dtype=reader.dtype, weights=src.weights)
 
     def write_outside(self, reader: CheckpointReader, read: HashingReader, writer: CheckpointWriter) -> None:
         """Embeddings, the final norm and an untied head, as stored (the head rounded when an
@@ -320,7 +320,9 @@ class _Run:
                      and _grid(lp.spec) != _grid(spec)}
         if plan.head is not None and _grid(plan.head[1]) != _grid(spec):
             overrides[plan.head[0]] = plan.head[1]
-        quantized = {lp.name for lp in linears if lp.quantize} | ({plan.head[0]} if plan.head else set())
+        # Module names as the model in memory has them (what transformers matches `ignore` lists against).
+        quantized = {b.module_prefix + lp.local for b in plan.blocks for lp in b.linears if lp.quantize}
+        quantized |= {plan.head[0]} if plan.head else set()
         meta: dict[str, Any] = {"quantizer": [f"quantize-llm:{__version__}"], "method": spec.method,
                                 "spec": spec.to_dict()}
         if plan.job.options is not None:
@@ -331,7 +333,8 @@ class _Run:
         model_dtype = config.get("dtype") or config.get("torch_dtype")
         return ConfigFacts(
             spec=spec, modules_in_block=[g for g in groups if g], overrides=overrides,
-            excluded=[lp.name for lp in linears if not lp.quantize and lp.local in quantized_somewhere],
+            excluded=[b.module_prefix + lp.local if lp.expert is None else lp.name for b in plan.blocks
+                      for lp in b.linears if not lp.quantize and lp.local in quantized_somewhere],
             dense_modules=[n for n, m in plan.source.skeleton.named_modules()
                            if isinstance(m, nn.Linear) and n not in quantized],
             lm_head=plan.head is not None, record=self.algorithm.record(), meta=meta,

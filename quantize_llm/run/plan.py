@@ -32,6 +32,8 @@ from ..formats.vllm import preflight
 from ..models.architectures import ArchitectureMap, architecture_name, get_architecture
 from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
 from ..models.structure import Blocks, discover
+from ..models.weightmap import WeightMap
+from ..models.weightmap import build as build_weight_map
 from ..models.sources import refuse_quantized
 from .job import Job, parse_size
 from .resources import ResourcePlan
@@ -52,6 +54,7 @@ class Source:
     total_bytes: int             # tensor bytes in the weight files
     layers: str                  # the path of the ModuleList of decoder blocks (models/structure.py)
     kept: tuple[str, ...]        # what stays dense besides embeddings and head, as plan lines
+    weights: WeightMap | None = None   # stored names -> the model's names (renames, fused experts)
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,8 @@ def plan_run(job: Job, command: str | None = None) -> RunPlan:
         skeleton = build_skeleton(folder, config, trust_remote_code=job.trust_remote_code)
         check_against_config(reader, skeleton)
         found = discover(skeleton, arch.layers if arch is not None else None)
-        blocks = plan_blocks(reader, found, arch, skeleton, spec)
+        weights = build_weight_map(skeleton, reader.names())
+        blocks = plan_blocks(reader, found, arch, skeleton, spec, weights)
         in_blocks = {n for b in blocks for n in b.tensors}
         head = output_head(spec, fmt, reader, skeleton, config)
         vllm = tuple(preflight(spec, fmt.name, [(lp.name, lp.out_features, lp.in_features, lp.spec)
@@ -142,7 +146,7 @@ def plan_run(job: Job, command: str | None = None) -> RunPlan:
                                   job.batch_size, devices[0], job.resume, job.verify, devices=len(devices))
         outside = tuple(n for n in reader.names() if n not in in_blocks)
         source = Source(job.model, folder, config, architecture, arch, skeleton, reader.total_bytes, found.path,
-                        kept_dense(found, skeleton, outside, blocks))
+                        kept_dense(found, skeleton, outside, blocks), weights)
     calibrated = bool(algorithm.needs_calibration)
     fingerprint = {"tool": __version__, "model": model_fingerprint(folder), "spec": spec.to_dict(),
                    "options": asdict(job.options) if job.options is not None else None, "format": fmt.name,
@@ -169,23 +173,40 @@ def prepare(spec: QuantSpec, options: object | None) -> tuple[type[Format], Quan
 
 
 def plan_blocks(reader: CheckpointReader, found: Blocks, arch: ArchitectureMap | None, skeleton: nn.Module,
-                spec: QuantSpec) -> list[BlockPlan]:
+                spec: QuantSpec, weights: WeightMap | None = None) -> list[BlockPlan]:
     """Every block's Linears (discovered, models/structure.py), checked against the checkpoint,
-    the spec and the format. A family's override fixes the order they are listed in."""
+    the spec and the format. A family's override fixes the order they are listed in. Names are the
+    checkpoint's (`weights` maps them to the model's: renamed blocks, experts fused in memory): each
+    expert of fused experts is one matrix of its own, quantized under its stored name."""
     fmt = get_format(spec.format)
     names = reader.names()
     present = set(names)
+    weights = weights or build_weight_map(skeleton, names)
+    memory_of = weights.memory_of()
     order = {name: i for i, name in enumerate(arch.linears)} if arch is not None else {}
     plans = []
     for i, locals_ in enumerate(found.linears):
-        prefix = f"{found.path}.{i}."
-        linears, unfit = [], []
+        mprefix = f"{found.path}.{i}."
+        tensors = tuple(n for n in names if memory_of.get(n, n).startswith(mprefix))
+        prefix = _stored_prefix(weights, mprefix, locals_ or tuple(n for n, _ in skeleton.get_submodule(
+            found.path)[i].named_parameters()))
+        units = []
         for local in sorted(locals_, key=lambda n: (order.get(n, len(order)), locals_.index(n))):
-            name = prefix + local
-            if f"{name}.weight" not in present:
-                raise CheckpointError(f"tensor {name}.weight is missing from the checkpoint",
-                                      "the checkpoint is incomplete, not of the architecture it declares, or "
-                                      "saved under older tensor names (re-save it with the installed transformers)")
+            stored = weights.disk_name(mprefix + local + ".weight")
+            if stored not in present:
+                raise CheckpointError(f"tensor {stored} is missing from the checkpoint",
+                                      "the checkpoint is incomplete or not of the architecture it declares")
+            units.append((stored.removesuffix(".weight"), local, None))
+        for target, fused in weights.fused.items():   # experts stored one matrix each, fused in memory
+            if not target.startswith(mprefix):
+                continue
+            for pattern, stored_names in fused.pieces.items():
+                for e, stored in enumerate(stored_names):
+                    if len(reader.shape(stored)) == 2 and stored.endswith(".weight") and stored.startswith(prefix):
+                        units.append((stored.removesuffix(".weight"), stored[len(prefix):].removesuffix(".weight"),
+                                      (target[len(mprefix):], pattern, e)))
+        linears, unfit = [], []
+        for name, local, expert in units:
             out_features, in_features = reader.shape(f"{name}.weight")
             quantize = not spec.is_dense(name)
             own = None
@@ -194,11 +215,10 @@ def plan_blocks(reader: CheckpointReader, found: Blocks, arch: ArchitectureMap |
                 reason = fmt.check_shape(own or spec, out_features, in_features)
                 if reason is not None:
                     unfit.append((len(linears), reason))
-            linears.append(LinearPlan(name, local, out_features, in_features, quantize, own))
+            linears.append(LinearPlan(name, local, out_features, in_features, quantize, own, expert=expert))
         if unfit:
             linears = _keep_unfit_dense(linears, unfit, fmt.name)
-        tensors = tuple(n for n in names if n.startswith(prefix))
-        plans.append(BlockPlan(i, prefix, tuple(linears), tensors))
+        plans.append(BlockPlan(i, prefix, tuple(linears), tensors, "" if prefix == mprefix else mprefix))
     if not any(p.linears for p in plans):
         raise ModelError(f"the decoder blocks under {found.path} hold no Linear layer this tool can quantize"
                          + (f" (their weights are fused 3-D parameters such as {found.fused[0][0]})"
@@ -211,6 +231,16 @@ def plan_blocks(reader: CheckpointReader, found: Blocks, arch: ArchitectureMap |
     if not any(lp.quantize for p in plans for lp in p.linears):
         raise SpecError("--keep-dense leaves no Linear to quantize", "loosen the --keep-dense patterns")
     return plans
+
+
+def _stored_prefix(weights: WeightMap, mprefix: str, locals_: tuple[str, ...]) -> str:
+    """How the checkpoint names the block whose path in memory is `mprefix`."""
+    for local in locals_:
+        for suffix in (f"{local}.weight", local):
+            stored = weights.to_disk.get(mprefix + suffix)
+            if stored is not None and stored.endswith(suffix):
+                return stored[:-len(suffix)]
+    return mprefix
 
 
 UNFIT_SHARE = 0.5   # at most this share of a block's Linear weights may be kept dense for their shape
@@ -245,10 +275,11 @@ def kept_dense(found: Blocks, skeleton: nn.Module, outside: tuple[str, ...],
     routers = sorted({r for block in found.routers for r in block})
     if routers:
         lines.append(f"MoE routers ({', '.join(routers)}) in {sum(map(bool, found.routers))} blocks")
-    fused = sorted({f for block in found.fused for f in block})
+    split = {lp.expert[0] for b in blocks or () for lp in b.linears if lp.expert}
+    fused = sorted({f for block in found.fused for f in block if f not in split})
     if fused:
-        lines.append(f"fused 3-D expert weights ({', '.join(fused)}) in {sum(map(bool, found.fused))} blocks "
-                     "(per-expert quantization of fused experts is not supported yet)")
+        lines.append(f"3-D expert weights stored fused in the checkpoint ({', '.join(fused)}) in "
+                     f"{sum(map(bool, found.fused))} blocks (only experts stored one matrix each are quantized)")
     blocks_prefix = found.path + "."
     head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
     others = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and m is not head

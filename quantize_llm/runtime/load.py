@@ -18,6 +18,8 @@ from transformers import PreTrainedModel
 from ..errors import CheckpointError, ModelError, UsageError
 from ..formats.reading import QuantizedModules, linear_shape
 from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
+from ..models.weightmap import build as build_weight_map
+from ..models.weightmap import piece_shape
 from .qlinear import NF4Linear, OutlierLinear, QuantLinear
 
 BACKENDS = ("auto", "torch", "cuda")
@@ -60,15 +62,29 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
         names = reader.names()
         present = set(names)
         used: set[str] = set()
+        # Stored names -> the model's: renamed modules, and experts that are one matrix each in the
+        # checkpoint but fused into 3-D parameters in memory (those are dequantized into them).
+        weights = build_weight_map(model, names + [f"{p}.weight" for p in modules.prefixes])
+        memory = weights.memory_of()
+        pieces: dict[str, Tensor] = {}
+        state = dict(model.state_dict(keep_vars=True))
         for prefix in modules.prefixes:
             used.update(modules.tensors(prefix).values())
-            qw = modules.decode(prefix, linear_shape(model, prefix))
-            linear = model.get_submodule(prefix)
+            target = memory.get(f"{prefix}.weight", f"{prefix}.weight")
+            if target in weights.fused:
+                shape = piece_shape(weights, target, tuple(state[target].shape))
+                pieces[f"{prefix}.weight"] = modules.decode(prefix, shape).dequantize(dtype)
+                continue
+            path = target.removesuffix(".weight")
+            qw = modules.decode(prefix, linear_shape(model, path))
+            linear = model.get_submodule(path)
             bias = _bias_for(reader, present, prefix, linear)
             used.add(f"{prefix}.bias")
             module_cls = NF4Linear if qw.is_codebook else OutlierLinear if qw.outliers is not None else QuantLinear
-            _set_module(model, prefix, module_cls.from_quantized(qw, bias, dtype))
-        rest = {n: reader.read(n) for n in names if n not in used}
+            _set_module(model, path, module_cls.from_quantized(qw, bias, dtype))
+        rest = {memory.get(n, n): reader.read(n) for n in names if n not in used and memory.get(n, n) not in weights.fused}
+        for target in weights.fused:
+            rest[target] = weights.assemble(target, lambda n: pieces[n] if n in pieces else reader.read(n))
     _load_dense(model, rest, dtype)
     model.tie_weights()
     for module in model.modules():
