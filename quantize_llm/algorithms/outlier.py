@@ -202,7 +202,7 @@ class OutlierSplit:
             return qw
 
         names = list(layer.weights)
-        results = dict(zip(names, layer.map(solve, names)))   # independent solves: side by side
+        results = dict(zip(names, layer.map(solve, names), strict=True))   # independent solves: side by side
         for key in keys:
             self.hessians.pop(key, None)
             self.act_max.pop(key, None)

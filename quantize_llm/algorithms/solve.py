@@ -47,7 +47,7 @@ class SolverOptions:
             raise SpecError(f"--damp {self.damp} must be in (0, {self.damp_max:g}]", "0.01 is typical")
 
     @classmethod
-    def of(cls, options: Any) -> "SolverOptions":
+    def of(cls, options: Any) -> SolverOptions:
         """The solver options of a method's Options (checked: SpecError when out of bounds)."""
         return cls(options.block_size, options.damp, getattr(options, "damp_max", cls.damp_max),
                    options.true_sequential)

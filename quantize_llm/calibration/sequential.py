@@ -22,8 +22,9 @@ import copy
 import ctypes
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -230,7 +231,7 @@ def _materialize(module: nn.Module, prefix: str, read: Callable[[str], Tensor], 
     Returns the names of the parameters loaded.
     """
     loaded = []
-    for name, param in list(module.named_parameters()):
+    for name, _ in list(module.named_parameters()):
         if any(name.startswith(s) for s in skip):
             continue
         value = read(prefix + name)
@@ -310,13 +311,15 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
     primary, ndev = devices[0], len(devices)
     inputs, calls = capture_inputs(cal, read, primary)     # resuming too: every block's kwargs
     if start:
-        if len(start_inputs) != len(inputs) or any(a.shape != b.shape for a, b in zip(start_inputs, inputs)):
+        if len(start_inputs) != len(inputs) or any(a.shape != b.shape
+                                                   for a, b in zip(start_inputs, inputs, strict=True)):
             raise RunError(f"the saved inputs of block {start} do not match the calibration batches")
-        inputs = [x.to(device=primary, dtype=b.dtype) for x, b in zip(start_inputs, inputs)]
+        inputs = [x.to(device=primary, dtype=b.dtype) for x, b in zip(start_inputs, inputs, strict=True)]
     if ndev > 1:   # batch b, with its keyword arguments for every block, to device b % n
         memos: list[dict] = [{} for _ in devices]
         inputs = [x.to(devices[b % ndev]) for b, x in enumerate(inputs)]
-        calls = [[move(kw, devices[b % ndev], memos[b % ndev]) for b, kw in enumerate(per_block)] for per_block in calls]
+        calls = [[move(kw, devices[b % ndev], memos[b % ndev]) for b, kw in enumerate(per_block)]
+                 for per_block in calls]
     timer.add("forward", t)
     layers = cal.skeleton.get_submodule(cal.layers)
     for plan in blocks[start:]:
@@ -372,13 +375,14 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                 t = timer.add("solve", t)
                 for name in names:   # later stages see the quantized weights (fake-quant), on every replica
                     fake = stage_results[name].dequantize(block.get_submodule(name).weight.dtype)
-                    for replica, dev in zip(replicas, devices):
+                    for replica, dev in zip(replicas, devices, strict=True):
                         replica.get_submodule(name).weight.data = fake.to(dev)
                 results.update(stage_results)
             if layout.unused:   # no input reaches them: rounded to the nearest grid point
                 results.update(_round_unused(layout.unused, block, plan, quantize, algorithm.spec, extra))
+            # spread() calls the lambda before `del replicas` below, which ruff's F821 reads past
             inputs = spread(devices, len(inputs),
-                            lambda i, dev: _block_forward(replicas[i % ndev], inputs[i], block_calls[i]))
+                            lambda i, dev: _block_forward(replicas[i % ndev], inputs[i], block_calls[i]))  # noqa: F821
             timer.add("forward", t)
         rewritten = {plan.prefix + n: block.get_parameter(n).detach().to("cpu", dtypes[n])
                      for n in sorted(modified)} if modified else {}
@@ -452,7 +456,7 @@ def capture(block: nn.Module, inputs: list[Tensor], calls: list[dict],
         handles.append(block.get_submodule(stop).register_forward_pre_hook(make(stop, lambda *a: None),
                                                                            with_kwargs=True))
     try:
-        for i, (x, kwargs) in enumerate(zip(inputs, calls)):
+        for i, (x, kwargs) in enumerate(zip(inputs, calls, strict=True)):
             if batches is not None and i >= batches:
                 break
             batch[0] = i

@@ -42,7 +42,7 @@ class NestedAbsmax:
         """The absmax it stands for, float32 (nblocks,)."""
         return nf4codes.dequantize_absmax(self.codes, self.absmax, self.offset, self.code_map)
 
-    def to(self, device: torch.device | str) -> "NestedAbsmax":
+    def to(self, device: torch.device | str) -> NestedAbsmax:
         return NestedAbsmax(self.codes.to(device), self.absmax.to(device), self.offset, self.code_map.to(device))
 
 
@@ -116,7 +116,7 @@ class Outliers:
             m[:, self.columns.long()] = True
         return m
 
-    def to(self, device: torch.device | str) -> "Outliers":
+    def to(self, device: torch.device | str) -> Outliers:
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return replace(self, values=move(self.values), row_ptr=move(self.row_ptr), col_idx=move(self.col_idx),
                        columns=move(self.columns))
@@ -167,7 +167,8 @@ class QuantizedWeight:
             if self.is_codebook:
                 raise ValueError("outliers go with integer grids, not codebooks")
             if self.outliers.mode == "weight" and self.outliers.row_ptr.shape != (out_features + 1,):
-                raise ValueError(f"outlier row_ptr {tuple(self.outliers.row_ptr.shape)} does not fit {out_features} rows")
+                raise ValueError(f"outlier row_ptr {tuple(self.outliers.row_ptr.shape)} "
+                                 f"does not fit {out_features} rows")
             if self.outliers.mode == "channel" and self.outliers.values.shape[0] != out_features:
                 raise ValueError(f"outlier columns {tuple(self.outliers.values.shape)} do not fit {out_features} rows")
         if self.is_codebook:
@@ -232,7 +233,7 @@ class QuantizedWeight:
         values = table[self.codes[start:stop].reshape(-1).long()] * absmax[flat // bs - start * in_features // bs]
         return values.view(-1, in_features).to(dtype)
 
-    def to(self, device: torch.device | str) -> "QuantizedWeight":
+    def to(self, device: torch.device | str) -> QuantizedWeight:
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return replace(self, codes=move(self.codes), scale=move(self.scale), zero=move(self.zero),
                        g_idx=move(self.g_idx), outliers=move(self.outliers))

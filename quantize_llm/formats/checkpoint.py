@@ -18,9 +18,10 @@ import secrets
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -422,7 +423,7 @@ class CheckpointWriter:
         n = len(self._shard_paths)
         self._final_names = [SINGLE_FILE] if n == 1 else [
             f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        for path, final in zip(self._shard_paths, self._final_names):
+        for path, final in zip(self._shard_paths, self._final_names, strict=True):
             path.rename(self._tmp / final)
         if n > 1:  # §5.3: total_size is the tensor bytes; transformers needs "metadata" to exist
             weight_map = {k: self._final_names[i - 1] for k, (i, _) in sorted(self._where.items())}

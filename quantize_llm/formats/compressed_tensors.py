@@ -14,7 +14,8 @@ unless their groups are static. One scheme for the whole checkpoint; every dense
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor

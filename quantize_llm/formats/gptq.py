@@ -8,7 +8,8 @@ with zeros of at least 1 (`min_zero`), the writer rule of §1.5. Both v1 and v2 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor

@@ -9,8 +9,9 @@ Where an outlier sits the codes hold the zero point, so W = dequant(codes) + out
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor

@@ -12,8 +12,9 @@ import math
 import os
 import re
 import threading
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -34,9 +34,10 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -138,7 +139,7 @@ class OutputLock:
         self.emit = emit
         self._fd: int | None = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         self.acquire()
         return self
 
@@ -228,7 +229,8 @@ class ResumeState:
                 if not isinstance(old, dict):
                     reason = "its fingerprint is missing or unreadable"
                 elif old != self.fingerprint:
-                    changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+                    changed = sorted(k for k in set(old) | set(self.fingerprint)
+                                     if old.get(k) != self.fingerprint.get(k))
                     reason = f"{', '.join(changed)} changed since it was saved"
             if reason is None:
                 self.done = self._finished_blocks(calibrated)

@@ -8,8 +8,9 @@ touches the files: safetensors only, trust_remote_code off, no transformers quan
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -59,7 +59,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None,
-                       dtype: torch.dtype) -> "QuantLinear":
+                       dtype: torch.dtype) -> QuantLinear:
         """Pack `qw` (codes (out, in), scale/zero (out, G)) into a new module on qw's device.
 
         Zero points outside [0, 2^bits) cannot be packed; they only come from a corrupt v1 write
@@ -143,7 +143,7 @@ class NF4Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> "NF4Linear":
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> NF4Linear:
         """Pack a codebook result (codes (out, in), absmax flat or nested) on qw's device."""
         out_features, in_features = qw.shape
         module = cls(in_features, out_features, qw.spec.codebook, qw.spec.blocksize, bias is not None,
@@ -195,7 +195,7 @@ class OutlierLinear(QuantLinear):
     """
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> "OutlierLinear":
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> OutlierLinear:
         if qw.outliers is None:
             raise ValueError("OutlierLinear needs a result with outliers")
         module = super().from_quantized(replace(qw, outliers=None), bias, dtype)
