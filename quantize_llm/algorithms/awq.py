@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -185,7 +186,8 @@ class AWQ:
         # Several devices: the search's trial alphas are spread over block copies, one per device,
         # each folded like the block after every group (the same arithmetic as on the block).
         devices = tuple(ctx.devices) or (next(block.parameters()).device,)
-        copies = [block] + [ctx.replicate(dev) for dev in devices[1:]] if len(devices) > 1 else [block]
+        copies = [block] + [ctx.replicate(dev)  # type: ignore[misc]  # the runner sets it for several devices
+                            for dev in devices[1:]] if len(devices) > 1 else [block]
         for entry in groups:
             s, metrics = self._search(copies, devices, entry, stats, ctx.quantize)
             for copy, dev in zip(copies, devices, strict=True):
@@ -232,7 +234,7 @@ class AWQ:
     def _trials(self, block: nn.Module, device: torch.device, entry: Any, stats: _Capture, names: list[str],
                 act_mean: Tensor) -> _Trials:
         """The search's trials on `block` (a copy on `device`, or the block itself)."""
-        linears = {n: block.get_submodule(n) for n in names}
+        linears = {n: cast(nn.Linear, block.get_submodule(n)) for n in names}
         originals = {n: m.weight.data.clone() for n, m in linears.items()}
         error = stats.error_fn(block, entry, device)
         act = act_mean.to(device)
@@ -334,7 +336,7 @@ def fold_problem(block: nn.Module, entry: Any) -> str | None:
     return None
 
 
-def fold(block: nn.Module, entry: Any, s: Tensor, modified: set[str], skip: set[str] = frozenset()) -> None:
+def fold(block: nn.Module, entry: Any, s: Tensor, modified: set[str], skip: AbstractSet[str] = frozenset()) -> None:
     """Divide `entry.prev` by s and multiply the input columns of `entry.layers` by s, in place.
 
     Adds the names of the parameters rewritten to `modified`, except those in `skip` (the weights
@@ -352,13 +354,14 @@ def fold(block: nn.Module, entry: Any, s: Tensor, modified: set[str], skip: set[
             touched.append(f"{entry.prev}.bias")
     else:
         offset = entry.norm_offset
-        prev.weight.data = (prev.weight.data + offset) / s - offset
+        weight = cast(Tensor, prev.weight)   # a norm's
+        weight.data = (weight.data + offset) / s - offset
         touched.append(f"{entry.prev}.weight")
         if getattr(prev, "bias", None) is not None:
-            prev.bias.data /= s
+            cast(Tensor, prev.bias).data /= s
             touched.append(f"{entry.prev}.bias")
     for name in entry.layers:
-        block.get_submodule(name).weight.data *= s[None, :]
+        cast(nn.Linear, block.get_submodule(name)).weight.data *= s[None, :]
         touched.append(f"{name}.weight")
     modified.update(n for n in touched if n not in skip)
 

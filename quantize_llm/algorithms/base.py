@@ -149,9 +149,13 @@ class Algorithm(Protocol):
     """
 
     name: ClassVar[str]
-    needs_calibration: bool
     codebooks: ClassVar[tuple[str, ...]]
-    prepare_block: Callable[[BlockContext], None] | None
+
+    @property
+    def needs_calibration(self) -> bool: ...   # read-only: a class constant or set per instance
+
+    @property
+    def prepare_block(self) -> Callable[[BlockContext], None] | None: ...   # a method, or None
 
     def __init__(self, spec: QuantSpec, options: Any = None) -> None: ...
 

@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -251,7 +251,7 @@ def _set(module: nn.Module, name: str, value: Tensor, buffer: bool = False) -> N
     if buffer:
         owner._buffers[leaf] = value
     else:
-        owner._parameters[leaf] = value
+        owner._parameters[leaf] = cast(nn.Parameter, value)
 
 
 def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torch.device
@@ -264,7 +264,7 @@ def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torc
     layers_path = cal.layers
     base_path, _, _ = layers_path.rpartition(".")
     base = cal.skeleton.get_submodule(base_path)
-    layers = cal.skeleton.get_submodule(layers_path)
+    layers = cast(nn.ModuleList, cal.skeleton.get_submodule(layers_path))
     loaded = _materialize(base, base_path + "." if base_path else "", read, device, cal.dtype,
                           skip=(layers_path[len(base_path) + 1:] + ".",))
     calls: list[list[dict]] = [[] for _ in range(len(layers))]
@@ -310,7 +310,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
     t = time.perf_counter()
     primary, ndev = devices[0], len(devices)
     inputs, calls = capture_inputs(cal, read, primary)     # resuming too: every block's kwargs
-    if start:
+    if start and start_inputs is not None:   # (run() checked they are there)
         if len(start_inputs) != len(inputs) or any(a.shape != b.shape
                                                    for a, b in zip(start_inputs, inputs, strict=True)):
             raise RunError(f"the saved inputs of block {start} do not match the calibration batches")
@@ -321,7 +321,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         calls = [[move(kw, devices[b % ndev], memos[b % ndev]) for b, kw in enumerate(per_block)]
                  for per_block in calls]
     timer.add("forward", t)
-    layers = cal.skeleton.get_submodule(cal.layers)
+    layers = cast(nn.ModuleList, cal.skeleton.get_submodule(cal.layers))
     for plan in blocks[start:]:
         block_start = t = time.perf_counter()
         block = layers[plan.index]
@@ -367,14 +367,14 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
             for stage in stages:
                 t = _observe_stage(replicas, devices, stage, algorithm, inputs, block_calls, timer, t)
                 names = [n for g in stage for n in g]
-                weights = {n: block.get_submodule(n).weight.detach() for n in names}
+                weights = {n: cast(nn.Linear, block.get_submodule(n)).weight.detach() for n in names}
                 stage_results = algorithm.quantize_layer(LayerContext(
                     index=plan.index, weights=weights, input_of=input_of, block=block,
                     report=lambda n, m: extra[n].update(m), specs=_specs(quantize.values()), devices=devices,
                     prefix=plan.prefix))
                 t = timer.add("solve", t)
                 for name in names:   # later stages see the quantized weights (fake-quant), on every replica
-                    fake = stage_results[name].dequantize(block.get_submodule(name).weight.dtype)
+                    fake = stage_results[name].dequantize(cast(nn.Linear, block.get_submodule(name)).weight.dtype)
                     for replica, dev in zip(replicas, devices, strict=True):
                         replica.get_submodule(name).weight.data = fake.to(dev)
                 results.update(stage_results)
@@ -425,9 +425,10 @@ def _round_unused(names: tuple[str, ...], block: nn.Module, plan: BlockPlan, qua
     return out
 
 
-def _replica(template: nn.Module, block: nn.Module, device: torch.device) -> nn.Module:
-    """A copy of the materialized `block` on `device`, built from its meta `template`."""
-    replica = copy.deepcopy(template)
+def _replica(template: nn.Module | None, block: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of the materialized `block` on `device`, built from its meta `template` (None on one
+    device, where no replica is made)."""
+    replica = copy.deepcopy(cast(nn.Module, template))
     for name, param in block.named_parameters():   # copy=True: never shares storage with the block
         _set(replica, name, nn.Parameter(param.detach().to(device, copy=True), requires_grad=False))
     for name, buf in block.named_buffers():
@@ -483,16 +484,21 @@ def _observe_stage(replicas: list[nn.Module], devices: tuple[torch.device, ...],
         hessian_seconds[0] += time.perf_counter() - h0
 
     if len(devices) == 1:
-        capture(replicas[0], inputs, calls, {name: lambda b, args, kw, name=name: observe(name, args[0])
+        capture(replicas[0], inputs, calls, {name: lambda b, args, kw, name=name: observe(name, args[0])  # type: ignore[misc]
                                              for name in names}, stop=stop)
     else:
         def work(i: int, dev: torch.device) -> list[tuple[str, Tensor]]:
             seen: list[tuple[str, Tensor]] = []
             capture(replicas[i % len(devices)], [inputs[i]], [calls[i]],
-                    {name: lambda b, args, kw, name=name: seen.append((name, args[0])) for name in names}, stop=stop)
+                    {name: lambda b, args, kw, name=name: seen.append((name, args[0]))  # type: ignore[misc]
+                     for name in names}, stop=stop)
             return seen
 
-        spread(devices, len(inputs), work, consume=lambda i, seen: [observe(name, x) for name, x in seen])
+        def consume(i: int, seen: list[tuple[str, Tensor]]) -> None:
+            for name, x in seen:
+                observe(name, x)
+
+        spread(devices, len(inputs), work, consume=consume)
     now = time.perf_counter()
     timer.seconds["hessian"] += hessian_seconds[0]
     timer.seconds["forward"] += now - t - hessian_seconds[0]

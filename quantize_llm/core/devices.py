@@ -13,7 +13,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 
@@ -50,6 +50,12 @@ class _Stopped(Exception):
     """An item that was not run because another one failed."""
 
 
+@overload
+def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, torch.device], R],
+           consume: None = None, ahead: int = 2) -> list[R]: ...
+@overload
+def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, torch.device], R],
+           consume: Callable[[int, R], None], ahead: int = 2) -> None: ...
 def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, torch.device], R],
            consume: Callable[[int, R], None] | None = None, ahead: int = 2) -> list[R] | None:
     """Run `work(i, devices[i % n])` for i in range(count).

@@ -390,7 +390,8 @@ class CheckpointWriter:
         if self._shard.nbytes and self._shard.nbytes + nbytes > self.max_shard_bytes:
             self._close_shard()
         t = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,): C order (§5.4.4)
-        data = memoryview(t.view(torch.uint8).numpy())          # (nbytes,) raw little-endian bytes
+        # (nbytes,) raw little-endian bytes
+        data = memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
         self._shard.append(name, SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), data, align)
         self._where[name] = (self._shard.index, nbytes)
         self._total += nbytes

@@ -151,10 +151,11 @@ class SafetensorsFile(_Closing):
 
     def dtype(self, name: str) -> torch.dtype:
         code = self._entry(name)[0]
-        if DTYPES[code][1] is None:
+        dtype = DTYPES[code][1]
+        if dtype is None:
             raise CheckpointError(f"tensor {name!r} in {self.path} has dtype {code}, which torch cannot "
                                   "hold", "convert the checkpoint to F16/BF16/F32 first")
-        return DTYPES[code][1]
+        return dtype
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name)[1]
@@ -168,7 +169,7 @@ class SafetensorsFile(_Closing):
         _, shape, offset, nbytes = self._entry(name)
         dtype = self.dtype(name)
         buf = torch.empty(nbytes, dtype=torch.uint8)                    # (nbytes,) uint8
-        view, done = memoryview(buf.numpy()), 0
+        view, done = memoryview(buf.numpy()), 0  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
         with self._lock:
             f = self._handle()
             f.seek(offset)
@@ -420,7 +421,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str] = HUB_PATT
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
     home = os.environ.get("HF_HOME")
     cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(home, "hub") if home else None)
-    kw = dict(revision=revision, allow_patterns=patterns, cache_dir=cache)
+    kw: dict[str, Any] = dict(revision=revision, allow_patterns=patterns, cache_dir=cache)
     network_errors = _network_errors()
     try:
         try:

@@ -13,7 +13,7 @@ import dataclasses
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -303,7 +303,7 @@ def output_head(spec: QuantSpec, fmt: Any, reader: CheckpointReader, skeleton: n
 
 def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec) -> int:
     """Upper estimate of the written checkpoint's tensor bytes (for the disk-space check)."""
-    total = reader.total_bytes
+    total: float = reader.total_bytes
     for p in plans:
         for lp in p.linears:
             if lp.quantize:

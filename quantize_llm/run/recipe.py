@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -423,7 +424,10 @@ def load_recipe(path: str | Path) -> list[Job]:
         raise UsageError(f"recipe {path} cannot be read: {exc.strerror or exc}", "check its permissions") from None
     try:
         if suffix == ".toml":
-            import tomllib
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:   # Python 3.10: the same parser, as the tomli package
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         else:

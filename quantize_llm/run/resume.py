@@ -53,7 +53,7 @@ def tensor_digest(tensor: Tensor) -> str:
     """Content digest of a tensor's dtype, shape and bytes (BLAKE2b over 64 MiB chunks hashed side
     by side, then over the chunk digests: the same value whatever the number of threads)."""
     t = tensor.detach().to("cpu").contiguous().reshape(-1)
-    data = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    data = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
     chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [data]
     hash_chunk = lambda c: hashlib.blake2b(c, digest_size=16).digest()  # noqa: E731 (releases the GIL)
     if len(chunks) > 1:
@@ -115,7 +115,7 @@ def files_identity(folder: Path) -> dict[str, list[int]]:
     return found
 
 
-def _durable_write(path: Path, write: Callable[[Path], None]) -> None:
+def _durable_write(path: Path, write: Callable[[Path], object]) -> None:
     """write(tmp), fsync it, rename it to `path`, fsync the folder: `path` is whole or absent."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)

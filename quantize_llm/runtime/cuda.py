@@ -434,7 +434,8 @@ def nf4_matmul_cuda(x: Tensor, weight_packed: Tensor, absmax: Tensor, code: Tens
         return nf4_matmul_reference(x, weight_packed, absmax, code, out_features, blocksize)
     if x.shape[0] == 0 or nf4_supported(x, weight_packed, blocksize) is not None:
         return nf4_matmul_reference(x, weight_packed, absmax, code, out_features, blocksize)
-    return nf4_gemv(k, *_contiguous(x, weight_packed, absmax.float(), code.float()), out_features, blocksize)
+    xc, wc, ac, cc = _contiguous(x, weight_packed, absmax.float(), code.float())
+    return nf4_gemv(k, xc, wc, ac, cc, out_features, blocksize)
 
 
 def nf4_gemv(k: Kernels, x: Tensor, weight_packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +56,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
                              "AutoModelForCausalLM.from_pretrained(folder), or quantize it first")
         modules = QuantizedModules(reader)
         dtype = dtype or config_dtype(config)
-        model = build_skeleton(folder, config, trust_remote_code=trust_remote_code)
+        model = cast(PreTrainedModel, build_skeleton(folder, config, trust_remote_code=trust_remote_code))
         check_against_config(reader, model, quantized=modules.prefixes)
         names = reader.names()
         present = set(names)
@@ -64,7 +64,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
         for prefix in modules.prefixes:
             used.update(modules.tensors(prefix).values())
             qw = modules.decode(prefix, linear_shape(model, prefix))
-            linear = model.get_submodule(prefix)
+            linear = cast(nn.Linear, model.get_submodule(prefix))
             bias = _bias_for(reader, present, prefix, linear)
             used.add(f"{prefix}.bias")
             module_cls = NF4Linear if qw.is_codebook else OutlierLinear if qw.outliers is not None else QuantLinear
@@ -78,7 +78,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.device.type == "meta":
             raise CheckpointError(f"{name} is missing from the checkpoint in {folder}")
-    return model.to(device).eval()
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() for models only
 
 
 def config_dtype(config: Mapping[str, Any]) -> torch.dtype:
