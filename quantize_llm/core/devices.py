@@ -53,9 +53,13 @@ class _Stopped(Exception):
 @overload
 def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, torch.device], R],
            consume: None = None, ahead: int = 2) -> list[R]: ...
+
+
 @overload
 def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, torch.device], R],
            consume: Callable[[int, R], None], ahead: int = 2) -> None: ...
+
+
 def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, torch.device], R],
            consume: Callable[[int, R], None] | None = None, ahead: int = 2) -> list[R] | None:
     """Run `work(i, devices[i % n])` for i in range(count).

@@ -75,8 +75,8 @@ class AWQFormat:
             raise ValueError("the awq format cannot store a g_idx (act-order)")
         return {
             "qweight": pack_awq(qw.codes.t().contiguous()),               # (in, out/8)
-            "qzeros": pack_awq(qw.grid_zero.t().contiguous()),                 # (G, out/8)
-            "scales": to_float16(qw.grid_scale.t().contiguous(), "scale"),     # (G, out)
+            "qzeros": pack_awq(qw.grid_zero.t().contiguous()),            # (G, out/8)
+            "scales": to_float16(qw.grid_scale.t().contiguous(), "scale"),  # (G, out)
         }
 
     @staticmethod
