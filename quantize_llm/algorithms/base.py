@@ -150,6 +150,7 @@ class Algorithm(Protocol):
 
     name: ClassVar[str]
     codebooks: ClassVar[tuple[str, ...]]
+    spec: QuantSpec                       # the run's spec (per-module overrides: LayerContext.specs)
 
     @property
     def needs_calibration(self) -> bool: ...   # read-only: a class constant or set per instance

@@ -331,7 +331,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         quantize = {lp.local: lp for lp in plan.linears if lp.quantize}
         block_calls = calls[plan.index]
         with torch.no_grad():
-            layout = trace(block, tuple(quantize), [lambda i=i: _block_forward(block, inputs[i].to(primary),
+            layout = trace(block, tuple(quantize), [lambda i=i: _block_forward(block, inputs[i].to(primary),  # type: ignore[misc]
                                                                                 move(block_calls[i], primary))
                                                     for i in range(len(inputs))])
         t = timer.add("forward", t)
@@ -414,7 +414,7 @@ def _round_unused(names: tuple[str, ...], block: nn.Module, plan: BlockPlan, qua
     out = {}
     for name in names:
         own = quantize[name].spec or spec
-        weight = block.get_submodule(name).weight.detach()
+        weight = cast(nn.Linear, block.get_submodule(name)).weight.detach()
         if own.codebook == "int":
             qw = rtn_quantize(weight, own)
         else:

@@ -513,7 +513,8 @@ def _instantiate(cfg: Any, remote: bool = False) -> nn.Module:
         return AutoModelForCausalLM.from_config(cfg, trust_remote_code=True)
     for name in getattr(cfg, "architectures", None) or ():
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
-        if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and isinstance(cfg, cls.config_class):
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and cls.config_class is not None \
+                and isinstance(cfg, cls.config_class):
             return cls._from_config(cfg)
     try:
         return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)

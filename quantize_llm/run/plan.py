@@ -13,7 +13,7 @@ import dataclasses
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -250,7 +250,7 @@ def kept_dense(found: Blocks, skeleton: nn.Module, outside: tuple[str, ...],
         lines.append(f"fused 3-D expert weights ({', '.join(fused)}) in {sum(map(bool, found.fused))} blocks "
                      "(per-expert quantization of fused experts is not supported yet)")
     blocks_prefix = found.path + "."
-    head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
+    head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None  # type: ignore[operator]
     others = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and m is not head
               and not n.startswith(blocks_prefix)]
     if others:
