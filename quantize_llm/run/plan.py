@@ -31,8 +31,8 @@ from ..formats.checkpoint import check_output, human_bytes, local_folder
 from ..formats.vllm import preflight
 from ..models.architectures import ArchitectureMap, architecture_name, get_architecture
 from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
-from ..models.structure import Blocks, discover
 from ..models.sources import refuse_quantized
+from ..models.structure import Blocks, discover
 from .job import Job, parse_size
 from .resources import ResourcePlan
 from .resources import estimate as estimate_resources
@@ -179,7 +179,8 @@ def plan_blocks(reader: CheckpointReader, found: Blocks, arch: ArchitectureMap |
     plans = []
     for i, locals_ in enumerate(found.linears):
         prefix = f"{found.path}.{i}."
-        linears, unfit = [], []
+        linears: list[LinearPlan] = []
+        unfit: list[tuple[int, str]] = []   # (index in linears, why the format cannot hold it)
         for local in sorted(locals_, key=lambda n: (order.get(n, len(order)), locals_.index(n))):
             name = prefix + local
             if f"{name}.weight" not in present:
