@@ -1,8 +1,8 @@
 """Shared fixtures: tiny random checkpoints per architecture, built from transformers configs."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch

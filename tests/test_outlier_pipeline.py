@@ -36,7 +36,7 @@ def test_outliers_are_exactly_preserved(tiny_model, tmp_path):
         mask = qw.outliers.mask(qw.shape)
         assert int(mask.sum()) == round(0.01 * w.numel())
         assert torch.equal(qw.dequantize(torch.float32)[mask], w[mask])     # bf16 -> fp16 is exact here
-        assert bool((w[mask].abs().min() >= w[~mask].abs().max()))          # magnitude: the largest kept
+        assert bool(w[mask].abs().min() >= w[~mask].abs().max())          # magnitude: the largest kept
 
 
 @pytest.mark.parametrize("inner", ["rtn", "gptq"])

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -184,10 +186,11 @@ class AWQ:
         # Several devices: the search's trial alphas are spread over block copies, one per device,
         # each folded like the block after every group (the same arithmetic as on the block).
         devices = tuple(ctx.devices) or (next(block.parameters()).device,)
-        copies = [block] + [ctx.replicate(dev) for dev in devices[1:]] if len(devices) > 1 else [block]
+        copies = [block] + [ctx.replicate(dev)  # type: ignore[misc]  # the runner sets it for several devices
+                            for dev in devices[1:]] if len(devices) > 1 else [block]
         for entry in groups:
             s, metrics = self._search(copies, devices, entry, stats, ctx.quantize)
-            for copy, dev in zip(copies, devices):
+            for copy, dev in zip(copies, devices, strict=True):
                 fold(copy, entry, s.to(dev), ctx.modified if copy is block else set(),
                      skip={f"{n}.weight" for n in ctx.quantize})
             for name in entry.layers:
@@ -206,14 +209,15 @@ class AWQ:
                            "this model", "use gptq or rtn for this model, and report it")
 
     def _search(self, copies: list[nn.Module], devices: tuple[torch.device, ...], entry: Any,
-                stats: "_Capture", quantize: tuple[str, ...]) -> tuple[Tensor, dict]:
+                stats: _Capture, quantize: tuple[str, ...]) -> tuple[Tensor, dict]:
         """The best scales for one group, and the metrics of the search. Trial alpha i runs on
         copies[i % n] (the block itself first); the best is the first of the smallest errors, as
         in a loop on one device."""
         act_mean = stats.act_mean(entry)
         names = [n for n in entry.layers if n in quantize]
         alphas = [i / self.options.grid for i in range(self.options.grid)]
-        trials = [self._trials(copy, dev, entry, stats, names, act_mean) for copy, dev in zip(copies, devices)]
+        trials = [self._trials(copy, dev, entry, stats, names, act_mean)
+                  for copy, dev in zip(copies, devices, strict=True)]
         try:
             errors = spread(devices, len(alphas), lambda i, dev: trials[i % len(devices)].trial(alphas[i]))
         finally:
@@ -227,10 +231,10 @@ class AWQ:
         return best_s, {"alpha": alphas[best] if best is not None else 0.0,
                         "search_error_before": errors[0], "search_error_after": best_err}
 
-    def _trials(self, block: nn.Module, device: torch.device, entry: Any, stats: "_Capture", names: list[str],
-                act_mean: Tensor) -> "_Trials":
+    def _trials(self, block: nn.Module, device: torch.device, entry: Any, stats: _Capture, names: list[str],
+                act_mean: Tensor) -> _Trials:
         """The search's trials on `block` (a copy on `device`, or the block itself)."""
-        linears = {n: block.get_submodule(n) for n in names}
+        linears = {n: cast(nn.Linear, block.get_submodule(n)) for n in names}
         originals = {n: m.weight.data.clone() for n, m in linears.items()}
         error = stats.error_fn(block, entry, device)
         act = act_mean.to(device)
@@ -278,7 +282,7 @@ class AWQ:
             return qw
 
         names = list(layer.weights)
-        results = dict(zip(names, layer.map(solve, names)))   # independent solves: side by side
+        results = dict(zip(names, layer.map(solve, names), strict=True))   # independent solves: side by side
         for key in keys:
             del self.hessians[key]
         return results
@@ -332,7 +336,7 @@ def fold_problem(block: nn.Module, entry: Any) -> str | None:
     return None
 
 
-def fold(block: nn.Module, entry: Any, s: Tensor, modified: set[str], skip: set[str] = frozenset()) -> None:
+def fold(block: nn.Module, entry: Any, s: Tensor, modified: set[str], skip: AbstractSet[str] = frozenset()) -> None:
     """Divide `entry.prev` by s and multiply the input columns of `entry.layers` by s, in place.
 
     Adds the names of the parameters rewritten to `modified`, except those in `skip` (the weights
@@ -350,13 +354,14 @@ def fold(block: nn.Module, entry: Any, s: Tensor, modified: set[str], skip: set[
             touched.append(f"{entry.prev}.bias")
     else:
         offset = entry.norm_offset
-        prev.weight.data = (prev.weight.data + offset) / s - offset
+        weight = cast(Tensor, prev.weight)   # a norm's
+        weight.data = (weight.data + offset) / s - offset
         touched.append(f"{entry.prev}.weight")
         if getattr(prev, "bias", None) is not None:
-            prev.bias.data /= s
+            cast(Tensor, prev.bias).data /= s
             touched.append(f"{entry.prev}.bias")
     for name in entry.layers:
-        block.get_submodule(name).weight.data *= s[None, :]
+        cast(nn.Linear, block.get_submodule(name)).weight.data *= s[None, :]
         touched.append(f"{name}.weight")
     modified.update(n for n in touched if n not in skip)
 
@@ -424,7 +429,8 @@ class _Capture:
             raise RunError(f"no calibration inputs reached {entry.layers[0]}")
         return self.abs_sum[entry.prev] / self.count[entry.prev]
 
-    def error_fn(self, block: nn.Module, entry: Any, device: torch.device | None = None) -> Callable[[dict, dict], float]:
+    def error_fn(self, block: nn.Module, entry: Any,
+                 device: torch.device | None = None) -> Callable[[dict, dict], float]:
         """error(linears, originals): the inspected module's relative output error with the
         linears' current (trial) weights against the original ones; `block` is on `device`."""
         if self._linear_inspect(entry):
@@ -447,7 +453,7 @@ class _Capture:
 
         def module_error(linears: dict, originals: dict) -> float:
             num = 0.0
-            for (args, kwargs), target in zip(recorded, targets):
+            for (args, kwargs), target in zip(recorded, targets, strict=True):
                 num += float(((_output(module, args, kwargs) - target) ** 2).sum())
             return num / max(den, 1e-30)
         return module_error

@@ -1,9 +1,10 @@
 """The Algorithm protocol and the context the runner hands it for each decoder block."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,7 @@ class NotPositiveDefinite(LayerError, RunError):
     """The Hessian stayed indefinite up to the damping bound: a damping problem."""
 
     @classmethod
-    def of(cls, n: int, damp: float, start: float) -> "NotPositiveDefinite":
+    def of(cls, n: int, damp: float, start: float) -> NotPositiveDefinite:
         return cls(f"the Hessian ({n}x{n}) is not positive definite even with damping {damp:g}",
                    f"raise --damp (now {start:g}) or use more calibration samples")
 
@@ -28,7 +29,7 @@ class HessianNotFinite(LayerError, CheckpointError):
     """The calibration inputs overflowed float32 on their way to this Linear."""
 
     @classmethod
-    def of(cls) -> "HessianNotFinite":
+    def of(cls) -> HessianNotFinite:
         return cls("its calibration inputs overflow float32 (inf or NaN in their Hessian X^T X)",
                    "a weight, norm or embedding before it holds a huge value: the checkpoint looks damaged")
 
@@ -148,9 +149,14 @@ class Algorithm(Protocol):
     """
 
     name: ClassVar[str]
-    needs_calibration: bool
     codebooks: ClassVar[tuple[str, ...]]
-    prepare_block: Callable[[BlockContext], None] | None
+    spec: QuantSpec                       # the run's spec (per-module overrides: LayerContext.specs)
+
+    @property
+    def needs_calibration(self) -> bool: ...   # read-only: a class constant or set per instance
+
+    @property
+    def prepare_block(self) -> Callable[[BlockContext], None] | None: ...   # a method, or None
 
     def __init__(self, spec: QuantSpec, options: Any = None) -> None: ...
 

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -194,7 +194,7 @@ class GPTQ:
             h = self.hessians.get(layer.input_of.get(name, name))
             with naming(layer.full_name(name)):
                 qw = rtn_quantize(layer.weights[name], spec)
-            metrics = {"method": "rtn"}
+            metrics: dict[str, Any] = {"method": "rtn"}
             if h is not None:
                 metrics["rel_error"] = output_error(layer.weights[name].float(), qw.dequantize(torch.float32), h)
             layer.report(name, metrics)
@@ -221,8 +221,8 @@ class GPTQ:
             for name in names:
                 rows = layer.weights[name].shape[0]
                 part = QuantizedWeight(codes=qw.codes[row:row + rows].contiguous(),
-                                       scale=qw.scale[row:row + rows].contiguous(),
-                                       zero=qw.zero[row:row + rows].contiguous(), g_idx=qw.g_idx, spec=qw.spec)
+                                       scale=qw.grid_scale[row:row + rows].contiguous(),
+                                       zero=qw.grid_zero[row:row + rows].contiguous(), g_idx=qw.g_idx, spec=qw.spec)
                 error = output_error(stacked[row:row + rows].float(), part.dequantize(torch.float32), h)
                 row += rows
                 layer.report(name, {"rel_error": error, "damp": stats.damp,

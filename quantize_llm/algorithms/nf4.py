@@ -200,7 +200,7 @@ class NF4:
             return qw
 
         names = list(layer.weights)
-        results = dict(zip(names, layer.map(solve, names)))   # independent solves: side by side
+        results = dict(zip(names, layer.map(solve, names), strict=True))   # independent solves: side by side
         for key in {layer.input_of.get(n, n) for n in layer.weights}:
             self.hessians.pop(key, None)
         return results

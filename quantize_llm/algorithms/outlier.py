@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -192,7 +192,8 @@ class OutlierSplit:
                         damps.append(damp)
                     mask = weight_mask(w, self.how, hinv)
                 qw = self._quantize(layer.full_name(name), w, h, mask, layer.spec_of(name, self.spec), damps)
-            metrics = {"outliers": qw.outliers.count, "outlier_share": qw.outliers.count / w.numel(),
+            split = cast(Outliers, qw.outliers)   # the split always sets them
+            metrics = {"outliers": split.count, "outlier_share": split.count / w.numel(),
                        "seconds": time.perf_counter() - start}
             if damps:
                 metrics["damp"] = max(damps)
@@ -202,7 +203,7 @@ class OutlierSplit:
             return qw
 
         names = list(layer.weights)
-        results = dict(zip(names, layer.map(solve, names)))   # independent solves: side by side
+        results = dict(zip(names, layer.map(solve, names), strict=True))   # independent solves: side by side
         for key in keys:
             self.hessians.pop(key, None)
             self.act_max.pop(key, None)
@@ -222,11 +223,13 @@ class OutlierSplit:
             g_store = None
         else:
             try:
-                qw, stats = gptq_quantize(w, h, spec, GPTQOptions(block_size=opts.block_size, damp=opts.damp,
-                                                                  clip=opts.clip), outlier_mask=mask)
+                qw, stats = gptq_quantize(w, cast(Tensor, h), spec,   # inner gptq: calibrated, h is set
+                                          GPTQOptions(block_size=opts.block_size, damp=opts.damp, clip=opts.clip),
+                                          outlier_mask=mask)
             except Float16Overflow as exc:
                 raise solve_overflow(exc, {module: w.masked_fill(mask, 0.0)}, spec, opts.damp) from None
             damps.append(stats.damp)
-            codes, scale, zero, g_store, kept = qw.codes, qw.scale, qw.zero, qw.g_idx, stats.kept
+            codes, scale, zero, g_store = qw.codes, qw.grid_scale, qw.grid_zero, qw.g_idx
+            kept = cast(Tensor, stats.kept)   # set when an outlier mask is given
         return QuantizedWeight(codes=codes, scale=scale, zero=zero, g_idx=g_store, spec=spec,
                                outliers=to_outliers(kept, mask, opts.mode))

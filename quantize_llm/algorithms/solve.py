@@ -47,7 +47,7 @@ class SolverOptions:
             raise SpecError(f"--damp {self.damp} must be in (0, {self.damp_max:g}]", "0.01 is typical")
 
     @classmethod
-    def of(cls, options: Any) -> "SolverOptions":
+    def of(cls, options: Any) -> SolverOptions:
         """The solver options of a method's Options (checked: SpecError when out of bounds)."""
         return cls(options.block_size, options.damp, getattr(options, "damp_max", cls.damp_max),
                    options.true_sequential)
@@ -173,7 +173,7 @@ def feedback(w: Tensor, hinv: Tensor, block_size: int, grid: Grid, mask: Tensor 
             err = (col - grid.round(j, col, current)).div_(pivots[j])
             if mask is not None:
                 m = mask[:, j]
-                kept[:, j] = torch.where(m, col, 0.0)
+                kept[:, j] = torch.where(m, col, 0.0)   # type: ignore[index]  # set whenever mask is
                 err = err.masked_fill(m, 0.0)
             if fused:
                 w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)            # rank-1 update of the block

@@ -125,7 +125,7 @@ def _read_file(path: Path, suffix: str, column: str, tokenizer: Any) -> tuple[li
         docs = re.split(r"\n[ \t\r\f\v]*\n", text)   # a blank line holds spaces at most
         return [d.strip() for d in docs if d.strip()], "blank-line separated documents"
     if suffix == ".jsonl":
-        rows = [_parse_json(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        rows: Any = [_parse_json(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         return _from_records(rows, column, tokenizer, str(path))
     rows = _parse_json(text, str(path))
     if isinstance(rows, dict):
@@ -181,8 +181,8 @@ def _from_column(names: list[str], read: Callable[[str], Any], column: str,
 
 def _read_hub(ref: str, column: str) -> tuple[list[str], str]:
     """A hub dataset ID[:CONFIG[:SPLIT]] through the optional `datasets` package."""
-    name, config, split = (ref.split(":") + ["", ""])[:3]
-    config, split = config or None, split or "train"
+    name, config_id, split = (ref.split(":") + ["", ""])[:3]
+    config, split = config_id or None, split or "train"
     try:
         import datasets
     except ImportError:
@@ -211,7 +211,8 @@ def select_samples(documents: list[str], tokenizer: Any, nsamples: int, seqlen: 
     """
     eos = getattr(tokenizer, "eos_token_id", None)
     joiner = [eos] if isinstance(eos, int) else []
-    samples, pool = [], []          # pool: the short documents, concatenated
+    samples: list[list[int]] = []
+    pool: list[int] = []            # the short documents, concatenated
     short = total = 0
     for doc in documents:
         ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]

@@ -16,8 +16,9 @@ routing either way.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -105,7 +106,8 @@ def observing(block: nn.Module, observer: Observer | None,
     """Inside: the block's fused experts run through `observe_forward`, calling `observer`."""
     register()
     modules = [m for m in block.modules() if is_fused_experts(m)]
-    saved = [(m.config, getattr(m.config, "_experts_implementation", None)) for m in modules]
+    configs: list[Any] = [m.config for m in modules]
+    saved = [(config, getattr(config, "_experts_implementation", None)) for config in configs]
     _observer[0], _wants_all[0] = observer, wants_all
     try:
         for config, _ in saved:

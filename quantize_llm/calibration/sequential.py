@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -252,7 +254,7 @@ def _materialize(module: nn.Module, prefix: str, read: Callable[[str], Tensor], 
     Returns the names of the parameters loaded.
     """
     loaded = []
-    for name, param in list(module.named_parameters()):
+    for name, _ in list(module.named_parameters()):
         if any(name.startswith(s) for s in skip):
             continue
         value = read(prefix + name)
@@ -272,7 +274,7 @@ def _set(module: nn.Module, name: str, value: Tensor, buffer: bool = False) -> N
     if buffer:
         owner._buffers[leaf] = value
     else:
-        owner._parameters[leaf] = value
+        owner._parameters[leaf] = cast(nn.Parameter, value)
 
 
 def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torch.device
@@ -285,7 +287,7 @@ def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torc
     layers_path = cal.layers
     base_path, _, _ = layers_path.rpartition(".")
     base = cal.skeleton.get_submodule(base_path)
-    layers = cal.skeleton.get_submodule(layers_path)
+    layers = cast(nn.ModuleList, cal.skeleton.get_submodule(layers_path))
     loaded = _materialize(base, base_path + "." if base_path else "", cal.loader(read), device, cal.dtype,
                           skip=(layers_path[len(base_path) + 1:] + ".",))
     calls: list[list[dict]] = [[] for _ in range(len(layers))]
@@ -316,6 +318,11 @@ def _is_cache(value: Any) -> bool:
     return any(cls.__name__.endswith("Cache") for cls in type(value).__mro__)
 
 
+def _replay(block: nn.Module, inputs: list[Tensor], calls: list[dict], i: int, device: torch.device) -> Tensor:
+    """Batch i's forward pass through `block`, on `device`."""
+    return _block_forward(block, inputs[i].to(device), move(calls[i], device))
+
+
 def _block_forward(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
     if POSITIONAL in kwargs:
         kwargs = dict(kwargs)
@@ -331,16 +338,18 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
     t = time.perf_counter()
     primary, ndev = devices[0], len(devices)
     inputs, calls = capture_inputs(cal, read, primary)     # resuming too: every block's kwargs
-    if start:
-        if len(start_inputs) != len(inputs) or any(a.shape != b.shape for a, b in zip(start_inputs, inputs)):
+    if start and start_inputs is not None:   # (run() checked they are there)
+        if len(start_inputs) != len(inputs) or any(a.shape != b.shape
+                                                   for a, b in zip(start_inputs, inputs, strict=True)):
             raise RunError(f"the saved inputs of block {start} do not match the calibration batches")
-        inputs = [x.to(device=primary, dtype=b.dtype) for x, b in zip(start_inputs, inputs)]
+        inputs = [x.to(device=primary, dtype=b.dtype) for x, b in zip(start_inputs, inputs, strict=True)]
     if ndev > 1:   # batch b, with its keyword arguments for every block, to device b % n
         memos: list[dict] = [{} for _ in devices]
         inputs = [x.to(devices[b % ndev]) for b, x in enumerate(inputs)]
-        calls = [[move(kw, devices[b % ndev], memos[b % ndev]) for b, kw in enumerate(per_block)] for per_block in calls]
+        calls = [[move(kw, devices[b % ndev], memos[b % ndev]) for b, kw in enumerate(per_block)]
+                 for per_block in calls]
     timer.add("forward", t)
-    layers = cal.skeleton.get_submodule(cal.layers)
+    layers = cast(nn.ModuleList, cal.skeleton.get_submodule(cal.layers))
     for plan in blocks[start:]:
         block_start = t = time.perf_counter()
         block = layers[plan.index]
@@ -350,10 +359,9 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         quantize = {lp.local: lp for lp in plan.linears if lp.quantize}
         block_calls = calls[plan.index]
         with torch.no_grad():
-            layout = trace(block, tuple(n for n, lp in quantize.items() if lp.expert is None),
-                           [lambda i=i: _block_forward(block, inputs[i].to(primary),
-                                                                                move(block_calls[i], primary))
-                                                    for i in range(len(inputs))])
+            passes: list[Callable[[], Any]] = [functools.partial(_replay, block, inputs, block_calls, i, primary)
+                                               for i in range(len(inputs))]
+            layout = trace(block, tuple(n for n, lp in quantize.items() if lp.expert is None), passes)
         t = timer.add("forward", t)
         groups = [g for g in layout.groups if g]
         stages = [[g] for g in groups] if cal.true_sequential else [groups]
@@ -387,15 +395,15 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
             for stage in stages:
                 t = _observe_stage(replicas, devices, stage, algorithm, inputs, block_calls, timer, t)
                 names = [n for g in stage for n in g]
-                weights = {n: block.get_submodule(n).weight.detach() for n in names}
+                weights = {n: cast(nn.Linear, block.get_submodule(n)).weight.detach() for n in names}
                 stage_results = algorithm.quantize_layer(LayerContext(
                     index=plan.index, weights=weights, input_of=input_of, block=block,
                     report=lambda n, m: extra[n].update(m), specs=_specs(quantize.values()), devices=devices,
                     prefix=plan.prefix))
                 t = timer.add("solve", t)
                 for name in names:   # later stages see the quantized weights (fake-quant), on every replica
-                    fake = stage_results[name].dequantize(block.get_submodule(name).weight.dtype)
-                    for replica, dev in zip(replicas, devices):
+                    fake = stage_results[name].dequantize(cast(nn.Linear, block.get_submodule(name)).weight.dtype)
+                    for replica, dev in zip(replicas, devices, strict=True):
                         replica.get_submodule(name).weight.data = fake.to(dev)
                 results.update(stage_results)
             if layout.unused:   # no input reaches them: rounded to the nearest grid point
@@ -405,7 +413,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                 t = _quantize_experts(block, replicas, devices, plan, experts, algorithm, inputs, block_calls,
                                       read, cal, extra, results, timer, t)
             inputs = spread(devices, len(inputs),
-                            lambda i, dev: _block_forward(replicas[i % ndev], inputs[i], block_calls[i]))
+                            lambda i, dev: _block_forward(replicas[i % ndev], inputs[i], block_calls[i]))  # noqa: F821
             timer.add("forward", t)
         rewritten = {cal.stored_name(plan.module_prefix + n): block.get_parameter(n).detach().to("cpu", dtypes[n])
                      for n in sorted(modified)} if modified else {}
@@ -418,6 +426,32 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         release_memory()
 
 
+EXPERT_STATISTICS_BYTES = 2 << 30   # Hessians of experts gathered in one pass over the calibration set
+
+
+def _expert_chunks(stage: dict[tuple[str, int, str], list[str]], width: dict[str, int],
+                   budget: int) -> list[dict[tuple[str, int, str], list[str]]]:
+    """The stage's experts in chunks whose float32 Hessians fit `budget` (at least one expert each)."""
+    chunks: list[dict[tuple[str, int, str], list[str]]] = [{}]
+    used = 0
+    for key, names in stage.items():
+        cost = 4 * width[names[0]] ** 2
+        if chunks[-1] and used + cost > budget:
+            chunks.append({})
+            used = 0
+        chunks[-1][key] = names
+        used += cost
+    return chunks
+
+
+def _forget(algorithm: Algorithm, keys: list[str]) -> None:
+    """Drop the algorithm's accumulated statistics under `keys` (those it has not used up)."""
+    store = getattr(algorithm, "hessians", None)
+    if isinstance(store, dict):
+        for key in keys:
+            store.pop(key, None)
+
+
 def _quantize_experts(block: nn.Module, replicas: list[nn.Module], devices: tuple[torch.device, ...], plan: BlockPlan,
                       experts: ExpertUnits, algorithm: Algorithm, inputs: list[Tensor], calls: list[dict],
                       read: Callable[[str], Tensor], cal: Calibration, extra: dict[str, dict],
@@ -425,60 +459,68 @@ def _quantize_experts(block: nn.Module, replicas: list[nn.Module], devices: tupl
     """Quantize the matrices of fused experts: first every expert's gate and up projections (their
     input: the tokens routed to the expert), then, with those in place, the down projections (their
     input: the gated intermediate). Statistics come from forward passes of the whole block through
-    calibration.experts.observe_forward; results are put back into the fused parameters (rebuilt
-    with transformers' own conversion) so later stages and the next block see them."""
+    calibration.experts.observe_forward, for as many experts at a time as EXPERT_STATISTICS_BYTES
+    of Hessians allow (a block of hundreds of experts takes several passes; the results do not
+    depend on how many). Results are put back into the fused parameters (rebuilt with transformers'
+    own conversion) so the down projections, later stages and the next block see them."""
     primary = devices[0]
     paths = {id(m): p for p, m in block.named_modules()}
     routed: dict[tuple[str, int], int] = defaultdict(int)
     everyone = {module: f"{module}#all" for module, _, _ in experts.units}   # every token into the layer
+    width = {lp.local: lp.in_features for lp in plan.linears}
 
     def few(module: nn.Module, e: int) -> bool:
         return routed[(paths[id(module)], e)] < MIN_EXPERT_TOKENS
 
     for role in ("in", "mid"):
         stage = {key: names for key, names in experts.units.items() if key[2] == role}
-        if not stage:
-            continue
+        for number, chunk in enumerate(_expert_chunks(stage, width, EXPERT_STATISTICS_BYTES)):
+            count = role == "in" and number == 0   # routed tokens are counted once, for every expert
 
-        def observer(module: nn.Module, e: int, r: str, x: Tensor, count: int, role: str = role) -> None:
-            path = paths[id(module)]
-            if r != role:
-                return
-            h0 = time.perf_counter()
-            if e < 0:
-                if path in everyone:
-                    algorithm.observe(everyone[path], x)
-            else:
-                if r == "in":
-                    routed[(path, e)] += count
-                names = stage.get((path, e, r))
-                if names:
-                    algorithm.observe(names[0], x)
-            timer.seconds["hessian"] += time.perf_counter() - h0
+            def observer(module: nn.Module, e: int, r: str, x: Tensor, n: int, role: str = role,
+                         chunk: dict = chunk, count: bool = count) -> None:
+                path = paths[id(module)]
+                if r != role:
+                    return
+                h0 = time.perf_counter()
+                if e < 0:
+                    if path in everyone and role == "in":
+                        algorithm.observe(everyone[path], x)
+                else:
+                    if count:
+                        routed[(path, e)] += n
+                    names = chunk.get((path, e, r))
+                    if names:
+                        algorithm.observe(names[0], x)
+                timer.seconds["hessian"] += time.perf_counter() - h0
 
-        with observing(block, observer, wants_all=few if role == "mid" else None):
-            for i in range(len(inputs)):
-                _block_forward(block, inputs[i].to(primary), move(calls[i], primary))
-        t = timer.add("forward", t)
-        input_of: dict[str, str] = {}
-        for (module, e, _), names in stage.items():
-            scarce = routed[(module, e)] < MIN_EXPERT_TOKENS
-            for name in names:
-                input_of[name] = everyone[module] if role == "in" and scarce else names[0]
-                extra[name].update({"tokens": float(routed[(module, e)]), "all_tokens": float(scarce)})
-        weights = {name: read(f"{plan.prefix}{name}.weight").to(primary, cal.dtype) for names in stage.values()
-                   for name in names}
-        quantize = {lp.local: lp for lp in plan.linears if lp.local in weights}
-        stage_results = algorithm.quantize_layer(LayerContext(
-            index=plan.index, weights=weights, input_of=input_of, block=block,
-            report=lambda n, m: extra[n].update(m), specs=_specs(quantize.values()), devices=devices,
-            prefix=plan.prefix))
-        t = timer.add("solve", t)
-        results.update(stage_results)
-        fake = {f"{plan.prefix}{n}.weight": qw.dequantize(cal.dtype) for n, qw in stage_results.items()}
-        for target in {lp.expert[0] for lp in quantize.values() if lp.expert}:
+            with observing(block, observer, wants_all=few if role == "mid" else None):
+                for i in range(len(inputs)):
+                    _replay(block, inputs, calls, i, primary)
+            t = timer.add("forward", t)
+            input_of: dict[str, str] = {}
+            for (module, e, _), names in chunk.items():
+                scarce = routed[(module, e)] < MIN_EXPERT_TOKENS
+                for name in names:
+                    input_of[name] = everyone[module] if role == "in" and scarce else names[0]
+                    extra[name].update({"tokens": float(routed[(module, e)]), "all_tokens": float(scarce)})
+            weights = {name: read(f"{plan.prefix}{name}.weight").to(primary, cal.dtype)
+                       for names in chunk.values() for name in names}
+            quantize = {lp.local: lp for lp in plan.linears if lp.local in weights}
+            chunk_results = algorithm.quantize_layer(LayerContext(
+                index=plan.index, weights=weights, input_of=input_of, block=block,
+                report=lambda n, m: extra[n].update(m), specs=_specs(quantize.values()), devices=devices,
+                prefix=plan.prefix))
+            t = timer.add("solve", t)
+            results.update(chunk_results)
+            # Statistics gathered but not used (an expert's few routed tokens where every token's were
+            # used instead; the every-token sum) must not reach the next chunk or the next block.
+            _forget(algorithm, [*(names[0] for names in chunk.values()), *everyone.values()])
+            del weights
+        fake = {f"{plan.prefix}{n}.weight": results[n].dequantize(cal.dtype) for names in stage.values() for n in names}
+        for target in {lp.expert[0] for lp in plan.linears if lp.expert and f"{plan.prefix}{lp.local}.weight" in fake}:
             value = cal.loader(lambda n: fake[n] if n in fake else read(n))(plan.module_prefix + target)
-            for replica, dev in zip(replicas, devices):
+            for replica, dev in zip(replicas, devices, strict=True):
                 replica.get_parameter(target).data = value.to(dev, cal.dtype)
     return t
 
@@ -502,7 +544,7 @@ def _round_unused(names: tuple[str, ...], block: nn.Module, plan: BlockPlan, qua
     out = {}
     for name in names:
         own = quantize[name].spec or spec
-        weight = block.get_submodule(name).weight.detach()
+        weight = cast(nn.Linear, block.get_submodule(name)).weight.detach()
         if own.codebook == "int":
             qw = rtn_quantize(weight, own)
         else:
@@ -513,9 +555,10 @@ def _round_unused(names: tuple[str, ...], block: nn.Module, plan: BlockPlan, qua
     return out
 
 
-def _replica(template: nn.Module, block: nn.Module, device: torch.device) -> nn.Module:
-    """A copy of the materialized `block` on `device`, built from its meta `template`."""
-    replica = copy.deepcopy(template)
+def _replica(template: nn.Module | None, block: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of the materialized `block` on `device`, built from its meta `template` (None on one
+    device, where no replica is made)."""
+    replica = copy.deepcopy(cast(nn.Module, template))
     for name, param in block.named_parameters():   # copy=True: never shares storage with the block
         _set(replica, name, nn.Parameter(param.detach().to(device, copy=True), requires_grad=False))
     for name, buf in block.named_buffers():
@@ -544,7 +587,7 @@ def capture(block: nn.Module, inputs: list[Tensor], calls: list[dict],
         handles.append(block.get_submodule(stop).register_forward_pre_hook(make(stop, lambda *a: None),
                                                                            with_kwargs=True))
     try:
-        for i, (x, kwargs) in enumerate(zip(inputs, calls)):
+        for i, (x, kwargs) in enumerate(zip(inputs, calls, strict=True)):
             if batches is not None and i >= batches:
                 break
             batch[0] = i
@@ -571,16 +614,21 @@ def _observe_stage(replicas: list[nn.Module], devices: tuple[torch.device, ...],
         hessian_seconds[0] += time.perf_counter() - h0
 
     if len(devices) == 1:
-        capture(replicas[0], inputs, calls, {name: lambda b, args, kw, name=name: observe(name, args[0])
+        capture(replicas[0], inputs, calls, {name: lambda b, args, kw, name=name: observe(name, args[0])  # type: ignore[misc]
                                              for name in names}, stop=stop)
     else:
         def work(i: int, dev: torch.device) -> list[tuple[str, Tensor]]:
             seen: list[tuple[str, Tensor]] = []
             capture(replicas[i % len(devices)], [inputs[i]], [calls[i]],
-                    {name: lambda b, args, kw, name=name: seen.append((name, args[0])) for name in names}, stop=stop)
+                    {name: lambda b, args, kw, name=name: seen.append((name, args[0]))  # type: ignore[misc]
+                     for name in names}, stop=stop)
             return seen
 
-        spread(devices, len(inputs), work, consume=lambda i, seen: [observe(name, x) for name, x in seen])
+        def consume(i: int, seen: list[tuple[str, Tensor]]) -> None:
+            for name, x in seen:
+                observe(name, x)
+
+        spread(devices, len(inputs), work, consume=consume)
     now = time.perf_counter()
     timer.seconds["hessian"] += hessian_seconds[0]
     timer.seconds["forward"] += now - t - hessian_seconds[0]

@@ -9,8 +9,9 @@ projection, a hybrid block or an unusual MLP is found the same way.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -75,7 +76,7 @@ FOLD_CHECK = 1e-4   # relative difference allowed between a scaled producer's ou
 def _common_parent(names: tuple[str, ...]) -> str:
     parts = [n.split(".")[:-1] for n in names]
     common = []
-    for level in zip(*parts):
+    for level in zip(*parts, strict=False):   # up to the shortest name
         if len(set(level)) != 1:
             break
         common.append(level[0])
@@ -168,8 +169,8 @@ def _norm_form(norm: nn.Module, args: tuple, kwargs: dict, s: Tensor, target: Te
     """0.0 when the norm multiplies by `weight`, 1.0 when by `1 + weight`, None when neither fits."""
     import torch
 
-    weight = norm.weight
-    bias = getattr(norm, "bias", None)
+    weight = cast(Tensor, norm.weight)
+    bias: Any = getattr(norm, "bias", None)
     original = weight.data.clone()
     original_bias = bias.data.clone() if isinstance(bias, Tensor) else None
     try:
@@ -194,7 +195,7 @@ def _scales_through(block: nn.Module, prev: nn.Module, first: str, forward: Call
     import torch
 
     seen: list[Tensor] = []
-    weight, bias = prev.weight, prev.bias
+    weight, bias = cast(Tensor, prev.weight), cast(Any, prev.bias)   # a Linear's
     original, original_bias = weight.data.clone(), bias.data.clone() if bias is not None else None
 
     def hook(module: nn.Module, args: tuple) -> None:

@@ -17,7 +17,7 @@ import typer
 try:  # typer vendors its own copy of click from 0.2x on; its exceptions are the ones raised
     from typer import _click as click
 except ImportError:  # pragma: no cover - older typer
-    import click
+    import click  # type: ignore[no-redef]
 from rich.console import Console
 from rich.text import Text
 
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         raise SystemExit(2) from None
     except click.ClickException as exc:
-        command = f" {exc.ctx.info_name}" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
+        ctx = getattr(exc, "ctx", None)
+        command = f" {ctx.info_name}" if ctx and ctx.parent else ""
         _fail(f"{exc.format_message()} (see quantize-llm{command} --help)", 2)
     except (KeyboardInterrupt, getattr(click.exceptions, "Abort", KeyboardInterrupt)):
         _fail(INTERRUPTED, 130)

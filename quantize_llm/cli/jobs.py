@@ -44,8 +44,10 @@ def run(recipe: RecipeArg,
              "time from quantizing the first block (into a temporary folder that is then removed).\n\n"
              "Example: quantize-llm plan configs/llama3-8b-gptq-w4g128.toml --time")
 def plan(recipe: RecipeArg,
-         job_index: Annotated[int | None, typer.Option("--job-index", help="Plan only job I (0-based).", show_default=False)] = None,
-         time_first_block: Annotated[bool, typer.Option("--time", help="Also time the first block (loads calibration data and runs it).")] = False,
+         job_index: Annotated[int | None, typer.Option("--job-index", help="Plan only job I (0-based).",
+                                                       show_default=False)] = None,
+         time_first_block: Annotated[bool, typer.Option(
+             "--time", help="Also time the first block (loads calibration data and runs it).")] = False,
          trust_remote_code: TrustRemoteCodeOpt = False) -> None:
     import tempfile
     import time

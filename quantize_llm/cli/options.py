@@ -183,6 +183,6 @@ def grouped_options(command: Callable[..., Any]) -> Callable[..., Any]:
             values[name] = group(**{f.name: values.pop(f.name) for f in dataclasses.fields(group)})
         return command(**values)
 
-    call.__signature__ = inspect.Signature(params)                       # what Typer reads
+    call.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # what Typer reads
     call.__annotations__ = {p.name: p.annotation for p in params}
     return call

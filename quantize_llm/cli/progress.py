@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 
@@ -81,12 +89,12 @@ class Reporter:
         self.interactive = self.stderr.isatty()
         self.label = label
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
         self.log: IO[str] | None = None
         self.log_path = log_json
         self.job = job                      # recipe job name, added to every JSON event
         self.quiet = ExitStack()
-        self.text_task = None               # the bar of self-generated calibration text
+        self.text_task: TaskID | None = None   # the bar of self-generated calibration text
         self.text_shown = 0                 # tenths of it reported on plain stderr
         self.module_warnings: dict[tuple[str, str], list[str]] = {}   # (head, finding) -> the modules
 

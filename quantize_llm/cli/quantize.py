@@ -134,7 +134,7 @@ class OutlierCalibration(CalibrationOptions):
     dataset: Annotated[str | None, typer.Option(
         "--dataset", help="Calibration text (a file, a datasets hub id, or 'self'). Needed by --inner gptq and channel "
         "mode (default: self); with --inner rtn in weight mode it switches scoring from magnitude to the inverse "
-        "Hessian.", show_default=False)] = None
+        "Hessian.", show_default=False)] = None  # type: ignore[assignment]  # None: decided by the mode
 
     def table(self) -> dict[str, Any]:
         """Where the split uses data, text the model writes itself unless --dataset names some."""

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 
@@ -47,6 +48,16 @@ def move(obj: Any, device: torch.device, memo: dict[int, Any] | None = None) -> 
 
 class _Stopped(Exception):
     """An item that was not run because another one failed."""
+
+
+@overload
+def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, torch.device], R],
+           consume: None = None, ahead: int = 2) -> list[R]: ...
+
+
+@overload
+def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, torch.device], R],
+           consume: Callable[[int, R], None], ahead: int = 2) -> None: ...
 
 
 def spread(devices: Sequence[torch.device], count: int, work: Callable[[int, torch.device], R],

@@ -25,7 +25,7 @@ class LayerError(QuantizeError):
 
     module: str | None = None
 
-    def at(self, module: str) -> "LayerError":
+    def at(self, module: str) -> LayerError:
         if self.module is not None:
             return self
         named = type(self).__new__(type(self))
@@ -47,7 +47,7 @@ class Float16Overflow(LayerError, CheckpointError):
     value: float = float("nan")          # the value that does not fit
 
     @classmethod
-    def of(cls, what: str, value: float, source: float | None = None) -> "Float16Overflow":
+    def of(cls, what: str, value: float, source: float | None = None) -> Float16Overflow:
         origin = f" (from a weight of {source:.3g})" if source is not None else ""
         exc = cls(f"{what} {value:.3g}{origin} exceeds float16's {FP16_MAX:g}",
                   "keep the Linear dense with --keep-dense, or the weights are damaged")

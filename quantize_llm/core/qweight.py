@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -42,7 +43,7 @@ class NestedAbsmax:
         """The absmax it stands for, float32 (nblocks,)."""
         return nf4codes.dequantize_absmax(self.codes, self.absmax, self.offset, self.code_map)
 
-    def to(self, device: torch.device | str) -> "NestedAbsmax":
+    def to(self, device: torch.device | str) -> NestedAbsmax:
         return NestedAbsmax(self.codes.to(device), self.absmax.to(device), self.offset, self.code_map.to(device))
 
 
@@ -82,42 +83,55 @@ class Outliers:
         """Number of weights kept in float16."""
         return self.values.numel()
 
+    # The mode's own fields, as __post_init__ checked they are set (for the type checker).
+    @property
+    def csr_row_ptr(self) -> Tensor:
+        return cast(Tensor, self.row_ptr)
+
+    @property
+    def csr_col_idx(self) -> Tensor:
+        return cast(Tensor, self.col_idx)
+
+    @property
+    def channel_columns(self) -> Tensor:
+        return cast(Tensor, self.columns)
+
     def rows_of(self) -> Tensor:
         """Weight mode: the row of each stored value, int64 (nnz,)."""
-        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        counts = (self.csr_row_ptr[1:] - self.csr_row_ptr[:-1]).long()
         return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
 
     def dense(self, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> Tensor:
         """The outliers as an (out, in) matrix, zeros elsewhere."""
         out = torch.zeros(shape, dtype=dtype, device=self.values.device)
         if self.mode == "weight":
-            out[self.rows_of(), self.col_idx.long()] = self.values.to(dtype)
+            out[self.rows_of(), self.csr_col_idx.long()] = self.values.to(dtype)
         else:
-            out[:, self.columns.long()] = self.values.to(dtype)
+            out[:, self.channel_columns.long()] = self.values.to(dtype)
         return out
 
     def dense_rows(self, start: int, stop: int, in_features: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """Rows start:stop of `dense()`, touching only those rows' outliers."""
         out = torch.zeros(stop - start, in_features, dtype=dtype, device=self.values.device)
         if self.mode == "weight":
-            lo, hi = int(self.row_ptr[start]), int(self.row_ptr[stop])
+            lo, hi = int(self.csr_row_ptr[start]), int(self.csr_row_ptr[stop])
             rows = self.rows_of()[lo:hi] - start
-            out[rows, self.col_idx[lo:hi].long()] = self.values[lo:hi].to(dtype)
+            out[rows, self.csr_col_idx[lo:hi].long()] = self.values[lo:hi].to(dtype)
         else:
-            out[:, self.columns.long()] = self.values[start:stop].to(dtype)
+            out[:, self.channel_columns.long()] = self.values[start:stop].to(dtype)
         return out
 
     def mask(self, shape: tuple[int, int]) -> Tensor:
         """Where the outliers sit: bool (out, in)."""
         m = torch.zeros(shape, dtype=torch.bool, device=self.values.device)
         if self.mode == "weight":
-            m[self.rows_of(), self.col_idx.long()] = True
+            m[self.rows_of(), self.csr_col_idx.long()] = True
         else:
-            m[:, self.columns.long()] = True
+            m[:, self.channel_columns.long()] = True
         return m
 
-    def to(self, device: torch.device | str) -> "Outliers":
-        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+    def to(self, device: torch.device | str) -> Outliers:
+        move: Any = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return replace(self, values=move(self.values), row_ptr=move(self.row_ptr), col_idx=move(self.col_idx),
                        columns=move(self.columns))
 
@@ -166,8 +180,9 @@ class QuantizedWeight:
         if self.outliers is not None:
             if self.is_codebook:
                 raise ValueError("outliers go with integer grids, not codebooks")
-            if self.outliers.mode == "weight" and self.outliers.row_ptr.shape != (out_features + 1,):
-                raise ValueError(f"outlier row_ptr {tuple(self.outliers.row_ptr.shape)} does not fit {out_features} rows")
+            if self.outliers.mode == "weight" and self.outliers.csr_row_ptr.shape != (out_features + 1,):
+                raise ValueError(f"outlier row_ptr {tuple(self.outliers.csr_row_ptr.shape)} "
+                                 f"does not fit {out_features} rows")
             if self.outliers.mode == "channel" and self.outliers.values.shape[0] != out_features:
                 raise ValueError(f"outlier columns {tuple(self.outliers.values.shape)} do not fit {out_features} rows")
         if self.is_codebook:
@@ -195,6 +210,16 @@ class QuantizedWeight:
         """True for 4-bit codebook results (NF4/FP4), False for integer grids."""
         return self.spec.codebook != "int"
 
+    @property
+    def grid_scale(self) -> Tensor:
+        """Integer grids: `scale`, a float16 (out, G) tensor as __post_init__ checked."""
+        return cast(Tensor, self.scale)
+
+    @property
+    def grid_zero(self) -> Tensor:
+        """Integer grids: `zero`, an int (out, G) tensor as __post_init__ checked."""
+        return cast(Tensor, self.zero)
+
     def scale_tensor(self) -> Tensor:
         """The float scale: `scale` itself, or the nested absmax dequantized (float32 (nblocks,))."""
         return self.scale.dequantize() if isinstance(self.scale, NestedAbsmax) else self.scale
@@ -212,7 +237,7 @@ class QuantizedWeight:
         if self.is_codebook:
             w = nf4codes.dequantize_4bit(self.codes, self.scale_tensor(), self.spec.codebook, self.spec.blocksize)
             return w.to(dtype)
-        w = dequantize_codes(self.codes, self.scale, self.zero, self.group_index(), dtype)
+        w = dequantize_codes(self.codes, self.grid_scale, self.grid_zero, self.group_index(), dtype)
         if self.outliers is not None:
             w = w + self.outliers.dense(self.shape, dtype)
         return w
@@ -220,7 +245,7 @@ class QuantizedWeight:
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """Rows start:stop of `dequantize()`, (stop - start, in), computing only those rows."""
         if not self.is_codebook:
-            w = dequantize_codes(self.codes[start:stop], self.scale[start:stop], self.zero[start:stop],
+            w = dequantize_codes(self.codes[start:stop], self.grid_scale[start:stop], self.grid_zero[start:stop],
                                  self.group_index(), dtype)
             if self.outliers is not None:
                 w = w + self.outliers.dense_rows(start, stop, self.shape[1], dtype)
@@ -232,7 +257,7 @@ class QuantizedWeight:
         values = table[self.codes[start:stop].reshape(-1).long()] * absmax[flat // bs - start * in_features // bs]
         return values.view(-1, in_features).to(dtype)
 
-    def to(self, device: torch.device | str) -> "QuantizedWeight":
-        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        move: Any = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return replace(self, codes=move(self.codes), scale=move(self.scale), zero=move(self.zero),
                        g_idx=move(self.g_idx), outliers=move(self.outliers))

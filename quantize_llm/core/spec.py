@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import SpecError
 from .nf4codes import BLOCKSIZES
@@ -68,7 +69,8 @@ class QuantSpec:
                 raise SpecError(f"override {pattern!r} is not a valid regular expression: {exc}") from None
             unknown = sorted(set(dict(changes)) - set(OVERRIDABLE))
             if unknown or not changes:
-                raise SpecError(f"override {pattern!r}: {'unknown setting ' + unknown[0] if unknown else 'changes nothing'}",
+                what = "unknown setting " + unknown[0] if unknown else "changes nothing"
+                raise SpecError(f"override {pattern!r}: {what}",
                                 f"an override sets {', '.join(OVERRIDABLE)} (or keep_dense = true)")
             method = dict(changes).get("method")
             if method is not None and method not in ("rtn", self.method):
@@ -102,7 +104,7 @@ class QuantSpec:
     def effective_group_size(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
-    def for_module(self, module_name: str) -> "QuantSpec":
+    def for_module(self, module_name: str) -> QuantSpec:
         """The spec for one module: the first override whose regex matches (re.search) applied."""
         for pattern, changes in self.overrides:
             if re.search(pattern, module_name):
@@ -113,7 +115,7 @@ class QuantSpec:
         """True when `module_name` matches a --keep-dense pattern (re.search)."""
         return any(re.search(p, module_name) for p in self.keep_dense)
 
-    def replace(self, **changes: Any) -> "QuantSpec":
+    def replace(self, **changes: Any) -> QuantSpec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,7 +125,7 @@ class QuantSpec:
         return d
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "QuantSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

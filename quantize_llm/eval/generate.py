@@ -68,11 +68,12 @@ def generate(model: str, prompt: str, *, max_new_tokens: int = 64, temperature: 
     if ignore_eos:
         kw.update(min_new_tokens=max_new_tokens)
     with torch.no_grad():
-        net.generate(ids, attention_mask=torch.ones_like(ids), **{**kw, "max_new_tokens": 1, "min_new_tokens": None})
+        net.generate(ids, attention_mask=torch.ones_like(ids),  # type: ignore[operator]  # a transformers model
+                     **{**kw, "max_new_tokens": 1, "min_new_tokens": None})
         _sync(dev)
         torch.manual_seed(seed)
         start = time.perf_counter()
-        out = net.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        out = net.generate(ids, attention_mask=torch.ones_like(ids), **kw)  # type: ignore[operator]
         _sync(dev)
         seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:]

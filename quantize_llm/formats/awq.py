@@ -7,7 +7,8 @@ out % 8 == 0. A symmetric result is stored with every zero at 8 (the layout alwa
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -49,7 +50,8 @@ class AWQFormat:
         if spec.group_size == -1:
             return "the awq format's readers need a group size; use --group-size 128, or --format gptq for per-channel"
         if spec.act_order:
-            return "the awq format has no g_idx, so it cannot hold act-order results; drop --act-order or use --format gptq"
+            return ("the awq format has no g_idx, so it cannot hold act-order results; "
+                    "drop --act-order or use --format gptq")
         return None
 
     @staticmethod
@@ -73,8 +75,8 @@ class AWQFormat:
             raise ValueError("the awq format cannot store a g_idx (act-order)")
         return {
             "qweight": pack_awq(qw.codes.t().contiguous()),               # (in, out/8)
-            "qzeros": pack_awq(qw.zero.t().contiguous()),                 # (G, out/8)
-            "scales": to_float16(qw.scale.t().contiguous(), "scale"),     # (G, out)
+            "qzeros": pack_awq(qw.grid_zero.t().contiguous()),            # (G, out/8)
+            "scales": to_float16(qw.grid_scale.t().contiguous(), "scale"),  # (G, out)
         }
 
     @staticmethod

@@ -8,8 +8,9 @@ formats/reading.py turns it into "checkpoint damaged: <module>: <reason>".
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor

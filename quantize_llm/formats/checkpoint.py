@@ -18,9 +18,10 @@ import secrets
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -389,7 +390,8 @@ class CheckpointWriter:
         if self._shard.nbytes and self._shard.nbytes + nbytes > self.max_shard_bytes:
             self._close_shard()
         t = tensor.detach().to("cpu").contiguous().reshape(-1)  # (numel,): C order (§5.4.4)
-        data = memoryview(t.view(torch.uint8).numpy())          # (nbytes,) raw little-endian bytes
+        # (nbytes,) raw little-endian bytes
+        data = memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
         self._shard.append(name, SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), data, align)
         self._where[name] = (self._shard.index, nbytes)
         self._total += nbytes
@@ -422,7 +424,7 @@ class CheckpointWriter:
         n = len(self._shard_paths)
         self._final_names = [SINGLE_FILE] if n == 1 else [
             f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        for path, final in zip(self._shard_paths, self._final_names):
+        for path, final in zip(self._shard_paths, self._final_names, strict=True):
             path.rename(self._tmp / final)
         if n > 1:  # §5.3: total_size is the tensor bytes; transformers needs "metadata" to exist
             weight_map = {k: self._final_names[i - 1] for k, (i, _) in sorted(self._where.items())}

@@ -14,7 +14,8 @@ unless their groups are static. One scheme for the whole checkpoint; every dense
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -87,7 +88,7 @@ class CompressedTensorsFormat:
         if qw.g_idx is not None:
             raise ValueError("compressed-tensors cannot store a g_idx (act-order)")
         dtype = qw.source_dtype if qw.source_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
-        scale = qw.scale.to(torch.float32)
+        scale = qw.grid_scale.to(torch.float32)
         if dtype == torch.bfloat16 and not torch.equal(scale.to(torch.bfloat16).float(), scale):
             dtype = torch.float32   # a float16 scale bfloat16 cannot hold exactly: keep it exact
         out_features, in_features = qw.shape
@@ -97,8 +98,8 @@ class CompressedTensorsFormat:
             "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64),
         }
         if not qw.spec.sym:
-            tensors["weight_zero_point"] = pack_int32(qw.zero.to(torch.int32).contiguous(), bits, dim=0)
-        elif bool((qw.zero != 2 ** (bits - 1)).any()):
+            tensors["weight_zero_point"] = pack_int32(qw.grid_zero.to(torch.int32).contiguous(), bits, dim=0)
+        elif bool((qw.grid_zero != 2 ** (bits - 1)).any()):
             raise ValueError("a symmetric result must have every zero equal to 2^(bits-1)")
         return tensors
 

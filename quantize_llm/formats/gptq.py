@@ -8,7 +8,8 @@ with zeros of at least 1 (`min_zero`), the writer rule of §1.5. Both v1 and v2 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -74,15 +75,15 @@ class GPTQFormat:
     @staticmethod
     def encode(qw: QuantizedWeight) -> dict[str, Tensor]:
         bits = qw.spec.bits
-        if qw.spec.sym and bool((qw.zero != 2 ** (bits - 1)).any()):
+        if qw.spec.sym and bool((qw.grid_zero != 2 ** (bits - 1)).any()):
             raise ValueError("a symmetric result must have every zero equal to 2^(bits-1)")
-        if bool((qw.zero < 1).any()):
+        if bool((qw.grid_zero < 1).any()):
             raise ValueError("the gptq v1 format cannot store a zero point of 0")
         codes = qw.codes.t().contiguous()                               # (in, out)
         return {
             "qweight": pack_int32(codes, bits, dim=0),                  # (in*b/32, out)
-            "qzeros": pack_int32((qw.zero - 1).t().contiguous(), bits, dim=1),  # (G, out*b/32)
-            "scales": to_float16(qw.scale.t().contiguous(), "scale"),   # (G, out)
+            "qzeros": pack_int32((qw.grid_zero - 1).t().contiguous(), bits, dim=1),  # (G, out*b/32)
+            "scales": to_float16(qw.grid_scale.t().contiguous(), "scale"),   # (G, out)
             "g_idx": qw.group_index().to(torch.int32).contiguous(),     # (in,)
         }
 
@@ -162,7 +163,7 @@ class GPTQFormat:
         if record.damp is not None:
             config["damp_percent"] = record.damp
         config.update(record.keys)
-        dynamic = {f"-:^{re.escape(name)}$": {} for name in facts.excluded}
+        dynamic: dict[str, dict] = {f"-:^{re.escape(name)}$": {} for name in facts.excluded}
         dynamic.update({f"+:^{re.escape(name)}$": {"bits": own.bits, "group_size": own.group_size, "sym": own.sym}
                         for name, own in facts.overrides.items()})
         if dynamic:

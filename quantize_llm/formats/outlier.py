@@ -9,8 +9,9 @@ Where an outlier sits the codes hold the zero point, so W = dequant(codes) + out
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -56,11 +57,11 @@ class OutlierFormat:
         tensors = GPTQFormat.encode(replace(qw, outliers=None))
         o = qw.outliers.to("cpu")
         if o.mode == "weight":
-            tensors.update(outlier_row_ptr=o.row_ptr.to(torch.int32).contiguous(),
-                           outlier_col_idx=o.col_idx.contiguous(),
+            tensors.update(outlier_row_ptr=o.csr_row_ptr.to(torch.int32).contiguous(),
+                           outlier_col_idx=o.csr_col_idx.contiguous(),
                            outlier_values=to_float16(o.values, "outlier value").contiguous())
         else:
-            tensors.update(outlier_columns=o.columns.to(torch.int32).contiguous(),
+            tensors.update(outlier_columns=o.channel_columns.to(torch.int32).contiguous(),
                            outlier_values=to_float16(o.values, "outlier value").contiguous())
         return tensors
 

@@ -107,7 +107,7 @@ class QuantizedModules:
             if qw.is_codebook:
                 check_finite("the absmax", qw.scale_tensor())
             else:
-                check_finite("scales", qw.scale)
+                check_finite("scales", qw.grid_scale)
             if qw.outliers is not None:
                 check_finite("outlier_values", qw.outliers.values)
         except _BAD as exc:

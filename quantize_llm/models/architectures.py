@@ -8,8 +8,9 @@ path is found by discovery unless `layers` names it.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ModelError
 

@@ -12,8 +12,9 @@ import math
 import os
 import re
 import threading
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -150,10 +151,11 @@ class SafetensorsFile(_Closing):
 
     def dtype(self, name: str) -> torch.dtype:
         code = self._entry(name)[0]
-        if DTYPES[code][1] is None:
+        dtype = DTYPES[code][1]
+        if dtype is None:
             raise CheckpointError(f"tensor {name!r} in {self.path} has dtype {code}, which torch cannot "
                                   "hold", "convert the checkpoint to F16/BF16/F32 first")
-        return DTYPES[code][1]
+        return dtype
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name)[1]
@@ -167,7 +169,7 @@ class SafetensorsFile(_Closing):
         _, shape, offset, nbytes = self._entry(name)
         dtype = self.dtype(name)
         buf = torch.empty(nbytes, dtype=torch.uint8)                    # (nbytes,) uint8
-        view, done = memoryview(buf.numpy()), 0
+        view, done = memoryview(buf.numpy()), 0  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
         with self._lock:
             f = self._handle()
             f.seek(offset)
@@ -419,7 +421,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str] = HUB_PATT
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
     home = os.environ.get("HF_HOME")
     cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(home, "hub") if home else None)
-    kw = dict(revision=revision, allow_patterns=patterns, cache_dir=cache)
+    kw: dict[str, Any] = dict(revision=revision, allow_patterns=patterns, cache_dir=cache)
     network_errors = _network_errors()
     try:
         try:
@@ -511,7 +513,8 @@ def _instantiate(cfg: Any, remote: bool = False) -> nn.Module:
         return AutoModelForCausalLM.from_config(cfg, trust_remote_code=True)
     for name in getattr(cfg, "architectures", None) or ():
         cls = getattr(transformers, name, None) if isinstance(name, str) else None
-        if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and isinstance(cfg, cls.config_class):
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and cls.config_class is not None \
+                and isinstance(cfg, cls.config_class):
             return cls._from_config(cfg)
     try:
         return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
@@ -605,7 +608,8 @@ def check_against_config(reader: CheckpointReader, skeleton: nn.Module, quantize
                 continue
             problems.append(f"tensor {name}, which config.json's {type(skeleton).__name__} needs, is "
                             "missing from the checkpoint")
-    unexpected = [n for n in present if memory.get(n, n) not in expected and not any(p.search(n) for p in ignore_unexpected)]
+    unexpected = [n for n in present
+                  if memory.get(n, n) not in expected and not any(p.search(n) for p in ignore_unexpected)]
     quantized_names = _quantized_tensor_names(unexpected)
     if quantized_names and not reader.config.get("quantization_config"):
         raise CheckpointError(f"{reader.folder} holds quantized tensors (such as {quantized_names[0]}) but its "

@@ -219,7 +219,7 @@ def load_float_model(folder: Path, dtype: torch.dtype, trust_remote_code: bool =
     if reader is None:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
                                                     trust_remote_code=trust_remote_code).eval()
-    model.tie_weights()
+    model.tie_weights()  # type: ignore[operator]  # a transformers model (build_skeleton)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.device.type == "meta":
             raise CheckpointError(f"{name} is missing from the checkpoint in {folder}")

@@ -21,7 +21,7 @@ families measured so far, and the order their Linears are written in).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -124,7 +124,8 @@ def is_router(name: str, module: nn.Linear, experts: int | None) -> bool:
 
 def block_linears(block: nn.Module, experts: int | None) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """(quantizable Linears, routers, fused 3-D parameters) of one block, as local names."""
-    linears, routers = [], []
+    linears: list[str] = []
+    routers: list[str] = []
     for name, module in block.named_modules():
         if isinstance(module, nn.Linear) and name:
             (routers if is_router(name, module, experts) else linears).append(name)
@@ -136,7 +137,7 @@ def block_linears(block: nn.Module, experts: int | None) -> tuple[tuple[str, ...
 def discover(skeleton: nn.Module, override: str | None = None) -> Blocks:
     """The decoder blocks of `skeleton` and their Linears."""
     path = find_blocks(skeleton, override)
-    layers = skeleton.get_submodule(path)
+    layers = cast(nn.ModuleList, skeleton.get_submodule(path))
     experts = expert_count(getattr(skeleton, "config", None))
     found = [block_linears(block, experts) for block in layers]
     return Blocks(path, tuple(f[0] for f in found), tuple(f[1] for f in found), tuple(f[2] for f in found))

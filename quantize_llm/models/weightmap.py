@@ -14,9 +14,11 @@ rules for the model (`conversion_mapping`), so that:
 """
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -91,7 +93,7 @@ def build(skeleton: nn.Module, stored: list[str]) -> WeightMap:
     except ImportError:   # an older transformers: no conversions, names as stored
         return WeightMap({n: n for n in stored}, {})
     try:
-        transforms = get_model_conversion_mapping(skeleton)
+        transforms = get_model_conversion_mapping(skeleton)  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 - a model transformers cannot map is read as stored
         transforms = []
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
@@ -113,16 +115,21 @@ def build(skeleton: nn.Module, stored: list[str]) -> WeightMap:
         entry = fused.setdefault(memory, Fused(memory, conv))
         entry.pieces.setdefault(pattern, []).append(name)
     for entry in fused.values():
-        ordered = {p: sorted(names, key=lambda n, p=p: _expert_index(p, n)) for p, names in entry.pieces.items()}
+        ordered = {p: sorted(names, key=functools.partial(_expert_index, p)) for p, names in entry.pieces.items()}
         entry.pieces = {p: ordered[p] for p in entry.converter.source_patterns if p in ordered}
     return WeightMap(to_disk, fused, getattr(skeleton, "config", None))
+
+
+def _meta(shape: tuple[int, int], name: str) -> Tensor:
+    import torch
+
+    return torch.empty(shape, device="meta")
 
 
 def piece_shape(weights: WeightMap, target: str, shape: tuple[int, ...]) -> tuple[int, int]:
     """The (rows, columns) of one stored matrix of fused parameter `target` (of `shape` in memory),
     found by rebuilding it from meta tensors of each candidate shape with the conversion's own
     operations (merging the experts, concatenating gate and up, transposing where the family does)."""
-    import torch
 
     fused = weights.fused[target]
     k = max(1, len(fused.pieces))
@@ -132,7 +139,7 @@ def piece_shape(weights: WeightMap, target: str, shape: tuple[int, ...]) -> tupl
         candidates += [(rows // k, cols), (cols // k, rows), (rows, cols // k), (cols, rows // k)]
     for candidate in dict.fromkeys(candidates):
         try:
-            built = weights.assemble(target, lambda n, c=candidate: torch.empty(c, device="meta"))
+            built = weights.assemble(target, functools.partial(_meta, candidate))
         except Exception:  # noqa: BLE001 - a candidate the operations cannot combine
             continue
         if tuple(built.shape) == tuple(shape):

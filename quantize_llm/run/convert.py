@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -52,8 +52,8 @@ def _target_problem(qw: QuantizedWeight, target: Any) -> str | None:
     reason = target.supports(spec) or target.check_shape(spec, *qw.shape)
     if reason:
         return reason
-    if not qw.is_codebook and int(qw.zero.min()) < target.min_zero(spec):
-        return (f"it has a zero point of {int(qw.zero.min())}, which the {target.name} format cannot store "
+    if not qw.is_codebook and int(qw.grid_zero.min()) < target.min_zero(spec):
+        return (f"it has a zero point of {int(qw.grid_zero.min())}, which the {target.name} format cannot store "
                 "(GPTQ v1 stores zero - 1); keep the source format")
     return None
 
@@ -144,14 +144,14 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
                                    "peak_rss_mb": 0.0})
                     continue
                 tensor = reader.read(name)
-                prefix = name[: -len(".bias")] if name.endswith(".bias") else None
-                if prefix in quantized and target.bias_dtype is not None:
-                    tensor = to_stored(tensor, target.bias_dtype, "bias", prefix)
-                elif prefix in quantized and isinstance(dtype, torch.dtype):
+                owner = name[: -len(".bias")] if name.endswith(".bias") else None
+                if owner in quantized and target.bias_dtype is not None:
+                    tensor = to_stored(tensor, target.bias_dtype, "bias", owner)
+                elif owner in quantized and isinstance(dtype, torch.dtype):
                     tensor = tensor.to(dtype)
                 writer.add(name, tensor)
-            new_qconfig = _config(target, specs, base, qconfig, dense, skeleton, config, model_dtype)
-            files = {}
+            new_qconfig = _config(target, specs, cast(tuple, base), qconfig, dense, skeleton, config, model_dtype)
+            files: dict[str, bytes | str | Path] = {}
             for path in sorted(folder.iterdir()):
                 if path.is_file() and path.name not in ("config.json", "quantize_config.json", "README.md") \
                         and not path.name.endswith((".safetensors", ".safetensors.index.json")):
@@ -167,7 +167,7 @@ def convert(source: str, output: str | Path, fmt_name: str, *, overwrite: bool =
     return summary
 
 
-def _config(target: Any, specs: dict, base: tuple | None, source_qconfig: dict, dense: list[str],
+def _config(target: Any, specs: dict, base: tuple, source_qconfig: dict, dense: list[str],
             skeleton: nn.Module, config: dict, model_dtype: Any) -> dict:
     first = next(iter(specs.values()))
     spec = first.replace(bits=base[0], group_size=base[1], sym=base[2],

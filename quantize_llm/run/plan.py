@@ -13,7 +13,7 @@ import dataclasses
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,10 +31,10 @@ from ..formats.checkpoint import check_output, human_bytes, local_folder
 from ..formats.vllm import preflight
 from ..models.architectures import ArchitectureMap, architecture_name, get_architecture
 from ..models.load import CheckpointReader, build_skeleton, check_against_config, resolve_model
+from ..models.sources import refuse_quantized
 from ..models.structure import Blocks, discover
 from ..models.weightmap import WeightMap
 from ..models.weightmap import build as build_weight_map
-from ..models.sources import refuse_quantized
 from .job import Job, parse_size
 from .resources import ResourcePlan
 from .resources import estimate as estimate_resources
@@ -188,9 +188,9 @@ def plan_blocks(reader: CheckpointReader, found: Blocks, arch: ArchitectureMap |
     for i, locals_ in enumerate(found.linears):
         mprefix = f"{found.path}.{i}."
         tensors = tuple(n for n in names if memory_of.get(n, n).startswith(mprefix))
-        prefix = _stored_prefix(weights, mprefix, locals_ or tuple(n for n, _ in skeleton.get_submodule(
-            found.path)[i].named_parameters()))
-        units = []
+        layers = cast(nn.ModuleList, skeleton.get_submodule(found.path))
+        prefix = _stored_prefix(weights, mprefix, locals_ or tuple(n for n, _ in layers[i].named_parameters()))
+        units: list[tuple[str, str, tuple[str, str, int] | None]] = []
         for local in sorted(locals_, key=lambda n: (order.get(n, len(order)), locals_.index(n))):
             stored = weights.disk_name(mprefix + local + ".weight")
             if stored not in present:
@@ -205,7 +205,8 @@ def plan_blocks(reader: CheckpointReader, found: Blocks, arch: ArchitectureMap |
                     if len(reader.shape(stored)) == 2 and stored.endswith(".weight") and stored.startswith(prefix):
                         units.append((stored.removesuffix(".weight"), stored[len(prefix):].removesuffix(".weight"),
                                       (target[len(mprefix):], pattern, e)))
-        linears, unfit = [], []
+        linears: list[LinearPlan] = []
+        unfit: list[tuple[int, str]] = []   # (index in linears, why the format cannot hold it)
         for name, local, expert in units:
             out_features, in_features = reader.shape(f"{name}.weight")
             quantize = not spec.is_dense(name)
@@ -281,7 +282,7 @@ def kept_dense(found: Blocks, skeleton: nn.Module, outside: tuple[str, ...],
         lines.append(f"3-D expert weights stored fused in the checkpoint ({', '.join(fused)}) in "
                      f"{sum(map(bool, found.fused))} blocks (only experts stored one matrix each are quantized)")
     blocks_prefix = found.path + "."
-    head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
+    head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None  # type: ignore[operator]
     others = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear) and m is not head
               and not n.startswith(blocks_prefix)]
     if others:
@@ -334,7 +335,7 @@ def output_head(spec: QuantSpec, fmt: Any, reader: CheckpointReader, skeleton: n
 
 def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec) -> int:
     """Upper estimate of the written checkpoint's tensor bytes (for the disk-space check)."""
-    total = reader.total_bytes
+    total: float = reader.total_bytes
     for p in plans:
         for lp in p.linears:
             if lp.quantize:

@@ -8,9 +8,10 @@ now, not after hours); `push` uploads the finished folder with huggingface_hub.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .._version import __version__
 from ..errors import RunError, UsageError

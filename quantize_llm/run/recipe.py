@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..core.spec import QuantSpec
 from ..errors import QuantizeError, SpecError, UsageError
@@ -215,10 +217,9 @@ def _typed_job(data: Mapping[str, Any], where: str) -> dict[str, Any]:
                 what = _describe(value) if not isinstance(value, (list, tuple)) else \
                     "a list holding " + _describe(next(e for e in value if not isinstance(e, Mapping)))
                 raise SpecError(f"{at} must be a list of tables (match = REGEX plus the settings), not {what}")
-        elif key == "eval":
-            if not isinstance(value, (str, Mapping)):
-                raise SpecError(f"{at} must be a text file's path or a table (dataset, windows, seqlen), "
-                                f"not {_describe(value)}")
+        elif key == "eval" and not isinstance(value, (str, Mapping)):
+            raise SpecError(f"{at} must be a text file's path or a table (dataset, windows, seqlen), "
+                            f"not {_describe(value)}")
         out[key] = value
     return out
 
@@ -409,7 +410,8 @@ def load_recipe(path: str | Path) -> list[Job]:
     if path.is_dir():
         raise UsageError(f"recipe {path} is a folder", "pass the path of a .toml or .yaml recipe, e.g. configs/*.toml")
     if not path.is_file():
-        raise UsageError(f"recipe {path} does not exist", "pass the path of a .toml or .yaml recipe, e.g. configs/*.toml")
+        raise UsageError(f"recipe {path} does not exist",
+                         "pass the path of a .toml or .yaml recipe, e.g. configs/*.toml")
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml"):
         raise UsageError(f"recipe {path} is neither .toml nor .yaml/.yml", "rename it with the right suffix")
@@ -422,7 +424,10 @@ def load_recipe(path: str | Path) -> list[Job]:
         raise UsageError(f"recipe {path} cannot be read: {exc.strerror or exc}", "check its permissions") from None
     try:
         if suffix == ".toml":
-            import tomllib
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:   # Python 3.10: the same parser, as the tomli package
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         else:

@@ -34,9 +34,10 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,7 +53,7 @@ def tensor_digest(tensor: Tensor) -> str:
     """Content digest of a tensor's dtype, shape and bytes (BLAKE2b over 64 MiB chunks hashed side
     by side, then over the chunk digests: the same value whatever the number of threads)."""
     t = tensor.detach().to("cpu").contiguous().reshape(-1)
-    data = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    data = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")  # type: ignore[arg-type]  # numpy declares __buffer__ for Python >= 3.12 only
     chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [data]
     hash_chunk = lambda c: hashlib.blake2b(c, digest_size=16).digest()  # noqa: E731 (releases the GIL)
     if len(chunks) > 1:
@@ -114,7 +115,7 @@ def files_identity(folder: Path) -> dict[str, list[int]]:
     return found
 
 
-def _durable_write(path: Path, write: Callable[[Path], None]) -> None:
+def _durable_write(path: Path, write: Callable[[Path], object]) -> None:
     """write(tmp), fsync it, rename it to `path`, fsync the folder: `path` is whole or absent."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -138,7 +139,7 @@ class OutputLock:
         self.emit = emit
         self._fd: int | None = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         self.acquire()
         return self
 
@@ -228,7 +229,8 @@ class ResumeState:
                 if not isinstance(old, dict):
                     reason = "its fingerprint is missing or unreadable"
                 elif old != self.fingerprint:
-                    changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+                    changed = sorted(k for k in set(old) | set(self.fingerprint)
+                                     if old.get(k) != self.fingerprint.get(k))
                     reason = f"{', '.join(changed)} changed since it was saved"
             if reason is None:
                 self.done = self._finished_blocks(calibrated)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -75,7 +75,7 @@ def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, d
     from ..runtime.load import load_quantized
 
     model = load_quantized(folder, device=device, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    blocks = model.get_submodule(layers)
+    blocks = cast(torch.nn.ModuleList, model.get_submodule(layers))
     seen: dict[str, Any] = {}
 
     def grab(module: torch.nn.Module, args: tuple, output: Any) -> None:

@@ -110,7 +110,8 @@ def compile_nvrtc(source: str, capability: tuple[int, int], nvrtc: ctypes.CDLL |
 
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"dequant_matmul.cu", 0, None, None), "setup")
     try:
-        options = [f"--gpu-architecture=sm_{capability[0]}{capability[1]}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
+        options = [f"--gpu-architecture=sm_{capability[0]}{capability[1]}".encode(),
+                   *(o.encode() for o in NVRTC_OPTIONS)]
         array = (ctypes.c_char_p * len(options))(*options)
         code = lib.nvrtcCompileProgram(prog, len(options), array)
         if code != 0:
@@ -140,7 +141,8 @@ def compile_nvcc(source_path: Path, capability: tuple[int, int], nvcc: str = "nv
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-            raise KernelUnavailable(f"nvcc could not compile the kernels for sm_{capability[0]}{capability[1]}: {first}")
+            raise KernelUnavailable(f"nvcc could not compile the kernels for "
+                                    f"sm_{capability[0]}{capability[1]}: {first}")
         return out.read_bytes()
 
 
@@ -432,7 +434,8 @@ def nf4_matmul_cuda(x: Tensor, weight_packed: Tensor, absmax: Tensor, code: Tens
         return nf4_matmul_reference(x, weight_packed, absmax, code, out_features, blocksize)
     if x.shape[0] == 0 or nf4_supported(x, weight_packed, blocksize) is not None:
         return nf4_matmul_reference(x, weight_packed, absmax, code, out_features, blocksize)
-    return nf4_gemv(k, *_contiguous(x, weight_packed, absmax.float(), code.float()), out_features, blocksize)
+    xc, wc, ac, cc = _contiguous(x, weight_packed, absmax.float(), code.float())
+    return nf4_gemv(k, xc, wc, ac, cc, out_features, blocksize)
 
 
 def nf4_gemv(k: Kernels, x: Tensor, weight_packed: Tensor, absmax: Tensor, code: Tensor, out_features: int,

@@ -8,8 +8,9 @@ touches the files: safetensors only, trust_remote_code off, no transformers quan
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +58,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
                              "AutoModelForCausalLM.from_pretrained(folder), or quantize it first")
         modules = QuantizedModules(reader)
         dtype = dtype or config_dtype(config)
-        model = build_skeleton(folder, config, trust_remote_code=trust_remote_code)
+        model = cast(PreTrainedModel, build_skeleton(folder, config, trust_remote_code=trust_remote_code))
         check_against_config(reader, model, quantized=modules.prefixes)
         names = reader.names()
         present = set(names)
@@ -77,12 +78,13 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
                 continue
             path = target.removesuffix(".weight")
             qw = modules.decode(prefix, linear_shape(model, path))
-            linear = model.get_submodule(path)
+            linear = cast(nn.Linear, model.get_submodule(path))
             bias = _bias_for(reader, present, prefix, linear)
             used.add(f"{prefix}.bias")
             module_cls = NF4Linear if qw.is_codebook else OutlierLinear if qw.outliers is not None else QuantLinear
             _set_module(model, path, module_cls.from_quantized(qw, bias, dtype))
-        rest = {memory.get(n, n): reader.read(n) for n in names if n not in used and memory.get(n, n) not in weights.fused}
+        rest = {memory.get(n, n): reader.read(n) for n in names
+                if n not in used and memory.get(n, n) not in weights.fused}
         for target in weights.fused:
             rest[target] = weights.assemble(target, lambda n: pieces[n] if n in pieces else reader.read(n))
     _load_dense(model, rest, dtype)
@@ -93,7 +95,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.device.type == "meta":
             raise CheckpointError(f"{name} is missing from the checkpoint in {folder}")
-    return model.to(device).eval()
+    return model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() for models only
 
 
 def config_dtype(config: Mapping[str, Any]) -> torch.dtype:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import replace
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,12 @@ class QuantLinear(nn.Module):
 
     SUPPORTED_BITS: ClassVar[tuple[int, ...]] = reference.BITS   # the PyTorch path takes any group size
     backend: str = "auto"    # "torch": always the PyTorch reference, even on CUDA (load_quantized)
+    qweight: Tensor          # the buffers, declared for the type checker
+    qzeros: Tensor
+    scales: Tensor
+    g_idx: Tensor
+    perm: Tensor | None
+    bias: Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  bias: bool = False, dtype: torch.dtype = torch.float32,
@@ -49,7 +55,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         n_groups = 1 if group_size == -1 else -(-in_features // group_size)
-        i32 = dict(dtype=torch.int32, device=device)
+        i32: dict[str, Any] = dict(dtype=torch.int32, device=device)
         self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, **i32))
         self.register_buffer("qzeros", torch.zeros(n_groups, packed_length(out_features, bits), **i32))
         self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=torch.float16, device=device))
@@ -59,7 +65,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None,
-                       dtype: torch.dtype) -> "QuantLinear":
+                       dtype: torch.dtype) -> QuantLinear:
         """Pack `qw` (codes (out, in), scale/zero (out, G)) into a new module on qw's device.
 
         Zero points outside [0, 2^bits) cannot be packed; they only come from a corrupt v1 write
@@ -69,7 +75,7 @@ class QuantLinear(nn.Module):
         bits = qw.spec.bits
         module = cls(in_features, out_features, bits, qw.spec.group_size, bias is not None,
                      dtype, qw.codes.device)
-        zero = qw.zero.to(torch.int32)                                        # (out, G)
+        zero = qw.grid_zero.to(torch.int32)                                   # (out, G)
         clamped = zero.clamp(0, 2 ** bits - 1)
         if not torch.equal(clamped, zero):
             logger.warning("%d zero points outside [0, %d] were clamped (a v1 checkpoint written "
@@ -82,7 +88,7 @@ class QuantLinear(nn.Module):
             module.perm = perm.to(torch.int32).contiguous()
         module.qweight = pack_int32(codes.contiguous(), bits, dim=0)          # (in*b/32, out)
         module.qzeros = pack_int32(clamped.t().contiguous(), bits, dim=1)     # (G, out*b/32)
-        module.scales = qw.scale.t().contiguous().to(torch.float16)           # (G, out)
+        module.scales = qw.grid_scale.t().contiguous().to(torch.float16)      # (G, out)
         module.g_idx = g_idx.contiguous()                                     # (in,)
         if bias is not None:
             module.bias = bias.detach().to(dtype).contiguous()                # (out,)
@@ -129,6 +135,10 @@ class NF4Linear(nn.Module):
     """
 
     backend: str = "auto"
+    weight_packed: Tensor    # the buffers, declared for the type checker
+    absmax: Tensor
+    code: Tensor
+    bias: Tensor | None
 
     def __init__(self, in_features: int, out_features: int, codebook: str, blocksize: int,
                  bias: bool = False, dtype: torch.dtype = torch.float32,
@@ -143,7 +153,7 @@ class NF4Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> "NF4Linear":
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> NF4Linear:
         """Pack a codebook result (codes (out, in), absmax flat or nested) on qw's device."""
         out_features, in_features = qw.shape
         module = cls(in_features, out_features, qw.spec.codebook, qw.spec.blocksize, bias is not None,
@@ -194,18 +204,24 @@ class OutlierLinear(QuantLinear):
     matmul (weight mode) or a dense one over the k kept columns (channel mode).
     """
 
+    mode: str                # "weight" or "channel"; then the buffers, declared for the type checker
+    outlier_row_ptr: Tensor
+    outlier_col_idx: Tensor
+    outlier_columns: Tensor
+    outlier_values: Tensor
+
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> "OutlierLinear":
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, dtype: torch.dtype) -> OutlierLinear:
         if qw.outliers is None:
             raise ValueError("OutlierLinear needs a result with outliers")
-        module = super().from_quantized(replace(qw, outliers=None), bias, dtype)
+        module = cast(OutlierLinear, super().from_quantized(replace(qw, outliers=None), bias, dtype))
         o = qw.outliers
         module.mode = o.mode
         if o.mode == "weight":
-            module.register_buffer("outlier_row_ptr", o.row_ptr.to(torch.int32).contiguous())
-            module.register_buffer("outlier_col_idx", o.col_idx.to(torch.int32).contiguous())
+            module.register_buffer("outlier_row_ptr", o.csr_row_ptr.to(torch.int32).contiguous())
+            module.register_buffer("outlier_col_idx", o.csr_col_idx.to(torch.int32).contiguous())
         else:
-            module.register_buffer("outlier_columns", o.columns.to(torch.int32).contiguous())
+            module.register_buffer("outlier_columns", o.channel_columns.to(torch.int32).contiguous())
         module.register_buffer("outlier_values", o.values.to(torch.float16).contiguous())
         return module
 

@@ -79,7 +79,7 @@ def test_header_padding_and_alignment(tmp_path: Path) -> None:
     meta = json.loads(text)
     assert meta.pop("__metadata__") == {"format": "pt"}
     spans = sorted(v["data_offsets"] for v in meta.values())
-    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # no holes
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))  # no holes
     assert 8 + n + spans[-1][1] == path.stat().st_size
     itemsize = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "U8": 1, "I8": 1, "BOOL": 1}
     for name, v in meta.items():
@@ -153,12 +153,11 @@ def test_output_that_is_a_file_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_exception_in_block_leaves_nothing(tmp_path: Path, exc: BaseException) -> None:
-    with pytest.raises(type(exc)):
-        with CheckpointWriter(tmp_path / "out", max_shard_bytes=16) as w:
-            w.add("a", torch.ones(8))
-            w.add("b", torch.ones(8))                                   # one closed shard on disk
-            assert w.tmp_dir.is_dir()
-            raise exc
+    with pytest.raises(type(exc)), CheckpointWriter(tmp_path / "out", max_shard_bytes=16) as w:
+        w.add("a", torch.ones(8))
+        w.add("b", torch.ones(8))                                   # one closed shard on disk
+        assert w.tmp_dir.is_dir()
+        raise exc
     assert list(tmp_path.iterdir()) == []
 
 
@@ -167,10 +166,9 @@ def test_exception_keeps_existing_output(tmp_path: Path) -> None:
     out.mkdir()
     (out / "config.json").write_text("{}")
     (out / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        with CheckpointWriter(out, overwrite=True) as w:
-            w.add("a", torch.ones(8))
-            raise RuntimeError
+    with pytest.raises(RuntimeError), CheckpointWriter(out, overwrite=True) as w:
+        w.add("a", torch.ones(8))
+        raise RuntimeError
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "old.txt").read_text() == "old"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "old.txt"]
 
@@ -200,9 +198,8 @@ def test_unwritable_parent(tmp_path: Path) -> None:
 
 def test_finish_rejects_unsafe_file_names(tmp_path: Path) -> None:
     for bad in ["../x", "sub/x", "/abs", "..", "config.json"]:
-        with pytest.raises(ValueError):
-            with CheckpointWriter(tmp_path / "out") as w:
-                w.finish(config={}, files={bad: "x"})
+        with pytest.raises(ValueError), CheckpointWriter(tmp_path / "out") as w:
+            w.finish(config={}, files={bad: "x"})
     assert list(tmp_path.iterdir()) == []
 
 

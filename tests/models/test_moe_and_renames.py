@@ -132,3 +132,24 @@ def test_quantized_under_stored_names_and_loaded_back(tiny, name, method, tmp_pa
     ours = cov.logits_of(load_quantized(tmp_path / "out"))
     reference = cov.logits_of(cov.reference_model(folder, tmp_path / "out", tmp_path / "ref", name))
     assert cov.compare(ours, reference)["ok"]
+
+
+def test_experts_streamed_in_chunks_give_the_same_checkpoint(tiny, tmp_path, monkeypatch):
+    """With room for one expert's Hessian at a time, the experts are gathered over several passes;
+    the checkpoint is byte for byte the one a single pass writes."""
+    from test_cli import cli
+
+    from quantize_llm.calibration import sequential
+
+    folder = tiny("Qwen3MoeForCausalLM")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(cov.CALIBRATION_TEXT)
+    args = ["--group-size", "32", "--dataset", calib, "--nsamples", "4", "--seqlen", "32"]
+    assert cli("gptq", folder, "-o", tmp_path / "one", *args) == 0
+    passes = []
+    original = sequential._expert_chunks
+    monkeypatch.setattr(sequential, "_expert_chunks",
+                        lambda stage, width, budget: passes.append(1) or original(stage, width, 1))
+    assert cli("gptq", folder, "-o", tmp_path / "many", *args) == 0
+    assert len(passes) == 4   # two roles in each of two blocks
+    assert (tmp_path / "one/model.safetensors").read_bytes() == (tmp_path / "many/model.safetensors").read_bytes()

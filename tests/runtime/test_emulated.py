@@ -43,7 +43,7 @@ class EmulatedKernels:
         fn = ctypes.cast(getattr(self.lib, name), ctypes.c_void_p)
         params, _holders = cuda.launch_params(args)
         values = [ctypes.c_void_p.from_address(p).value if not isinstance(a, ctypes._SimpleCData) else a
-                  for p, a in zip(params, args)]
+                  for p, a in zip(params, args, strict=True)]
         launcher = getattr(self.lib, self.FAMILIES[name.split("_")[0]])
         launcher(fn, ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(block), ctypes.c_size_t(shared),
                  *[ctypes.c_void_p(v) if not isinstance(v, ctypes._SimpleCData) else v for v in values])

@@ -126,7 +126,7 @@ def test_bad_arguments_raise(change: dict, message: str) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     names = ("x", "qweight", "scales", "qzeros", "g_idx")
-    args = dict(zip(names, make_args(4, 32, False, act_order=False)), bits=4, group_size=32)
+    args = dict(zip(names, make_args(4, 32, False, act_order=False), strict=True), bits=4, group_size=32)
     for key, value in change.items():
         args[key] = value(args[key]) if callable(value) else value
     with pytest.raises(ValueError, match=message):
