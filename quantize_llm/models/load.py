@@ -484,7 +484,7 @@ def build_skeleton(folder: Path, config: dict | None = None, *, trust_remote_cod
         if config is None or remote:
             cfg = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
         else:
-            cfg = CONFIG_MAPPING[config["model_type"]].from_dict(dict(config))
+            cfg = CONFIG_MAPPING[config["model_type"]].from_dict(special_floats(dict(config)))
         if getattr(cfg, "quantization_config", None) is not None:
             del cfg.quantization_config
         with accelerate.init_empty_weights():
@@ -502,6 +502,21 @@ def build_skeleton(folder: Path, config: dict | None = None, *, trust_remote_cod
                          f"{reason}", "sizes and counts must be positive integers; restore the "
                          "config.json the checkpoint was saved with") from None
     return model.eval()
+
+
+def special_floats(value: Any) -> Any:
+    """config.json as transformers reads it: {"__float__": "Infinity"} (how it saves inf and nan) as
+    the float, everywhere inside the config."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and isinstance(value["__float__"], str):
+            try:
+                return float(value["__float__"])
+            except ValueError:
+                return value
+        return {k: special_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [special_floats(v) for v in value]
+    return value
 
 
 def _instantiate(cfg: Any, remote: bool = False) -> nn.Module:

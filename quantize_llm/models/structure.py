@@ -75,7 +75,8 @@ def expert_count(config: Any) -> int | None:
     return None
 
 
-def _not_text(path: str) -> bool:
+def is_not_text(path: str) -> bool:
+    """Whether a module path names part of a vision tower, audio encoder or projector."""
     parts = path.lower().split(".")
     return any(word in part for part in parts for word in NOT_TEXT)
 
@@ -101,7 +102,7 @@ def find_blocks(skeleton: nn.Module, override: str | None = None) -> str:
     count = layer_count(getattr(skeleton, "config", None))
     candidates = []
     for path, module in skeleton.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0 or _not_text(path):
+        if not isinstance(module, nn.ModuleList) or len(module) == 0 or is_not_text(path):
             continue
         if not any(_has_linear(b) or any(p.dim() == 3 for p in b.parameters()) for b in module):
             continue

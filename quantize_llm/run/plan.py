@@ -107,7 +107,11 @@ class RunPlan:
         cal = self.job.calibration
         if not self.calibrated or cal is None:
             return "none (this method uses no data)"
-        return f"{cal.source}, {cal.nsamples} x {cal.seqlen} tokens, batches of {self.job.batch_size}"
+        text = f"{cal.source}, {cal.nsamples} x {cal.seqlen} tokens, batches of {self.job.batch_size}"
+        towers = non_text_parts(self.source.skeleton)
+        if towers:   # a multimodal model: its language model alone runs on the calibration text
+            text += f"; text only: the language model's blocks see it (not run: {', '.join(towers)})"
+        return text
 
 
 def plan_run(job: Job, command: str | None = None) -> RunPlan:
@@ -242,6 +246,19 @@ def _stored_prefix(weights: WeightMap, mprefix: str, locals_: tuple[str, ...]) -
             if stored is not None and stored.endswith(suffix):
                 return stored[:-len(suffix)]
     return mprefix
+
+
+def non_text_parts(skeleton: nn.Module) -> list[str]:
+    """The top-level parts of a multimodal model that are not its language model (vision tower,
+    audio encoder, projector), by module path; [] for a text model."""
+    from ..models.structure import is_not_text
+
+    parts: list[str] = []
+    for path, module in skeleton.named_modules():
+        if path and is_not_text(path) and not any(path.startswith(p + ".") for p in parts) \
+                and any(True for _ in module.parameters()):
+            parts.append(path)
+    return parts
 
 
 UNFIT_SHARE = 0.5   # at most this share of a block's Linear weights may be kept dense for their shape

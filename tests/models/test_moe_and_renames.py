@@ -108,7 +108,7 @@ def test_each_expert_sees_its_routed_tokens(tiny):
 
 @pytest.mark.parametrize("name", ["Qwen3MoeForCausalLM", "Gemma3ForConditionalGeneration"])
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_quantized_under_stored_names_and_loaded_back(tiny, name, method, tmp_path):
+def test_quantized_under_stored_names_and_loaded_back(tiny, name, method, tmp_path, capsys):
     """Every expert is quantized on its own and written under the checkpoint's own name; our loader
     gives the logits of transformers' model holding the dequantized weights."""
     from test_cli import cli
@@ -120,6 +120,11 @@ def test_quantized_under_stored_names_and_loaded_back(tiny, name, method, tmp_pa
     if method == "gptq":
         args += ["--dataset", calib, "--nsamples", "4", "--seqlen", "32"]
     assert cli(*args) == 0
+    err = capsys.readouterr().err
+    if name.startswith("Gemma3"):   # the plan says what stays dense and what calibration runs through
+        assert "dense: 15 Linears outside the decoder blocks (under model.vision_tower)" in err
+        assert ("text only: the language model's blocks see it (not run: model.vision_tower, "
+                "model.multi_modal_projector)" in err) == (method == "gptq")
     written = load_file(tmp_path / "out" / "model.safetensors")
     with CheckpointReader(folder) as reader:
         stored = reader.names()
@@ -153,3 +158,18 @@ def test_experts_streamed_in_chunks_give_the_same_checkpoint(tiny, tmp_path, mon
     assert cli("gptq", folder, "-o", tmp_path / "many", *args) == 0
     assert len(passes) == 4   # two roles in each of two blocks
     assert (tmp_path / "one/model.safetensors").read_bytes() == (tmp_path / "many/model.safetensors").read_bytes()
+
+
+def test_a_hybrid_model_with_infinity_in_its_config(tiny, tmp_path, capsys):
+    """Falcon-H1 (attention and Mamba in each block) saves `time_step_limit` as [0.0, inf], which
+    transformers writes as {"__float__": "Infinity"}; its tiny Mamba projection [292, 64] does not
+    fit the GPTQ layout and stays dense, listed in the plan."""
+    from test_cli import cli
+
+    folder = tiny("FalconH1ForCausalLM")
+    assert '"__float__": "Infinity"' in (folder / "config.json").read_text()
+    assert cli("rtn", folder, "-o", tmp_path / "out", "--group-size", "32") == 0
+    assert "dense: 2 block Linears the format cannot hold, such as model.layers.0.mamba.in_proj" in capsys.readouterr().err
+    ours = cov.logits_of(load_quantized(tmp_path / "out"))
+    reference = cov.logits_of(cov.reference_model(folder, tmp_path / "out", tmp_path / "ref", "FalconH1ForCausalLM"))
+    assert cov.compare(ours, reference)["ok"]
