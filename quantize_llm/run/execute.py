@@ -337,7 +337,7 @@ class _Run:
             excluded=[b.module_prefix + lp.local if lp.expert is None else lp.name for b in plan.blocks
                       for lp in b.linears if not lp.quantize and lp.local in quantized_somewhere],
             dense_modules=[n for n, m in plan.source.skeleton.named_modules()
-                           if isinstance(m, nn.Linear) and n not in quantized],
+                           if isinstance(m, nn.Linear) and n not in quantized] + routers(plan, quantized),
             lm_head=plan.head is not None, record=self.algorithm.record(), meta=meta,
             dtype=str(model_dtype).removeprefix("torch.") if model_dtype else None)
 
@@ -446,3 +446,19 @@ def listed_groups(plan: RunPlan) -> list[list[str]]:
                 listed.add(lp.local)
                 groups.append([lp.local])
     return groups
+
+
+def routers(plan: RunPlan, quantized: set[str]) -> list[str]:
+    """Modules of the blocks that hold a matrix but are not torch Linears and stay dense, such as
+    a MoE router written as a module of its own (`mlp.gate` with a (experts, hidden) weight):
+    serving engines build them as Linear layers, so the formats' lists of unquantized modules must
+    name them."""
+    skeleton, found = plan.source.skeleton, []
+    for block in plan.blocks:
+        module = skeleton.get_submodule(block.module_prefix.rstrip("."))
+        for name, param in module.named_parameters():
+            owner = block.module_prefix + name.removesuffix(".weight")
+            if name.endswith(".weight") and param.dim() == 2 and owner not in quantized \
+                    and not isinstance(skeleton.get_submodule(owner), (nn.Linear, nn.Embedding)):
+                found.append(owner)
+    return found

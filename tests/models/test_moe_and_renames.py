@@ -173,3 +173,16 @@ def test_a_hybrid_model_with_infinity_in_its_config(tiny, tmp_path, capsys):
     ours = cov.logits_of(load_quantized(tmp_path / "out"))
     reference = cov.logits_of(cov.reference_model(folder, tmp_path / "out", tmp_path / "ref", "FalconH1ForCausalLM"))
     assert cov.compare(ours, reference)["ok"]
+
+
+def test_routers_are_listed_as_unquantized(tiny, tmp_path):
+    """Qwen3-MoE's router is a module of its own holding an (experts, hidden) matrix, not a torch
+    Linear; vLLM builds it as a Linear layer, so compressed-tensors' `ignore` must name it."""
+    import json
+
+    from test_cli import cli
+
+    folder = tiny("Qwen3MoeForCausalLM")
+    assert cli("rtn", folder, "-o", tmp_path / "out", "--group-size", "32", "--format", "compressed-tensors") == 0
+    ignore = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore == ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
