@@ -277,6 +277,19 @@ def _set(module: nn.Module, name: str, value: Tensor, buffer: bool = False) -> N
         owner._parameters[leaf] = cast(nn.Parameter, value)
 
 
+def text_model_path(skeleton: nn.Module, layers_path: str) -> str:
+    """The innermost transformers model holding the blocks (LlamaModel at "model", a multimodal
+    model's language model, BertModel at "bert"): the one that takes token ids."""
+    from transformers import PreTrainedModel
+
+    parts = layers_path.split(".")[:-1]
+    for depth in range(len(parts), 0, -1):
+        path = ".".join(parts[:depth])
+        if isinstance(skeleton.get_submodule(path), PreTrainedModel):
+            return path
+    return ".".join(parts)
+
+
 def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torch.device
                    ) -> tuple[list[Tensor], list[list[dict]]]:
     """Run the tokens through everything before block 0, in batches.
@@ -285,11 +298,11 @@ def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torc
     receives per batch. The embedding weights are released afterwards.
     """
     layers_path = cal.layers
-    base_path, _, _ = layers_path.rpartition(".")
+    base_path = text_model_path(cal.skeleton, layers_path)
     base = cal.skeleton.get_submodule(base_path)
     layers = cast(nn.ModuleList, cal.skeleton.get_submodule(layers_path))
     loaded = _materialize(base, base_path + "." if base_path else "", cal.loader(read), device, cal.dtype,
-                          skip=(layers_path[len(base_path) + 1:] + ".",))
+                          skip=((layers_path[len(base_path) + 1:] if base_path else layers_path) + ".",))
     calls: list[list[dict]] = [[] for _ in range(len(layers))]
     inputs: list[Tensor] = []
     originals = list(layers)
@@ -302,6 +315,10 @@ def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torc
                     base(input_ids=batch.to(device), use_cache=False)
                 except _Stop:
                     pass
+                except (ValueError, TypeError) as exc:   # the model unpacks what a block returns
+                    raise RunError(f"the decoder blocks of {type(cal.skeleton).__name__} hand state to the next "
+                                   f"block besides the hidden states ({_first_line(exc)}), which the calibrated "
+                                   "runner cannot replay block by block", "use rtn (or nf4) for this model") from None
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
@@ -321,6 +338,10 @@ def _is_cache(value: Any) -> bool:
 def _replay(block: nn.Module, inputs: list[Tensor], calls: list[dict], i: int, device: torch.device) -> Tensor:
     """Batch i's forward pass through `block`, on `device`."""
     return _block_forward(block, inputs[i].to(device), move(calls[i], device))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _block_forward(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:

@@ -72,8 +72,7 @@ class CompressedTensorsFormat:
                     f"{spec.group_size}, which compressed-tensors needs")
         try:
             packed_length(in_features, spec.bits)
-            if not spec.sym:
-                packed_length(out_features, spec.bits)
+            packed_length(out_features, spec.bits)   # zero points (asym) and this package's loader
         except ValueError as exc:
             return f"shape [{out_features}, {in_features}]: {exc}"
         return None

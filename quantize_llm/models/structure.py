@@ -28,8 +28,10 @@ from torch import nn
 from ..errors import ModelError
 
 # Path components that mark a part of a multimodal model that is not the language model.
-NOT_TEXT = ("vision", "visual", "image", "audio", "speech", "video", "vit", "siglip", "encoder", "projector",
+NOT_TEXT = ("vision", "visual", "image", "audio", "speech", "video", "vit", "siglip", "projector",
             "mm_projector", "multi_modal", "perceiver", "resampler", "patch", "talker", "code2wav", "token2wav")
+# ...and of an encoder, which holds the blocks only in encoder-style causal LMs (BERT-like heads).
+ENCODER = "encoder"
 # config.json keys that give a MoE layer's number of experts.
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_layer")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -106,13 +108,13 @@ def find_blocks(skeleton: nn.Module, override: str | None = None) -> str:
             continue
         if not any(_has_linear(b) or any(p.dim() == 3 for p in b.parameters()) for b in module):
             continue
-        candidates.append((len(module) != count, path.count("."), -len(module), path))
+        candidates.append((ENCODER in path.lower(), len(module) != count, path.count("."), -len(module), path))
     if not candidates:
         name = type(skeleton).__name__
         raise ModelError(f"{name} has no list of decoder blocks holding Linear layers (its layers are "
                          "not torch.nn.Linear modules)", "this family cannot be quantized by this tool yet; "
                          "report the model")
-    return min(candidates)[3]
+    return min(candidates)[-1]
 
 
 def is_router(name: str, module: nn.Linear, experts: int | None) -> bool:

@@ -150,7 +150,7 @@ def plan_run(job: Job, command: str | None = None) -> RunPlan:
                                   job.batch_size, devices[0], job.resume, job.verify, devices=len(devices))
         outside = tuple(n for n in reader.names() if n not in in_blocks)
         source = Source(job.model, folder, config, architecture, arch, skeleton, reader.total_bytes, found.path,
-                        kept_dense(found, skeleton, outside, blocks), weights)
+                        kept_dense(found, skeleton, outside, blocks, weights), weights)
     calibrated = bool(algorithm.needs_calibration)
     fingerprint = {"tool": __version__, "model": model_fingerprint(folder), "spec": spec.to_dict(),
                    "options": asdict(job.options) if job.options is not None else None, "format": fmt.name,
@@ -196,13 +196,15 @@ def plan_blocks(reader: CheckpointReader, found: Blocks, arch: ArchitectureMap |
         prefix = _stored_prefix(weights, mprefix, locals_ or tuple(n for n, _ in layers[i].named_parameters()))
         units: list[tuple[str, str, tuple[str, str, int] | None]] = []
         for local in sorted(locals_, key=lambda n: (order.get(n, len(order)), locals_.index(n))):
+            if mprefix + local + ".weight" in weights.fused:   # stored in another layout: kept_dense says so
+                continue
             stored = weights.disk_name(mprefix + local + ".weight")
             if stored not in present:
                 raise CheckpointError(f"tensor {stored} is missing from the checkpoint",
                                       "the checkpoint is incomplete or not of the architecture it declares")
             units.append((stored.removesuffix(".weight"), local, None))
         for target, fused in weights.fused.items():   # experts stored one matrix each, fused in memory
-            if not target.startswith(mprefix):
+            if not target.startswith(mprefix) or skeleton.get_parameter(target).dim() != 3:
                 continue
             for pattern, stored_names in fused.pieces.items():
                 for e, stored in enumerate(stored_names):
@@ -280,11 +282,17 @@ def _keep_unfit_dense(linears: list[LinearPlan], unfit: list[tuple[int, str]], f
 
 
 def kept_dense(found: Blocks, skeleton: nn.Module, outside: tuple[str, ...],
-               blocks: list[BlockPlan] | None = None) -> tuple[str, ...]:
+               blocks: list[BlockPlan] | None = None, weights: WeightMap | None = None) -> tuple[str, ...]:
     """What stays unquantized besides embeddings, norms and the head, one line per kind: MoE
     routers, fused experts, Linears whose shape the format cannot hold, and Linears outside the
     decoder blocks (vision towers, projectors)."""
     lines = []
+    weights = weights or WeightMap({}, {})
+    converted = [f"{found.path}.{i}.{local}" for i, block in enumerate(found.linears) for local in block
+                 if f"{found.path}.{i}.{local}.weight" in weights.fused]
+    if converted:
+        lines.append(f"{len(converted)} block Linears stored in another layout that transformers converts on "
+                     f"load, such as {converted[0]}")
     unfit = [lp for b in blocks or () for lp in b.linears if lp.why_dense]
     if unfit:
         first = unfit[0]

@@ -72,6 +72,7 @@ def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, d
                   trust_remote_code: bool = False) -> float:
     """Relative difference between the last block's output of the written checkpoint on `tokens` and
     `expected` (the run's own); raises beyond LOGITS_TOLERANCE."""
+    from ..calibration.sequential import text_model_path
     from ..runtime.load import load_quantized
 
     model = load_quantized(folder, device=device, dtype=torch.float32, trust_remote_code=trust_remote_code)
@@ -83,7 +84,7 @@ def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, d
     handle = blocks[len(blocks) - 1].register_forward_hook(grab)
     try:
         with torch.no_grad():
-            base = model.get_submodule(layers.rpartition(".")[0]) if "." in layers else model
+            base = model.get_submodule(text_model_path(model, layers))
             base(input_ids=tokens.to(device), use_cache=False)
     finally:
         handle.remove()
