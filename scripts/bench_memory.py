@@ -89,6 +89,25 @@ class Shape:
         return max(1, math.ceil((min_bytes - fixed) / self.block_bytes()))
 
 
+SHAPES = {   # real layer shapes (Llama-3: GQA with 8 key-value heads of 128, vocab 128256)
+    "llama3-8b": Shape(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
+    "llama3-405b": Shape(hidden=16384, intermediate=53248, heads=128, kv_heads=8, vocab=128256),
+}
+
+# The calibrated suite: (label, quantize-llm arguments). A small calibration set on purpose (the
+# memory it needs is in the plan; its quality is not what this measures).
+METHODS = {
+    "rtn": ["rtn", "--group-size", "128"],
+    "gptq-g128": ["gptq", "--group-size", "128"],
+    "gptq-g128-act": ["gptq", "--group-size", "128", "--act-order"],
+    "gptq-channel": ["gptq", "--group-size", "-1"],
+    "gptq-channel-act": ["gptq", "--group-size", "-1", "--act-order"],
+    "awq": ["awq", "--group-size", "128"],
+    "outlier": ["outlier", "--group-size", "128", "--inner", "gptq"],
+}
+CALIBRATED = {"gptq", "awq", "outlier"}
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -156,13 +175,18 @@ def build_checkpoint(folder: Path, shape: Shape, layers: int, seed: int = 0) -> 
             for name, dims in shard:
                 if len(dims) == 1:  # RMSNorm gains
                     tensors[name] = torch.ones(dims, dtype=torch.bfloat16)
-                else:  # std 0.02, the usual Llama init
-                    tensors[name] = (torch.randn(dims, generator=generator) * 0.02).to(torch.bfloat16)
+                else:  # std 0.02, the usual Llama init; drawn in slices of rows (no float32 copy)
+                    t = tensors[name] = torch.empty(dims, dtype=torch.bfloat16)
+                    step = max(1, (1 << 26) // dims[1])
+                    for r in range(0, dims[0], step):
+                        rows = min(step, dims[0] - r)
+                        t[r:r + rows] = (torch.randn(rows, dims[1], generator=generator) * 0.02).to(torch.bfloat16)
                 weight_map[name] = filename
             save_file(tensors, str(staging / filename), metadata={"format": "pt"})
             os.chmod(staging / filename, 0o644)  # safetensors may create it 0600
             del tensors
             log(f"  wrote shard {k}/{n} ({filename})")
+        byte_tokenizer().save_pretrained(staging)   # calibrated methods need a tokenizer beside the weights
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (staging / "config.json").write_text(json.dumps(config_dict(shape, layers), indent=2) + "\n")
@@ -173,6 +197,33 @@ def build_checkpoint(folder: Path, shape: Shape, layers: int, seed: int = 0) -> 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def byte_tokenizer():
+    """A 256-token byte-level tokenizer (ids below 256 of the model's vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def calibration_text(path: Path, documents: int = 64) -> Path:
+    """Plain text of blank-line separated documents (enough for a few hundred-token sequences)."""
+    import random
+
+    rng = random.Random(0)
+    words = [
+        "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from",
+        "this", "be", "are", "have", "it", "not", "an", "model", "weight", "layer", "memory", "block",
+        "group", "scale", "error", "token", "sequence", "matrix", "column", "row"
+    ]
+    docs = [" ".join(rng.choice(words) for _ in range(400)).capitalize() + "." for _ in range(documents)]
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
 
 
 def folder_bytes(folder: Path) -> int:
@@ -208,6 +259,93 @@ def measure(cli: str, ckpt: Path, out: Path, device: str, stats_file: Path) -> t
     return int(match.group(1)) * 1024, wall
 
 
+def run_method(cli: str, ckpt: Path, out: Path, args: list[str], cal: list[str], device: str,
+               work: Path) -> tuple[int, float, dict]:
+    """One quantize-llm run under GNU time: (peak RSS bytes, wall seconds, the plan event)."""
+    events = work / "events.jsonl"
+    events.unlink(missing_ok=True)
+    stats_file = work / "time-v.txt"
+    cmd = [str(GNU_TIME), "-v", "-o", str(stats_file), cli, args[0], str(ckpt), "-o", str(out), *args[1:],
+           *(cal if args[0] in CALIBRATED else []), "--overwrite", "--device", device, "--log-json", str(events)]
+    log("running: " + " ".join(cmd[4:]))
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    stats = stats_file.read_text() if stats_file.is_file() else ""
+    if proc.returncode != 0:
+        raise BenchError(f"quantize-llm {args[0]} exited with status {proc.returncode}; command: {' '.join(cmd[4:])}")
+    match = re.search(r"Maximum resident set size \(kbytes\):\s*(\d+)", stats)
+    if not match:
+        raise BenchError(f"no 'Maximum resident set size' line in the output of {GNU_TIME} -v")
+    events_read = [json.loads(line) for line in events.read_text().splitlines() if line.strip()]
+    plan = next((e for e in events_read if "host_peak_bytes" in e), {})
+    return int(match.group(1)) * 1024, wall, plan
+
+
+def reference_bytes(shape: Shape, nsamples: int, seqlen: int) -> int:
+    """What the issue's target compares with: the process baseline, one block in float32, the
+    block's Hessians (q/k/v, o, gate/up, down: hidden^2 x 3 + intermediate^2, float32) and the
+    calibration activations (this block's inputs and the next one's, float32)."""
+    h, m = shape.hidden, shape.intermediate
+    baseline = 450 * 2 ** 20
+    return (baseline + 2 * shape.block_bytes() + 4 * (3 * h * h + m * m)
+            + 2 * 4 * nsamples * seqlen * h)
+
+
+def suite(args: argparse.Namespace, shape: Shape, layers: int, work: Path) -> int:
+    """The calibrated suite: every method of --methods on a real-shaped checkpoint; a table of
+    peak RSS, the plan's prediction (printed at the start of the run) and their ratio."""
+    if not GNU_TIME.is_file():
+        raise BenchError(f"{GNU_TIME} not found; install GNU time: apt-get install time")
+    cli = find_cli()
+    ckpt = work / f"ckpt-{args.shape}-L{layers}"
+    if is_complete(ckpt, shape, layers) and (ckpt / "tokenizer.json").is_file():
+        log(f"reusing synthetic checkpoint {ckpt}")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        need = shape.total_bytes(layers) * 1.45
+        if shutil.disk_usage(work).free < need:
+            raise BenchError(f"not enough disk space in {work}: need about {need / 1e9:.1f} GB")
+        log(f"building synthetic checkpoint {ckpt} ({layers} blocks, {shape.total_bytes(layers) / 1e9:.2f} GB)")
+        build_checkpoint(ckpt, shape, layers)
+    text = calibration_text(work / "calibration.txt")
+    cal = ["--dataset", str(text), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+           "--batch-size", str(args.nsamples)]
+    reference = reference_bytes(shape, args.nsamples, args.seqlen)
+    rows = []
+    for label in args.methods.split(","):
+        if label not in METHODS:
+            raise BenchError(f"unknown method {label!r}; choose from {', '.join(METHODS)}")
+        out = work / f"out-{label}"
+        try:
+            peak, wall, plan = run_method(cli, ckpt, out, METHODS[label], cal, args.device, work)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        predicted = int(plan.get("host_peak_bytes") or 0)
+        phases = plan.get("host_phases") or {}
+        top = max(phases, key=phases.get) if phases else "?"
+        calibrated = METHODS[label][0] in CALIBRATED
+        rows.append((label, peak, predicted, wall, top, calibrated))
+        print(f"{label:<18} peak {peak / 1e9:6.2f} GB  predicted {predicted / 1e9:6.2f} GB  "
+              f"ratio {peak / max(predicted, 1):.2f}  wall {wall:6.0f} s  (plan's largest phase: {top})", flush=True)
+    print(f"\nquantize-llm memory suite: {args.shape} shapes, {layers} blocks, calibration {args.nsamples} x "
+          f"{args.seqlen} tokens (1 GB = 1e9 bytes)")
+    print(f"one block + Hessians + activations + process: {reference / 1e9:.2f} GB")
+    print("| method | peak RSS | predicted | measured / predicted | peak / (block + H + act) | wall |")
+    print("|---|---|---|---|---|---|")
+    ok = True
+    for label, peak, predicted, wall, _top, calibrated in rows:
+        ratio = peak / max(predicted, 1)
+        bound = peak / reference
+        ok &= 0.75 <= ratio <= 1.25 and (bound <= 1.5 or not calibrated)
+        print(f"| {label} | {peak / 1e9:.2f} GB | {predicted / 1e9:.2f} GB | {ratio:.2f} | {bound:.2f} | "
+              f"{wall:.0f} s |")
+    print(f"targets (prediction within 25%, calibrated peak within 1.5x): {'PASS' if ok else 'FAIL'}")
+    if args.clean:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Peak RSS of `quantize-llm rtn` on a synthetic >= 4 GB Llama checkpoint.",
@@ -227,7 +365,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="passed to quantize-llm (default auto)")
     parser.add_argument("--build-only", action="store_true",
                         help="build (or reuse) the checkpoint, print its path and stop")
+    parser.add_argument("--shape", choices=sorted(SHAPES),
+                        help="run the calibrated suite on real layer shapes instead (e.g. llama3-8b "
+                             "with --layers 4, llama3-405b with --layers 1)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="with --shape: comma-separated labels (default %(default)s)")
+    parser.add_argument("--nsamples", type=int, default=4, help="with --shape: calibration sequences")
+    parser.add_argument("--seqlen", type=int, default=128, help="with --shape: tokens per sequence")
     args = parser.parse_args(argv)
+    if args.shape:
+        try:
+            return suite(args, SHAPES[args.shape], args.layers or 1, args.workdir.expanduser().resolve())
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
 
     shape = Shape()
     layers = args.layers if args.layers is not None else shape.layers_for(args.min_gb * 1e9)

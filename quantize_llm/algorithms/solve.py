@@ -94,13 +94,16 @@ def cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float) -> tup
     if not bool(torch.isfinite(hessian).all()):
         raise HessianNotFinite.of()
     mean_diag = float(torch.diagonal(hessian).mean())
-    while True:
+    while True:   # at most two (n, n) temporaries beside `hessian` at any time
         h = hessian.clone()
         h.diagonal().add_(damp * mean_diag)
         chol, info = torch.linalg.cholesky_ex(h)
+        del h
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)                         # (n, n) = H^-1
+            del chol
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper, damp
         if damp >= damp_max:

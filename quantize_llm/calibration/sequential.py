@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import functools
+import inspect
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -227,24 +228,52 @@ def _finish(plan: BlockPlan, results: dict[str, QuantizedWeight], read: Callable
 # ---- calibrated path -----------------------------------------------------------------------------
 
 class _Recorder(nn.Module):
-    """Stands in for block `index` while capturing: records what the block would receive."""
+    """Stands in for block `index` while capturing: records what the block would receive.
 
-    def __init__(self, index: int, last: int, calls: list[list[dict]], inputs: list[Tensor]) -> None:
+    `block` (the block it stands in for) tells which positional arguments have names: those are
+    recorded by name, so that `use_cache` can be turned off however it was passed; the rest are
+    replayed positionally. Caches are left out (each replay starts without one)."""
+
+    def __init__(self, index: int, last: int, calls: list[list[dict]], inputs: list[Tensor],
+                 block: nn.Module | None = None) -> None:
         super().__init__()
         self.index, self.last, self.calls, self.inputs = index, last, calls, inputs
+        self.signature = _signature(block)
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        args_list = list(args)
+        accepts_use_cache = True
+        if self.signature is not None:
+            params = list(self.signature.parameters.values())[1:]   # after hidden_states
+            named = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+            while args_list and named and named[0] not in kwargs:
+                kwargs[named.pop(0)] = args_list.pop(0)
+            accepts_use_cache = "use_cache" in self.signature.parameters or any(
+                p.kind == p.VAR_KEYWORD for p in params)
         kwargs.pop("past_key_values", None)
         kwargs.pop("past_key_value", None)
-        if args:   # replayed positionally (an encoder-decoder's mask, encoder states), caches left out
-            kwargs[POSITIONAL] = tuple(None if _is_cache(a) else a for a in args)
-        kwargs["use_cache"] = False
+        kwargs = {k: None if _is_cache(v) else v for k, v in kwargs.items()}
+        if args_list:   # replayed positionally (an encoder-decoder's mask, encoder states), caches left out
+            kwargs[POSITIONAL] = tuple(None if _is_cache(a) else a for a in args_list)
+        if accepts_use_cache:
+            kwargs["use_cache"] = False
+        else:
+            kwargs.pop("use_cache", None)
         self.calls[self.index].append(kwargs)
         if self.index == 0:
             self.inputs.append(hidden_states)
         if self.index == self.last:
             raise _Stop
         return hidden_states
+
+
+def _signature(block: nn.Module | None) -> inspect.Signature | None:
+    if block is None:
+        return None
+    try:
+        return inspect.signature(block.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def _materialize(module: nn.Module, prefix: str, read: Callable[[str], Tensor], device: torch.device,
@@ -307,7 +336,7 @@ def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torc
     inputs: list[Tensor] = []
     originals = list(layers)
     for i in range(len(layers)):
-        layers[i] = _Recorder(i, len(layers) - 1, calls, inputs)
+        layers[i] = _Recorder(i, len(layers) - 1, calls, inputs, originals[i])
     try:
         with torch.no_grad():
             for batch in cal.tokens.split(cal.batch_size):
@@ -378,17 +407,31 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         _materialize(block, plan.module_prefix, cal.loader(read), primary, cal.dtype)
         t = timer.add("read", t)
         quantize = {lp.local: lp for lp in plan.linears if lp.quantize}
+        extra: dict[str, dict] = {name: {} for name in quantize}
         block_calls = calls[plan.index]
+        if len(block_calls) < len(inputs):   # the model skips this block on text (a cross-attention layer)
+            with torch.no_grad():
+                rounded = _round_unused(tuple(quantize), block, plan, quantize, algorithm.spec, extra)
+            block.to("meta")
+            result = _finish(plan, rounded, read, [_report(quantize[n], extra[n]) for n in quantize], block_start,
+                             timer)
+            result.next_inputs = inputs
+            yield result
+            continue
         with torch.no_grad():
             passes: list[Callable[[], Any]] = [functools.partial(_replay, block, inputs, block_calls, i, primary)
                                                for i in range(len(inputs))]
-            layout = trace(block, tuple(n for n, lp in quantize.items() if lp.expert is None), passes)
+            try:
+                layout = trace(block, tuple(n for n, lp in quantize.items() if lp.expert is None), passes)
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                raise RunError(f"block {plan.index} of {type(cal.skeleton).__name__} does not run on its own with "
+                               f"the inputs the model gave it ({_first_line(exc)[:160]}), so it cannot be "
+                               "calibrated block by block", "use rtn (or nf4) for this model") from None
         t = timer.add("forward", t)
         groups = [g for g in layout.groups if g]
         stages = [[g] for g in groups] if cal.true_sequential else [groups]
         input_of = {name: g[0] for g in groups for name in g}
         results: dict[str, QuantizedWeight] = {}
-        extra: dict[str, dict] = {name: {} for name in quantize}
         modified: set[str] = set()
         with torch.no_grad():
             prepare = algorithm.prepare_block

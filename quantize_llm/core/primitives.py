@@ -160,6 +160,7 @@ def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor,
 
 
 CLIPS = ("minmax", "mse")
+CLIP_TRIAL_ELEMENTS = 1 << 24   # clip search: trials x rows x columns formed at once (64 MiB in float32)
 
 
 def row_params(w: Tensor, bits: int, sym: bool, min_zero: int = 0, clip: str = "minmax",
@@ -225,7 +226,15 @@ def clip_search(w: Tensor, bits: int, sym: bool, min_zero: int, score: Callable[
     s, z = minmax_params(trials, bits, sym, min_zero)                   # (T*rows,)
     s, z = s.view(len(p), rows), z.view(len(p), rows)                   # (T, rows)
     sf, zf = s.float()[..., None], z.float()[..., None]                 # (T, rows, 1)
-    q = torch.clamp(torch.round(w[None] / sf) + zf, 0, 2 ** bits - 1)   # (T, rows, n)
-    err = score(sf * (q - zf) - w[None])                                # (T, rows)
-    best = err.argmin(dim=0, keepdim=True)                              # (1, rows): first minimum
+    # The trials' (T, rows, n) temporaries are formed a slice of rows at a time, at most
+    # CLIP_TRIAL_ELEMENTS elements each, whatever the width: every row is scored on its own, so the
+    # result is the same as in one piece.
+    step = max(1, CLIP_TRIAL_ELEMENTS // max(1, len(p) * w.shape[1]))
+    best = torch.empty(1, rows, dtype=torch.int64, device=w.device)
+    for r in range(0, rows, step):
+        sr, zr, wr = sf[:, r:r + step], zf[:, r:r + step], w[None, r:r + step]
+        q = torch.clamp(torch.round(wr / sr) + zr, 0, 2 ** bits - 1)   # (T, step, n)
+        err = score(sr * (q - zr) - wr)                                 # (T, step)
+        best[:, r:r + step] = err.argmin(dim=0, keepdim=True)           # first minimum
+        del q, err
     return s.gather(0, best)[0], z.gather(0, best)[0], p.float()[best[0]]

@@ -147,7 +147,8 @@ def plan_run(job: Job, command: str | None = None) -> RunPlan:
         if vllm and job.strict_vllm:
             raise SpecError(f"--strict-vllm: {vllm[0]}", f"{len(vllm)} reason(s) in all" if len(vllm) > 1 else None)
         resources = resource_plan(reader, blocks, spec, config, algorithm.needs_calibration, job.calibration,
-                                  job.batch_size, devices[0], job.resume, job.verify, devices=len(devices))
+                                  job.batch_size, devices[0], job.resume, job.verify, devices=len(devices),
+                                  options=job.options)
         outside = tuple(n for n in reader.names() if n not in in_blocks)
         source = Source(job.model, folder, config, architecture, arch, skeleton, reader.total_bytes, found.path,
                         kept_dense(found, skeleton, outside, blocks, weights), weights)
@@ -380,18 +381,23 @@ def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec
 
 def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec, config: dict,
                   calibrated: bool, calibration: Any, batch_size: int, dev: torch.device, resume: bool,
-                  verify: bool = True, devices: int = 1) -> ResourcePlan:
+                  verify: bool = True, devices: int = 1, options: Any = None) -> ResourcePlan:
     """Memory and disk the run will need (resources.py), from the headers and the settings."""
     from ..calibration.data import CalibrationSpec
 
     calibration = calibration or CalibrationSpec()
+    solver = calibrated and (spec.method == "gptq" or getattr(options, "then", None) == "gptq"
+                             or getattr(options, "inner", None) == "gptq"
+                             or getattr(options, "rounding", None) == "gptq")
     nsamples, seqlen = calibration.nsamples, calibration.seqlen
     context = config.get("max_position_embeddings") or config.get("n_positions")
     if context:
         seqlen = min(seqlen, int(context))
     return estimate_resources(reader, plans, config, output_bytes=estimate_output_bytes(reader, plans, spec),
                               calibrated=calibrated, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
-                              device_type=dev.type, resume=resume, verify=verify, devices=devices)
+                              device_type=dev.type, resume=resume, verify=verify, devices=devices,
+                              solver=solver, search=calibrated and spec.method == "awq",
+                              self_text=calibrated and calibration.source == "self")
 
 
 def _grid(spec: QuantSpec) -> tuple[int, int, bool]:

@@ -3,9 +3,9 @@
 1. Every quantized module is read back from the written files with the format's own reader and
    must decode to exactly the result the algorithm produced (a digest of codes, scales, zeros,
    group index and outliers is kept per module while the run streams).
-2. In calibrated runs, the written checkpoint is loaded with `load_quantized` and run on the first
-   calibration batch: the output of its last decoder block must match, within tolerance, what the
-   fake-quantized blocks produced for the same tokens during the run.
+2. In calibrated runs, the written checkpoint is run on the first calibration batch, block by
+   block from the written shards (never loaded whole): the output of its last decoder block must
+   match, within tolerance, what the fake-quantized blocks produced for the same tokens during the run.
 Any mismatch fails the run; nothing broken is ever renamed into OUT.
 """
 from __future__ import annotations
@@ -71,27 +71,134 @@ def check_modules(folder: Path, expected: dict[str, str]) -> int:
 def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, device: torch.device,
                   trust_remote_code: bool = False) -> float:
     """Relative difference between the last block's output of the written checkpoint on `tokens` and
-    `expected` (the run's own); raises beyond LOGITS_TOLERANCE."""
-    from ..calibration.sequential import text_model_path
-    from ..runtime.load import load_quantized
+    `expected` (the run's own); raises beyond LOGITS_TOLERANCE.
 
-    model = load_quantized(folder, device=device, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    blocks = cast(torch.nn.ModuleList, model.get_submodule(layers))
-    seen: dict[str, Any] = {}
+    Streamed from the written shards: what comes before the blocks (embeddings, rotary tables)
+    produces block 0's input and every block's keyword arguments, then is released; each block is
+    then built from the shards (quantized Linears as load_quantized builds them, the rest in
+    float32), run, and dropped before the next one is read. At most one block is held."""
+    from ..calibration.sequential import _block_forward, _Recorder, _Stop, text_model_path
+    from ..formats.reading import QuantizedModules
+    from ..models.load import CheckpointReader, build_skeleton
+    from ..models.weightmap import build as build_weight_map
 
-    def grab(module: torch.nn.Module, args: tuple, output: Any) -> None:
-        seen["out"] = output[0] if isinstance(output, tuple) else output
-    handle = blocks[len(blocks) - 1].register_forward_hook(grab)
-    try:
-        with torch.no_grad():
-            base = model.get_submodule(text_model_path(model, layers))
-            base(input_ids=tokens.to(device), use_cache=False)
-    finally:
-        handle.remove()
-    got, want = seen["out"].float(), expected.to(device).float()
+    with CheckpointReader(folder) as reader:
+        modules = QuantizedModules(reader)
+        present = set(reader.names())
+        model = build_skeleton(folder, reader.config, trust_remote_code=trust_remote_code)
+        # Stored names -> the model's (renamed blocks, experts fused in memory), as load_quantized maps them.
+        weights = build_weight_map(model, reader.names() + [f"{p}.weight" for p in modules.prefixes])
+        base_path = text_model_path(model, layers)
+        base = model.get_submodule(base_path) if base_path else model
+        blocks = cast(torch.nn.ModuleList, model.get_submodule(layers))
+        originals: list[torch.nn.Module | None] = list(blocks)
+        n = len(blocks)
+        calls: list[list[dict]] = [[] for _ in range(n)]
+        inputs: list[Tensor] = []
+        for i in range(n):
+            blocks[i] = _Recorder(i, n - 1, calls, inputs, originals[i])
+        try:
+            loaded = _load_part(base, base_path + "." if base_path else "", reader, modules, present, device,
+                                skip=layers[len(base_path) + 1:] + "." if base_path else layers + ".",
+                                weights=weights)
+            with torch.no_grad():
+                try:
+                    base(input_ids=tokens.to(device), use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            for i in range(n):
+                blocks[i] = torch.nn.Identity()
+        for name in loaded:   # the embeddings go before the first block comes
+            _release(base, name)
+        del loaded
+        x = inputs[0]
+        del inputs
+        for i in range(n):
+            block = originals[i]
+            originals[i] = None
+            assert block is not None
+            if not calls[i]:   # a block the model skips on text (a cross-attention layer)
+                continue
+            _load_part(block, f"{layers}.{i}.", reader, modules, present, device, weights=weights)
+            with torch.no_grad():
+                x = _block_forward(block, x, calls[i][0])
+            del block
+    got, want = x.float(), expected.to(device).float()
     diff = float((got - want).norm() / want.norm().clamp(min=1e-30))
     if not diff <= LOGITS_TOLERANCE:
         raise RunError(f"verification failed: the written checkpoint's last block differs from the quantized "
                        f"model's by {diff:.2e} (relative) on the first calibration batch",
                        "report it; nothing was written to the output")
     return diff
+
+
+def _load_part(module: torch.nn.Module, prefix: str, reader: Any, modules: Any, present: set[str],
+               device: torch.device, skip: str | None = None, weights: Any = None) -> list[str]:
+    """Build `module` (full name `prefix`) from the written checkpoint, as load_quantized would: its
+    quantized Linears decoded into QuantLinear / NF4Linear / OutlierLinear, its other parameters
+    read in float32, its buffers moved to `device`. Names under `skip` (local) are left alone.
+    `prefix` is the module's path in the model; `weights` (models.weightmap.WeightMap) maps it to
+    the stored names (renamed modules; experts stored one matrix each, fused in the model).
+    Returns the local names of the parameters read."""
+    from ..errors import CheckpointError
+    from ..formats.reading import linear_shape
+    from ..models.weightmap import WeightMap, piece_shape
+    from ..runtime.load import _bias_for, _set_module
+    from ..runtime.qlinear import NF4Linear, OutlierLinear, QuantLinear
+
+    dtype = torch.float32
+    weights = weights or WeightMap({}, {})
+    memory = weights.memory_of()
+    quantized = {}      # local module name -> stored prefix
+    pieces: dict[str, Tensor] = {}   # stored name -> dequantized expert matrix
+    state = dict(module.state_dict(keep_vars=True))
+    for stored in modules.prefixes:
+        target = memory.get(f"{stored}.weight", f"{stored}.weight")
+        if not target.startswith(prefix) or (skip and target[len(prefix):].startswith(skip)):
+            continue
+        local = target[len(prefix):]
+        if target in weights.fused:
+            shape = piece_shape(weights, target, tuple(state[local].shape))
+            pieces[f"{stored}.weight"] = modules.decode(stored, shape).dequantize(dtype)
+        else:
+            quantized[local.removesuffix(".weight")] = stored
+    for local, full in quantized.items():
+        qw = modules.decode(full, linear_shape(module, local))
+        bias = _bias_for(reader, present, full, cast(torch.nn.Linear, module.get_submodule(local)))
+        cls = NF4Linear if qw.is_codebook else OutlierLinear if qw.outliers is not None else QuantLinear
+        built = cls.from_quantized(qw, bias, dtype)
+        built.backend = "auto"
+        _set_module(module, local, built.to(device))
+    loaded = []
+    for name, param in list(module.named_parameters()):
+        if skip and name.startswith(skip):
+            continue
+        if param.device.type != "meta":
+            continue
+        if prefix + name in weights.fused:
+            value = weights.assemble(prefix + name, lambda n: pieces[n] if n in pieces else reader.read(n))
+        else:
+            stored = weights.disk_name(prefix + name)
+            if stored not in present:
+                raise CheckpointError(f"{stored} is missing from the checkpoint in {reader.folder}")
+            value = reader.read(stored)
+        value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        _set_param(module, name, torch.nn.Parameter(value, requires_grad=False))
+        loaded.append(name)
+    for name, buf in list(module.named_buffers()):
+        if (skip and name.startswith(skip)) or buf.device.type == "meta" or buf.device == device:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        (module.get_submodule(owner) if owner else module)._buffers[leaf] = buf.to(device)
+    return loaded
+
+
+def _set_param(module: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
+    owner, _, leaf = name.rpartition(".")
+    (module.get_submodule(owner) if owner else module)._parameters[leaf] = value
+
+
+def _release(module: torch.nn.Module, name: str) -> None:
+    param = module.get_parameter(name)
+    _set_param(module, name, torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))

@@ -186,3 +186,42 @@ def test_routers_are_listed_as_unquantized(tiny, tmp_path):
     assert cli("rtn", folder, "-o", tmp_path / "out", "--group-size", "32", "--format", "compressed-tensors") == 0
     ignore = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["ignore"]
     assert ignore == ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+
+
+@pytest.mark.parametrize("name", ["RecurrentGemmaForCausalLM", "MllamaForCausalLM", "BertLMHeadModel"])
+def test_blocks_called_in_unusual_ways_are_calibrated(tiny, tmp_path, name):
+    """RecurrentGemma passes use_cache positionally; Mllama skips its cross-attention layers on text
+    (their Linears, which no calibration text reaches, are rounded to nearest); BERT-style causal LMs
+    keep their blocks in an encoder and take token ids at `bert`, not at the encoder."""
+    import json
+
+    from test_cli import cli
+
+    folder = tiny(name)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(cov.CALIBRATION_TEXT)
+    assert cli("gptq", folder, "-o", tmp_path / "out", "--group-size", "32", "--dataset", calib,
+               "--nsamples", "4", "--seqlen", "32", "--log-json", tmp_path / "log.jsonl") == 0
+    ours = cov.logits_of(load_quantized(tmp_path / "out"))
+    reference = cov.logits_of(cov.reference_model(folder, tmp_path / "out", tmp_path / "ref", name))
+    assert cov.compare(ours, reference)["ok"]
+    layers = [layer for line in (tmp_path / "log.jsonl").read_text().splitlines()
+              if json.loads(line).get("event") == "block" for layer in json.loads(line)["layers"]]
+    unused = {layer["name"] for layer in layers if layer["metrics"].get("unused")}
+    assert bool(unused) == (name == "MllamaForCausalLM")
+    assert all(".cross_attn" in n or "cross_attn_mlp" in n or ".mlp." in n for n in unused)
+
+
+def test_blocks_that_do_not_run_alone_are_refused_for_calibrated_methods(tiny, tmp_path, capsys):
+    """XLNet's layers pass a second stream between them: one line naming the cause and rtn."""
+    from test_cli import cli
+
+    folder = tiny("XLNetLMHeadModel")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(cov.CALIBRATION_TEXT)
+    code = cli("gptq", folder, "-o", tmp_path / "out", "--group-size", "32", "--dataset", calib, "--nsamples", "4",
+               "--seqlen", "32")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith("error: block ") and "use rtn (or nf4) for this model" in err
+    assert not (tmp_path / "out").exists()
+    assert cli("rtn", folder, "-o", tmp_path / "rtn", "--group-size", "32") == 0
