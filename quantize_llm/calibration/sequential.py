@@ -102,9 +102,18 @@ class Calibration:
     weights: Any = None          # models.weightmap.WeightMap: the model's parameter names -> stored tensors
 
     def loader(self, read: Callable[[str], Tensor]) -> Callable[[str], Tensor]:
-        """A model parameter's value by its name in memory (renamed, or rebuilt from fused experts)."""
+        """A model parameter's value by its name in memory (renamed, or rebuilt from fused experts; a
+        parameter tied to another that is stored, such as a decoder's copy of the embeddings, from it)."""
         weights = self.weights
-        return read if weights is None else (lambda name: weights.assemble(name, read))
+        if weights is None:
+            return read
+        tied = dict(getattr(self.skeleton, "all_tied_weights_keys", None) or {})   # target -> source
+
+        def load(name: str) -> Tensor:
+            if name not in weights.to_disk and name not in weights.fused and tied.get(name) in weights.to_disk:
+                name = tied[name]
+            return weights.assemble(name, read)
+        return load
 
     def stored_name(self, name: str) -> str:
         """The stored tensor behind a model parameter (the first piece of fused experts)."""
@@ -235,10 +244,22 @@ class _Recorder(nn.Module):
     replayed positionally. Caches are left out (each replay starts without one)."""
 
     def __init__(self, index: int, last: int, calls: list[list[dict]], inputs: list[Tensor],
-                 block: nn.Module | None = None) -> None:
+                 block: nn.Module | None = None,
+                 live: Callable[[nn.Module, int, Tensor, dict], Any] | None = None) -> None:
         super().__init__()
         self.index, self.last, self.calls, self.inputs = index, last, calls, inputs
         self.signature = _signature(block)
+        object.__setattr__(self, "_block", block)   # not a submodule: attribute reads fall back to it
+        self.live = live
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            block = self.__dict__.get("_block")
+            if block is None:
+                raise
+            return getattr(block, name)   # the model asks its layers for attributes (BigBird, RWKV)
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         args_list = list(args)
@@ -264,6 +285,8 @@ class _Recorder(nn.Module):
             self.inputs.append(hidden_states)
         if self.index == self.last:
             raise _Stop
+        if self.live is not None:   # the block's real output: the model hands part of it to the next block
+            return self.live(self._block, self.index, hidden_states, kwargs)
         return hidden_states
 
 
@@ -332,22 +355,41 @@ def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torc
     layers = cast(nn.ModuleList, cal.skeleton.get_submodule(layers_path))
     loaded = _materialize(base, base_path + "." if base_path else "", cal.loader(read), device, cal.dtype,
                           skip=((layers_path[len(base_path) + 1:] if base_path else layers_path) + ".",))
-    calls: list[list[dict]] = [[] for _ in range(len(layers))]
-    inputs: list[Tensor] = []
     originals = list(layers)
-    for i in range(len(layers)):
-        layers[i] = _Recorder(i, len(layers) - 1, calls, inputs, originals[i])
-    try:
+    load = cal.loader(read)
+
+    def live(block: nn.Module, index: int, x: Tensor, kwargs: dict) -> Any:
+        """Block `index` run for real (materialized, run, released), for models whose blocks return
+        state the next block takes (a sparse-attention indexer's choice, a second stream)."""
+        block = copy.deepcopy(block)   # the skeleton's block stays on meta, with its buffers, for the runner
+        _materialize(block, f"{layers_path}.{index}.", load, device, cal.dtype)
+        return _block_forward(block, x, kwargs, whole=True)
+
+    calls: list[list[dict]] = []
+    inputs: list[Tensor] = []
+
+    def capture(live_blocks: bool) -> None:
+        calls[:] = [[] for _ in range(len(layers))]
+        inputs.clear()
+        for i in range(len(layers)):
+            layers[i] = _Recorder(i, len(layers) - 1, calls, inputs, originals[i], live if live_blocks else None)
         with torch.no_grad():
             for batch in cal.tokens.split(cal.batch_size):
                 try:
                     base(input_ids=batch.to(device), use_cache=False)
                 except _Stop:
                     pass
-                except (ValueError, TypeError) as exc:   # the model unpacks what a block returns
-                    raise RunError(f"the decoder blocks of {type(cal.skeleton).__name__} hand state to the next "
-                                   f"block besides the hidden states ({_first_line(exc)}), which the calibrated "
-                                   "runner cannot replay block by block", "use rtn (or nf4) for this model") from None
+
+    try:
+        try:
+            capture(live_blocks=False)
+        except (ValueError, TypeError):   # the model unpacks what a block returns: run the blocks for real
+            try:
+                capture(live_blocks=True)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise RunError(f"the decoder blocks of {type(cal.skeleton).__name__} hand state to the next "
+                               f"block besides the hidden states ({_first_line(exc)}), which the calibrated "
+                               "runner cannot replay block by block", "use rtn (or nf4) for this model") from None
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
@@ -373,12 +415,15 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _block_forward(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
+def _block_forward(block: nn.Module, x: Tensor, kwargs: dict, whole: bool = False) -> Any:
+    """The block's output hidden states on x (whole=True: everything the block returns)."""
     if POSITIONAL in kwargs:
         kwargs = dict(kwargs)
         out = block(x, *kwargs.pop(POSITIONAL), **kwargs)
     else:
         out = block(x, **kwargs)
+    if whole:
+        return out
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -10,6 +10,7 @@ Any mismatch fails the run; nothing broken is ever renamed into OUT.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 from typing import Any, cast
@@ -95,17 +96,34 @@ def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, d
         n = len(blocks)
         calls: list[list[dict]] = [[] for _ in range(n)]
         inputs: list[Tensor] = []
-        for i in range(n):
-            blocks[i] = _Recorder(i, n - 1, calls, inputs, originals[i])
-        try:
-            loaded = _load_part(base, base_path + "." if base_path else "", reader, modules, present, device,
-                                skip=layers[len(base_path) + 1:] + "." if base_path else layers + ".",
-                                weights=weights)
+
+        def live(block: torch.nn.Module, index: int, x: Tensor, kwargs: dict) -> Any:
+            """Block `index` built from the shards and run (a copy, dropped after), for models whose
+            blocks hand part of their output to the next one."""
+            block = copy.deepcopy(block)
+            _load_part(block, f"{layers}.{index}.", reader, modules, present, device, weights=weights)
+            return _block_forward(block, x, kwargs, whole=True)
+
+        def capture(live_blocks: bool) -> None:
+            for lst in calls:
+                lst.clear()
+            inputs.clear()
+            for i in range(n):
+                blocks[i] = _Recorder(i, n - 1, calls, inputs, originals[i], live if live_blocks else None)
             with torch.no_grad():
                 try:
                     base(input_ids=tokens.to(device), use_cache=False)
                 except _Stop:
                     pass
+
+        try:
+            loaded = _load_part(base, base_path + "." if base_path else "", reader, modules, present, device,
+                                skip=layers[len(base_path) + 1:] + "." if base_path else layers + ".",
+                                weights=weights, tied=dict(getattr(model, "all_tied_weights_keys", None) or {}))
+            try:
+                capture(live_blocks=False)
+            except (ValueError, TypeError):   # the blocks pass state along: run them for real
+                capture(live_blocks=True)
         finally:
             for i in range(n):
                 blocks[i] = torch.nn.Identity()
@@ -113,7 +131,7 @@ def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, d
             _release(base, name)
         del loaded
         x = inputs[0]
-        del inputs
+        inputs.clear()
         for i in range(n):
             block = originals[i]
             originals[i] = None
@@ -134,7 +152,8 @@ def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, d
 
 
 def _load_part(module: torch.nn.Module, prefix: str, reader: Any, modules: Any, present: set[str],
-               device: torch.device, skip: str | None = None, weights: Any = None) -> list[str]:
+               device: torch.device, skip: str | None = None, weights: Any = None,
+               tied: dict[str, str] | None = None) -> list[str]:
     """Build `module` (full name `prefix`) from the written checkpoint, as load_quantized would: its
     quantized Linears decoded into QuantLinear / NF4Linear / OutlierLinear, its other parameters
     read in float32, its buffers moved to `device`. Names under `skip` (local) are left alone.
@@ -180,6 +199,8 @@ def _load_part(module: torch.nn.Module, prefix: str, reader: Any, modules: Any, 
             value = weights.assemble(prefix + name, lambda n: pieces[n] if n in pieces else reader.read(n))
         else:
             stored = weights.disk_name(prefix + name)
+            if stored not in present and (tied or {}).get(prefix + name) in weights.to_disk:
+                stored = weights.disk_name((tied or {})[prefix + name])   # tied to a stored parameter
             if stored not in present:
                 raise CheckpointError(f"{stored} is missing from the checkpoint in {reader.folder}")
             value = reader.read(stored)

@@ -188,11 +188,15 @@ def test_routers_are_listed_as_unquantized(tiny, tmp_path):
     assert ignore == ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
 
 
-@pytest.mark.parametrize("name", ["RecurrentGemmaForCausalLM", "MllamaForCausalLM", "BertLMHeadModel"])
+@pytest.mark.parametrize("name", ["RecurrentGemmaForCausalLM", "MllamaForCausalLM", "BertLMHeadModel",
+                                  "GlmMoeDsaForCausalLM", "BambaForCausalLM", "ProphetNetForCausalLM"])
 def test_blocks_called_in_unusual_ways_are_calibrated(tiny, tmp_path, name):
     """RecurrentGemma passes use_cache positionally; Mllama skips its cross-attention layers on text
     (their Linears, which no calibration text reaches, are rounded to nearest); BERT-style causal LMs
-    keep their blocks in an encoder and take token ids at `bert`, not at the encoder."""
+    keep their blocks in an encoder and take token ids at `bert`, not at the encoder; GLM-MoE-DSA's
+    blocks hand their sparse-attention choice to the next block and Bamba's a second output, so
+    the blocks are run for real while their inputs are recorded; ProphetNet's decoder ties its
+    embeddings to a stored parameter of another name."""
     import json
 
     from test_cli import cli
@@ -208,7 +212,7 @@ def test_blocks_called_in_unusual_ways_are_calibrated(tiny, tmp_path, name):
     layers = [layer for line in (tmp_path / "log.jsonl").read_text().splitlines()
               if json.loads(line).get("event") == "block" for layer in json.loads(line)["layers"]]
     unused = {layer["name"] for layer in layers if layer["metrics"].get("unused")}
-    assert bool(unused) == (name == "MllamaForCausalLM")
+    assert bool(unused) == (name in ("MllamaForCausalLM", "ProphetNetForCausalLM"))   # cross-attention
     assert all(".cross_attn" in n or "cross_attn_mlp" in n or ".mlp." in n for n in unused)
 
 
