@@ -60,7 +60,7 @@ class GgmlWeight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)  # type: ignore[return-value]
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
 
     def affine(self) -> tuple[np.ndarray, np.ndarray]:
         """(s, m) float32 (rows, sub-blocks per row): a code c of sub-block j stands for s*c + m."""
@@ -484,8 +484,8 @@ def pack(qw: GgmlWeight) -> np.ndarray:
                  _u8(p["d"].astype(np.float16)[..., None])]
     elif qw.type == "Q3_K":
         u = q.astype(np.uint8)
-        high = (u >> 2) & 1                                  # weight j's bit in hmask[j % 32], bit j // 32
-        hmask = (high.reshape(rows, nb, 8, 32) << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=2).astype(np.uint8)
+        hbit = (u >> 2) & 1                                  # weight j's bit in hmask[j % 32], bit j // 32
+        hmask = (hbit.reshape(rows, nb, 8, 32) << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=2).astype(np.uint8)
         low = (u & 3).reshape(rows, nb, 2, 4, 32)
         qs = (low[..., 0, :] | (low[..., 1, :] << 2) | (low[..., 2, :] << 4) | (low[..., 3, :] << 6)).astype(np.uint8)
         parts = [hmask, qs.reshape(rows, nb, 64), _pack_q3_scales(p["sc"]), _u8(p["d"].astype(np.float16)[..., None])]
