@@ -48,7 +48,10 @@ SymOpt = Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (zero
 ClipOpt = Annotated[str, typer.Option("--clip", help="Group range: minmax, or mse (shrink the range where it lowers "
                                                      "the rounding error).")]
 FormatOpt = Annotated[str, typer.Option("--format", help="gptq (GPTQ layout), awq (AutoAWQ GEMM, 4-bit only) or "
-                                                         "compressed-tensors (pack-quantized, 2/4/8-bit).")]
+                                                         "compressed-tensors (pack-quantized, 2/4/8-bit); rtn also "
+                                                         "writes gguf (one llama.cpp file, Q4_K_M) or gguf:TYPE (Q8_0, "
+                                                         "Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, Q4_K_M, "
+                                                         "Q3_K_M).")]
 KeepDenseOpt = Annotated[list[str] | None, typer.Option("--keep-dense", help="Regex of Linear names to leave "
                                                            "unquantized (repeatable).", show_default=False)]
 

@@ -137,6 +137,8 @@ def print_inspection(info: Any, all_modules: bool, results: Results) -> None:
     rows: dict[str, list] = {}
     for m in info.modules:
         key = m.name if all_modules else by_name(m.name)
+        if info.quant_method == "gguf" and not all_modules:
+            key = f"{key} [{m.codebook}]"          # a mix gives one name several ggml types
         group = f"{m.codebook} b{m.group_size}" if m.codebook != "int" else \
             "channel" if m.group_size == -1 else str(m.group_size)
         sym = "-" if m.codebook != "int" else "yes" if m.sym else "no"
@@ -149,7 +151,8 @@ def print_inspection(info: Any, all_modules: bool, results: Results) -> None:
     results.print(table)
     results.print(f"quantized modules: {len(info.modules)}   quantized weights: {info.quantized_params:,}")
     results.print(f"quantized tensors: {human(info.quantized_bytes)}   whole checkpoint: {human(info.total_bytes)}")
-    what = "codes, absmax and their nested statistics" if any(m.codebook != "int" for m in info.modules) \
+    what = "ggml blocks: codes with their block and sub-block scales" if info.quant_method == "gguf" \
+        else "codes, absmax and their nested statistics" if any(m.codebook != "int" for m in info.modules) \
         else "codes, scales, zeros, g_idx and the float16 outliers with their indices" \
         if info.quant_method == "quantize_llm_outlier" else "codes, scales, zeros and g_idx"
     results.print(f"bits per weight: {info.bits_per_weight:.3f} ({what})")

@@ -138,10 +138,15 @@ def load_for_eval(model: str, device: str | torch.device = "cpu", dtype: torch.d
     """
     from transformers import AutoTokenizer
 
+    from ..formats.gguf import is_gguf
     from ..formats.reading import QuantizedModules
     from ..models.sources import load_float_model
     from ..runtime.load import load_quantized
 
+    if is_gguf(Path(model).expanduser()):          # a GGUF file: its weights dequantized, its tokenizer
+        from ..runtime.gguf import load_gguf, load_gguf_tokenizer
+
+        return load_gguf(model, device=device, dtype=dtype), load_gguf_tokenizer(model)
     folder = resolve_model(model, trust_remote_code=trust_remote_code)
     # config.json and the weights first: the tokenizer reads config.json too, and says less about it
     with CheckpointReader(folder) as reader:
@@ -195,7 +200,10 @@ def run_eval(model: str, dataset: Path, *, seqlen: int = 512, windows: int | Non
 def _warn_if_calibrated_on(model: str, dataset: Path, emit: Callable[[str, dict], None]) -> None:
     """Evaluating on the calibration text flatters the model: say so."""
     from ..calibration.data import same_file
+    from ..formats.gguf import is_gguf
 
+    if is_gguf(Path(model).expanduser()):
+        return
     with CheckpointReader(resolve_model(model)) as reader:
         path: Any = reader.config.get("quantization_config")
     for key in ("meta", "calibration", "path"):   # a damaged config is refused when the model loads

@@ -38,6 +38,10 @@ class CheckpointInfo:
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    from ..formats.gguf import is_gguf
+
+    if is_gguf(Path(str(path)).expanduser()):
+        return inspect_gguf(Path(str(path)).expanduser())
     folder = resolve_model(str(path))
     with CheckpointReader(folder) as reader:
         qconfig = reader.config.get("quantization_config")
@@ -53,4 +57,26 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
                                            nbytes, header.codebook))
             info.quantized_bytes += nbytes
             info.quantized_params += header.shape[0] * header.shape[1]
+    return info
+
+
+def inspect_gguf(path: Path) -> CheckpointInfo:
+    """A GGUF file's quantized tensors from its header: ggml type (shown where the codebook goes),
+    block size, nominal bits and bytes."""
+    import gguf
+
+    from ..core.ggml import TYPES
+
+    reader = gguf.GGUFReader(str(path))
+    info = CheckpointInfo(str(path), "gguf", total_bytes=path.stat().st_size)
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind not in TYPES:          # F32/F16 tensors, and block types this tool does not write
+            continue
+        shape = (int(t.shape[1]), int(t.shape[0])) if len(t.shape) == 2 else (1, int(t.shape[0]))
+        block = TYPES[kind]
+        info.modules.append(ModuleInfo(t.name.removesuffix(".weight"), int(block.bits), block.block, False, shape,
+                                       int(t.n_bytes), kind))
+        info.quantized_bytes += int(t.n_bytes)
+        info.quantized_params += shape[0] * shape[1]
     return info

@@ -60,6 +60,14 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
     `trust_remote_code`, a model whose config.json names code of its own is built with that code (one
     warning says so); without it, such a model is refused.
     """
+    from ..formats.gguf import parse_format
+
+    scheme = parse_format(spec.format)
+    if scheme is not None:                      # one GGUF file, not a checkpoint folder (run/gguf.py)
+        from .gguf import export_gguf
+
+        return export_gguf(model, output, spec, scheme, overwrite=overwrite, on_event=on_event,
+                           trust_remote_code=trust_remote_code)
     output = Path(output).expanduser()
     job = Job(name=output.name, model=model, output=output, spec=spec, options=options, calibration=calibration,
               device=device, overwrite=overwrite, max_shard_size=str(max_shard_bytes), batch_size=batch_size,

@@ -347,10 +347,16 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
             raise _within(where, exc) from None
     if data.get("push_to_hub"):
         run_args["push_to_hub"] = data["push_to_hub"]
+    from ..formats.gguf import parse_format
     from .plan import prepare
 
     try:
-        prepare(spec, options)           # the format holds the spec, the method produces its codes
+        if parse_format(spec.format) is not None:   # one GGUF file (run/gguf.py), not a planned checkpoint
+            from .gguf import check_method
+
+            check_method(spec)
+        else:
+            prepare(spec, options)       # the format holds the spec, the method produces its codes
     except SpecError as exc:
         raise _within(where, exc) from None
     output = Path(data["output"]).expanduser()

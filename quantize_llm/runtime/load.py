@@ -49,6 +49,12 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu",
         if not st.available:
             raise UsageError(f"the CUDA kernels cannot be used here: {st.reason}",
                              "use backend 'auto' or 'torch' (the PyTorch implementation)")
+    from ..formats.gguf import is_gguf
+
+    if is_gguf(Path(str(path)).expanduser()):      # one GGUF file: dequantized weights (runtime/gguf.py)
+        from .gguf import load_gguf
+
+        return cast(PreTrainedModel, load_gguf(path, device=device, dtype=dtype))
     folder = resolve_model(str(path), trust_remote_code=trust_remote_code)
     with CheckpointReader(folder) as reader:
         config = reader.config

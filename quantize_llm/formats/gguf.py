@@ -1,0 +1,380 @@
+"""GGUF, the single-file format llama.cpp (and Ollama, LM Studio) runs: what goes into one.
+
+The container is written with the `gguf` package's GGUFWriter. What llama.cpp expects of it was
+read from llama.cpp's own converter and quantizer (`convert_hf_to_gguf.py` and `conversion/`,
+`src/llama-quant.cpp`, `src/llama-vocab.cpp`) and is restated here:
+
+* Families: Llama and Mistral (architecture `llama`), Qwen2 (`qwen2`) and Qwen3 (`qwen3`). Other
+  families are refused in one line.
+* Tensor names are the `gguf` package's map from the checkpoint's names (`blk.N.attn_q.weight`, ...).
+  For the `llama` architecture the converter permutes the rows of q_proj and k_proj (within each
+  head, the two rotary halves are interleaved: rows reshaped (heads, 2, head_dim/2) and the first
+  two axes swapped) because llama.cpp applies rotary embeddings to adjacent pairs; Qwen2/Qwen3 are
+  run with the NEOX rotation and keep the checkpoint's order.
+* A tied output head is not written (llama.cpp then uses token_embd), as the converter does.
+* Metadata: `{arch}.context_length`, `embedding_length`, `block_count`, `feed_forward_length`,
+  `attention.head_count`, `attention.head_count_kv`, `rope.freq_base`,
+  `attention.layer_norm_rms_epsilon`, `attention.key_length`/`value_length` when the config names a
+  head_dim, `rope.dimension_count` and `vocab_size` for llama; `general.file_type` (llama.cpp's
+  LLAMA_FTYPE) and `general.quantization_version` 2. The source config.json is kept under
+  `quantize_llm.config` so our reader rebuilds the model exactly.
+* Tokenizer: byte-level BPE tokenizers (tokenizer.json) as `tokenizer.ggml.model = gpt2`, with the
+  token list padded to the config's vocab_size, token types (special added tokens are CONTROL),
+  merges and special token ids (the `gguf` package's SpecialVocab), and `tokenizer.ggml.pre` chosen
+  from the pre-tokenizer (gpt-2, llama-bpe, qwen2, smollm or default).
+* Types: llama-quantize's per-tensor rules for the schemes (`tensor_type`): 1-D tensors (norms,
+  biases) stay F32; the output head (or a tied token_embd) gets Q6_K, or Q8_0 when its rows do not
+  fill 256-weight blocks; Q4_K_M puts attn_v and ffn_down of the `use_more_bits` layers in Q6_K;
+  Q3_K_M puts attn_v in Q5_K for the first two layers and Q4_K after, attn_output in Q4_K, and
+  ffn_down in Q5_K for the first sixteenth of the layers and Q4_K after. A matrix whose rows do not
+  fill the type's blocks falls back as llama.cpp does (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0,
+  Q3_K to Q4_0; F16 when not even 32-weight blocks fit).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core import ggml
+from ..errors import SpecError
+
+# scheme -> (the type of most matrices, llama.cpp's LLAMA_FTYPE number for general.file_type)
+SCHEMES: dict[str, tuple[str, int]] = {
+    "Q8_0": ("Q8_0", 7), "Q4_0": ("Q4_0", 2), "Q4_1": ("Q4_1", 3), "Q5_0": ("Q5_0", 8), "Q5_1": ("Q5_1", 9),
+    "Q3_K": ("Q3_K", 11), "Q4_K": ("Q4_K", 14), "Q5_K": ("Q5_K", 16), "Q6_K": ("Q6_K", 18),
+    "Q4_K_M": ("Q4_K", 15), "Q3_K_M": ("Q3_K", 12),
+}
+DEFAULT_SCHEME = "Q4_K_M"
+CONFIG_KEY = "quantize_llm.config"
+TOKENIZER_KEYS = {"quantize_llm.tokenizer_json": "tokenizer.json",
+                  "quantize_llm.tokenizer_config_json": "tokenizer_config.json"}
+
+# model_type -> (llama.cpp architecture, rows of q/k permuted for llama.cpp's rotation)
+FAMILIES: dict[str, tuple[str, bool]] = {
+    "llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
+}
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q3_K": "Q4_0"}
+
+
+def parse_format(name: str) -> str | None:
+    """The GGUF scheme a --format value names ("gguf" = Q4_K_M, "gguf:Q3_K_M", ...), None when it
+    is not a GGUF format."""
+    low = name.lower()
+    if low != "gguf" and not low.startswith("gguf:"):
+        return None
+    scheme = name.split(":", 1)[1].upper() if ":" in name else DEFAULT_SCHEME
+    if scheme not in SCHEMES:
+        raise SpecError(f"--format {name}: {scheme} is not a GGUF type this tool writes",
+                        f"choose one of {', '.join('gguf:' + s for s in SCHEMES)} (plain gguf is {DEFAULT_SCHEME})")
+    return scheme
+
+
+def family(config: dict) -> tuple[str, bool]:
+    """(llama.cpp architecture, whether q/k rows are permuted); SpecError for other families."""
+    model_type = str(config.get("model_type", ""))
+    if model_type not in FAMILIES:
+        raise SpecError(f"GGUF output is not supported for model_type {model_type!r}",
+                        f"GGUF output covers {', '.join(sorted(FAMILIES))}; use another --format for this model")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in (None, "default"):
+        raise SpecError(f"GGUF output does not write rope scaling ({rope_type!r}) yet",
+                        "use another --format for this model")
+    return FAMILIES[model_type]
+
+
+def rope_theta(config: dict) -> float:
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and rope.get("rope_theta") is not None:
+        return float(rope["rope_theta"])
+    return float(config.get("rope_theta", 10000.0))
+
+
+def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """q/k rows reordered as llama.cpp's converter does for the llama architecture (module
+    docstring); works on weights (rows, cols) and biases (rows,)."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def head_dim(config: dict) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama-quant.cpp's layers that get more bits in the _M mixes."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_type(scheme: str, name: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> str:
+    """The ggml type llama-quantize gives tensor `name` (GGUF name) of `shape` (numpy order) in
+    `scheme`: "F32", "F16" or a block type."""
+    if len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight"):
+        return "F32"
+    base = SCHEMES[scheme][0]
+    kind = name.split(".")[-2]
+    layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
+    t = base
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        t = "Q8_0" if shape[-1] % ggml.QK_K else ("Q6_K" if base != "Q8_0" else base)
+    elif kind == "attn_v":
+        if scheme == "Q4_K_M" and use_more_bits(layer, n_layer):
+            t = "Q6_K"
+        elif scheme == "Q3_K_M":
+            t = "Q5_K" if layer < 2 else "Q4_K"
+    elif kind == "ffn_down":
+        if scheme == "Q4_K_M" and use_more_bits(layer, n_layer):
+            t = "Q6_K"
+        elif scheme == "Q3_K_M":
+            t = "Q5_K" if layer < n_layer // 16 else "Q4_K"
+    elif kind == "attn_output" and scheme == "Q3_K_M":
+        t = "Q4_K"
+    if shape[-1] % ggml.TYPES[t].block:
+        t = FALLBACK.get(t, t)
+        if shape[-1] % ggml.TYPES[t].block:
+            t = "F16"
+    return t
+
+
+def name_map(arch: str, n_blocks: int) -> Any:
+    import gguf
+
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    return gguf.get_tensor_name_map(arch_enum, n_blocks)
+
+
+def gguf_name(names: Any, hf_name: str) -> str | None:
+    return names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------------------
+
+def _pre_tokenizer(tok: dict) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json."""
+    pre = tok.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    text = json.dumps(parts)
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    if "Split" in kinds and r"\\p{N}{1,3}" in text:
+        return "llama-bpe"
+    if "Split" in kinds and r"\\p{N}" in text and "{1,3}" not in text:
+        return "qwen2"
+    return "default"
+
+
+@dataclass(frozen=True)
+class Vocab:
+    tokens: list[str]
+    types: list[int]
+    pre: str
+
+
+def read_vocab(folder: Path, vocab_size: int) -> Vocab:
+    """The token list and types of a byte-level BPE tokenizer.json, padded to vocab_size."""
+    import gguf
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise SpecError(f"GGUF output needs the model's tokenizer.json (none in {folder})",
+                        "only byte-level BPE tokenizers (tokenizer.json) are written to GGUF so far")
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("pre_tokenizer")):
+        raise SpecError("GGUF output supports byte-level BPE tokenizers only so far",
+                        "this model's tokenizer.json is of another kind (SentencePiece, WordPiece, ...)")
+    by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    special: set[int] = set()
+    user: set[int] = set()
+    for added in tok.get("added_tokens") or []:
+        by_id[int(added["id"])] = added["content"]
+        (special if added.get("special") else user).add(int(added["id"]))
+    size = max(vocab_size, max(by_id) + 1)
+    tokens, types = [], []
+    for i in range(size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if i in special else
+                         gguf.TokenType.USER_DEFINED if i in user else gguf.TokenType.NORMAL)
+    return Vocab(tokens, [int(t) for t in types], _pre_tokenizer(tok))
+
+
+# ---- writing --------------------------------------------------------------------------------------------------
+
+def write_metadata(writer: Any, arch: str, config: dict, scheme: str, name: str) -> None:
+    import gguf
+
+    writer.add_name(name)
+    writer.add_file_type(SCHEMES[scheme][1])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(int(config["hidden_size"]))
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(int(config["num_attention_heads"]))
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or config["num_attention_heads"]))
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    if config.get("head_dim"):
+        writer.add_key_length(int(config["head_dim"]))
+        writer.add_value_length(int(config["head_dim"]))
+    if arch == "llama":
+        writer.add_vocab_size(int(config["vocab_size"]))
+        writer.add_rope_dimension_count(head_dim(config))
+    writer.add_string(CONFIG_KEY, json.dumps(config, sort_keys=True))
+
+
+def write_tokenizer(writer: Any, folder: Path, config: dict) -> None:
+    import gguf
+
+    vocab = read_vocab(folder, int(config["vocab_size"]))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(vocab.tokens))
+    special.add_to_gguf(writer, quiet=True)
+    for key, file in TOKENIZER_KEYS.items():     # verbatim, so our reader tokenizes exactly as the source
+        if (folder / file).is_file():
+            writer.add_string(key, (folder / file).read_text(encoding="utf-8"))
+
+
+@dataclass
+class TensorPlan:
+    """One tensor of the GGUF file: its GGUF name, the checkpoint name it comes from, its type."""
+
+    name: str
+    source: str
+    shape: tuple[int, ...]
+    type: str
+    permute_heads: int = 0        # rows permuted for llama's rotation (0: not)
+
+
+def plan_tensors(config: dict, shapes: dict[str, tuple[int, ...]], scheme: str,
+                 keep_dense: Iterable[str] = ()) -> list[TensorPlan]:
+    """Every tensor of the GGUF file from the checkpoint's tensor shapes; SpecError for a tensor
+    llama.cpp would not know."""
+    arch, permute = family(config)
+    n_layer = int(config["num_hidden_layers"])
+    names = name_map(arch, n_layer)
+    tied = "lm_head.weight" not in shapes or bool(config.get("tie_word_embeddings"))
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    dense = [re.compile(p) for p in keep_dense]
+    plans = []
+    for source, shape in shapes.items():
+        if source == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        if source.endswith(("rotary_emb.inv_freq", ".inv_freq")):
+            continue
+        name = gguf_name(names, source)
+        if name is None:
+            raise SpecError(f"GGUF output: the checkpoint's tensor {source} has no name in llama.cpp's {arch} "
+                            "architecture", "use another --format for this model")
+        t = tensor_type(scheme, name, shape, n_layer, tied)
+        if t not in ("F32", "F16") and any(p.search(source.removesuffix(".weight")) for p in dense):
+            t = "F16"
+        heads_of = 0
+        if permute and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", source):
+            heads_of = heads if ".q_proj." in source else kv_heads
+        plans.append(TensorPlan(name, source, tuple(shape), t, heads_of))
+    return plans
+
+
+def encode_tensor(plan: TensorPlan, w: np.ndarray) -> tuple[np.ndarray, Any]:
+    """(array, raw ggml type or None) for GGUFWriter.add_tensor, from the float32 source tensor
+    (already permuted when the plan says so) rounded to nearest."""
+    import gguf
+
+    if plan.type == "F32":
+        return np.ascontiguousarray(w, dtype=np.float32), None
+    if plan.type == "F16":
+        return np.ascontiguousarray(w, dtype=np.float16), None
+    return ggml.quantize_rtn(plan.type, w).pack(), gguf.GGMLQuantizationType[plan.type]
+
+
+def packed_tensor(qw: ggml.GgmlWeight) -> tuple[np.ndarray, Any]:
+    import gguf
+
+    return qw.pack(), gguf.GGMLQuantizationType[qw.type]
+
+
+# ---- reading --------------------------------------------------------------------------------------------------
+
+def is_gguf(path: Path | str) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def read_gguf(path: Path | str) -> tuple[dict, dict[str, np.ndarray], dict[str, str]]:
+    """A GGUF file this tool wrote: (config.json, the checkpoint's tensors dequantized to float32
+    under their checkpoint names, the ggml type each was stored in). ValueError for GGUF files
+    without our config record (llama.cpp's own: read them with transformers' GGUF loader)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get(CONFIG_KEY)
+    if field is None:
+        raise ValueError(f"{path} was not written by quantize-llm (no {CONFIG_KEY} record)")
+    config = json.loads(bytes(field.parts[field.data[0]]).decode("utf-8"))
+    arch, permute = family(config)
+    n_layer = int(config["num_hidden_layers"])
+    names = name_map(arch, n_layer)
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    wanted = _checkpoint_names(config)
+    back = {gguf_name(names, hf): hf for hf in wanted}
+    tensors: dict[str, np.ndarray] = {}
+    types: dict[str, str] = {}
+    for t in reader.tensors:
+        source = back.get(t.name)
+        if source is None:
+            raise ValueError(f"{path}: tensor {t.name} is not one of the {arch} model's")
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape(tuple(int(n) for n in reversed(t.shape)))
+        if permute and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", source):
+            w = unpermute_rows(w, heads if ".q_proj." in source else kv_heads)
+        tensors[source] = w
+        types[source] = t.tensor_type.name
+    return config, tensors, types
+
+
+def read_string(path: Path | str, key: str) -> str | None:
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get(key)
+    return None if field is None else bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _checkpoint_names(config: dict) -> list[str]:
+    """The tensor names a checkpoint of this family can hold (for the reverse name map)."""
+    n = int(config["num_hidden_layers"])
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    per = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj"]
+    for i in range(n):
+        p = f"model.layers.{i}."
+        names += [p + m + s for m in per for s in (".weight", ".bias")]
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                  p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+    return names

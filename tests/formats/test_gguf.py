@@ -1,0 +1,178 @@
+"""GGUF output (formats/gguf.py, run/gguf.py, runtime/gguf.py): files read back with the `gguf`
+package's own reader and dequantizers, llama-quantize's per-tensor rules, and our loader."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from quantize_llm.core import ggml  # noqa: E402
+from quantize_llm.core.spec import QuantSpec  # noqa: E402
+from quantize_llm.errors import OutputError, SpecError  # noqa: E402
+from quantize_llm.formats import gguf as gf  # noqa: E402
+
+WIDE = dict(hidden_size=256, intermediate_size=512)      # rows that fill 256-weight blocks
+
+
+def write(src, out, scheme="Q4_K_M", **kw):
+    from quantize_llm.run.execute import quantize
+
+    return quantize(str(src), out, QuantSpec(method="rtn", format=f"gguf:{scheme}"), **kw)
+
+
+def test_format_names():
+    assert gf.parse_format("gguf") == "Q4_K_M"
+    assert gf.parse_format("gguf:q3_k_m") == "Q3_K_M"
+    assert gf.parse_format("gptq") is None
+    with pytest.raises(SpecError, match="IQ2_XS is not a GGUF type"):
+        gf.parse_format("gguf:IQ2_XS")
+
+
+def test_llama_quantize_rules_for_the_mixes():
+    """llama-quant.cpp: use_more_bits layers, the output head, the fallbacks for short rows."""
+    n = 32
+    more = [i for i in range(n) if gf.use_more_bits(i, n)]
+    assert more[:6] == [0, 1, 2, 3, 6, 9] and more[-4:] == [28, 29, 30, 31]
+    t = gf.tensor_type
+    assert t("Q4_K_M", "blk.0.attn_v.weight", (256, 512), n, False) == "Q6_K"
+    assert t("Q4_K_M", "blk.4.attn_v.weight", (256, 512), n, False) == "Q4_K"
+    assert t("Q4_K_M", "blk.6.ffn_down.weight", (512, 1024), n, False) == "Q6_K"
+    assert t("Q4_K_M", "blk.5.ffn_down.weight", (512, 1024), n, False) == "Q4_K"
+    assert t("Q4_K_M", "blk.5.attn_q.weight", (512, 512), n, False) == "Q4_K"
+    assert t("Q4_K_M", "output.weight", (1000, 512), n, False) == "Q6_K"
+    assert t("Q4_K_M", "output.weight", (1000, 576), n, False) == "Q8_0"       # 576 % 256 != 0
+    assert t("Q4_K_M", "token_embd.weight", (1000, 512), n, True) == "Q6_K"    # tied: the head's rule
+    assert t("Q4_K_M", "token_embd.weight", (1000, 512), n, False) == "Q4_K"
+    assert t("Q4_K_M", "blk.5.attn_q.weight", (576, 576), n, False) == "Q5_0"  # Q4_K's fallback
+    assert t("Q4_K_M", "blk.0.attn_v.weight", (192, 576), n, False) == "Q8_0"  # Q6_K's fallback
+    assert t("Q3_K_M", "blk.1.attn_v.weight", (256, 512), n, False) == "Q5_K"
+    assert t("Q3_K_M", "blk.2.attn_v.weight", (256, 512), n, False) == "Q4_K"
+    assert t("Q3_K_M", "blk.1.ffn_down.weight", (512, 1024), n, False) == "Q5_K"   # 1 < 32/16
+    assert t("Q3_K_M", "blk.2.ffn_down.weight", (512, 1024), n, False) == "Q4_K"
+    assert t("Q3_K_M", "blk.2.attn_output.weight", (512, 512), n, False) == "Q4_K"
+    assert t("Q3_K_M", "blk.2.ffn_up.weight", (1024, 512), n, False) == "Q3_K"
+    assert t("Q3_K_M", "blk.2.ffn_up.weight", (1024, 576), n, False) == "Q4_0"    # Q3_K's fallback
+    assert t("Q4_0", "blk.2.ffn_up.weight", (1024, 48), n, False) == "F16"       # not even 32-blocks
+    assert t("Q4_0", "output.weight", (1000, 512), n, False) == "Q6_K"
+    assert t("Q8_0", "output.weight", (1000, 512), n, False) == "Q8_0"
+    assert t("Q4_K_M", "blk.0.attn_norm.weight", (512,), n, False) == "F32"
+    assert t("Q4_K_M", "blk.0.attn_q.bias", (512,), n, False) == "F32"
+
+
+def test_rope_permutation_interleaves_the_halves_of_each_head():
+    w = np.arange(16, dtype=np.float32).reshape(8, 2)       # two heads of head_dim 4
+    p = gf.permute_rows(w, 2)
+    assert p[:, 0].tolist() == [0, 4, 2, 6, 8, 12, 10, 14]    # rows 0,2,1,3 of each head (x2 = column 0)
+    np.testing.assert_array_equal(gf.unpermute_rows(p, 2), w)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_file_read_back_by_the_gguf_package(tiny_model, tmp_path, arch):
+    src = tiny_model(arch, config=WIDE)
+    summary = write(src, tmp_path / "model")            # .gguf appended
+    out = tmp_path / "model.gguf"
+    assert summary.output == str(out) and out.is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    reader = gguf.GGUFReader(str(out))
+    fields = {k: f for k, f in reader.fields.items()}
+    arch_name = gf.FAMILIES[arch][0]
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == arch_name
+    for key in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                "attention.head_count", "attention.head_count_kv", "rope.freq_base",
+                "attention.layer_norm_rms_epsilon"):
+        assert f"{arch_name}.{key}" in fields, key
+    assert int(fields[f"{arch_name}.block_count"].parts[-1][0]) == 2
+    assert int(fields["general.file_type"].parts[-1][0]) == 15
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+    assert len(fields["tokenizer.ggml.tokens"].data) == 256
+    from safetensors.torch import load_file
+
+    source = {k: v.float().numpy() for k, v in load_file(str(src / "model.safetensors")).items()}
+    names = gf.name_map(arch_name, 2)
+    by_name = {t.name: t for t in reader.tensors}
+    assert len(by_name) == len([k for k in source if not (k == "lm_head.weight" and "tied" in arch)])
+    heads, kv = 4, 2
+    for hf, w in source.items():
+        t = by_name[gf.gguf_name(names, hf)]
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+        if arch_name == "llama" and (".q_proj." in hf or ".k_proj." in hf):
+            w = gf.permute_rows(w, heads if ".q_proj." in hf else kv)
+        kind = t.tensor_type.name
+        want = w if kind == "F32" else ggml.quantize_rtn(kind, w).dequantize()
+        np.testing.assert_array_equal(got, want, err_msg=hf)
+
+
+@pytest.mark.parametrize("scheme", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q3_K_M"])
+def test_loader_holds_the_dequantized_blocks(tiny_model, tmp_path, scheme):
+    """load_quantized (and eval) of a GGUF file: the source model with each weight replaced by
+    what gguf's dequantizer reads from the blocks, exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from quantize_llm import load_quantized
+
+    src = tiny_model("llama", config=WIDE)
+    out = write(src, tmp_path / f"m-{scheme}.gguf", scheme).output
+    model = load_quantized(out)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    reader = gguf.GGUFReader(out)
+    names = gf.name_map("llama", 2)
+    state = ref.state_dict()
+    for t in reader.tensors:
+        hf = next(k for k in state if gf.gguf_name(names, k) == t.name)
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(state[hf].shape)
+        if ".q_proj." in hf or ".k_proj." in hf:
+            w = gf.unpermute_rows(w, 4 if ".q_proj." in hf else 2)
+        state[hf] = torch.from_numpy(np.ascontiguousarray(w))
+    ref.load_state_dict(state)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+def test_tied_head_is_not_written_and_short_rows_fall_back(tiny_model, tmp_path):
+    from quantize_llm.run.gguf import tensor_types
+
+    src = tiny_model("llama-tied")                         # hidden 64: no 256-weight blocks
+    types = tensor_types(write(src, tmp_path / "t.gguf").output)
+    assert "output.weight" not in types
+    assert types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["blk.1.attn_v.weight"] == "Q8_0"
+
+
+def test_refusals(tiny_model, tmp_path):
+    src = tiny_model("llama", config=WIDE)
+    write(src, tmp_path / "x.gguf", "Q4_0")
+    with pytest.raises(OutputError, match="already exists"):
+        write(src, tmp_path / "x.gguf", "Q4_0")
+    write(src, tmp_path / "x.gguf", "Q8_0", overwrite=True)
+    for arch in ("gemma2", "phi3", "opt"):
+        with pytest.raises(SpecError, match="GGUF output is not supported for model_type"):
+            write(tiny_model(arch), tmp_path / f"{arch}.gguf")
+    from quantize_llm.run.execute import quantize
+
+    with pytest.raises(SpecError, match="written by rtn so far"):
+        quantize(str(src), tmp_path / "g.gguf", QuantSpec(method="gptq", format="gguf"))
+    assert not (tmp_path / "gemma2.gguf").exists()
+
+
+def test_cli_inspect_and_eval(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from quantize_llm.cli import app
+
+    src = tiny_model("qwen2", config=WIDE)
+    runner = CliRunner()
+    out = tmp_path / "q.gguf"
+    res = runner.invoke(app, ["rtn", str(src), "-o", str(out), "--format", "gguf:Q4_K_M"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["inspect", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "Q4_K b256" in res.output and "ggml blocks" in res.output
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    res = runner.invoke(app, ["eval", str(out), "--dataset", str(text), "--baseline", str(src), "--windows", "2",
+                              "--seqlen", "128"])
+    assert res.exit_code == 0, res.output
+    assert "KL to baseline" in res.output
