@@ -46,7 +46,7 @@ def test_beats_every_uniform_setting_of_no_larger_size():
     # the known optimum: 4 bits where it matters most, 2 bits for the least sensitive
     assert a.choice == (2, 2, 0, 0)        # 4, 4, 2, 2 bits: 200+200+100+100 = 600
     assert a.bits == budget
-    for k, b in enumerate((2, 3, 4)):
+    for b in (2, 3, 4):
         uniform_size = 4 * sizes[b]
         uniform_cost = sum(s * err[b] for s in sens)
         if uniform_size <= budget:

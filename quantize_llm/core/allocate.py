@@ -85,7 +85,7 @@ def solve(items: list[list[tuple[int, float]]], budget: int, max_units: int = 20
         unit = -(-room // max_units)
     capacity = room // unit
     inf = math.inf
-    best = torch.zeros(capacity + 1, dtype=torch.float64)                 # least cost of the modules so far within c units
+    best = torch.zeros(capacity + 1, dtype=torch.float64)   # least cost of the modules so far within c units
     picks = torch.zeros(len(items), capacity + 1, dtype=torch.int16)
     for m, options in enumerate(items):
         new = torch.full((capacity + 1,), inf, dtype=torch.float64)
