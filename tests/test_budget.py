@@ -9,7 +9,7 @@ import pytest
 from quantize_llm.calibration.data import CalibrationSpec
 from quantize_llm.core.spec import QuantSpec
 from quantize_llm.errors import SpecError
-from quantize_llm.eval.inspection import inspect_checkpoint
+from quantize_llm.eval.inspection import allocation_lines, inspect_checkpoint
 from quantize_llm.run.budget import Budget, cache_path
 from quantize_llm.run.execute import quantize
 from quantize_llm.run.job import Job
@@ -31,6 +31,7 @@ def test_rtn_budget_is_met_exactly_and_written_as_overrides(tiny_model, tmp_path
     info = inspect_checkpoint(out)
     got = {m.name: (m.bits, m.group_size, m.sym) for m in info.modules}
     assert got == dict(zip(choice.modules, choice.settings, strict=True))
+    assert allocation_lines(info)[0].startswith("bits per weight per kind")
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qconfig.get("dynamic")                              # the GPTQ format carries the overrides
     card = (out / "README.md").read_text()
