@@ -48,6 +48,9 @@ def plan(recipe: RecipeArg,
                                                        show_default=False)] = None,
          time_first_block: Annotated[bool, typer.Option(
              "--time", help="Also time the first block (loads calibration data and runs it).")] = False,
+         target_bpw: Annotated[str | None, typer.Option(
+             "--target-bpw", help="Budgets in bits per weight, comma-separated (e.g. 3.5,4.0,4.5): print each "
+             "one's predicted allocation (one measurement pass, cached beside OUT).", show_default=False)] = None,
          trust_remote_code: TrustRemoteCodeOpt = False) -> None:
     import tempfile
     import time
@@ -58,6 +61,9 @@ def plan(recipe: RecipeArg,
 
     jobs = _trusting(load_recipe(recipe), trust_remote_code)
     indices = _indices(recipe, jobs, job_index)
+    if target_bpw is not None:
+        _plan_budgets(jobs, indices, target_bpw)
+        return
     for i in indices:
         job = jobs[i]
         if job.trust_remote_code:
@@ -87,6 +93,35 @@ def plan(recipe: RecipeArg,
                 out.print(f"  time: the first block took {timing['first_block_seconds']:.1f} s after "
                           f"{time.perf_counter() - start - timing['first_block_seconds']:.1f} s of set-up; expected "
                           f"total about {timing['expected_seconds'] / 60:.1f} min")
+
+
+def _plan_budgets(jobs: list, indices: list[int], budgets: str) -> None:
+    """`plan --target-bpw 3.5,4.0`: each job's allocation at each budget, and the uniform settings beside."""
+    from dataclasses import replace
+
+    from ..run.budget import Budget
+    from ..run.plan import plan_run
+
+    try:
+        values = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--target-bpw {budgets!r} is not a list of numbers", "write it like 3.5,4.0,4.5") from None
+    if not values:
+        raise UsageError("--target-bpw names no budget", "write it like 3.5,4.0,4.5")
+    for i in indices:
+        job = jobs[i]
+        if job.spec.method not in ("rtn", "gptq", "awq"):
+            raise UsageError(f"job {i} ({job.name}): --target-bpw is supported for rtn, gptq and awq")
+        out.print(Text.assemble((f"job {i} ({job.name})", "bold"), f": {job.model}"))
+        choice = None
+        for value in values:
+            choice = plan_run(replace(job, budget=Budget(bpw=value))).allocation
+            for line in choice.lines():
+                out.print(f"  {line}")
+        if choice is not None:
+            out.print("  uniform settings (exact bits per weight, predicted KL):")
+            for label, bpw, predicted in choice.uniform:
+                out.print(f"    {label:16s} {bpw:7.4f}  {predicted:.5f}")
 
 
 def _trusting(jobs: list, trust_remote_code: bool) -> list:

@@ -131,6 +131,26 @@ class RunOptions:
         return keys
 
 
+TargetBpwOpt = Annotated[float | None, typer.Option("--target-bpw", help="Choose each Linear's bits and group size "
+                                                    "for this budget of stored bits per weight (scales, zeros and "
+                                                    "g_idx included), from measured errors and sensitivities; "
+                                                    "written as per-module overrides.", show_default=False)]
+TargetSizeOpt = Annotated[str | None, typer.Option("--target-size", help="As --target-bpw, for a budget on the whole "
+                                                   "checkpoint's tensor bytes (e.g. 90MB, 4.5GB; embeddings and head "
+                                                   "at their stored size).", show_default=False)]
+
+
+@dataclass(frozen=True)
+class BudgetOptions:
+    """Per-module settings chosen for a size budget (run/budget.py)."""
+
+    target_bpw: TargetBpwOpt = None
+    target_size: TargetSizeOpt = None
+
+    def job_keys(self) -> dict[str, Any]:
+        return {k: v for k, v in (("target_bpw", self.target_bpw), ("target_size", self.target_size)) if v is not None}
+
+
 @dataclass(frozen=True)
 class CalibrationOptions:
     """The calibration text of the methods that use data, and how many sequences a forward pass takes."""

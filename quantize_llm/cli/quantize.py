@@ -19,6 +19,7 @@ from ..run.recipe import COMMAND_LINE, Job, job_from_dict, parse_size
 from .app import app, click
 from .options import (
     BitsOpt,
+    BudgetOptions,
     CalibrationOptions,
     ClipOpt,
     FormatOpt,
@@ -48,18 +49,18 @@ def run_job(job: Job, log_json: Path | None, command: str | None = None) -> None
                            device=job.device, overwrite=job.overwrite, max_shard_bytes=parse_size(job.max_shard_size),
                            batch_size=job.batch_size, on_event=reporter, command=command, resume=job.resume,
                            evaluation=job.evaluation, push_to_hub=job.push_to_hub, strict_vllm=job.strict_vllm,
-                           verify=job.verify, trust_remote_code=job.trust_remote_code)
+                           verify=job.verify, trust_remote_code=job.trust_remote_code, budget=job.budget)
     print_summary(summary, job.spec, Results(log_json))
 
 
 def command_job(method: str, model: str, output: str, run: RunOptions, *, spec: dict[str, Any],
                 options: dict[str, Any], calibration: CalibrationOptions | None = None,
-                uses_data: bool = True) -> Job:
+                uses_data: bool = True, budget: BudgetOptions | None = None) -> Job:
     """The job a method command describes. `spec`: the grid keys (bits, group_size, ...; None = the
     method's default); `options`: the method's options table; `calibration`: the command's calibration
     options (their batch size is always checked; their text is the job's when `uses_data`)."""
     keys: dict[str, Any] = {"model": model, "output": output, "method": method, **spec, "options": options,
-                            **run.job_keys()}
+                            **run.job_keys(), **(budget.job_keys() if budget is not None else {})}
     if calibration is not None:
         keys["batch_size"] = calibration.batch_size
         if uses_data:
@@ -72,8 +73,8 @@ def command_job(method: str, model: str, output: str, run: RunOptions, *, spec: 
 @grouped_options
 def rtn(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: GroupSizeOpt = 128, sym: SymOpt = True,
         clip: ClipOpt = "minmax", format: FormatOpt = "gptq", keep_dense: KeepDenseOpt = None, *,
-        run: RunOptions) -> None:
-    job = command_job("rtn", model, output, run, options={"clip": clip},
+        budget: BudgetOptions, run: RunOptions) -> None:
+    job = command_job("rtn", model, output, run, options={"clip": clip}, budget=budget,
                       spec=dict(bits=bits, group_size=group_size, sym=sym, format=format, keep_dense=keep_dense))
     run_job(job, run.log_json)
 
@@ -87,11 +88,11 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
          static_groups: Annotated[bool, typer.Option("--static-groups", help="With --act-order: fix groups on the "
                                                      "original column order (trivial g_idx).")] = False,
          clip: ClipOpt = "mse", format: FormatOpt = "gptq", keep_dense: KeepDenseOpt = None, *,
-         solver: SolverOptions, calibration: CalibrationOptions, run: RunOptions) -> None:
+         solver: SolverOptions, calibration: CalibrationOptions, budget: BudgetOptions, run: RunOptions) -> None:
     if static_groups and not act_order:
         raise UsageError("--static-groups only changes something together with --act-order",
                          "add --act-order or drop --static-groups")
-    job = command_job("gptq", model, output, run, calibration=calibration,
+    job = command_job("gptq", model, output, run, calibration=calibration, budget=budget,
                       spec=dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, format=format,
                                 keep_dense=keep_dense),
                       options=dict(solver.options(), static_groups=static_groups, clip=clip))
@@ -119,8 +120,8 @@ def awq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Group
         duo_scaling: Annotated[bool, typer.Option("--duo-scaling", help="AutoAWQ's scale variant: mean|x|^alpha / "
                                                   "mean|w|^(1-alpha) (alpha 0 is then not plain rounding).")] = False,
         keep_dense: KeepDenseOpt = None, *,
-        solver: SolverOptions, calibration: CalibrationOptions, run: RunOptions) -> None:
-    job = command_job("awq", model, output, run, calibration=calibration,
+        solver: SolverOptions, calibration: CalibrationOptions, budget: BudgetOptions, run: RunOptions) -> None:
+    job = command_job("awq", model, output, run, calibration=calibration, budget=budget,
                       spec=dict(bits=bits, group_size=group_size, sym=sym, format=format, keep_dense=keep_dense),
                       options=dict(solver.options(), grid=grid, clip=clip, max_shrink=max_shrink,
                                    search_samples=search_samples, then=then, duo_scaling=duo_scaling))

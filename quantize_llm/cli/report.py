@@ -136,13 +136,13 @@ def print_inspection(info: Any, all_modules: bool, results: Results) -> None:
         table.add_column(col, justify="left" if col == "module" else "right")
     rows: dict[str, list] = {}
     for m in info.modules:
-        key = m.name if all_modules else by_name(m.name)
-        if info.quant_method == "gguf" and not all_modules:
-            key = f"{key} [{m.codebook}]"          # a mix gives one name several ggml types
         group = f"{m.codebook} b{m.group_size}" if m.codebook != "int" else \
             "channel" if m.group_size == -1 else str(m.group_size)
         sym = "-" if m.codebook != "int" else "yes" if m.sym else "no"
-        row = rows.setdefault(key, [key, m.bits, group, sym, m.shape, 0, 0])
+        key = m.name if all_modules else by_name(m.name)
+        if info.quant_method == "gguf" and not all_modules:
+            key = f"{key} [{m.codebook}]"          # a mix gives one name several ggml types
+        row = rows.setdefault(f"{key} {m.bits} {group} {sym}", [key, m.bits, group, sym, m.shape, 0, 0])
         row[5] += m.nbytes
         row[6] += 1
     for name, bits, group, sym, shape, nbytes, count in rows.values():
@@ -156,6 +156,10 @@ def print_inspection(info: Any, all_modules: bool, results: Results) -> None:
         else "codes, scales, zeros, g_idx and the float16 outliers with their indices" \
         if info.quant_method == "quantize_llm_outlier" else "codes, scales, zeros and g_idx"
     results.print(f"bits per weight: {info.bits_per_weight:.3f} ({what})")
+    from ..eval.inspection import allocation_lines
+
+    for line in allocation_lines(info):
+        results.print(line)
 
 
 def print_evaluation(result: Any, model: str, dataset: Path, baseline: str | None, results: Results) -> None:

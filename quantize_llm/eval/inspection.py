@@ -37,6 +37,25 @@ class CheckpointInfo:
         return 8 * self.quantized_bytes / max(self.quantized_params, 1)
 
 
+def allocation_lines(info: CheckpointInfo) -> list[str]:
+    """Where modules have settings of their own (a --target-bpw allocation): stored bits per weight
+    per kind of module and per block; [] when every module has one setting."""
+    import re
+    from collections import defaultdict
+
+    if len({(m.bits, m.group_size, m.sym, m.codebook) for m in info.modules}) < 2:
+        return []
+    kinds: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    blocks: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for m in info.modules:
+        block = re.search(r"\.(\d+)\.", m.name)
+        for table, key in ((kinds, m.name.rsplit(".", 1)[-1]), (blocks, block.group(1) if block else "-")):
+            table[key][0] += 8 * m.nbytes
+            table[key][1] += m.shape[0] * m.shape[1]
+    return ["bits per weight per kind: " + ", ".join(f"{k} {b / n:.2f}" for k, (b, n) in kinds.items()),
+            "bits per weight per block: " + " ".join(f"{b / n:.2f}" for b, n in blocks.values())]
+
+
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     from ..formats.gguf import is_gguf
 

@@ -30,9 +30,11 @@ def model_card(summary: Summary, qconfig: dict, command: str | None, folder: Pat
         stored = "absmax and nested statistics included"
     rows = [("method", spec["method"]), *grid,
             ("kept unquantized", ", ".join(spec["keep_dense"]) or "embeddings, norms, lm_head"),
+            *([("per-module settings", f"chosen for the budget: {len(spec['overrides'])} overrides (see Allocation)")]
+              if summary.allocation and spec.get("overrides") else []),
             *([("per-module overrides (first match wins)",
                 "; ".join(f"`{o['match']}`: " + ", ".join(f"{k} {v}" for k, v in o.items() if k != "match")
-                          for o in spec["overrides"]))] if spec.get("overrides") else []),
+                          for o in spec["overrides"]))] if spec.get("overrides") and not summary.allocation else []),
             (f"bits per weight (quantized Linears, {stored})", f"{summary.bits_per_weight:.3f}"),
             ("quantized parameters", f"{summary.quantized_params:,}"),
             *([("calibration", f"{summary.calibration['source']}: {summary.calibration['nsamples']} x "
@@ -45,9 +47,23 @@ def model_card(summary: Summary, qconfig: dict, command: str | None, folder: Pat
     body = [f"# {Path(summary.output).name}", "",
             f"`{summary.model}` quantized to {spec['bits']}-bit with {spec['method'].upper()} by quantize-llm "
             f"{__version__}, stored in the {layout}.", "", *table, "", "## Command", "", "```",
-            cmd, "```", "", "## Loading", "", "```python", "from quantize_llm import load_quantized",
+            cmd, "```", "", *_allocation(summary, spec), "## Loading", "", "```python",
+            "from quantize_llm import load_quantized",
             f"model = load_quantized(\"{Path(summary.output).name}\")", "```", ""]
     return "\n".join(head + [""] + body)
+
+
+def _allocation(summary: Summary, spec: dict) -> list[str]:
+    """The --target-bpw allocation: the plan's lines, then each module's own setting."""
+    if not summary.allocation:
+        return []
+    gs = "-channel" if spec["group_size"] == -1 else f"g{spec['group_size']}"
+    rows = [f"| `{o['match'].strip('^$').replace(chr(92), '')}` | w{o['bits']}"
+            f"{'-channel' if o['group_size'] == -1 else 'g' + str(o['group_size'])}{'' if o['sym'] else '-asym'} |"
+            for o in spec["overrides"]]
+    return ["## Allocation", "", "```", *summary.allocation, "```", "",
+            f"Every other quantized Linear: w{spec['bits']}{gs}{'' if spec['sym'] else '-asym'}.", "",
+            "| module | setting |", "|---|---|", *rows, ""]
 
 
 def _front_matter_value(readme: Path, key: str) -> str | None:

@@ -47,7 +47,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
              max_shard_bytes: int = 2 * 1024 ** 3, batch_size: int = 8,
              on_event: EventHandler | None = None, command: str | None = None, resume: bool = True,
              evaluation: Any = None, push_to_hub: str | None = None, strict_vllm: bool = False,
-             verify: bool = True, trust_remote_code: bool = False) -> Summary:
+             verify: bool = True, trust_remote_code: bool = False, budget: Any = None) -> Summary:
     """Quantize MODEL (folder, hub id or cache entry) with `spec` and write OUT atomically.
 
     `options` are the algorithm's own (e.g. GPTQOptions); `calibration` a CalibrationSpec for
@@ -58,7 +58,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
     slowly or not at all are warned about before any work (errors with `strict_vllm`). With
     `verify`, the written files are read back and checked (verify.py) before the rename. With
     `trust_remote_code`, a model whose config.json names code of its own is built with that code (one
-    warning says so); without it, such a model is refused.
+    warning says so); without it, such a model is refused. `budget` (budget.Budget) chooses each
+    module's setting for a size budget (run/budget.py).
     """
     from ..formats.gguf import parse_format
 
@@ -72,7 +73,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
     job = Job(name=output.name, model=model, output=output, spec=spec, options=options, calibration=calibration,
               device=device, overwrite=overwrite, max_shard_size=str(max_shard_bytes), batch_size=batch_size,
               resume=resume, strict_vllm=strict_vllm, verify=verify, evaluation=evaluation, push_to_hub=push_to_hub,
-              trust_remote_code=trust_remote_code)
+              trust_remote_code=trust_remote_code, budget=budget)
     if trust_remote_code and on_event is not None:
         on_event("warning", {"message": remote_code_warning(model)})
     return execute(plan_run(job, command), on_event)
@@ -288,7 +289,8 @@ class _Run:
                           output_bytes=writer.total_bytes, quantized_params=self.q_params,
                           quantized_bytes=self.q_bytes, bits_per_weight=8 * self.q_bytes / max(self.q_params, 1),
                           peak_rss_mb=0.0, layers=self.reports, timings=dict(self.timer.seconds),
-                          calibration=self.cal_info)
+                          calibration=self.cal_info,
+                          allocation=plan.allocation.lines() if plan.allocation is not None else None)
         files: dict[str, Any] = dict(carried_files(plan.source.folder))
         if plan.format.config_file:
             files[plan.format.config_file] = json.dumps(qconfig, indent=2) + "\n"

@@ -30,6 +30,7 @@ class Job:
     trust_remote_code: bool = False  # run the model folder's own code where its config.json names some
     evaluation: Any = None           # publish.EvalSpec: measure the written checkpoint into its card
     push_to_hub: str | None = None   # hub repository to upload to
+    budget: Any = None               # budget.Budget: --target-bpw / --target-size, per-module settings chosen
     source: dict = field(default_factory=dict)   # the job's keys as given (for the model card)
 
 

@@ -75,6 +75,7 @@ class RunPlan:
     resources: ResourcePlan
     fingerprint: dict[str, Any]  # what a saved run must share to be resumed (the calibration tokens join it)
     vllm: tuple[str, ...]        # why vLLM would serve the result slowly or not at all
+    allocation: Any = None       # budget.Choice: the per-module settings chosen for --target-bpw/--target-size
 
     @property
     def output(self) -> Path:
@@ -101,6 +102,8 @@ class RunPlan:
                  f"calibration: {self._calibration()}",
                  f"devices: {','.join(map(str, self.devices))}"]
         lines += [f"dense: {line}" for line in src.kept]
+        if self.allocation is not None:
+            lines += self.allocation.lines()
         return lines + self.resources.lines()
 
     def _calibration(self) -> str:
@@ -140,6 +143,14 @@ def plan_run(job: Job, command: str | None = None) -> RunPlan:
         found = discover(skeleton, arch.layers if arch is not None else None)
         weights = build_weight_map(skeleton, reader.names())
         blocks = plan_blocks(reader, found, arch, skeleton, spec, weights)
+        allocation = None
+        if job.budget is not None:   # measured (or read from the cache beside OUT), then solved
+            from .budget import plan_budget
+
+            allocation = plan_budget(job, fmt, spec, folder, blocks, reader, weights.memory_of(), devices[0])
+            spec = allocation.apply(spec.replace(min_zero=0))
+            spec = spec.replace(min_zero=fmt.min_zero(spec))
+            blocks = plan_blocks(reader, found, arch, skeleton, spec, weights)
         in_blocks = {n for b in blocks for n in b.tensors}
         head = output_head(spec, fmt, reader, skeleton, config)
         vllm = tuple(preflight(spec, fmt.name, [(lp.name, lp.out_features, lp.in_features, lp.spec)
@@ -159,7 +170,7 @@ def plan_run(job: Job, command: str | None = None) -> RunPlan:
                    "max_shard_bytes": parse_size(job.max_shard_size)}
     return RunPlan(job=job, command=command, source=source, spec=spec, format=fmt, algorithm=type(algorithm),
                    calibrated=calibrated, devices=devices, blocks=tuple(blocks), outside=outside, head=head,
-                   resources=resources, fingerprint=fingerprint, vllm=vllm)
+                   resources=resources, fingerprint=fingerprint, vllm=vllm, allocation=allocation)
 
 
 def prepare(spec: QuantSpec, options: object | None) -> tuple[type[Format], QuantSpec, Algorithm]:

@@ -63,8 +63,9 @@ SPEC_KEYS = ("bits", "group_size", "sym", "act_order", "format", "keep_dense", "
              "double_quant")
 RUN_KEYS = ("device", "overwrite", "max_shard_size", "batch_size", "resume", "strict_vllm", "verify",
             "trust_remote_code")
+BUDGET_KEYS = ("target_bpw", "target_size")   # per-module settings chosen for a size budget (run/budget.py)
 JOB_KEYS = ("name", "model", "output", "method", *SPEC_KEYS, *RUN_KEYS, "options", "calibration", "overrides",
-            "eval", "push_to_hub")
+            "eval", "push_to_hub", *BUDGET_KEYS)
 EVAL_KEYS = ("dataset", "windows", "seqlen")
 OVERRIDE_KEYS = ("match", "bits", "group_size", "sym", "method", "keep_dense")
 CALIBRATION_KEYS = ("dataset", "nsamples", "seqlen", "seed", "text_column")
@@ -177,7 +178,7 @@ def _job_key_types() -> dict[str, Any]:
     spec, job = typing.get_type_hints(QuantSpec), typing.get_type_hints(Job)
     kinds = {key: spec["codebook" if key == "quant_type" else key] for key in SPEC_KEYS if key != "keep_dense"}
     kinds.update({key: job[key] for key in RUN_KEYS})
-    kinds.update(name=str, model=str, method=str, push_to_hub=job["push_to_hub"])
+    kinds.update(name=str, model=str, method=str, push_to_hub=job["push_to_hub"], target_bpw=float, target_size=str)
     return kinds
 
 
@@ -230,6 +231,20 @@ def _override(entry: Mapping[str, Any], at: str) -> dict[str, Any]:
     spec = typing.get_type_hints(QuantSpec)
     kinds = {"match": str, "method": str, "keep_dense": bool, **{k: spec[k] for k in ("bits", "group_size", "sym")}}
     return {key: _typed(value, kinds[key], f"{at}.{key}") for key, value in entry.items()}
+
+
+def _budget(data: Mapping[str, Any], method: str, where: str) -> Any:
+    """The job's size budget (target_bpw or target_size), for the methods that allocate one."""
+    from .budget import Budget
+
+    if method not in ("rtn", "gptq", "awq"):
+        raise _within(where, SpecError(f"--target-bpw/--target-size are not supported with {method}",
+                                       "use rtn, gptq or awq"))
+    try:
+        size = data.get("target_size")
+        return Budget(bpw=data.get("target_bpw"), size=parse_size(size) if size is not None else None)
+    except (SpecError, UsageError) as exc:
+        raise _within(where, SpecError(exc.message.replace("--max-shard-size", "--target-size"), exc.hint)) from None
 
 
 def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: bool = True) -> Job:
@@ -347,6 +362,8 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
             raise _within(where, exc) from None
     if data.get("push_to_hub"):
         run_args["push_to_hub"] = data["push_to_hub"]
+    if data.get("target_bpw") is not None or data.get("target_size") is not None:
+        run_args["budget"] = _budget(data, method, where)
     from ..formats.gguf import parse_format
     from .plan import prepare
 

@@ -28,6 +28,7 @@ class Summary:
     evaluation: dict[str, Any] | None = None                  # perplexity/KL after writing (--eval)
     pushed_to: str | None = None                              # hub URL (--push-to-hub)
     verification: dict[str, Any] | None = None                # modules read back, last block's difference
+    allocation: list[str] | None = None                       # --target-bpw: the allocation, as the plan prints it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,76 @@
+"""--target-bpw / --target-size (run/budget.py): measured, solved, written as overrides, within budget."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from quantize_llm.calibration.data import CalibrationSpec
+from quantize_llm.core.spec import QuantSpec
+from quantize_llm.errors import SpecError
+from quantize_llm.eval.inspection import allocation_lines, inspect_checkpoint
+from quantize_llm.run.budget import Budget, cache_path
+from quantize_llm.run.execute import quantize
+from quantize_llm.run.job import Job
+from quantize_llm.run.plan import plan_run
+
+
+def test_rtn_budget_is_met_exactly_and_written_as_overrides(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    out = tmp_path / "out"
+    spec = QuantSpec(method="rtn", bits=4, group_size=32)
+    plan = plan_run(Job("j", str(src), out, spec, budget=Budget(bpw=3.6)))
+    choice = plan.allocation
+    assert choice is not None and choice.bits <= choice.limit
+    assert len({s for s in choice.settings}) > 1            # a real mix, not one setting
+    summary = quantize(str(src), out, spec, device="cpu", budget=Budget(bpw=3.6))
+    # the stored bits are the predicted ones, to the bit, and within the budget
+    assert 8 * summary.quantized_bytes == choice.bits
+    assert summary.bits_per_weight <= 3.6
+    info = inspect_checkpoint(out)
+    got = {m.name: (m.bits, m.group_size, m.sym) for m in info.modules}
+    assert got == dict(zip(choice.modules, choice.settings, strict=True))
+    assert allocation_lines(info)[0].startswith("bits per weight per kind")
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig.get("dynamic")                              # the GPTQ format carries the overrides
+    card = (out / "README.md").read_text()
+    assert "## Allocation" in card and "code bits per kind" in card
+    assert cache_path(out).is_file()
+
+
+def test_gptq_budget_measures_sensitivity_once_and_reuses_it(tiny_model, tmp_path, calib_file):
+    src = tiny_model("llama")
+    out = tmp_path / "out"
+    cal = CalibrationSpec(source=str(calib_file), nsamples=4, seqlen=32)
+    spec = QuantSpec(method="gptq", bits=4, group_size=32)
+    first = plan_run(Job("j", str(src), out, spec, calibration=cal, batch_size=2, budget=Budget(bpw=4.5)))
+    stamp = cache_path(out).stat().st_mtime_ns
+    second = plan_run(Job("j", str(src), out, spec, calibration=cal, batch_size=2, budget=Budget(bpw=3.0)))
+    assert cache_path(out).stat().st_mtime_ns == stamp       # one measurement, two budgets
+    assert first.allocation.predicted <= second.allocation.predicted
+    assert second.allocation.bits <= second.allocation.limit
+    for choice in (first.allocation, second.allocation):
+        for label, bpw, predicted in choice.uniform:          # no uniform setting of no larger size does better
+            if bpw <= choice.bpw:
+                assert choice.predicted <= predicted + 1e-12, label
+
+
+def test_budget_needs_a_format_with_per_module_settings(tiny_model, tmp_path):
+    src = tiny_model("llama")
+    spec = QuantSpec(method="rtn", bits=4, group_size=32, sym=False, format="awq")
+    with pytest.raises(SpecError, match="per-module allocation"):
+        plan_run(Job("j", str(src), tmp_path / "out", spec, budget=Budget(bpw=4.0)))
+
+
+def test_budget_keys_in_a_recipe(tmp_path: Path):
+    from quantize_llm.run.recipe import job_from_dict
+
+    job = job_from_dict({"model": "m", "output": str(tmp_path / "o"), "method": "gptq", "target_bpw": 3.5})
+    assert job.budget == Budget(bpw=3.5)
+    job = job_from_dict({"model": "m", "output": str(tmp_path / "o"), "method": "rtn", "target_size": "90MB"})
+    assert job.budget == Budget(size=90_000_000)
+    with pytest.raises(SpecError, match="not supported with nf4"):
+        job_from_dict({"model": "m", "output": str(tmp_path / "o"), "method": "nf4", "target_bpw": 4.0})
+    with pytest.raises(SpecError, match="outside"):
+        job_from_dict({"model": "m", "output": str(tmp_path / "o"), "method": "rtn", "target_bpw": 1.0})
