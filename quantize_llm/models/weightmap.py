@@ -44,6 +44,7 @@ class WeightMap:
     to_disk: dict[str, str]                  # memory name -> stored name (1:1, renamed or not)
     fused: dict[str, Fused]                  # memory name -> its stored pieces
     config: Any = None
+    model: Any = None                        # the model (on meta) the names belong to; operations read shapes
 
     @property
     def identity(self) -> bool:
@@ -68,7 +69,7 @@ class WeightMap:
         values: dict[str, Any] = {pattern: [read(n) for n in names] for pattern, names in fused.pieces.items()}
         for op in conv.operations:
             values = op.convert(values, source_patterns=list(fused.pieces), target_patterns=conv.target_patterns,
-                                config=self.config, full_layer_name=memory)
+                                config=self.config, full_layer_name=memory, model=self.model)
         if len(values) != 1:
             raise CheckpointError(f"cannot rebuild {memory} from the checkpoint's tensors {fused.names()[:2]}...",
                                   "a newer or older transformers may know this layout")
@@ -117,7 +118,7 @@ def build(skeleton: nn.Module, stored: list[str]) -> WeightMap:
     for entry in fused.values():
         ordered = {p: sorted(names, key=functools.partial(_expert_index, p)) for p, names in entry.pieces.items()}
         entry.pieces = {p: ordered[p] for p in entry.converter.source_patterns if p in ordered}
-    return WeightMap(to_disk, fused, getattr(skeleton, "config", None))
+    return WeightMap(to_disk, fused, getattr(skeleton, "config", None), skeleton)
 
 
 def _meta(shape: tuple[int, int], name: str) -> Tensor:

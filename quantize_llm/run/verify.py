@@ -88,7 +88,10 @@ def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, d
         present = set(reader.names())
         model = build_skeleton(folder, reader.config, trust_remote_code=trust_remote_code)
         # Stored names -> the model's (renamed blocks, experts fused in memory), as load_quantized maps them.
-        weights = build_weight_map(model, reader.names() + [f"{p}.weight" for p in modules.prefixes])
+        # (on a skeleton of its own: the conversion's operations look up shapes in the model, whose
+        # blocks are replaced one by one below)
+        weights = build_weight_map(build_skeleton(folder, reader.config, trust_remote_code=trust_remote_code),
+                                   reader.names() + [f"{p}.weight" for p in modules.prefixes])
         base_path = text_model_path(model, layers)
         base = model.get_submodule(base_path) if base_path else model
         blocks = cast(torch.nn.ModuleList, model.get_submodule(layers))

@@ -39,6 +39,7 @@ class QuantLinear(nn.Module):
 
     SUPPORTED_BITS: ClassVar[tuple[int, ...]] = reference.BITS   # the PyTorch path takes any group size
     backend: str = "auto"    # "torch": always the PyTorch reference, even on CUDA (load_quantized)
+    compute_dtype: torch.dtype = torch.float32   # the model's dtype: what `weight` returns
     qweight: Tensor          # the buffers, declared for the type checker
     qzeros: Tensor
     scales: Tensor
@@ -92,6 +93,7 @@ class QuantLinear(nn.Module):
         module.g_idx = g_idx.contiguous()                                     # (in,)
         if bias is not None:
             module.bias = bias.detach().to(dtype).contiguous()                # (out,)
+        module.compute_dtype = dtype   # the model's dtype (the `weight` property)
         return module
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -101,6 +103,12 @@ class QuantLinear(nn.Module):
         if self.perm is not None:
             w = torch.empty_like(w).index_copy_(0, self.perm.long(), w)       # back to the original order
         return w.t().contiguous()
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized (out, in) weight, built on each read, for model code that reads a Linear's
+        weight directly instead of calling it (RWKV's rescaling, some routers), in the model's dtype."""
+        return self.dequantize_weight(getattr(self, "compute_dtype", torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out) in x.dtype."""
@@ -135,6 +143,7 @@ class NF4Linear(nn.Module):
     """
 
     backend: str = "auto"
+    compute_dtype: torch.dtype = torch.float32   # the model's dtype: what `weight` returns
     weight_packed: Tensor    # the buffers, declared for the type checker
     absmax: Tensor
     code: Tensor
@@ -162,7 +171,13 @@ class NF4Linear(nn.Module):
         module.absmax = qw.scale_tensor().float().contiguous()                # (nblocks,)
         if bias is not None:
             module.bias = bias.detach().to(dtype).contiguous()                # (out,)
+        module.compute_dtype = dtype   # the model's dtype (the `weight` property)
         return module
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized (out, in) weight, built on each read (see QuantLinear.weight)."""
+        return self.dequantize_weight(getattr(self, "compute_dtype", torch.float32))
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight this module applies, (out, in) in `dtype`."""

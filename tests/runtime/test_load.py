@@ -183,3 +183,19 @@ def test_load_for_eval_dispatches_quantized_checkpoints(tiny_model, tmp_path: Pa
     windows = IDS.repeat(2, 1)
     got, want = evaluate(model, windows), evaluate(reference, windows)
     assert got.perplexity == pytest.approx(want.perplexity, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_of_a_quantized_linear_is_its_dequantized_matrix(dtype) -> None:
+    """Model code that reads `linear.weight` (RWKV, some routers) gets the matrix the module applies,
+    in the model's dtype: checked against a float64 dequantization of the codes."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 96) * 0.05
+    qw = rtn_quantize(w, QuantSpec(bits=4, group_size=32, sym=False, min_zero=0))
+    module = QuantLinear.from_quantized(qw, None, dtype)
+    g = torch.arange(96) // 32
+    expected = (qw.codes.double() - qw.zero.double()[:, g]) * qw.scale.double()[:, g]
+    assert module.weight.dtype == dtype
+    assert torch.allclose(module.weight.double(), expected, rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    x = torch.randn(3, 96).to(dtype)
+    assert torch.allclose(module(x).double(), x.double() @ module.weight.double().T, atol=5e-2)
