@@ -58,23 +58,24 @@ def text_config(config: Any) -> Any:
     return config
 
 
-def layer_count(config: Any) -> int | None:
-    """The number of decoder blocks the (text) config declares, or None when it names none."""
+def _text_int(config: Any, keys: tuple[str, ...], least: int) -> int | None:
+    """The first of `keys` the (text) config sets to an integer of at least `least`."""
     text = text_config(config)
-    for key in LAYER_COUNT_KEYS:
+    for key in keys:
         value = getattr(text, key, None)
-        if isinstance(value, int) and value > 0:
+        if isinstance(value, int) and value >= least:
             return value
     return None
+
+
+def layer_count(config: Any) -> int | None:
+    """The number of decoder blocks the (text) config declares, or None when it names none."""
+    return _text_int(config, LAYER_COUNT_KEYS, 1)
 
 
 def expert_count(config: Any) -> int | None:
-    text = text_config(config)
-    for key in EXPERT_COUNT_KEYS:
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return None
+    """The number of experts of a MoE layer the (text) config declares (None: not a MoE)."""
+    return _text_int(config, EXPERT_COUNT_KEYS, 2)
 
 
 def is_not_text(path: str) -> bool:
