@@ -1,30 +1,31 @@
 #!/usr/bin/env python3
 """Which statistics an expert that receives few calibration tokens should be quantized with.
 
-No real MoE fits this machine, so the benchmark makes one from a real model: SmolLM2-135M
-(scripts/build_smollm2.py) upcycled into a Mixtral-layout MoE: every layer's MLP copied into
---experts experts (each perturbed by --noise relative Gaussian noise, so they differ), a random
-router picking --top-k of them per token. Its perplexity stays close to the dense model's, its
-experts see real activations, and a small calibration set leaves some experts with few tokens.
+No real MoE fits this machine, so the experts are made from a real model's MLPs: at a few layers of
+SmolLM2-135M (scripts/build_smollm2.py), the MLP is copied into --experts experts (each perturbed by
+--noise relative Gaussian noise) behind a random router picking --top-k per token; the experts'
+inputs are the real hidden states of that layer (after its post-attention norm) on C4 text for
+calibration (--tokens, deliberately few, so many experts are under-served) and on WikiText-2 for
+the evaluation (--eval-tokens, never used for calibration).
 
-GPTQ (4-bit, group 128) is then run with each rule for an expert under the threshold:
-- routed:  its own routed tokens only, however few (threshold 1; an expert with none has to fall
-           back to every token anyway);
-- default: every token into the layer when it received fewer than 32 (MIN_EXPERT_TOKENS);
-- all:     every token into the layer for every expert (routing ignored for statistics);
-and RTN for scale. Each row: WikiText-2 perplexity, its ratio to the unquantized MoE, and how
-many experts took every token's statistics. Calibration: C4 (--nsamples x --seqlen); evaluation:
---windows windows of 512 WikiText-2 tokens. Everything in one process, one run.
+For every expert, GPTQ (4-bit, group 128, the package's gptq_quantize) quantizes its gate, up and
+down projections with the Hessians of:
+- routed:  the calibration tokens routed to it (with none, nothing to calibrate on: RTN);
+- all:     every calibration token of the layer (the expert's own weights make the down
+           projection's inputs), routing ignored for statistics;
+- default: routed when at least 32 tokens reached it, else all (the package's rule,
+           MIN_EXPERT_TOKENS);
+and RTN for scale. The figure is the expert's output error on the evaluation tokens routed to it,
+||E_q(x) - E(x)||^2 / ||E(x)||^2, averaged over experts, separately for the experts under the
+threshold and the others. One process, one run; lower is better; the ratio column compares each
+rule with the default on the same experts.
 
-    python scripts/bench_moe_fallback.py --nsamples 8 --seqlen 256 --windows 16
+    python scripts/bench_moe_fallback.py --experts 32 --tokens 512 --eval-tokens 8192
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,115 +34,120 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def upcycle(dense_dir: Path, out: Path, experts: int, top_k: int, noise: float, seed: int) -> None:
-    """A Mixtral-layout MoE whose experts are noisy copies of the dense model's MLPs."""
-    import shutil
-
-    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
-
-    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
-    c = dense.config
-    config = MixtralConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                           num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                           num_key_value_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None),
-                           max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-                           rope_parameters=getattr(c, "rope_parameters", None),
-                           tie_word_embeddings=c.tie_word_embeddings,
-                           num_local_experts=experts, num_experts_per_tok=top_k, bos_token_id=c.bos_token_id,
-                           eos_token_id=c.eos_token_id, pad_token_id=getattr(c, "pad_token_id", None))
-    moe = MixtralForCausalLM(config).to(torch.float32)
-    g = torch.Generator().manual_seed(seed)
-    state = moe.state_dict()
+def layer_inputs(model: torch.nn.Module, ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """The inputs of each listed layer's MLP (post-attention-norm outputs), (tokens, hidden), float32."""
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    handles = [model.model.layers[i].mlp.register_forward_pre_hook(
+        lambda m, args, i=i: seen[i].append(args[0].reshape(-1, args[0].shape[-1]).float())) for i in layers]
     with torch.no_grad():
-        for name, value in dense.state_dict().items():
-            if name in state and ".mlp." not in name:
-                state[name].copy_(value)
-        for i, layer in enumerate(dense.model.layers):
-            gate, up, down = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight
-            experts_module = moe.model.layers[i].mlp.experts
-            for e in range(experts):
-                def jitter(w: torch.Tensor) -> torch.Tensor:
-                    return w + noise * w.std() * torch.randn(w.shape, generator=g)
-                experts_module.gate_up_proj[e].copy_(torch.cat([jitter(gate), jitter(up)], dim=0))
-                experts_module.down_proj[e].copy_(jitter(down))
-            router = moe.model.layers[i].mlp.gate.weight
-            router.copy_(torch.randn(router.shape, generator=g) / c.hidden_size ** 0.5)
-    moe.to(torch.bfloat16).save_pretrained(out)
-    for f in dense_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation_config")):
-            shutil.copy(f, out / f.name)
+        for row in ids:
+            model(input_ids=row[None])
+    for h in handles:
+        h.remove()
+    return {i: torch.cat(v) for i, v in seen.items()}
+
+
+def expert_forward(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return (torch.nn.functional.silu(x @ w["gate"].T) * (x @ w["up"].T)) @ w["down"].T
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=None, help="the dense SmolLM2 folder (default: build it)")
+    p.add_argument("--model", type=Path, default=None, help="the SmolLM2 folder (default: build it)")
+    p.add_argument("--layers", type=int, nargs="+", default=[5, 15, 25])
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--noise", type=float, default=0.05)
+    p.add_argument("--tokens", type=int, default=512, help="calibration tokens (C4)")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="evaluation tokens (WikiText-2)")
     p.add_argument("--calib", type=Path, default=SHARED / "c4" / "c4_validation_2k.parquet")
     p.add_argument("--eval", type=Path, default=SHARED / "wikitext-2-raw" / "wiki.test.raw")
-    p.add_argument("--nsamples", type=int, default=8)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     for path in (args.calib, args.eval):
         if not path.is_file():
             sys.exit(f"error: {path} not found (pass --calib / --eval)")
 
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import quantize_llm.calibration.sequential as sequential
-    from quantize_llm.algorithms.gptq import GPTQOptions
-    from quantize_llm.calibration.data import CalibrationSpec
+    from quantize_llm.algorithms.gptq import GPTQOptions, gptq_quantize
+    from quantize_llm.algorithms.rtn import rtn_quantize
+    from quantize_llm.calibration.data import CalibrationSpec, load_calibration
+    from quantize_llm.calibration.experts import MIN_EXPERT_TOKENS
     from quantize_llm.core.spec import QuantSpec
-    from quantize_llm.eval.evaluate import evaluate, load_for_eval, make_windows, tokenize_text
-    from quantize_llm.run.execute import quantize
+    from quantize_llm.eval.evaluate import make_windows, tokenize_text
 
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_quality import default_model
 
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        moe_dir = Path(tmp) / "moe"
-        upcycle(args.model or default_model(), moe_dir, args.experts, args.top_k, args.noise, seed=0)
-        tokenizer = AutoTokenizer.from_pretrained(moe_dir)
-        windows = make_windows(tokenize_text(args.eval, tokenizer), 512, args.windows)
-        base_model, _ = load_for_eval(str(moe_dir))
-        base = evaluate(base_model, windows).perplexity
-        del base_model
-        print(f"unquantized MoE ({args.experts} experts, top {args.top_k}): perplexity {base:.3f}", flush=True)
-        rows.append({"rule": "unquantized", "ppl": base, "ratio": 1.0, "all_tokens": 0})
-        cal = CalibrationSpec(source=str(args.calib), nsamples=args.nsamples, seqlen=args.seqlen)
-        rules = [("rtn", None), ("routed", 1), ("default", sequential.MIN_EXPERT_TOKENS), ("all", 1 << 60)]
-        default = sequential.MIN_EXPERT_TOKENS
-        for rule, threshold in rules:
-            out = Path(tmp) / rule
-            t = time.perf_counter()
-            if threshold is None:
-                spec = QuantSpec(method="rtn", bits=4, group_size=128, sym=True)
-                summary = quantize(str(moe_dir), out, spec, device="cpu", resume=False, verify=False)
-            else:
-                sequential.MIN_EXPERT_TOKENS = threshold
-                spec = QuantSpec(method="gptq", bits=4, group_size=128, sym=True)
-                summary = quantize(str(moe_dir), out, spec, options=GPTQOptions(), calibration=cal, device="cpu",
-                                   resume=False, verify=False)
-                sequential.MIN_EXPERT_TOKENS = default
-            seconds = time.perf_counter() - t
-            scarce = sum(1 for layer in summary.layers if layer.metrics.get("all_tokens") and "gate_proj" in layer.name)
-            model, _ = load_for_eval(str(out))
-            ppl = evaluate(model, windows).perplexity
-            del model
-            rows.append({"rule": rule, "ppl": ppl, "ratio": ppl / base, "all_tokens": scarce, "seconds": seconds})
-            print(f"{rule:8s} perplexity {ppl:8.3f}  x{ppl / base:.4f}  experts on every token's statistics: "
-                  f"{scarce}  ({seconds:.0f} s)", flush=True)
+    model_dir = args.model or default_model()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seq = 128
+    cal_ids = load_calibration(CalibrationSpec(source=str(args.calib), nsamples=max(1, args.tokens // seq),
+                                               seqlen=seq), tokenizer).tokens
+    eval_ids = make_windows(tokenize_text(args.eval, tokenizer), seq, max(1, args.eval_tokens // seq))
+    cal_x, eval_x = layer_inputs(model, cal_ids, args.layers), layer_inputs(model, eval_ids, args.layers)
+    spec = QuantSpec(method="gptq", bits=4, group_size=128, sym=True)
+    g = torch.Generator().manual_seed(0)
+    errors: dict[str, dict[str, list[float]]] = {r: {"few": [], "enough": []}
+                                                 for r in ("rtn", "routed", "all", "default")}
+    counts = []
+    for layer in args.layers:
+        mlp = model.model.layers[layer].mlp
+        dense = {"gate": mlp.gate_proj.weight.detach(), "up": mlp.up_proj.weight.detach(),
+                 "down": mlp.down_proj.weight.detach()}
+        hidden = dense["gate"].shape[1]
+        router = torch.randn(args.experts, hidden, generator=g) / hidden ** 0.5
+
+        def route(x: torch.Tensor, router: torch.Tensor = router) -> torch.Tensor:
+            return (x @ router.T).topk(args.top_k, dim=-1).indices          # (tokens, k)
+
+        cal_route, eval_route = route(cal_x[layer]), route(eval_x[layer])
+        for e in range(args.experts):
+            w = {k: v + args.noise * v.std() * torch.randn(v.shape, generator=g) for k, v in dense.items()}
+            routed = cal_x[layer][(cal_route == e).any(-1)]
+            held = eval_x[layer][(eval_route == e).any(-1)]
+            if not len(held):
+                continue
+            counts.append(len(routed))
+            kind = "few" if len(routed) < MIN_EXPERT_TOKENS else "enough"
+            reference = expert_forward(w, held)
+
+            def quantized(x_stat: torch.Tensor | None, w: dict[str, torch.Tensor] = w) -> dict[str, torch.Tensor]:
+                if x_stat is None or not len(x_stat):
+                    return {k: rtn_quantize(v, spec).dequantize(torch.float32) for k, v in w.items()}
+                out = {}
+                h_in = x_stat.T @ x_stat
+                for k in ("gate", "up"):
+                    out[k] = gptq_quantize(w[k].clone(), h_in.clone(), spec, GPTQOptions())[0].dequantize(torch.float32)
+                mid = torch.nn.functional.silu(x_stat @ out["gate"].T) * (x_stat @ out["up"].T)
+                out["down"] = gptq_quantize(w["down"].clone(), mid.T @ mid, spec, GPTQOptions())[0].dequantize(
+                    torch.float32)
+                return out
+
+            every = cal_x[layer]
+            results = {"rtn": quantized(None), "routed": quantized(routed), "all": quantized(every)}
+            results["default"] = results["routed"] if len(routed) >= MIN_EXPERT_TOKENS else results["all"]
+            for rule, q in results.items():
+                err = float(((expert_forward(q, held) - reference) ** 2).sum() / (reference ** 2).sum())
+                errors[rule][kind].append(err)
+    few = sum(c < MIN_EXPERT_TOKENS for c in counts)
+    print(f"SmolLM2-135M layers {args.layers}, {args.experts} experts (top {args.top_k}) per layer, "
+          f"{cal_ids.numel()} calibration tokens (C4), {eval_ids.numel()} evaluation tokens (WikiText-2)")
+    print(f"routed calibration tokens per expert: min {min(counts)}, median {sorted(counts)[len(counts) // 2]}, "
+          f"max {max(counts)}; {few} of {len(counts)} experts under {MIN_EXPERT_TOKENS}")
     print()
-    print("| rule for an expert with few tokens | perplexity | ratio to unquantized | experts using every token |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['rule']} | {r['ppl']:.3f} | {r['ratio']:.4f} | {r['all_tokens']} |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    print("| rule | output error, experts under 32 tokens | ratio to default | output error, the others | "
+          "ratio to default |")
+    print("|---|---|---|---|---|")
+    for rule in ("rtn", "routed", "all", "default"):
+        cells = []
+        for kind in ("few", "enough"):
+            values, base = errors[rule][kind], errors["default"][kind]
+            mean = sum(values) / max(len(values), 1)
+            ratio = mean / max(sum(base) / max(len(base), 1), 1e-30)
+            cells += [f"{mean:.5f}", f"{ratio:.3f}"]
+        print(f"| {rule} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
