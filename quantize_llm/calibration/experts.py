@@ -8,8 +8,8 @@ more, `quantize_llm_observe`, that computes the same function expert by expert a
 - "in":  the tokens routed to expert e (the input of its gate and up projections), and
 - "mid": the gated intermediate those tokens produce (the input of its down projection),
 
-so each expert's Hessian comes from the tokens routed to it. An expert that receives fewer than
-MIN_EXPERT_TOKENS tokens over the whole calibration set gets, for its statistics only, every token
+so each expert's Hessian comes from the tokens routed to it, however few. An expert that no
+calibration token reaches (fewer than MIN_EXPERT_TOKENS) gets, for its statistics only, every token
 that reaches the layer (run through that expert's own weights); the block's output keeps the normal
 routing either way.
 """
@@ -26,7 +26,10 @@ from torch import Tensor, nn
 IMPLEMENTATION = "quantize_llm_observe"
 FIRST = ("gate_up_proj", "up_proj")     # the experts' first projection (gate and up, or up alone)
 SECOND = ("down_proj",)
-MIN_EXPERT_TOKENS = 32                  # fewer routed tokens than this: statistics from every token
+# Fewer routed tokens than this: statistics from every token of the layer. Measured
+# (scripts/bench_moe_fallback.py, README): an expert's own few tokens beat every token of the layer
+# (and round-to-nearest), so only an expert that no calibration token reached takes the layer's.
+MIN_EXPERT_TOKENS = 1
 
 Observer = Callable[[nn.Module, int, str, Tensor, int], None]   # (experts module, expert, role, x, routed)
 _observer: list[Observer | None] = [None]
