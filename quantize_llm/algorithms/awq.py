@@ -235,7 +235,9 @@ class AWQ:
                 act_mean: Tensor) -> _Trials:
         """The search's trials on `block` (a copy on `device`, or the block itself)."""
         linears = {n: cast(nn.Linear, block.get_submodule(n)) for n in names}
-        originals = {n: m.weight.data.clone() for n, m in linears.items()}
+        # Trials assign new tensors to .data (never write into these), so the block's own weights
+        # are the originals: no copy of the group is held beside them.
+        originals = {n: m.weight.data for n, m in linears.items()}
         error = stats.error_fn(block, entry, device)
         act = act_mean.to(device)
         w_mean = weight_mean(list(originals.values()), self.spec.group_size) if self.options.duo_scaling else None
@@ -246,8 +248,9 @@ class AWQ:
         def trial(alpha: float) -> float:
             s = scales(alpha)
             try:
-                for n, m in linears.items():
-                    m.weight.data = fake_rtn(originals[n] * s, self.specs.get(n, self.spec)) / s
+                for n, m in linears.items():   # one trial weight and its codes live at a time
+                    m.weight.data = originals[n]   # the previous trial's weight goes first
+                    m.weight.data = fake_rtn(originals[n] * s, self.specs.get(n, self.spec)).div_(s)
             except Float16Overflow:   # scales float16 cannot store: not a candidate (the rounding
                 return math.inf       # step names the weight if no alpha avoids it)
             return error(linears, originals)

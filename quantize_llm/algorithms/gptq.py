@@ -28,9 +28,9 @@ from .solve import (
     SolveStats,
     accumulate_hessian,
     cholesky_inverse_upper,
-    drop_dead_inputs,
     feedback,
     output_error,
+    solve_diagonal,
 )
 
 
@@ -74,7 +74,7 @@ class IntegerGrid(Grid):
             n_groups = math.ceil(in_features / self.gs)
             self.scale = torch.zeros(out_features, n_groups, dtype=torch.float16, device=w.device)
             self.zero = torch.zeros(out_features, n_groups, dtype=torch.int32, device=w.device)
-        self.codes = torch.zeros_like(w)                                # (out, in) codes, as floats
+        self.codes = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)   # (out, in) codes
         self.cur_s = self.cur_z = w.new_zeros(out_features)
         self.loaded = -1                                                # the group whose params are in cur_s
 
@@ -101,7 +101,7 @@ class IntegerGrid(Grid):
 
 @torch.no_grad()
 def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPTQOptions = GPTQOptions(),
-                  outlier_mask: Tensor | None = None) -> tuple[QuantizedWeight, SolveStats]:
+                  outlier_mask: Tensor | None = None, own: bool = False) -> tuple[QuantizedWeight, SolveStats]:
     """Quantize a (out, in) weight with GPTQ given the (in, in) Hessian sum X^T X of its inputs.
 
     outlier_mask (out, in) bool: weights kept exactly (in float16, beside the codes). They are left
@@ -109,8 +109,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
     propagate, and their final values (with the error propagated into them) come back in
     `stats.kept`.
 
-    Does not modify `weight` or `hessian`. Works in float32 on their device (float64 when `weight`
-    is float64, which the tests use to compare with a column-by-column reference).
+    Does not modify `hessian`, nor `weight` unless `own` (the caller hands it over: it is rounded in
+    place when already in the work dtype, saving a copy). Works in float32 on their device (float64
+    when `weight` is float64, which the tests use to compare with a column-by-column reference);
+    beside the Hessian it holds one n x n matrix (solve.cholesky_inverse_upper).
     Columns are processed in act-order (decreasing diag(H)) when spec.act_order or
     options.static_groups. Groups are consecutive columns in processing order, except with
     options.static_groups, where they are the consecutive original columns and no g_idx is
@@ -118,27 +120,29 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
     """
     start = time.perf_counter()
     dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w = weight.to(dt).clone()                                           # (out, in)
-    h = hessian.to(dt).clone()                                          # (in, in)
+    w = weight.to(dt)                                                   # (out, in), rounded in place
+    if w is weight and not own:
+        w = w.clone()
     in_features = w.shape[1]
     gs = spec.effective_group_size(in_features)
-    dead = drop_dead_inputs(h, w)
     mask = outlier_mask.to(w.device) if outlier_mask is not None else None
 
     # Static groups: scale and zero fixed up front from the original columns (FORMATS.md §1.6).
+    hdiag, dead = solve_diagonal(hessian, dt)                           # (in,), never-fired inputs as 1
+    w[:, dead] = 0.0                                                    # their weights are moot
+    perm = None
+    if spec.act_order or options.static_groups:
+        perm = torch.argsort(hdiag, descending=True, stable=True)
+        hdiag = hdiag[perm]                                             # processing order
     static = None
     if options.static_groups:
         static = rtn_group_params(w if mask is None else w.masked_fill(mask, 0.0), spec.bits, spec.group_size,
                                   spec.sym, spec.min_zero, options.clip)
-    perm = None
-    if spec.act_order or options.static_groups:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        w, h = w[:, perm], h[perm][:, perm]
+    if perm is not None:
+        w = w[:, perm]
         if mask is not None:
             mask = mask[:, perm]
-    hdiag = torch.diagonal(h).clone()                                   # (in,) in processing order
-    hinv, damp = cholesky_inverse_upper(h, options.damp, options.damp_max)
-    del h
+    hinv, damp = cholesky_inverse_upper(hessian, options.damp, options.damp_max, perm, dt)
 
     # original column index of processing position j
     order = perm if perm is not None else torch.arange(in_features, device=w.device)
@@ -147,7 +151,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
     grid = IntegerGrid(w, spec, options.clip, hdiag, group_of.tolist(), static, mask)   # plain ints: no syncs
     kept = feedback(w, hinv, options.block_size, grid, mask)
 
-    codes = grid.codes.to(torch.uint8)
+    codes = grid.codes
     g_idx = None
     if perm is not None:
         invperm = torch.argsort(perm)
@@ -209,25 +213,28 @@ class GPTQ:
         def solve(unit: tuple[tuple[str, QuantSpec], list[str]], device: torch.device) -> dict[str, QuantizedWeight]:
             (key, spec), names = unit
             h = self.hessians[key].to(device)
-            stacked = torch.cat([layer.weights[n].to(device) for n in names], dim=0)   # (sum of out, in)
+            parts = [layer.weights[n] for n in names]
+            stacked = torch.cat([p.to(device) for p in parts], dim=0) if len(parts) > 1 else parts[0].to(device)
+            own = any(stacked is not p for p in parts)   # a copy of ours: rounded in place
             try:
-                qw, stats = gptq_quantize(stacked, h, spec, self.options)
+                qw, stats = gptq_quantize(stacked, h, spec, self.options, own=own)
             except Float16Overflow as exc:
                 raise solve_overflow(exc, {layer.full_name(n): layer.weights[n] for n in names}, spec,
                                      self.options.damp) from None
             except LayerError as exc:
                 raise exc.at(layer.full_name(*names)) from None
-            row, solved = 0, {}
+            row, solved, total = 0, {}, qw.codes.shape[0]
+            del stacked
             for name in names:
                 rows = layer.weights[name].shape[0]
                 part = QuantizedWeight(codes=qw.codes[row:row + rows].contiguous(),
                                        scale=qw.grid_scale[row:row + rows].contiguous(),
                                        zero=qw.grid_zero[row:row + rows].contiguous(), g_idx=qw.g_idx, spec=qw.spec)
-                error = output_error(stacked[row:row + rows].float(), part.dequantize(torch.float32), h)
+                error = output_error(layer.weights[name].to(device, torch.float32), part.dequantize(torch.float32), h)
                 row += rows
                 layer.report(name, {"rel_error": error, "damp": stats.damp,
                                     "dead_columns": stats.dead_columns,
-                                    "seconds": stats.seconds * rows / stacked.shape[0]})
+                                    "seconds": stats.seconds * rows / total})
                 solved[name] = part
             return solved
 

@@ -30,9 +30,9 @@ from .solve import (
     SolveStats,
     accumulate_hessian,
     cholesky_inverse_upper,
-    drop_dead_inputs,
     feedback,
     output_error,
+    solve_diagonal,
 )
 
 ROUNDINGS = ("nearest", "gptq")
@@ -144,10 +144,9 @@ def nf4_gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec,
     stats = _absmax_statistics(nf4codes.block_absmax(weight, spec.blocksize), spec)
     absmax = (stats.dequantize() if isinstance(stats, NestedAbsmax) else stats).to(dt)  # (nblocks,) as read
     w = weight.to(dt).clone()                                           # (out, in)
-    h = hessian.to(dt).clone()                                          # (in, in)
-    dead = drop_dead_inputs(h, w)
-    hinv, damp = cholesky_inverse_upper(h, options.damp, options.damp_max)
-    del h
+    _, dead = solve_diagonal(hessian, dt)
+    w[:, dead] = 0.0                                                    # never-fired inputs: moot weights
+    hinv, damp = cholesky_inverse_upper(hessian, options.damp, options.damp_max, dtype=dt)
     grid = CodebookGrid(w, absmax, spec)
     feedback(w, hinv, options.block_size, grid)
     qw = QuantizedWeight(codes=grid.codes, scale=stats, zero=None, g_idx=None, spec=spec, source_dtype=weight.dtype)

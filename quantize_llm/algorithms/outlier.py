@@ -28,7 +28,7 @@ from ..errors import RunError, SpecError
 from .base import LayerContext, naming, solve_overflow
 from .gptq import GPTQOptions, gptq_quantize
 from .registry import register
-from .solve import SolverOptions, accumulate_hessian, cholesky_inverse_upper, drop_dead_inputs, output_error
+from .solve import SolverOptions, accumulate_hessian, cholesky_inverse_upper, output_error
 
 INNER = ("rtn", "gptq")
 MODES = ("weight", "channel")
@@ -96,9 +96,7 @@ def inverse_hessian_diagonal(h: Tensor, damp: float, damp_max: float = SolverOpt
     """diag((H + d * mean(diag H) I)^-1) float32, and the damping d used: `damp`, doubled up to
     `damp_max` while H is not positive definite (GPTQ's escalation). A never-seen input counts as
     diag 1 (as in GPTQ). Works in float64; does not modify `h`."""
-    h = h.double().clone()
-    drop_dead_inputs(h)
-    upper, used = cholesky_inverse_upper(h, damp, damp_max)            # H^-1 = U^T U
+    upper, used = cholesky_inverse_upper(h, damp, damp_max, dtype=torch.float64)   # H^-1 = U^T U
     return (upper ** 2).sum(dim=0).float(), used
 
 

@@ -74,38 +74,69 @@ def accumulate_hessian(hessians: dict[str, Tensor], name: str, x: Tensor) -> Non
     h.addmm_(x.t(), x)
 
 
-def drop_dead_inputs(h: Tensor, w: Tensor | None = None) -> Tensor:
-    """In place: an input that never fired (diag(H) == 0) gets H_jj = 1 (any value would do:
-    nothing flows through it) and, in `w` (out, in) where given, zero weights (they are moot).
-    Returns the bool mask (in,) of those inputs."""
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    if w is not None:
-        w[:, dead] = 0.0
-    return dead
+def solve_diagonal(hessian: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """diag(H) in `dtype` with an input that never fired (diag(H) == 0) counted as 1 (any value
+    would do: nothing flows through it; its weights are moot and the solvers zero them), and the
+    bool mask (in,) of those inputs; `hessian` is left as it is."""
+    diag = torch.diagonal(hessian).to(dtype)
+    dead = diag == 0
+    return torch.where(dead, torch.ones_like(diag), diag), dead
 
 
-def cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of H^-1 after damping; damping doubles on failure (returns the one used).
+# Rows of the Hessian copied or checked at a time: (rows, n) temporaries of at most 2^22 elements
+# (16 MiB in float32) beside the two n x n matrices.
+COPY_ELEMENTS = 2 ** 22
 
-    Raises HessianNotFinite for inf/NaN entries (overflowed inputs: no damping helps) and
-    NotPositiveDefinite when damp_max is reached."""
+
+def _finite(m: Tensor) -> bool:
+    """Every entry of the square `m` (row- or column-major) finite, checked in contiguous slices."""
+    rows = m if m.is_contiguous() else m.mT
+    step = max(1, COPY_ELEMENTS // max(m.shape[0], 1))
+    return all(bool(torch.isfinite(rows[r:r + step]).all()) for r in range(0, rows.shape[0], step))
+
+
+def _factor_buffer(hessian: Tensor, dtype: torch.dtype, perm: Tensor | None) -> Tensor:
+    """P H P^T in `dtype` with never-fired inputs' diagonal set to 1, in column-major storage (the
+    transpose of a row-major matrix), which LAPACK factors, inverts and factors again in place:
+    torch copies a row-major operand first. Symmetry makes the row-major rows written here the
+    column-major matrix's columns. Copied a block of rows at a time."""
+    n = hessian.shape[0]
+    buf = torch.empty(n, n, dtype=dtype, device=hessian.device)
+    step = max(1, COPY_ELEMENTS // max(n, 1))
+    for r in range(0, n, step):
+        rows = hessian[perm[r:r + step]][:, perm] if perm is not None else hessian[r:r + step]
+        buf[r:r + step] = rows
+    diag = torch.diagonal(buf)
+    diag.masked_fill_(diag == 0, 1.0)
+    return buf.mT
+
+
+def cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float, perm: Tensor | None = None,
+                           dtype: torch.dtype | None = None) -> tuple[Tensor, float]:
+    """Upper Cholesky factor U of (P H P^T + damping)^-1 in `dtype` (default: hessian's); damping
+    doubles on failure (returns the one used). `perm` (in,) is the processing order of the columns
+    (None: as stored); inputs that never fired count as H_jj = 1 (`solve_diagonal`).
+
+    Does not modify `hessian`, and holds one n x n matrix beside it: a column-major copy that LAPACK
+    factors (H = L L^T), inverts (H^-1 = L^-T L^-1) and factors again (U) in place; U is returned
+    as a view of it (column-major). Raises HessianNotFinite for inf/NaN entries (overflowed inputs:
+    no damping helps) and NotPositiveDefinite when damp_max is reached."""
     n, start = hessian.shape[0], damp
-    if not bool(torch.isfinite(hessian).all()):
+    dtype = dtype or hessian.dtype
+    if not _finite(hessian):
         raise HessianNotFinite.of()
-    mean_diag = float(torch.diagonal(hessian).mean())
-    while True:   # at most two (n, n) temporaries beside `hessian` at any time
-        h = hessian.clone()
-        h.diagonal().add_(damp * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(h)
-        del h
+    info = torch.empty((), dtype=torch.int32, device=hessian.device)
+    while True:
+        a = _factor_buffer(hessian, dtype, perm)
+        diag = torch.diagonal(a)
+        diag.add_(damp * float(diag.mean()))
+        torch.linalg.cholesky_ex(a, out=(a, info))
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)                         # (n, n) = H^-1
-            del chol
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper, damp
+            torch.cholesky_inverse(a, out=a)                            # H^-1
+            torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
+            if int(info) == 0 and _finite(a):
+                return a, damp
+        del a, diag
         if damp >= damp_max:
             raise NotPositiveDefinite.of(n, damp, start)
         damp = min(damp * 2, damp_max)

@@ -7,11 +7,13 @@ import dataclasses
 import pytest
 import torch
 
+from quantize_llm.algorithms import solve
 from quantize_llm.algorithms.awq import AWQOptions
+from quantize_llm.algorithms.base import NotPositiveDefinite
 from quantize_llm.algorithms.gptq import GPTQOptions
 from quantize_llm.algorithms.nf4 import NF4Options
 from quantize_llm.algorithms.outlier import OutlierOptions
-from quantize_llm.algorithms.solve import Grid, drop_dead_inputs, feedback, output_error
+from quantize_llm.algorithms.solve import Grid, cholesky_inverse_upper, feedback, output_error, solve_diagonal
 from quantize_llm.errors import SpecError
 
 STEP = 0.1
@@ -73,12 +75,51 @@ def test_output_error_is_the_relative_error_of_the_outputs() -> None:
     assert output_error(w.float(), q.float(), (x.t() @ x).float()) == pytest.approx(float(want), rel=1e-4)
 
 
-def test_dead_inputs_get_a_unit_diagonal_and_zero_weights() -> None:
+def test_dead_inputs_count_as_a_unit_diagonal() -> None:
     h = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 3.0]])
-    w = torch.ones(2, 3)
-    assert drop_dead_inputs(h, w).tolist() == [False, True, False]
-    assert h.tolist() == [[2.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 3.0]]
-    assert w.tolist() == [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
+    diag, dead = solve_diagonal(h, torch.float64)
+    assert dead.tolist() == [False, True, False]
+    assert diag.tolist() == [2.0, 1.0, 3.0] and diag.dtype == torch.float64
+    assert h[1, 1] == 0.0                                               # the Hessian is left alone
+
+
+def _reference_upper(h: torch.Tensor, damp: float, perm: torch.Tensor | None) -> torch.Tensor:
+    """The definition in float64: U upper with U^T U = (P H P^T, dead diagonal 1, + damp mean I)^-1."""
+    h = h.double().clone()
+    if perm is not None:
+        h = h[perm][:, perm]
+    d = torch.diagonal(h)
+    d[d == 0] = 1.0
+    d += damp * float(d.mean())
+    return torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_inverse_factor_in_place_matches_the_definition(monkeypatch: pytest.MonkeyPatch, permuted: bool) -> None:
+    monkeypatch.setattr(solve, "COPY_ELEMENTS", 7 * 40)   # copied and checked 7 rows at a time
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 40, generator=g, dtype=torch.float64)
+    x[:, 5] = 0.0                                                       # an input that never fired
+    h = x.t() @ x
+    before = h.clone()
+    perm = torch.randperm(40, generator=g) if permuted else None
+    upper, damp = cholesky_inverse_upper(h, 0.01, 1.0, perm)
+    assert damp == 0.01
+    assert torch.equal(h, before)
+    assert torch.equal(upper, upper.triu())
+    torch.testing.assert_close(upper, _reference_upper(h, 0.01, perm), rtol=1e-9, atol=1e-12)
+    up32, _ = cholesky_inverse_upper(h.float(), 0.01, 1.0, perm, torch.float64)   # float32 statistics, float64 solve
+    assert up32.dtype == torch.float64
+    torch.testing.assert_close(up32, _reference_upper(h.float(), 0.01, perm), rtol=1e-9, atol=1e-12)
+
+
+def test_inverse_factor_doubles_damping_until_positive_definite() -> None:
+    h = torch.tensor([[1.0, 1.6], [1.6, 1.0]], dtype=torch.float64)   # eigenvalues 2.6 and -0.6; mean diag 1
+    upper, damp = cholesky_inverse_upper(h, 0.25, 4.0)
+    assert damp == 1.0                                                  # 0.25 and 0.5 fail
+    torch.testing.assert_close(upper, _reference_upper(h, 1.0, None))
+    with pytest.raises(NotPositiveDefinite):
+        cholesky_inverse_upper(h, 0.25, 0.5)
 
 
 SOLVER_OPTIONS = [GPTQOptions, AWQOptions, NF4Options, OutlierOptions]
