@@ -24,8 +24,9 @@ import functools
 import inspect
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -35,6 +36,7 @@ from ..algorithms.base import Algorithm, BlockContext, LayerContext
 from ..core.devices import move, spread
 from ..core.qweight import QuantizedWeight
 from ..errors import RunError
+from .activations import Activations
 from .experts import MIN_EXPERT_TOKENS, ExpertUnits, expert_units, observing
 from .trace import awq_groups, query_key, trace
 
@@ -84,7 +86,7 @@ class BlockResult:
     passthrough: dict[str, Tensor]                                 # tensor name -> unchanged tensor
     reports: list[LayerReport]
     seconds: float
-    next_inputs: list[Tensor] | None = None   # calibrated runs: the next block's inputs (for resuming)
+    next_inputs: Sequence[Tensor] | None = None   # calibrated runs: the next block's inputs (for resuming)
 
 
 @dataclass
@@ -100,6 +102,8 @@ class Calibration:
     arch: Any = None             # the family's ArchitectureMap override, for block-level algorithms (AWQ)
     stored_dtype: Callable[[str], torch.dtype] | None = None   # checkpoint dtype of a tensor name
     weights: Any = None          # models.weightmap.WeightMap: the model's parameter names -> stored tensors
+    activations: str = "device"  # where the activations are kept: "device", "host" or "disk" (activations.py)
+    offload_dir: Path | None = None   # the folder of "disk"
 
     def loader(self, read: Callable[[str], Tensor]) -> Callable[[str], Tensor]:
         """A model parameter's value by its name in memory (renamed, or rebuilt from fused experts; a
@@ -143,7 +147,7 @@ class Timer:
 def run(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Tensor],
         device: torch.device | tuple[torch.device, ...], calibration: Calibration | None = None,
         timer: Timer | None = None, start: int = 0,
-        start_inputs: list[Tensor] | None = None) -> Iterator[BlockResult]:
+        start_inputs: Sequence[Tensor] | None = None) -> Iterator[BlockResult]:
     """Quantize block after block; `read(name)` returns a checkpoint tensor (checked finite).
 
     device: the work device, or several (calibrated runs spread over them; others use the first).
@@ -300,8 +304,9 @@ def _signature(block: nn.Module | None) -> inspect.Signature | None:
 
 
 def _materialize(module: nn.Module, prefix: str, read: Callable[[str], Tensor], device: torch.device,
-                 dtype: torch.dtype, skip: tuple[str, ...] = ()) -> list[str]:
+                 dtype: torch.dtype, skip: tuple[str, ...] = (), rows: dict[str, Tensor] | None = None) -> list[str]:
     """Replace `module`'s meta parameters by checkpoint tensors (floats cast to dtype); buffers to device.
+    rows: parameters of which only these rows are kept (`embedding_rows`), cut before the cast.
 
     Returns the names of the parameters loaded.
     """
@@ -310,6 +315,8 @@ def _materialize(module: nn.Module, prefix: str, read: Callable[[str], Tensor], 
         if any(name.startswith(s) for s in skip):
             continue
         value = read(prefix + name)
+        if rows and name in rows:
+            value = value.index_select(0, rows[name].to(value.device))
         value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         _set(module, name, nn.Parameter(value, requires_grad=False))
         loaded.append(name)
@@ -318,6 +325,58 @@ def _materialize(module: nn.Module, prefix: str, read: Callable[[str], Tensor], 
             continue
         _set(module, name, buf.to(device), buffer=True)
     return loaded
+
+
+# An input embedding table larger than this in float32 is cut to the rows the calibration tokens use
+# while they are embedded: a 128k vocabulary is 2.1 GB at Llama-3-8B's width and 8.4 GB at 405B's,
+# of which 128 x 2048 calibration tokens touch at most a fifth.
+COMPACT_EMBEDDING_BYTES = 64 * 2 ** 20
+
+
+def embedding_rows(base: nn.Module, tokens: Tensor) -> tuple[str, Tensor] | None:
+    """(parameter name in `base`, sorted distinct token ids) of base's input embedding table when it
+    is worth cutting to the rows `tokens` use: over COMPACT_EMBEDDING_BYTES in float32 and at most
+    half of its rows used. None otherwise (or for an input embedding that is not a table)."""
+    try:
+        emb = input_embeddings(base)
+    except (AttributeError, NotImplementedError):
+        return None
+    if not isinstance(emb, nn.Embedding) or emb.weight.dim() != 2:
+        return None
+    name = next((n for n, m in base.named_modules() if m is emb), None)
+    if name is None:
+        return None
+    ids = torch.unique(tokens.reshape(-1).cpu())                       # sorted
+    vocab, width = emb.weight.shape
+    if 4 * vocab * width < COMPACT_EMBEDDING_BYTES or 2 * len(ids) > vocab or int(ids[0]) < 0 \
+            or int(ids[-1]) >= vocab:
+        return None
+    return (f"{name}.weight" if name else "weight"), ids
+
+
+def input_embeddings(base: nn.Module) -> nn.Module:
+    """base.get_input_embeddings() of a transformers model (AttributeError for other modules)."""
+    return cast(nn.Module, cast(Any, base).get_input_embeddings())
+
+
+def lookup_rows(emb: nn.Module, ids: Tensor) -> Any:
+    """Make `emb`, whose table holds only the rows of the sorted token `ids`, look up token ids as
+    the whole table would (ids are mapped to positions before its forward: a subclass's own forward,
+    such as a scaled embedding, runs unchanged). Returns the hook's handle."""
+    table_ids = ids.to(cast(Tensor, emb.weight).device)
+
+    def remap(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        key = None if args else next(k for k in ("input", "input_ids") if k in kwargs)
+        x = args[0] if key is None else kwargs[key]
+        pos = torch.searchsorted(table_ids, x).clamp_(max=len(table_ids) - 1)
+        if not bool((table_ids[pos] == x).all()):
+            raise RunError("a token outside the calibration text reached the input embeddings while block "
+                           "0's inputs were made", "report it, with the model's name")
+        if key is None:
+            return (pos, *args[1:]), kwargs
+        return args, {**kwargs, key: pos}
+
+    return emb.register_forward_pre_hook(remap, with_kwargs=True)
 
 
 def _set(module: nn.Module, name: str, value: Tensor, buffer: bool = False) -> None:
@@ -342,19 +401,23 @@ def text_model_path(skeleton: nn.Module, layers_path: str) -> str:
     return ".".join(parts)
 
 
-def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torch.device
-                   ) -> tuple[list[Tensor], list[list[dict]]]:
+def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torch.device,
+                   store: Activations | None = None) -> tuple[Any, list[list[dict]]]:
     """Run the tokens through everything before block 0, in batches.
 
-    Returns block 0's inputs per batch (B, L, hidden) and, per block, the keyword arguments it
-    receives per batch. The embedding weights are released afterwards.
+    Returns block 0's inputs per batch (B, L, hidden), in `store` when given (else a list), and, per
+    block, the keyword arguments it receives per batch. The embedding weights are released afterwards.
     """
     layers_path = cal.layers
     base_path = text_model_path(cal.skeleton, layers_path)
     base = cal.skeleton.get_submodule(base_path)
     layers = cast(nn.ModuleList, cal.skeleton.get_submodule(layers_path))
+    cut = embedding_rows(base, cal.tokens)
+    shapes = {name: p.shape for name, p in base.named_parameters()}
     loaded = _materialize(base, base_path + "." if base_path else "", cal.loader(read), device, cal.dtype,
-                          skip=((layers_path[len(base_path) + 1:] if base_path else layers_path) + ".",))
+                          skip=((layers_path[len(base_path) + 1:] if base_path else layers_path) + ".",),
+                          rows=dict([cut]) if cut else None)
+    hook = lookup_rows(input_embeddings(base), cut[1]) if cut else None
     originals = list(layers)
     load = cal.loader(read)
 
@@ -366,7 +429,7 @@ def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torc
         return _block_forward(block, x, kwargs, whole=True)
 
     calls: list[list[dict]] = []
-    inputs: list[Tensor] = []
+    inputs: Any = store if store is not None else []
 
     def capture(live_blocks: bool) -> None:
         calls[:] = [[] for _ in range(len(layers))]
@@ -393,9 +456,11 @@ def capture_inputs(cal: Calibration, read: Callable[[str], Tensor], device: torc
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
+        if hook is not None:
+            hook.remove()
         for name in loaded:   # release the embeddings; the skeleton's blocks are untouched
-            _set(base, name, nn.Parameter(torch.empty_like(base.get_parameter(name), device="meta"),
-                                          requires_grad=False))
+            _set(base, name, nn.Parameter(torch.empty(shapes[name], dtype=base.get_parameter(name).dtype,
+                                                      device="meta"), requires_grad=False))
     return inputs, calls
 
 
@@ -429,18 +494,23 @@ def _block_forward(block: nn.Module, x: Tensor, kwargs: dict, whole: bool = Fals
 
 def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callable[[str], Tensor],
                     devices: tuple[torch.device, ...], cal: Calibration, timer: Timer, start: int = 0,
-                    start_inputs: list[Tensor] | None = None) -> Iterator[BlockResult]:
+                    start_inputs: Sequence[Tensor] | None = None) -> Iterator[BlockResult]:
     t = time.perf_counter()
     primary, ndev = devices[0], len(devices)
-    inputs, calls = capture_inputs(cal, read, primary)     # resuming too: every block's kwargs
+    # batch b is read on device b % n; kept there, on the host or on disk (cal.activations)
+    inputs, calls = capture_inputs(cal, read, primary,      # resuming too: every block's kwargs
+                                   Activations(cal.activations, devices, cal.offload_dir))
     if start and start_inputs is not None:   # (run() checked they are there)
-        if len(start_inputs) != len(inputs) or any(a.shape != b.shape
-                                                   for a, b in zip(start_inputs, inputs, strict=True)):
+        if len(start_inputs) != len(inputs) or any(tuple(start_inputs[i].shape) != inputs.shape(i)
+                                                   for i in range(len(inputs))):
             raise RunError(f"the saved inputs of block {start} do not match the calibration batches")
-        inputs = [x.to(device=primary, dtype=b.dtype) for x, b in zip(start_inputs, inputs, strict=True)]
-    if ndev > 1:   # batch b, with its keyword arguments for every block, to device b % n
+        saved = inputs.like()
+        for i in range(len(inputs)):
+            saved.append(start_inputs[i].to(dtype=inputs.dtype(i)))
+        inputs.release()
+        inputs = saved
+    if ndev > 1:   # batch b's keyword arguments for every block to device b % n
         memos: list[dict] = [{} for _ in devices]
-        inputs = [x.to(devices[b % ndev]) for b, x in enumerate(inputs)]
         calls = [[move(kw, devices[b % ndev], memos[b % ndev]) for b, kw in enumerate(per_block)]
                  for per_block in calls]
     timer.add("forward", t)
@@ -487,7 +557,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                                           cal.layers)
                 dtype_of = cal.stored_dtype or (lambda name: read(name).dtype)
                 dtypes = {n: dtype_of(cal.stored_name(plan.module_prefix + n)) for n, _ in block.named_parameters()}
-                here = [x.to(primary) for x in inputs] if ndev > 1 else inputs
+                here = inputs.on(primary) if ndev > 1 else inputs   # each batch copied when it is read
                 here_calls = move(block_calls, primary) if ndev > 1 else block_calls
                 prepare(BlockContext(
                     index=plan.index, block=block, inputs=here, calls=here_calls,
@@ -521,8 +591,11 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
             if experts.units:   # fused experts: each expert's matrices, from the tokens routed to it
                 t = _quantize_experts(block, replicas, devices, plan, experts, algorithm, inputs, block_calls,
                                       read, cal, extra, results, timer, t)
-            inputs = spread(devices, len(inputs),
-                            lambda i, dev: _block_forward(replicas[i % ndev], inputs[i], block_calls[i]))  # noqa: F821
+            outputs = inputs.like()   # stored batch by batch as they come (at most a few on the devices)
+            spread(devices, len(inputs), lambda i, dev: _block_forward(replicas[i % ndev], inputs[i], block_calls[i]),  # noqa: F821
+                   consume=lambda i, y: outputs.append(y))
+            inputs.release()   # the previous block's result (its files, on disk) is no longer needed
+            inputs = outputs
             timer.add("forward", t)
         rewritten = {cal.stored_name(plan.module_prefix + n): block.get_parameter(n).detach().to("cpu", dtypes[n])
                      for n in sorted(modified)} if modified else {}

@@ -78,7 +78,15 @@ def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, d
     produces block 0's input and every block's keyword arguments, then is released; each block is
     then built from the shards (quantized Linears as load_quantized builds them, the rest in
     float32), run, and dropped before the next one is read. At most one block is held."""
-    from ..calibration.sequential import _block_forward, _Recorder, _Stop, text_model_path
+    from ..calibration.sequential import (
+        _block_forward,
+        _Recorder,
+        _Stop,
+        embedding_rows,
+        input_embeddings,
+        lookup_rows,
+        text_model_path,
+    )
     from ..formats.reading import QuantizedModules
     from ..models.load import CheckpointReader, build_skeleton
     from ..models.weightmap import build as build_weight_map
@@ -119,10 +127,14 @@ def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, d
                 except _Stop:
                     pass
 
+        cut = embedding_rows(base, tokens)   # the embedding table only as far as the tokens use it
+        hook = None
         try:
             loaded = _load_part(base, base_path + "." if base_path else "", reader, modules, present, device,
                                 skip=layers[len(base_path) + 1:] + "." if base_path else layers + ".",
-                                weights=weights, tied=dict(getattr(model, "all_tied_weights_keys", None) or {}))
+                                weights=weights, tied=dict(getattr(model, "all_tied_weights_keys", None) or {}),
+                                rows=dict([cut]) if cut else None)
+            hook = lookup_rows(input_embeddings(base), cut[1]) if cut else None
             try:
                 capture(live_blocks=False)
             except (ValueError, TypeError):   # the blocks pass state along: run them for real
@@ -130,6 +142,8 @@ def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, d
         finally:
             for i in range(n):
                 blocks[i] = torch.nn.Identity()
+            if hook is not None:
+                hook.remove()
         for name in loaded:   # the embeddings go before the first block comes
             _release(base, name)
         del loaded
@@ -156,12 +170,13 @@ def check_outputs(folder: Path, tokens: Tensor, expected: Tensor, layers: str, d
 
 def _load_part(module: torch.nn.Module, prefix: str, reader: Any, modules: Any, present: set[str],
                device: torch.device, skip: str | None = None, weights: Any = None,
-               tied: dict[str, str] | None = None) -> list[str]:
+               tied: dict[str, str] | None = None, rows: dict[str, Tensor] | None = None) -> list[str]:
     """Build `module` (full name `prefix`) from the written checkpoint, as load_quantized would: its
     quantized Linears decoded into QuantLinear / NF4Linear / OutlierLinear, its other parameters
     read in float32, its buffers moved to `device`. Names under `skip` (local) are left alone.
     `prefix` is the module's path in the model; `weights` (models.weightmap.WeightMap) maps it to
-    the stored names (renamed modules; experts stored one matrix each, fused in the model).
+    the stored names (renamed modules; experts stored one matrix each, fused in the model); `rows`:
+    parameters of which only these rows are read (sequential.embedding_rows).
     Returns the local names of the parameters read."""
     from ..errors import CheckpointError
     from ..formats.reading import linear_shape
@@ -207,6 +222,8 @@ def _load_part(module: torch.nn.Module, prefix: str, reader: Any, modules: Any, 
             if stored not in present:
                 raise CheckpointError(f"{stored} is missing from the checkpoint in {reader.folder}")
             value = reader.read(stored)
+        if rows and name in rows:
+            value = value.index_select(0, rows[name].to(value.device))
         value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         _set_param(module, name, torch.nn.Parameter(value, requires_grad=False))
         loaded.append(name)
