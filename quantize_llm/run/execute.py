@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import resource
 import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -124,7 +126,7 @@ class _Run:
         self.digests: dict[str, str] = {}           # module -> digest of its result (verification)
         self.reports: list[LayerReport] = []
         self.q_params = self.q_bytes = 0
-        self.final_inputs: list[torch.Tensor] | None = None   # the last block's outputs (calibrated runs)
+        self.final_inputs: Sequence[torch.Tensor] | None = None   # the last block's outputs (calibrated runs)
 
     def guarded(self) -> Summary:
         """`write()`, with failures mapped: Ctrl-C and SIGTERM say what was kept, a full disk says
@@ -172,9 +174,10 @@ class _Run:
                 emit("warning", {"message": f"vLLM: {reason}"})
             read = HashingReader(lambda name: reader.read(name, check_finite=True))
             with CheckpointWriter(plan.output, overwrite=plan.job.overwrite, max_shard_bytes=plan.max_shard_bytes,
-                                  expected_bytes=plan.resources.output_bytes, protect=[plan.source.folder]) as writer:
+                                  expected_bytes=plan.resources.output_bytes, protect=[plan.source.folder]) as writer, \
+                    activation_folder(plan.output, plan.resources.activations) as offload:
                 if plan.calibrated:
-                    self.calibrate(reader)
+                    self.calibrate(reader, offload)
                 state = self.state = ResumeState(plan.output, {
                     **plan.fingerprint,
                     "calibration_tokens": tokens_fingerprint(self.cal.tokens if self.cal is not None else None)},
@@ -191,8 +194,9 @@ class _Run:
                     self.write_block(result, reader, read, writer, first=result.index == done)
                 return self.finish(reader, writer)
 
-    def calibrate(self, reader: CheckpointReader) -> None:
-        """The calibration tokens, and what the runner needs to feed them through the blocks."""
+    def calibrate(self, reader: CheckpointReader, offload: Path | None = None) -> None:
+        """The calibration tokens, and what the runner needs to feed them through the blocks
+        (`offload`: the folder of activations the plan keeps on disk)."""
         plan, t = self.plan, time.perf_counter()
         src = plan.source
         cal_set = load_calibration_tokens(src.folder, src.config, plan.job.calibration, plan.devices[0], self.emit,
@@ -207,7 +211,8 @@ class _Run:
         self.cal = Calibration(src.skeleton, src.layers, cal_set.tokens,
                                true_sequential=self.algorithm.record().true_sequential is not False,
                                batch_size=plan.job.batch_size, dtype=torch.float32, arch=src.arch,
-                               stored_dtype=reader.dtype, weights=src.weights)
+                               stored_dtype=reader.dtype, weights=src.weights,
+                               activations=plan.resources.activations, offload_dir=offload)
 
     def write_outside(self, reader: CheckpointReader, read: HashingReader, writer: CheckpointWriter) -> None:
         """Embeddings, the final norm and an untied head, as stored (the head rounded when an
@@ -367,6 +372,18 @@ def head_tensors(head: tuple[str, QuantSpec], weight: torch.Tensor, fmt: Any,
         return qw, fmt.encode(qw)
     except Float16Overflow as exc:
         raise exc.at(head[0]) from None
+
+
+@contextmanager
+def activation_folder(output: Path, where: str) -> Iterator[Path | None]:
+    """A folder beside the output for calibration activations kept on disk (removed afterwards,
+    whatever happens); None when they are kept in memory."""
+    if where != "disk":
+        yield None
+        return
+    out = Path(output).expanduser().absolute()
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.activations-", dir=out.parent) as folder:
+        yield Path(folder)
 
 
 def check_disk(output: Path, resources: ResourcePlan) -> None:

@@ -408,7 +408,23 @@ def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantS
                               calibrated=calibrated, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                               device_type=dev.type, resume=resume, verify=verify, devices=devices,
                               solver=solver, search=calibrated and spec.method == "awq",
-                              self_text=calibrated and calibration.source == "self")
+                              self_text=calibrated and calibration.source == "self",
+                              room=memory_room(dev) if calibrated else None)
+
+
+def memory_room(dev: torch.device) -> int | None:
+    """The memory a run on `dev` can use: the GPU's free memory, or the host's available memory
+    (None when it cannot be told)."""
+    if dev.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(dev)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    if dev.type != "cpu":
+        return None
+    from .execute import available_memory
+
+    return available_memory()
 
 
 def _grid(spec: QuantSpec) -> tuple[int, int, bool]:

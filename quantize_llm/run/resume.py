@@ -34,7 +34,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -375,7 +375,7 @@ class ResumeState:
 
     # --- per block -------------------------------------------------------------------------------
     def save_block(self, index: int, tensors: list[tuple[str, Tensor]], meta: dict[str, Any],
-                   next_inputs: list[Tensor] | None, source: dict[str, str] | None = None) -> None:
+                   next_inputs: Sequence[Tensor] | None, source: dict[str, str] | None = None) -> None:
         """Record block `index` as done: its successor's inputs first, then its tensors.
 
         source: the digests of the checkpoint tensors the block was computed from."""
@@ -383,10 +383,11 @@ class ResumeState:
             return
         from safetensors.torch import save_file
 
-        if next_inputs is not None:
-            batches = {str(i): t.detach().to("cpu").contiguous() for i, t in enumerate(next_inputs)}
+        from ..calibration.activations import save_batches
+
+        if next_inputs is not None:   # written a batch at a time (they may be kept on disk)
             _durable_write(self.folder / f"inputs-{index + 1:05d}.safetensors",
-                           lambda p: save_file(batches, str(p)))
+                           lambda p: save_batches(p, next_inputs))
         named = {name: t.detach().to("cpu").clone() for name, t in tensors}   # clone: unshare g_idx etc.
         metadata = {"order": json.dumps([name for name, _ in tensors]),
                     "meta": json.dumps({**meta, "source": source or {}}),
@@ -406,15 +407,13 @@ class ResumeState:
             order = json.loads(metadata["order"])
             return [(name, f.get_tensor(name)) for name in order], json.loads(metadata["meta"])
 
-    def load_inputs(self, index: int) -> list[Tensor] | None:
-        """The saved calibration inputs of block `index`, or None when none were saved."""
-        from safetensors.torch import load_file
-
+    def load_inputs(self, index: int) -> Sequence[Tensor] | None:
+        """The saved calibration inputs of block `index` (each batch read when it is asked for), or
+        None when none were saved."""
         path = self.folder / f"inputs-{index:05d}.safetensors"
         if not path.exists():
             return None
-        batches = load_file(str(path))
-        return [batches[str(i)] for i in range(len(batches))]
+        return SavedBatches(path)
 
     def clear(self) -> None:
         """The run finished (or failed on input that will fail again): the state is not needed."""
@@ -430,6 +429,30 @@ class ResumeState:
     def _remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
         self.close()
+
+
+class SavedBatches(Sequence[Tensor]):
+    """The batches of a file save_batches wrote, each read from it when asked for."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        with safe_open(str(path), "pt") as f:
+            self._count = len(list(f.keys()))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: Any) -> Any:
+        from safetensors import safe_open
+
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -self._count <= i < self._count:
+            raise IndexError(i)
+        with safe_open(str(self.path), "pt") as f:
+            return f.get_tensor(str(i % self._count))
 
 
 def tokens_fingerprint(tokens: Tensor | None) -> str | None:
