@@ -393,11 +393,18 @@ def check_disk(output: Path, resources: ResourcePlan) -> None:
         return   # the writer reports a missing parent with its own message
     free, need = shutil.disk_usage(parent).free, int(resources.disk_bytes * 1.1)
     if free < need:
-        what = (f"the checkpoint ({human_bytes(resources.output_bytes)}) and the resume state "
-                f"({human_bytes(resources.resume_bytes)})") if resources.resume_bytes else \
-            f"the checkpoint ({human_bytes(resources.output_bytes)})"
-        hint = "pass --no-resume to drop the resume state, free some space, or choose another -o" \
-            if resources.resume_bytes else "free some space, or choose another -o"
+        parts = [f"the checkpoint ({human_bytes(resources.output_bytes)})"]
+        if resources.resume_bytes:
+            parts.append(f"the resume state ({human_bytes(resources.resume_bytes)})")
+        if resources.offload_bytes:
+            parts.append(f"the calibration activations, which do not fit in memory "
+                         f"({human_bytes(resources.offload_bytes)})")
+        what = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+        hint = "free some space, or choose another -o"
+        if resources.resume_bytes:
+            hint = "pass --no-resume to drop the resume state, " + hint
+        if resources.offload_bytes:
+            hint = "lower --nsamples or --seqlen, " + hint
         raise OutputError(f"not enough disk space in {parent}: {what} need about {human_bytes(need)} with a "
                           f"10% margin, {human_bytes(free)} is free", hint)
 

@@ -9,8 +9,9 @@ predicted per phase; the peak is the largest:
                       tokens use in the work dtype (sequential.embedding_rows), block 0's inputs
     blocks            one block's weights in float32, the calibration activations (this block's
                       inputs and the next one's), one batch's MLP temporaries, and the largest
-                      solve: with GPTQ's error feedback, the Hessian with its factorization (4 x
-                      n x n) and the stacked weights with their copies (4 x); AWQ's search holds
+                      solve: with GPTQ's error feedback, the Hessian and its factorization, made
+                      in place (2 x n x n), and the stacked weights with their working copy,
+                      codes and error terms (3 x); AWQ's search holds
                       the block's originals as well
     verification      streamed from the written shards: the embedding rows again, one block
                       (calibrated runs); one module at a time otherwise
@@ -40,10 +41,11 @@ class ResourcePlan:
     device_phases: dict[str, int] | None = None   # predicted device peak per phase (a GPU run)
     self_text: bool = False        # `self` calibration text: the whole float model is loaded to generate it
     activations: str = "device"    # where calibration activations are kept: device, host or disk
+    offload_bytes: int = 0         # disk: a block's inputs and outputs in files beside the output
 
     @property
     def disk_bytes(self) -> int:
-        return self.output_bytes + self.resume_bytes
+        return self.output_bytes + self.resume_bytes + self.offload_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "disk_bytes": self.disk_bytes}
@@ -51,7 +53,8 @@ class ResourcePlan:
     def lines(self) -> list[str]:
         from ..formats.checkpoint import human_bytes as gb
         out = [f"disk: {gb(self.disk_bytes)} (output {gb(self.output_bytes)}"
-               + (f", resume state {gb(self.resume_bytes)})" if self.resume_bytes else ")"),
+               + (f", resume state {gb(self.resume_bytes)}" if self.resume_bytes else "")
+               + (f", calibration activations {gb(self.offload_bytes)})" if self.offload_bytes else ")"),
                f"host memory peak: about {gb(self.host_peak_bytes)} (one block {gb(self.block_bytes)}, "
                f"calibration activations {gb(self.activation_bytes)}, Hessian {gb(self.hessian_bytes)})"]
         if self.device_peak_bytes is not None:
@@ -109,7 +112,7 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
     if calibrated:
         activation = 2 * 4 * nsamples * seqlen * hidden
         batches = 2 * 4 * min(batch_size, nsamples) * seqlen * hidden   # one batch in and out
-        hessian = 4 * 4 * widest_in * widest_in
+        hessian = (2 if solver else 1) * 4 * widest_in * widest_in
         temporaries = 3 * 4 * min(batch_size, nsamples) * seqlen * widest_out
         embeddings = 4 * _cut_table(reader, nsamples * seqlen)
         solve = max((_stage_bytes(p, solver) for p in plans), default=0)
@@ -152,20 +155,20 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
     else:
         host_phases = phases
     resume_bytes = (output_bytes + (activation // 2)) if resume else 0
-    if where == "disk":   # a block's inputs and its outputs, in files beside the output
-        resume_bytes += activation
     return ResourcePlan(blocks=len(plans), output_bytes=output_bytes, resume_bytes=resume_bytes,
                         host_peak_bytes=host, device_peak_bytes=device, activation_bytes=activation,
                         block_bytes=block_bytes, hessian_bytes=hessian,
                         host_phases={k: PROCESS_BASELINE + v for k, v in host_phases.items()},
-                        device_phases=device_phases or None, self_text=self_text, activations=where)
+                        device_phases=device_phases or None, self_text=self_text, activations=where,
+                        offload_bytes=activation if where == "disk" else 0)
 
 
 def _stage_bytes(plan: Any, solver: bool) -> int:
     """The largest solve of a block: Linears under one parent reading inputs of one width are
-    stacked (q/k/v, gate/up). With error feedback: the Hessian, its damped copy and factors (4 x
-    n x n) and the stacked weights, their working copy, codes and error terms (4 x); without it
-    (a clip search on the Hessian): the Hessian and the weights twice."""
+    stacked (q/k/v, gate/up). With error feedback: the Hessian and the column-major copy LAPACK
+    factors in place (2 x n x n, solve.cholesky_inverse_upper), the stacked weights, their working
+    copy, codes and the error terms measured after (3 x); without it (a clip search on the
+    Hessian): the Hessian and the weights twice."""
     stages: dict[tuple[str, int], int] = {}
     for lp in plan.linears:
         if lp.quantize:
@@ -173,7 +176,7 @@ def _stage_bytes(plan: Any, solver: bool) -> int:
             stages[key] = stages.get(key, 0) + lp.out_features * lp.in_features
     if not stages:
         return 0
-    k_h, k_w = (4, 4) if solver else (2, 2)
+    k_h, k_w = (2, 3) if solver else (1, 2)
     return max(4 * (k_h * n * n + k_w * elems) for (_, n), elems in stages.items())
 
 

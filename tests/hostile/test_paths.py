@@ -184,8 +184,13 @@ def test_memory_is_checked_before_calibration_data_is_prepared(world, capsys, mo
     monkeypatch.setattr(pipeline, "load_calibration_tokens", never)
     result = refused(capsys, world, ["gptq", world / "model", "-o", world / "out", "--dataset", world / "calib.txt",
                                      "--nsamples", 10 ** 9, "--no-resume"],
-                     needles=("host memory", "is available", "--nsamples"))
-    assert "plan: host memory peak" in result.err
+                     needles=("calibration activations, which do not fit in memory", "is free", "--nsamples"))
+    assert "plan: host memory peak" in result.err and "resume state" not in result.error
+    # with the activations on disk allowed for, memory is still checked before any data is prepared
+    monkeypatch.setattr(pipeline, "check_disk", lambda *a: None)
+    refused(capsys, world, ["gptq", world / "model", "-o", world / "out", "--dataset", world / "calib.txt",
+                            "--nsamples", 10 ** 9, "--batch-size", 10 ** 8, "--no-resume"],
+            needles=("host memory", "is available", "--nsamples"))
 
 
 def test_disk_check_message_uses_readable_units(world, capsys, monkeypatch):
