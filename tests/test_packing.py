@@ -61,3 +61,15 @@ def test_bad_lengths_are_refused():
         pack_int32(torch.zeros(7, 1, dtype=torch.uint8), 4)
     with pytest.raises(ValueError):
         unpack_int32(torch.zeros(3, 1, dtype=torch.int32), 4, 32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_in_column_slices_gives_the_same_words(monkeypatch, bits):
+    import quantize_llm.core.packing as packing
+
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2 ** bits, (64, 37), generator=g, dtype=torch.int32).to(torch.uint8)
+    whole = pack_int32(codes, bits, dim=0)
+    monkeypatch.setattr(packing, "PACK_ELEMENTS", 64 * 5)               # 5 columns at a time, 8 slices
+    assert torch.equal(pack_int32(codes, bits, dim=0), whole)
+    assert torch.equal(unpack_int32(whole, bits, 64, dim=0), codes)

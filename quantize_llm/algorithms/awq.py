@@ -102,6 +102,16 @@ def fake_rtn(weight: Tensor, spec: QuantSpec) -> Tensor:
     return rtn_quantize(weight, spec).dequantize(torch.float32)
 
 
+def scaled_fake_rtn(weight: Tensor, s: Tensor, spec: QuantSpec) -> Tensor:
+    """fake_rtn(weight * s) / s (float32), a slice of rows at a time: rows round independently,
+    so only the result and slice-sized temporaries are held."""
+    out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    step = max(1, TRIAL_ELEMENTS // max(weight.shape[1], 1))
+    for r in range(0, weight.shape[0], step):
+        out[r:r + step] = fake_rtn(weight[r:r + step] * s, spec).div_(s)
+    return out
+
+
 def hessian_clip_params(w: Tensor, h: Tensor, spec: QuantSpec, grid: int = 20,
                         max_shrink: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
     """Per (row, group) range chosen by output error: the clip trials of `clip_search`
@@ -250,7 +260,7 @@ class AWQ:
             try:
                 for n, m in linears.items():   # one trial weight and its codes live at a time
                     m.weight.data = originals[n]   # the previous trial's weight goes first
-                    m.weight.data = fake_rtn(originals[n] * s, self.specs.get(n, self.spec)).div_(s)
+                    m.weight.data = scaled_fake_rtn(originals[n], s, self.specs.get(n, self.spec))
             except Float16Overflow:   # scales float16 cannot store: not a candidate (the rounding
                 return math.inf       # step names the weight if no alpha avoids it)
             return error(linears, originals)
@@ -310,7 +320,7 @@ class AWQ:
                 z = zero.float().index_select(1, g_idx.long())
                 w = torch.minimum(torch.maximum(w, -z * s), (spec.maxq - z) * s)
             try:
-                qw, _ = gptq_quantize(w, h.clone(), spec, GPTQOptions(block_size=opts.block_size, damp=opts.damp,
+                qw, _ = gptq_quantize(w, h, spec, GPTQOptions(block_size=opts.block_size, damp=opts.damp,
                                                                       clip="minmax"))
             except Float16Overflow as exc:
                 raise solve_overflow(exc, {module: w}, spec, opts.damp) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,9 +29,11 @@ from .solve import (
     SolveStats,
     accumulate_hessian,
     cholesky_inverse_upper,
+    energy,
     feedback,
     output_error,
     solve_diagonal,
+    solve_energy,
 )
 
 
@@ -101,7 +104,8 @@ class IntegerGrid(Grid):
 
 @torch.no_grad()
 def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPTQOptions = GPTQOptions(),
-                  outlier_mask: Tensor | None = None, own: bool = False) -> tuple[QuantizedWeight, SolveStats]:
+                  outlier_mask: Tensor | None = None, own: bool = False,
+                  own_hessian: bool = False) -> tuple[QuantizedWeight, SolveStats]:
     """Quantize a (out, in) weight with GPTQ given the (in, in) Hessian sum X^T X of its inputs.
 
     outlier_mask (out, in) bool: weights kept exactly (in float16, beside the codes). They are left
@@ -109,10 +113,13 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
     propagate, and their final values (with the error propagated into them) come back in
     `stats.kept`.
 
-    Does not modify `hessian`, nor `weight` unless `own` (the caller hands it over: it is rounded in
-    place when already in the work dtype, saving a copy). Works in float32 on their device (float64
-    when `weight` is float64, which the tests use to compare with a column-by-column reference);
-    beside the Hessian it holds one n x n matrix (solve.cholesky_inverse_upper).
+    Does not modify `hessian` unless `own_hessian` (then its memory is the factorization's: the
+    Hessian is gone afterwards, and nothing n x n is held beside it), nor `weight` unless `own`
+    (the caller hands it over: it is rounded in place when already in the work dtype, saving a
+    copy). Works in float32 on their device (float64 when `weight` is float64, which the tests use
+    to compare with a column-by-column reference); without own_hessian it holds one n x n matrix
+    beside the Hessian (solve.cholesky_inverse_upper). The stats carry what the output error
+    needs without the Hessian (solve.solve_energy).
     Columns are processed in act-order (decreasing diag(H)) when spec.act_order or
     options.static_groups. Groups are consecutive columns in processing order, except with
     options.static_groups, where they are the consecutive original columns and no g_idx is
@@ -142,14 +149,19 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
         w = w[:, perm]
         if mask is not None:
             mask = mask[:, perm]
-    hinv, damp = cholesky_inverse_upper(hessian, options.damp, options.damp_max, perm, dt)
+    ridge = float(hdiag.mean())
+    hinv, damp = cholesky_inverse_upper(hessian, options.damp, options.damp_max, perm, dt,
+                                        overwrite=own_hessian and hessian.dtype == dt and hessian.is_contiguous())
+    ridge *= damp
 
     # original column index of processing position j
     order = perm if perm is not None else torch.arange(in_features, device=w.device)
     # group of each processing position: static groups follow the original columns
     group_of = (order // gs) if options.static_groups else (torch.arange(in_features, device=w.device) // gs)
     grid = IntegerGrid(w, spec, options.clip, hdiag, group_of.tolist(), static, mask)   # plain ints: no syncs
-    kept = feedback(w, hinv, options.block_size, grid, mask)
+    row_error = torch.zeros(w.shape[0], dtype=dt, device=w.device)
+    kept = feedback(w, hinv, options.block_size, grid, mask, row_error)
+    del hinv
 
     codes = grid.codes
     g_idx = None
@@ -161,7 +173,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
         if not options.static_groups:
             g_idx = group_of[invperm].to(torch.int32)                   # (in,) original order
     qw = QuantizedWeight(codes=codes.contiguous(), scale=grid.scale, zero=grid.zero, g_idx=g_idx, spec=spec)
-    return qw, SolveStats(damp=damp, dead_columns=int(dead.sum()), seconds=time.perf_counter() - start, kept=kept)
+    return qw, SolveStats(damp=damp, dead_columns=int(dead.sum()), seconds=time.perf_counter() - start, kept=kept,
+                          row_error=row_error, ridge=ridge, dead=dead)
 
 
 @register
@@ -210,27 +223,37 @@ class GPTQ:
         if missing:
             raise RunError(f"block {layer.index}: no calibration inputs reached {missing[0]}")
 
+        users = Counter(key for key, _ in by_input)
+
         def solve(unit: tuple[tuple[str, QuantSpec], list[str]], device: torch.device) -> dict[str, QuantizedWeight]:
             (key, spec), names = unit
-            h = self.hessians[key].to(device)
+            # The last solve reading a Hessian factors it where it lies (no n x n copy beside it).
+            last = users[key] == 1
+            h = (self.hessians.pop(key) if last else self.hessians[key]).to(device)
+            # ||WX||^2 per Linear now: the Hessian may be gone after the solve
+            totals = [energy(layer.weights[n].to(device, torch.float32), h.to(torch.float32)) for n in names]
             parts = [layer.weights[n] for n in names]
             stacked = torch.cat([p.to(device) for p in parts], dim=0) if len(parts) > 1 else parts[0].to(device)
             own = any(stacked is not p for p in parts)   # a copy of ours: rounded in place
             try:
-                qw, stats = gptq_quantize(stacked, h, spec, self.options, own=own)
+                qw, stats = gptq_quantize(stacked, h, spec, self.options, own=own, own_hessian=last)
             except Float16Overflow as exc:
                 raise solve_overflow(exc, {layer.full_name(n): layer.weights[n] for n in names}, spec,
                                      self.options.damp) from None
             except LayerError as exc:
                 raise exc.at(layer.full_name(*names)) from None
+            del stacked, h
             row, solved, total = 0, {}, qw.codes.shape[0]
-            del stacked
-            for name in names:
+            assert stats.row_error is not None and stats.dead is not None
+            for name, whole in zip(names, totals, strict=True):
                 rows = layer.weights[name].shape[0]
                 part = QuantizedWeight(codes=qw.codes[row:row + rows].contiguous(),
                                        scale=qw.grid_scale[row:row + rows].contiguous(),
                                        zero=qw.grid_zero[row:row + rows].contiguous(), g_idx=qw.g_idx, spec=qw.spec)
-                error = output_error(layer.weights[name].to(device, torch.float32), part.dequantize(torch.float32), h)
+                d = layer.weights[name].to(device, torch.float32) - part.dequantize(torch.float32)
+                d[:, stats.dead] = 0.0
+                error = math.sqrt(solve_energy(stats.row_error[row:row + rows], stats.ridge, d) / max(whole, 1e-30))
+                del d
                 row += rows
                 layer.report(name, {"rel_error": error, "damp": stats.damp,
                                     "dead_columns": stats.dead_columns,

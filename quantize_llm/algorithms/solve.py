@@ -11,6 +11,7 @@ dead inputs, its damped factorization and the output error ||WX - QX|| / ||WX|| 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -59,6 +60,9 @@ class SolveStats:
     dead_columns: int              # inputs that never fired (diag(H) == 0), quantized as zeros
     seconds: float
     kept: Tensor | None = None     # with an outlier mask: the masked weights' final values (out, in), 0 elsewhere
+    row_error: Tensor | None = None   # (out,) tr(D H' D^T) per row, H' the damped Hessian (feedback)
+    ridge: float = 0.0             # what the damping added to H's diagonal (solve_energy)
+    dead: Tensor | None = None     # (in,) bool: the inputs that never fired
 
 
 def accumulate_hessian(hessians: dict[str, Tensor], name: str, x: Tensor) -> None:
@@ -111,40 +115,128 @@ def _factor_buffer(hessian: Tensor, dtype: torch.dtype, perm: Tensor | None) -> 
     return buf.mT
 
 
+def _permute_(m: Tensor, perm: Tensor) -> None:
+    """m <- m[perm][:, perm] in place: rows, then columns, moved along the permutation's cycles with
+    one row (column) of temporary space."""
+    p = perm.tolist()
+    n = len(p)
+    for view in (m, m.mT):
+        seen = [False] * n
+        for i in range(n):
+            if seen[i] or p[i] == i:
+                continue
+            saved, j = view[i].clone(), i
+            while True:
+                seen[j] = True
+                k = p[j]
+                if k == i:
+                    view[j].copy_(saved)
+                    break
+                view[j].copy_(view[k])
+                j = k
+
+
+class Spill:
+    """A copy of a tensor kept away from where the tensor is overwritten: on the host for a GPU
+    tensor, in a temporary file for a CPU tensor of SPILL_BYTES or more, else a clone."""
+
+    def __init__(self, t: Tensor) -> None:
+        self.path: str | None = None
+        self.copy: Tensor | None = None
+        if t.device.type != "cpu":
+            self.copy = t.to("cpu")
+        elif t.numel() * t.element_size() >= SPILL_BYTES:
+            import tempfile
+
+            from safetensors.torch import save_file
+
+            fd, self.path = tempfile.mkstemp(prefix="quantize-llm-hessian-", suffix=".safetensors")
+            os.close(fd)
+            save_file({"h": t.contiguous()}, self.path)
+        else:
+            self.copy = t.clone()
+
+    def restore(self, into: Tensor) -> None:
+        if self.path is not None:
+            from safetensors.torch import load_file
+
+            into.copy_(load_file(self.path)["h"])
+        else:
+            assert self.copy is not None
+            into.copy_(self.copy)
+
+    def close(self) -> None:
+        if self.path is not None:
+            os.unlink(self.path)
+            self.path = None
+        self.copy = None
+
+
+SPILL_BYTES = 64 * 2 ** 20
+
+
 def cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float, perm: Tensor | None = None,
-                           dtype: torch.dtype | None = None) -> tuple[Tensor, float]:
+                           dtype: torch.dtype | None = None, overwrite: bool = False) -> tuple[Tensor, float]:
     """Upper Cholesky factor U of (P H P^T + damping)^-1 in `dtype` (default: hessian's); damping
     doubles on failure (returns the one used). `perm` (in,) is the processing order of the columns
     (None: as stored); inputs that never fired count as H_jj = 1 (`solve_diagonal`).
 
-    Does not modify `hessian`, and holds one n x n matrix beside it: a column-major copy that LAPACK
-    factors (H = L L^T), inverts (H^-1 = L^-T L^-1) and factors again (U) in place; U is returned
-    as a view of it (column-major). Raises HessianNotFinite for inf/NaN entries (overflowed inputs:
-    no damping helps) and NotPositiveDefinite when damp_max is reached."""
+    LAPACK factors (H = L L^T), inverts (H^-1 = L^-T L^-1) and factors again (U) in place on a
+    column-major matrix, and U is returned as a view of it (column-major). Without `overwrite`
+    that is a copy: `hessian` is left as it is, and one n x n matrix is held beside it. With
+    `overwrite` (a contiguous float32/64 `hessian` in `dtype`) it is `hessian` itself, whose
+    memory U then takes: nothing n x n is held beside it; a copy kept off the device (`Spill`)
+    brings it back if damping must grow. Raises HessianNotFinite for inf/NaN entries (overflowed
+    inputs: no damping helps) and NotPositiveDefinite when damp_max is reached."""
     n, start = hessian.shape[0], damp
     dtype = dtype or hessian.dtype
     if not _finite(hessian):
         raise HessianNotFinite.of()
     info = torch.empty((), dtype=torch.int32, device=hessian.device)
-    while True:
-        a = _factor_buffer(hessian, dtype, perm)
-        diag = torch.diagonal(a)
-        diag.add_(damp * float(diag.mean()))
-        torch.linalg.cholesky_ex(a, out=(a, info))
-        if int(info) == 0:
-            torch.cholesky_inverse(a, out=a)                            # H^-1
-            torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
-            if int(info) == 0 and _finite(a):
-                return a, damp
-        del a, diag
-        if damp >= damp_max:
-            raise NotPositiveDefinite.of(n, damp, start)
-        damp = min(damp * 2, damp_max)
+    spill = None
+    if overwrite:
+        if hessian.dtype != dtype or not hessian.is_contiguous():
+            raise ValueError("an overwritten Hessian must be contiguous and in the solve's dtype")
+        spill = Spill(hessian)
+    try:
+        while True:
+            if spill is None:
+                a = _factor_buffer(hessian, dtype, perm)
+            else:   # symmetric and row-major: its transpose is the same matrix, column-major
+                if perm is not None:
+                    _permute_(hessian, perm)
+                a = hessian.mT
+                diag = torch.diagonal(a)
+                diag.masked_fill_(diag == 0, 1.0)
+            diag = torch.diagonal(a)
+            diag.add_(damp * float(diag.mean()))
+            torch.linalg.cholesky_ex(a, out=(a, info))
+            if int(info) == 0:
+                torch.cholesky_inverse(a, out=a)                        # H^-1
+                torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
+                if int(info) == 0 and _finite(a):
+                    return a, damp
+            del a, diag
+            if damp >= damp_max:
+                raise NotPositiveDefinite.of(n, damp, start)
+            damp = min(damp * 2, damp_max)
+            if spill is not None:
+                spill.restore(hessian)
+    finally:
+        if spill is not None:
+            spill.close()
 
 
 def energy(d: Tensor, h: Tensor) -> float:
     """tr(D H D^T) for D (out, in) and H = X^T X (in, in): ||D X^T||^2 without keeping X."""
     return float(((d @ h) * d).sum())
+
+
+def solve_energy(row_error: Tensor, ridge: float, d: Tensor) -> float:
+    """tr(D H D^T) of rows solved by `feedback`, without H: their summed row_error is tr(D H' D^T)
+    for the damped H' = H + ridge I (dead inputs' diagonal 1 where D is 0), so subtract
+    ridge ||D||^2. d (rows, in): W - Q with dead inputs' columns zeroed."""
+    return max(float(row_error.sum()) - ridge * float((d * d).sum()), 0.0)
 
 
 def output_error(w: Tensor, q: Tensor, h: Tensor) -> float:
@@ -172,13 +264,16 @@ class Grid:
 
 
 @torch.no_grad()
-def feedback(w: Tensor, hinv: Tensor, block_size: int, grid: Grid, mask: Tensor | None = None) -> Tensor | None:
+def feedback(w: Tensor, hinv: Tensor, block_size: int, grid: Grid, mask: Tensor | None = None,
+             row_error: Tensor | None = None) -> Tensor | None:
     """Round the columns of `w` (out, in) in order with error feedback, updating `w` in place.
 
     hinv (in, in): the upper Cholesky factor U of H^-1, in the same column order. Columns go in
     lazy blocks of `block_size`: the error of a block reaches the columns after it in one matrix
     product. mask (out, in) bool: weights kept exactly (the grid stores what it likes there), which
     feed back no error; their final values, error received included, are returned (0 elsewhere).
+    row_error (out,): the squared errors fed back, summed per row, are added to it: with
+    W - Q = E U, that is each row's tr(D H' D^T) for the damped Hessian H' (`solve_energy`).
     """
     n = w.shape[1]
     kept = torch.zeros_like(w) if mask is not None else None
@@ -218,4 +313,6 @@ def feedback(w: Tensor, hinv: Tensor, block_size: int, grid: Grid, mask: Tensor 
             w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)          # lazy update of the rest
         else:
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        if row_error is not None:
+            row_error += (err1 * err1).sum(dim=1)
     return kept

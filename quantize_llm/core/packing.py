@@ -38,6 +38,22 @@ def pack_int32(codes: Tensor, bits: int, dim: int = 0) -> Tensor:
     if dim == 1:
         return pack_int32(codes.t(), bits, 0).t().contiguous()
     n, m = codes.shape
+    step = max(1, PACK_ELEMENTS // max(n, 1))
+    if m > step:   # column slices: the int64 temporaries stay small whatever the matrix
+        out = torch.empty(packed_length(n, bits), m, dtype=torch.int32, device=codes.device)
+        for c0 in range(0, m, step):
+            out[:, c0:c0 + step] = _pack_columns(codes[:, c0:c0 + step], bits)
+        return out
+    return _pack_columns(codes, bits)
+
+
+# Codes packed at a time: their int64 working copies take 8 bytes each (32 MiB here).
+PACK_ELEMENTS = 2 ** 22
+
+
+def _pack_columns(codes: Tensor, bits: int) -> Tensor:
+    """pack_int32 along dim 0 of (n, m) codes, all at once."""
+    n, m = codes.shape
     n_words = packed_length(n, bits)
     if n % 32:  # 2/4/8 bits: pad to whole blocks, then drop the words that hold only padding
         codes = torch.cat([codes, codes.new_zeros(32 - n % 32, m)])

@@ -3,6 +3,7 @@ output error against ||WX - QX|| / ||WX|| computed from X, and one set of solver
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -164,3 +165,50 @@ def test_option_names_and_defaults_are_the_recipe_keys() -> None:
                                       "calibrated": False, "clip": "minmax", "damp": 0.01, "block_size": 128,
                                       "true_sequential": True}
     assert list(fields(GPTQOptions)) == ["block_size", "damp", "damp_max", "static_groups", "true_sequential", "clip"]
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("to_file", [False, True])
+def test_inverse_factor_overwriting_the_hessian_matches_the_copy(monkeypatch: pytest.MonkeyPatch, permuted: bool,
+                                                                 to_file: bool) -> None:
+    monkeypatch.setattr(solve, "SPILL_BYTES", 0 if to_file else 2 ** 40)   # the copy kept in a file, or a clone
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    x[:, 3] = 0.0
+    h = x.t() @ x
+    h[0, 0] -= 50.0                                                     # indefinite: damping has to grow
+    perm = torch.randperm(12, generator=g) if permuted else None
+    want, want_damp = cholesky_inverse_upper(h, 0.01, 64.0, perm)
+    consumed = h.clone()
+    got, damp = cholesky_inverse_upper(consumed, 0.01, 64.0, perm, overwrite=True)
+    assert damp == want_damp > 0.01                                     # retried from the kept copy
+    assert got.data_ptr() == consumed.data_ptr()                        # in the Hessian's own memory
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gptq_output_error_without_the_hessian_matches_the_definition(act_order: bool, dtype: torch.dtype) -> None:
+    from quantize_llm.algorithms.gptq import gptq_quantize
+    from quantize_llm.core.spec import QuantSpec
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 64, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 64, dtype=torch.float64)
+    x[:, 7] = 0.0                                                       # a dead input
+    h = (x.t() @ x).to(dtype)
+    w = (torch.randn(24, 64, generator=g, dtype=torch.float64) * 0.05).to(dtype)
+    spec = QuantSpec(bits=3, group_size=16, act_order=act_order)
+    qw, stats = gptq_quantize(w, h, spec)
+    kept = h.clone()
+    qw2, stats2 = gptq_quantize(w, kept, spec, own_hessian=True)
+    assert torch.equal(qw.codes, qw2.codes) and torch.equal(qw.grid_scale, qw2.grid_scale)
+    assert not torch.equal(kept, h)                                     # its memory held the factors
+    q = qw.dequantize(torch.float64)
+    d = w.double() - q
+    d[:, stats.dead] = 0.0
+    want = output_error(w.double(), q, h.double())                      # ||WX - QX|| / ||WX|| from H itself
+    for s in (stats, stats2):
+        assert s.row_error is not None
+        got = math.sqrt(solve.solve_energy(s.row_error.double(), s.ridge, d)
+                        / solve.energy(w.double(), h.double()))
+        assert got == pytest.approx(want, rel=1e-9 if dtype == torch.float64 else 2e-4)
