@@ -21,8 +21,10 @@ command sees an ordinary bfloat16 checkpoint.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +226,61 @@ def load_float_model(folder: Path, dtype: torch.dtype, trust_remote_code: bool =
         if t.device.type == "meta":
             raise CheckpointError(f"{name} is missing from the checkpoint in {folder}")
     return model.to(dtype).eval()
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Where accelerate's big-model offloading puts the float model's modules for a memory budget."""
+
+    device_map: dict[str, str | int]   # module -> the work device (kept in memory) or "disk" (read at every pass)
+    resident_bytes: int                # weights kept on the work device between forward passes
+    streamed_bytes: int                # the largest module read from the checkpoint during a pass (0: none is)
+    largest: tuple[str, int]           # the model's largest module that is never split, and its bytes
+
+
+def offload_map(folder: Path, config: dict, dtype: torch.dtype, budget: int, device: torch.device,
+                trust_remote_code: bool = False) -> Offload:
+    """The device map that keeps at most `budget` bytes of the float model's weights (in `dtype`) on
+    `device` at once: modules in order on the device while they fit beside room for the largest
+    module still to place, every one after on "disk", read from the checkpoint's files when a
+    forward pass reaches it and dropped after (accelerate's infer_auto_device_map). On a GPU nothing
+    is held in host memory. Decoder blocks are never split. Computed on a meta model with its tied
+    weights tied, as from_pretrained builds it, so the plan and the run get the same map."""
+    from accelerate.utils import compute_module_sizes, get_max_layer_size, infer_auto_device_map
+
+    from .load import build_skeleton
+
+    model = build_skeleton(folder, config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # type: ignore[operator]  # a transformers model (build_skeleton)
+    split: list[str] = list(getattr(model, "_no_split_modules", None) or [])
+    key: str | int = "cpu" if device.type == "cpu" else (device.index or 0)
+    memory: dict[str | int, int] = {key: budget} if device.type == "cpu" else {key: budget, "cpu": 0}
+    device_map = dict(infer_auto_device_map(model, max_memory=memory, no_split_module_classes=split, dtype=dtype))
+    sizes = compute_module_sizes(model, dtype=dtype)
+    resident = sum(sizes[name] for name, where in device_map.items() if where != "disk")
+    on_disk = [(name, model.get_submodule(name)) for name, where in device_map.items() if where == "disk"]
+    if on_disk == [("", model)]:
+        on_disk = list(model.named_children())
+    streamed = get_max_layer_size(on_disk, sizes, split)[0] if on_disk else 0
+    size, names = get_max_layer_size(list(model.named_children()), sizes, split)
+    return Offload(device_map, resident, streamed, (names[0] if names else "", size))
+
+
+def load_offloaded(folder: Path, dtype: torch.dtype, device_map: dict[str, str | int], offload_folder: Path,
+                   trust_remote_code: bool = False) -> torch.nn.Module:
+    """The float model of a safetensors checkpoint in `dtype`, eval mode, dispatched by `device_map`
+    (offload_map): modules on "disk" stay on the meta device and are read from the checkpoint's own
+    files at every forward pass, converted to `dtype` (accelerate's hooks); `offload_folder` holds
+    only what cannot be read as stored (weights transformers converts on load). The caller removes
+    it after the model's last use."""
+    from transformers import AutoModelForCausalLM
+
+    log = logging.getLogger("accelerate.big_modeling")
+    level = log.level
+    log.setLevel(logging.ERROR)   # its warning that offloaded weights sit on the meta device: the plan says so
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, device_map=device_map,
+                                                    offload_folder=str(offload_folder),
+                                                    trust_remote_code=trust_remote_code).eval()
+    finally:
+        log.setLevel(level)
