@@ -87,6 +87,19 @@ def test_the_offloaded_model_holds_what_the_plan_predicts(tiny_model, tmp_path, 
     assert "offloaded to disk, at most 400.00 KB of its" in line and "213.50 KB kept" in line
 
 
+def test_a_bfloat16_checkpoint_is_planned_at_its_float32_size_on_a_cpu(tiny_model, tmp_path, loaded):
+    """Weights stored in bfloat16 are loaded (and kept) in float32 on a CPU: twice their stored bytes."""
+    src = tiny_model("llama", config=FOUR, dtype=torch.bfloat16)
+    plan = plan_of(src, "gptq", CalibrationSpec(nsamples=3, seqlen=12, generation_memory="400KB"))
+    text = plan.self_text
+    assert text.weights_bytes == 723_200 and text.streamed_bytes == 2 * block_bytes(src, 3) == BLOCK
+    generate(src, tmp_path, text.budget_bytes)
+    model, _ = loaded[-1]
+    kept = [p for p in model.parameters() if p.device.type != "meta"]
+    assert {p.dtype for p in kept} == {torch.float32}
+    assert text.resident_bytes == sum(p.numel() * p.element_size() for p in kept) == 213_504
+
+
 def test_generation_that_fails_leaves_no_offload_folder(tiny_model, tmp_path, loaded, monkeypatch):
     import quantize_llm.calibration.data as data
 

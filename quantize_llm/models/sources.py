@@ -250,7 +250,9 @@ def offload_map(folder: Path, config: dict, dtype: torch.dtype, budget: int, dev
 
     from .load import build_skeleton
 
-    model = build_skeleton(folder, config, trust_remote_code=trust_remote_code)
+    # In `dtype`: accelerate sizes a tensor by the smaller of its own dtype and the one it is given,
+    # so a bfloat16 skeleton would count half of what a float32 load holds.
+    model = build_skeleton(folder, config, trust_remote_code=trust_remote_code).to(dtype)
     model.tie_weights()  # type: ignore[operator]  # a transformers model (build_skeleton)
     split: list[str] = list(getattr(model, "_no_split_modules", None) or [])
     key: str | int = "cpu" if device.type == "cpu" else (device.index or 0)
