@@ -424,7 +424,7 @@ def load_calibration_tokens(folder: Path, config: dict, cal_spec: Any, dev: torc
     from transformers import AutoTokenizer
 
     from ..calibration.data import CalibrationSpec, load_calibration
-    from ..models.sources import load_float_model, load_offloaded, offload_map
+    from ..models.sources import load_float_model, load_offloaded, mapped_allocations, offload_map
 
     cal_spec = cal_spec or CalibrationSpec()
     try:
@@ -435,7 +435,8 @@ def load_calibration_tokens(folder: Path, config: dict, cal_spec: Any, dev: torc
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     budget = generation.budget_bytes if generation is not None and cal_spec.source == "self" else None
     max_context = config.get("max_position_embeddings") or config.get("n_positions")
-    with contextlib.nullcontext("") if budget is None else offload_scratch(output) as scratch:
+    with contextlib.nullcontext("") if budget is None else offload_scratch(output) as scratch, \
+            contextlib.nullcontext() if budget is None else mapped_allocations():
 
         def model_loader() -> nn.Module:
             if budget is None:

@@ -431,45 +431,53 @@ def self_text_plan(reader: CheckpointReader, config: dict, calibration: Any, seq
     """How the model will write its own calibration text (resources.SelfText): whole when it fits,
     offloaded otherwise. With --generation-memory, offloaded to that many bytes of weights whenever
     the whole model needs more; without it, whole when the weights, the KV cache and the logits fit
-    in FREE_SHARE of the free memory (host on a CPU, the GPU's own on a GPU), else offloaded to what
-    is left of that share beside the cache. The weights are float32 on a CPU, bfloat16 on a GPU, as
-    execute.load_calibration_tokens loads them."""
+    in FREE_SHARE of the free memory (host on a CPU, the GPU's own on a GPU), else offloaded to the
+    largest budget whose phase (SelfText.work_bytes) fits in that share. The weights are float32 on
+    a CPU, bfloat16 on a GPU, as execute.load_calibration_tokens loads them."""
     from ..calibration.data import GENERATION_BATCH
-    from ..models.sources import offload_map
+    from ..models.sources import largest_module, offload_map
 
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     itemsize = dtype.itemsize
-    weights = itemsize * sum(math.prod(reader.shape(n)) for n in reader.names())
+    sizes = sorted(itemsize * math.prod(reader.shape(n)) for n in reader.names())
+    weights = sum(sizes)
     cache = kv_cache_bytes(config, min(GENERATION_BATCH, calibration.nsamples), seqlen, itemsize)
     whole = SelfText(weights_bytes=weights, cache_bytes=cache)
-    budget = calibration.generation_bytes
+    budget, share = calibration.generation_bytes, None
     if budget is None:
         free = free_memory(dev)
         if free is None or weights + cache <= FREE_SHARE * free:
             return whole
-        budget = int(FREE_SHARE * free) - cache
+        share = int(FREE_SHARE * free)
+        budget = share - cache
     elif budget >= weights:
         return whole
     if reader.source_quantization is not None:   # dequantized in memory: there are no stored floats to read
-        if calibration.generation_bytes is None:
+        if share is not None:
             return whole
         raise SpecError("--generation-memory cannot offload an FP8 checkpoint (its weights are dequantized in "
                         "memory, so none can be read from its files)", "pass --dataset with real text")
-    offload = offload_map(reader.folder, config, dtype, max(budget, 0), dev, trust_remote_code)
-    name, largest = offload.largest
+
+    def offloaded(budget: int) -> SelfText:
+        offload = offload_map(reader.folder, config, dtype, budget, dev, trust_remote_code)
+        return SelfText(weights_bytes=weights, cache_bytes=cache, budget_bytes=budget,
+                        resident_bytes=offload.resident_bytes, streamed_bytes=offload.streamed_bytes,
+                        load_bytes=sum(sizes[-2:]))
+
+    name, largest = largest_module(reader.folder, config, dtype, trust_remote_code)
     # The largest module is read whole. On a GPU, one more must fit beside it: with every module on
     # disk, accelerate would run the model on the CPU.
     least = largest if dev.type == "cpu" else 2 * largest
-    if budget < least:
-        if calibration.generation_bytes is not None:
-            raise SpecError(f"--generation-memory {calibration.generation_memory} is less than {name}, which "
-                            f"offloading holds in memory whole ({human_bytes(largest)} in {_short(dtype)})"
-                            + ("" if dev.type == "cpu" else ", twice over on a GPU (one module must stay there)"),
-                            f"give at least {human_bytes(least)}, or pass --dataset")
-        budget = least
-        offload = offload_map(reader.folder, config, dtype, budget, dev, trust_remote_code)
-    return SelfText(weights_bytes=weights, cache_bytes=cache, budget_bytes=budget,
-                    resident_bytes=offload.resident_bytes, streamed_bytes=offload.streamed_bytes)
+    if share is None and budget < least:
+        raise SpecError(f"--generation-memory {calibration.generation_memory} is less than {name}, which "
+                        f"offloading holds in memory whole ({human_bytes(largest)} in {_short(dtype)})"
+                        + ("" if dev.type == "cpu" else ", twice over on a GPU (one module must stay there)"),
+                        f"give at least {human_bytes(least)}, or pass --dataset")
+    text = offloaded(max(budget, least))
+    if share is not None and text.work_bytes(dev.type == "cpu") > share and budget > least:
+        # loading's two weights did not fit beside what the budget keeps: keep less
+        text = offloaded(max(budget - (text.work_bytes(dev.type == "cpu") - share), least))
+    return text
 
 
 def _short(dtype: torch.dtype) -> str:
