@@ -40,7 +40,7 @@ def generate(src: Path, tmp_path: Path, budget: int | None, nsamples: int = 3, s
 
 @pytest.fixture
 def loaded(monkeypatch):
-    """The models load_offloaded returns, with the offload folder each was given (still present?)."""
+    """The models load_offloaded returns, each with the offload folder it was given."""
     import quantize_llm.models.sources as sources
 
     models: list[tuple[torch.nn.Module, Path]] = []
