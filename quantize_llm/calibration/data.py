@@ -25,6 +25,7 @@ ACCEPTED = "a .txt, .jsonl, .json or .parquet file, hf:ID[:CONFIG[:SPLIT]], or s
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(?::[\w.-]*){0,2}")   # org/name[:config[:split]]
 TOP_P = 0.95
 FIRST_TEMPERATURE = 1.5
+GENERATION_BATCH = 32     # sequences `self` generation writes at once (the plan sizes its KV cache by it)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class CalibrationSpec:
     seqlen: int = 2048          # tokens per sequence (capped by the model's context by the caller)
     seed: int = 0               # seeds `self` generation (file sources are read in file order)
     text_column: str = "text"   # parquet/jsonl/datasets column holding the text
+    # `self` only: the most bytes of the float model's weights held in memory at once while it
+    # writes, e.g. "4GB" (the rest is read from the checkpoint's files at every step); None: the
+    # whole model when it fits in the free memory, else offloaded to what fits
+    generation_memory: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -47,6 +52,23 @@ class CalibrationSpec:
                 raise SpecError(f"{flag} must be an integer >= {low}, got {value!r}", hint)
         if not isinstance(self.text_column, str) or not self.text_column:
             raise SpecError("--text-column is empty", "name the column that holds the text, e.g. text")
+        if self.generation_bytes is not None and self.source != "self":   # parsing it refuses a bad size
+            raise SpecError(f"--generation-memory applies to text the model writes itself, not to the calibration "
+                            f"source {self.source}", "drop --generation-memory, or --dataset")
+
+    @property
+    def generation_bytes(self) -> int | None:
+        """--generation-memory in bytes, or None when it is not given."""
+        from ..run.job import parse_size
+
+        if self.generation_memory is None:
+            return None
+        if not isinstance(self.generation_memory, str):
+            raise SpecError(f"--generation-memory must be a size such as 4GB, not {self.generation_memory!r}")
+        try:
+            return parse_size(self.generation_memory, "--generation-memory")
+        except UsageError as exc:
+            raise SpecError(exc.message, exc.hint) from None
 
 
 @dataclass(frozen=True)
@@ -238,7 +260,8 @@ def select_samples(documents: list[str], tokenizer: Any, nsamples: int, seqlen: 
     return torch.tensor(samples, dtype=torch.int64), rule + "."
 
 
-def generate_self(model: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int, batch_size: int = 32,
+def generate_self(model: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int,
+                  batch_size: int = GENERATION_BATCH,
                   progress: Callable[[int, int], None] | None = None) -> Tensor:
     """`nsamples` sequences the model samples itself: int64 (nsamples, seqlen) on CPU.
 
@@ -250,7 +273,7 @@ def generate_self(model: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: 
     about twenty times per batch with the tokens written so far.
     """
     start = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    device = next(model.parameters()).device
+    device = input_device(model)
     uniforms = torch.rand(nsamples, seqlen - 1, generator=torch.Generator().manual_seed(seed)).to(device)
     cache = _cache_name(model)
     every = max(1, (seqlen - 1) // 20)
@@ -276,6 +299,15 @@ def generate_self(model: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: 
                     progress(first * seqlen + n * (i + 2), nsamples * seqlen)
             out.append(tokens.cpu())
     return torch.cat(out)                                                                      # (nsamples, seqlen)
+
+
+def input_device(model: Any) -> torch.device:
+    """Where `model` takes its inputs: the device accelerate runs a dispatched model on (offloaded
+    weights sit on the meta device between passes), else the device of its first parameter."""
+    device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    if device is None:
+        return next(model.parameters()).device
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
 
 
 def _cache_name(model: Any) -> str:

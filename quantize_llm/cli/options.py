@@ -93,6 +93,11 @@ SeqlenOpt = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for self-generated calibration text.")]
 TextColumnOpt = Annotated[str, typer.Option("--text-column", help="Column or field holding the text.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Calibration sequences per forward pass.")]
+GenerationMemoryOpt = Annotated[str | None, typer.Option(
+    "--generation-memory", help="Without --dataset: the most of the float model's weights held in memory (a GPU's "
+    "on a GPU) at once while it writes its calibration text, e.g. 4GB; the rest is read from the checkpoint's files "
+    "at every step (slower). Default: the whole model when it fits in free memory, else what fits.",
+    show_default=False)]
 DampOpt = Annotated[float, typer.Option("--damp", help="Where GPTQ runs (gptq, --then gptq, --inner gptq, --rounding "
                                         "gptq) or the inverse Hessian is used: added to diag(H) as a fraction of "
                                         "its mean.")]
@@ -161,11 +166,15 @@ class CalibrationOptions:
     seed: SeedOpt = 0
     text_column: TextColumnOpt = "text"
     batch_size: BatchOpt = 8
+    generation_memory: GenerationMemoryOpt = None
 
     def table(self) -> dict[str, Any]:
         """The recipe's calibration table these options describe."""
-        return {"dataset": self.dataset, "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed,
-                "text_column": self.text_column}
+        table: dict[str, Any] = {"dataset": self.dataset, "nsamples": self.nsamples, "seqlen": self.seqlen,
+                                 "seed": self.seed, "text_column": self.text_column}
+        if self.generation_memory is not None:
+            table["generation_memory"] = self.generation_memory
+        return table
 
 
 @dataclass(frozen=True)

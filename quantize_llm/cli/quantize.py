@@ -58,11 +58,14 @@ def command_job(method: str, model: str, output: str, run: RunOptions, *, spec: 
                 uses_data: bool = True, budget: BudgetOptions | None = None) -> Job:
     """The job a method command describes. `spec`: the grid keys (bits, group_size, ...; None = the
     method's default); `options`: the method's options table; `calibration`: the command's calibration
-    options (their batch size is always checked; their text is the job's when `uses_data`)."""
+    options (their batch size and generation memory are always checked; their text is the job's when
+    `uses_data`)."""
     keys: dict[str, Any] = {"model": model, "output": output, "method": method, **spec, "options": options,
                             **run.job_keys(), **(budget.job_keys() if budget is not None else {})}
     if calibration is not None:
         keys["batch_size"] = calibration.batch_size
+        if calibration.generation_memory is not None:   # checked like the batch size, whether text is written or not
+            parse_size(calibration.generation_memory, "--generation-memory")
         if uses_data:
             keys["calibration"] = calibration.table()
     return job_from_dict(keys, COMMAND_LINE)

@@ -21,8 +21,13 @@ command sees an ordinary bfloat16 checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +229,107 @@ def load_float_model(folder: Path, dtype: torch.dtype, trust_remote_code: bool =
         if t.device.type == "meta":
             raise CheckpointError(f"{name} is missing from the checkpoint in {folder}")
     return model.to(dtype).eval()
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Where accelerate's big-model offloading puts the float model's modules for a memory budget."""
+
+    device_map: dict[str, str | int]   # module -> the work device (kept in memory) or "disk" (read at every pass)
+    resident_bytes: int                # weights kept on the work device between forward passes
+    streamed_bytes: int                # the largest module read from the checkpoint during a pass (0: none is)
+
+
+def offload_map(folder: Path, config: dict, dtype: torch.dtype, budget: int, device: torch.device,
+                trust_remote_code: bool = False) -> Offload:
+    """The device map that keeps at most `budget` bytes of the float model's weights (in `dtype`) on
+    `device` at once: modules in order on the device while they fit beside room for the largest
+    module still to place, every one after on "disk", read from the checkpoint's files when a
+    forward pass reaches it and dropped after (accelerate's infer_auto_device_map). On a GPU nothing
+    is held in host memory. Decoder blocks are never split. Computed on a meta model with its tied
+    weights tied, as from_pretrained builds it, so the plan and the run get the same map."""
+    from accelerate.utils import compute_module_sizes, get_max_layer_size, infer_auto_device_map
+
+    model, split = _meta_model(folder, config, dtype, trust_remote_code)
+    key: str | int = "cpu" if device.type == "cpu" else (device.index or 0)
+    memory: dict[str | int, int] = {key: budget} if device.type == "cpu" else {key: budget, "cpu": 0}
+    with warnings.catch_warnings():   # that the buffers of modules left on disk (rotary tables) may not fit
+        warnings.filterwarnings("ignore", message="Current model requires")
+        device_map = dict(infer_auto_device_map(model, max_memory=memory, no_split_module_classes=split,
+                                                dtype=dtype))
+    sizes = compute_module_sizes(model, dtype=dtype)
+    resident = sum(sizes[name] for name, where in device_map.items() if where != "disk")
+    on_disk = [(name, model.get_submodule(name)) for name, where in device_map.items() if where == "disk"]
+    if on_disk == [("", model)]:
+        on_disk = list(model.named_children())
+    streamed = get_max_layer_size(on_disk, sizes, split)[0] if on_disk else 0
+    return Offload(device_map, resident, streamed)
+
+
+def largest_module(folder: Path, config: dict, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[str, int]:
+    """(name, bytes in `dtype`) of the float model's largest module that offloading never splits:
+    a decoder block, the embeddings or the output head."""
+    from accelerate.utils import compute_module_sizes, get_max_layer_size
+
+    model, split = _meta_model(folder, config, dtype, trust_remote_code)
+    size, names = get_max_layer_size(list(model.named_children()), compute_module_sizes(model, dtype=dtype), split)
+    return (names[0] if names else ""), size
+
+
+def _meta_model(folder: Path, config: dict, dtype: torch.dtype, trust_remote_code: bool) -> tuple[torch.nn.Module,
+                                                                                                 list[str]]:
+    """The float model on the meta device in `dtype`, its tied weights tied, and the classes of
+    its modules that are never split (decoder blocks)."""
+    from .load import build_skeleton
+
+    # In `dtype`: accelerate sizes a tensor by the smaller of its own dtype and the one it is given,
+    # so a bfloat16 skeleton would count half of what a float32 load holds.
+    model = build_skeleton(folder, config, trust_remote_code=trust_remote_code).to(dtype)
+    model.tie_weights()  # type: ignore[operator]  # a transformers model (build_skeleton)
+    return model, list(getattr(model, "_no_split_modules", None) or [])
+
+
+def load_offloaded(folder: Path, dtype: torch.dtype, device_map: dict[str, str | int], offload_folder: Path,
+                   trust_remote_code: bool = False) -> torch.nn.Module:
+    """The float model of a safetensors checkpoint in `dtype`, eval mode, dispatched by `device_map`
+    (offload_map): modules on "disk" stay on the meta device and are read from the checkpoint's own
+    files at every forward pass, converted to `dtype` (accelerate's hooks); `offload_folder` holds
+    only what cannot be read as stored (weights transformers converts on load). The caller removes
+    it after the model's last use."""
+    from transformers import AutoModelForCausalLM
+
+    log = logging.getLogger("accelerate.big_modeling")
+    level = log.level
+    log.setLevel(logging.ERROR)   # its warning that offloaded weights sit on the meta device: the plan says so
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, device_map=device_map,
+                                                    offload_folder=str(offload_folder),
+                                                    trust_remote_code=trust_remote_code).eval()
+    finally:
+        log.setLevel(level)
+
+
+M_MMAP_THRESHOLD = -3           # glibc's mallopt parameter
+MMAP_THRESHOLD_MAX = 32 << 20   # the most glibc's own adjustment of it reaches on a 64-bit system
+
+
+@contextlib.contextmanager
+def mapped_allocations(threshold: int = 1 << 20) -> Iterator[None]:
+    """Inside: glibc gives allocations of `threshold` bytes or more mappings of their own, returned
+    to the system when freed. An offloaded model's weights arrive and leave at every forward pass;
+    from glibc's heap, where its adjustable threshold sends everything under 32 MiB, the space they
+    freed stayed with the process between the small allocations around it (measured on a 623 MB
+    model read from disk at every pass: 1.7 to 3.5 times what a pass holds at a time, varying from
+    run to run; inside, what the plan predicts). After, the threshold is fixed at that 32 MiB.
+    Without glibc, nothing changes."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None or mallopt(M_MMAP_THRESHOLD, threshold) != 1:
+        yield
+        return
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)

@@ -10,6 +10,7 @@ the run and what a failure part-way must leave behind (DESIGN.md, "Pipeline").
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import shutil
@@ -37,7 +38,7 @@ from ..models.load import CheckpointReader, remote_code_warning
 from .card import model_card
 from .job import Job
 from .plan import RunPlan, plan_run
-from .resources import ResourcePlan
+from .resources import ResourcePlan, SelfText, available_memory
 from .resume import HashingReader, OutputLock, ResumeState, files_identity, tokens_fingerprint
 from .summary import Summary
 from .verify import check_modules, check_outputs, digest
@@ -200,7 +201,8 @@ class _Run:
         plan, t = self.plan, time.perf_counter()
         src = plan.source
         cal_set = load_calibration_tokens(src.folder, src.config, plan.job.calibration, plan.devices[0], self.emit,
-                                          trust_remote_code=plan.job.trust_remote_code)
+                                          trust_remote_code=plan.job.trust_remote_code,
+                                          generation=plan.resources.self_text, output=plan.output)
         self.timer.add("calibration data", t)
         self.cal_info = {"source": cal_set.source, "sha256": cal_set.sha256,
                          "nsamples": int(cal_set.tokens.shape[0]), "seqlen": int(cal_set.tokens.shape[1]),
@@ -409,21 +411,21 @@ def check_disk(output: Path, resources: ResourcePlan) -> None:
                           f"10% margin, {human_bytes(free)} is free", hint)
 
 
-def available_memory() -> int | None:
-    """Bytes of host memory this process can still get (MemAvailable plus free swap), or None."""
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        return (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
 def check_memory(resources: ResourcePlan) -> None:
     """Refuse to start a run whose planned host peak exceeds the memory this machine has free, before
     any calibration data is prepared (the run would be killed part-way instead)."""
     free = available_memory()
     if free is None or resources.host_peak_bytes <= free:
         return
+    text, text_peak = resources.self_text, (resources.host_phases or {}).get("calibration text", 0)
+    if text is not None and text_peak > free:   # the first phase: it would fail first
+        weights = (f"{human_bytes(text.budget_bytes or 0)} of weights at once" if text.offloaded else
+                   f"the whole float model {human_bytes(text.weights_bytes)}")
+        raise UsageError(f"writing the calibration text needs about {human_bytes(text_peak)} of host memory "
+                         f"({weights}, KV cache and logits {human_bytes(text.cache_bytes)}); "
+                         f"{human_bytes(free)} is available",
+                         "pass --dataset with real text, or lower --seqlen or --generation-memory" if text.offloaded
+                         else "pass --dataset with real text, or --generation-memory to read most weights from disk")
     cause = f", calibration activations {human_bytes(resources.activation_bytes)}" if resources.activation_bytes else ""
     raise UsageError(f"the run needs about {human_bytes(resources.host_peak_bytes)} of host memory (one block "
                      f"{human_bytes(resources.block_bytes)}{cause}); {human_bytes(free)} is available",
@@ -432,12 +434,20 @@ def check_memory(resources: ResourcePlan) -> None:
 
 
 def load_calibration_tokens(folder: Path, config: dict, cal_spec: Any, dev: torch.device,
-                            emit: EventHandler, trust_remote_code: bool = False) -> Any:
-    """Calibration tokens for a calibrated algorithm (see calibration/data.py)."""
+                            emit: EventHandler, trust_remote_code: bool = False, generation: SelfText | None = None,
+                            output: Path | None = None) -> Any:
+    """Calibration tokens for a calibrated algorithm (see calibration/data.py).
+
+    `generation` (the plan's resources.SelfText) says how `self` text is generated: by the whole
+    float model, or by the model offloaded with accelerate to the plan's budget (offload_map), most
+    of its weights read from the checkpoint's files at every step. Offloading gets a temporary
+    folder beside `output` (else in the system's), named like the writer's temporary folders, so
+    that the next run of OUT removes a killed run's (checkpoint.remove_stale); it is removed when
+    the text is written, or generating it fails."""
     from transformers import AutoTokenizer
 
     from ..calibration.data import CalibrationSpec, load_calibration
-    from ..models.sources import load_float_model
+    from ..models.sources import load_float_model, load_offloaded, mapped_allocations, offload_map
 
     cal_spec = cal_spec or CalibrationSpec()
     try:
@@ -445,15 +455,31 @@ def load_calibration_tokens(folder: Path, config: dict, cal_spec: Any, dev: torc
     except (OSError, ValueError, TypeError) as exc:
         raise ModelError(f"no usable tokenizer in {folder} ({' '.join(str(exc).split())[:160]})",
                          "calibration needs the model's tokenizer files beside its weights") from None
-
-    def model_loader() -> nn.Module:
-        dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-        return load_float_model(folder, dtype, trust_remote_code).to(dev).eval()
-
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    budget = generation.budget_bytes if generation is not None and cal_spec.source == "self" else None
     max_context = config.get("max_position_embeddings") or config.get("n_positions")
-    return load_calibration(cal_spec, tokenizer, model_loader=model_loader, max_context=max_context,
-                            warn=lambda message: emit("warning", {"message": message}),
-                            progress=lambda tokens, total: emit("calibration_text", {"tokens": tokens, "total": total}))
+    with contextlib.nullcontext("") if budget is None else offload_scratch(output) as scratch, \
+            contextlib.nullcontext() if budget is None else mapped_allocations():
+
+        def model_loader() -> nn.Module:
+            if budget is None:
+                return load_float_model(folder, dtype, trust_remote_code).to(dev).eval()
+            device_map = offload_map(folder, config, dtype, budget, dev, trust_remote_code).device_map
+            return load_offloaded(folder, dtype, device_map, Path(scratch), trust_remote_code)
+
+        return load_calibration(cal_spec, tokenizer, model_loader=model_loader, max_context=max_context,
+                                warn=lambda message: emit("warning", {"message": message}),
+                                progress=lambda tokens, total: emit("calibration_text",
+                                                                    {"tokens": tokens, "total": total}))
+
+
+def offload_scratch(output: Path | None) -> tempfile.TemporaryDirectory[str]:
+    """A new temporary folder for offloaded weights: beside `output` as `.OUT.tmp-offload-*`, where
+    checkpoint.remove_stale finds it if a run is killed, else in the system's temporary folder."""
+    if output is None:
+        return tempfile.TemporaryDirectory(prefix="quantize-llm-offload-")
+    output = Path(output).expanduser().absolute()
+    return tempfile.TemporaryDirectory(prefix=f".{output.name}.tmp-offload-", dir=output.parent)
 
 
 def peak_device_mb(devices: tuple[torch.device, ...]) -> float | None:

@@ -34,17 +34,18 @@ class Job:
     source: dict = field(default_factory=dict)   # the job's keys as given (for the model card)
 
 
-def parse_size(text: str) -> int:
-    """'2GB' -> 2*1000^3 bytes, '500MiB' -> 500*1024^2; a plain number is bytes."""
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
+    """'2GB' -> 2*1000^3 bytes, '500MiB' -> 500*1024^2; a plain number is bytes. `flag` names the
+    option in the error."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
     if not m:
-        raise UsageError(f"--max-shard-size {text!r} is not a size", "write it like 2GB or 500MB")
+        raise UsageError(f"{flag} {text!r} is not a size", "write it like 2GB or 500MB")
     base = 1024 if m.group(3) else 1000
     power = " KMGT".index(m.group(2).upper() or " ")
     try:
         size = int(float(m.group(1)) * base ** power)
     except OverflowError:
-        raise UsageError(f"--max-shard-size {text[:40]!r} is too large", "write it like 2GB or 500MB") from None
+        raise UsageError(f"{flag} {text[:40]!r} is too large", "write it like 2GB or 500MB") from None
     if size <= 0:
-        raise UsageError(f"--max-shard-size {text!r} must be positive", "write it like 2GB or 500MB")
+        raise UsageError(f"{flag} {text!r} must be positive", "write it like 2GB or 500MB")
     return size

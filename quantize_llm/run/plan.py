@@ -10,6 +10,7 @@ loads no weights. `quantize-llm plan` prints it, and every run prints the same l
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from ..models.structure import Blocks, discover
 from ..models.weightmap import WeightMap
 from ..models.weightmap import build as build_weight_map
 from .job import Job, parse_size
-from .resources import ResourcePlan
+from .resources import ResourcePlan, SelfText, available_memory, kv_cache_bytes
 from .resources import estimate as estimate_resources
 from .resume import model_fingerprint
 
@@ -159,7 +160,7 @@ def plan_run(job: Job, command: str | None = None) -> RunPlan:
             raise SpecError(f"--strict-vllm: {vllm[0]}", f"{len(vllm)} reason(s) in all" if len(vllm) > 1 else None)
         resources = resource_plan(reader, blocks, spec, config, algorithm.needs_calibration, job.calibration,
                                   job.batch_size, devices[0], job.resume, job.verify, devices=len(devices),
-                                  options=job.options)
+                                  options=job.options, trust_remote_code=job.trust_remote_code)
         outside = tuple(n for n in reader.names() if n not in in_blocks)
         source = Source(job.model, folder, config, architecture, arch, skeleton, reader.total_bytes, found.path,
                         kept_dense(found, skeleton, outside, blocks, weights), weights)
@@ -392,7 +393,8 @@ def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec
 
 def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec, config: dict,
                   calibrated: bool, calibration: Any, batch_size: int, dev: torch.device, resume: bool,
-                  verify: bool = True, devices: int = 1, options: Any = None) -> ResourcePlan:
+                  verify: bool = True, devices: int = 1, options: Any = None,
+                  trust_remote_code: bool = False) -> ResourcePlan:
     """Memory and disk the run will need (resources.py), from the headers and the settings."""
     from ..calibration.data import CalibrationSpec
 
@@ -404,27 +406,91 @@ def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantS
     context = config.get("max_position_embeddings") or config.get("n_positions")
     if context:
         seqlen = min(seqlen, int(context))
+    self_text = self_text_plan(reader, config, calibration, seqlen, dev, trust_remote_code) \
+        if calibrated and calibration.source == "self" else None
     return estimate_resources(reader, plans, config, output_bytes=estimate_output_bytes(reader, plans, spec),
                               calibrated=calibrated, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                               device_type=dev.type, resume=resume, verify=verify, devices=devices,
-                              solver=solver, search=calibrated and spec.method == "awq",
-                              self_text=calibrated and calibration.source == "self",
+                              solver=solver, search=calibrated and spec.method == "awq", self_text=self_text,
                               room=memory_room(dev) if calibrated else None)
 
 
 def memory_room(dev: torch.device) -> int | None:
-    """The memory a run on `dev` can use: the GPU's free memory, or the host's available memory
-    (None when it cannot be told)."""
-    if dev.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(dev)[0])
-        except (RuntimeError, AssertionError):
-            return None
-    if dev.type != "cpu":
+    """The memory a calibrated run on `dev` can hold its blocks and activations in (free_memory):
+    activations that do not fit beside the rest are kept on the host or on disk (resources.estimate)."""
+    if dev.type not in ("cpu", "cuda"):
         return None
-    from .execute import available_memory
+    return free_memory(dev)
 
-    return available_memory()
+
+FREE_SHARE = 0.8   # of the free memory, what `self` generation may take unless --generation-memory says
+
+
+def free_memory(dev: torch.device) -> int | None:
+    """Bytes free for the work: the host's available memory on a CPU, the GPU's free memory on a GPU."""
+    if dev.type == "cpu":
+        return available_memory()
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info(dev)[0])
+
+
+def self_text_plan(reader: CheckpointReader, config: dict, calibration: Any, seqlen: int, dev: torch.device,
+                   trust_remote_code: bool = False) -> SelfText:
+    """How the model will write its own calibration text (resources.SelfText): whole when it fits,
+    offloaded otherwise. With --generation-memory, offloaded to that many bytes of weights whenever
+    the whole model needs more; without it, whole when the weights, the KV cache and the logits fit
+    in FREE_SHARE of the free memory (host on a CPU, the GPU's own on a GPU), else offloaded to the
+    largest budget whose phase (SelfText.work_bytes) fits in that share. The weights are float32 on
+    a CPU, bfloat16 on a GPU, as execute.load_calibration_tokens loads them."""
+    from ..calibration.data import GENERATION_BATCH
+    from ..models.sources import largest_module, offload_map
+
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    itemsize = dtype.itemsize
+    sizes = sorted(itemsize * math.prod(reader.shape(n)) for n in reader.names())
+    weights = sum(sizes)
+    cache = kv_cache_bytes(config, min(GENERATION_BATCH, calibration.nsamples), seqlen, itemsize)
+    whole = SelfText(weights_bytes=weights, cache_bytes=cache)
+    budget, share = calibration.generation_bytes, None
+    if budget is None:
+        free = free_memory(dev)
+        if free is None or weights + cache <= FREE_SHARE * free:
+            return whole
+        share = int(FREE_SHARE * free)
+        budget = share - cache
+    elif budget >= weights:
+        return whole
+    if reader.source_quantization is not None:   # dequantized in memory: there are no stored floats to read
+        if share is not None:
+            return whole
+        raise SpecError("--generation-memory cannot offload an FP8 checkpoint (its weights are dequantized in "
+                        "memory, so none can be read from its files)", "pass --dataset with real text")
+
+    def offloaded(budget: int) -> SelfText:
+        offload = offload_map(reader.folder, config, dtype, budget, dev, trust_remote_code)
+        return SelfText(weights_bytes=weights, cache_bytes=cache, budget_bytes=budget,
+                        resident_bytes=offload.resident_bytes, streamed_bytes=offload.streamed_bytes,
+                        load_bytes=sum(sizes[-2:]))
+
+    name, largest = largest_module(reader.folder, config, dtype, trust_remote_code)
+    # The largest module is read whole. On a GPU, one more must fit beside it: with every module on
+    # disk, accelerate would run the model on the CPU.
+    least = largest if dev.type == "cpu" else 2 * largest
+    if share is None and budget < least:
+        raise SpecError(f"--generation-memory {calibration.generation_memory} is less than {name}, which "
+                        f"offloading holds in memory whole ({human_bytes(largest)} in {_short(dtype)})"
+                        + ("" if dev.type == "cpu" else ", twice over on a GPU (one module must stay there)"),
+                        f"give at least {human_bytes(least)}, or pass --dataset")
+    text = offloaded(max(budget, least))
+    if share is not None and text.work_bytes(dev.type == "cpu") > share and budget > least:
+        # loading's two weights did not fit beside what the budget keeps: keep less
+        text = offloaded(max(budget - (text.work_bytes(dev.type == "cpu") - share), least))
+    return text
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _grid(spec: QuantSpec) -> tuple[int, int, bool]:

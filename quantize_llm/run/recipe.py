@@ -68,7 +68,7 @@ JOB_KEYS = ("name", "model", "output", "method", *SPEC_KEYS, *RUN_KEYS, "options
             "eval", "push_to_hub", *BUDGET_KEYS)
 EVAL_KEYS = ("dataset", "windows", "seqlen")
 OVERRIDE_KEYS = ("match", "bits", "group_size", "sym", "method", "keep_dense")
-CALIBRATION_KEYS = ("dataset", "nsamples", "seqlen", "seed", "text_column")
+CALIBRATION_KEYS = ("dataset", "nsamples", "seqlen", "seed", "text_column", "generation_memory")
 # The format each method writes unless the job says otherwise.
 DEFAULT_FORMAT = {"nf4": "bnb", "outlier": "outlier"}
 
