@@ -24,7 +24,7 @@ def plan_of(src, method, calibration=None, device="cpu", **kw):
 def test_calibrated_plans_name_every_phase_and_the_peak_is_the_largest(tiny_model, calib_file):
     src = tiny_model("llama")
     plan = plan_of(src, "gptq", CalibrationSpec(source=str(calib_file), nsamples=8, seqlen=32))
-    assert set(plan.host_phases) == {"capture", "blocks", "verification"}
+    assert set(plan.host_phases) == {"outside", "capture", "blocks", "verification"}
     assert plan.host_peak_bytes == max(plan.host_phases.values()) > PROCESS_BASELINE
     assert any(line.startswith("host memory by phase: capture") for line in plan.lines())
     assert not plan.self_text

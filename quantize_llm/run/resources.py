@@ -10,12 +10,15 @@ predicted per phase; the peak is the largest:
                       weights loading holds at once); one batch's KV cache and logits
     capture           the embedding table as stored while it is read, the rows the calibration
                       tokens use in the work dtype (sequential.embedding_rows), block 0's inputs
-    blocks            one block's weights in float32, the calibration activations (this block's
+    blocks            rtn/nf4: one Linear at a time, the block's codes; calibrated methods: one
+                      block's weights in float32, the calibration activations (this block's
                       inputs and the next one's), one batch's MLP temporaries, and the largest
                       solve: with GPTQ's error feedback, the Hessian and its factorization, made
                       in place (2 x n x n), and the stacked weights with their working copy,
                       codes and error terms (3 x); AWQ's search holds
                       the block's originals as well
+    outside           the tensors outside the blocks (embeddings, head), read and written one at
+                      a time as stored (on the host)
     verification      streamed from the written shards: the embedding rows again, one block
                       (calibrated runs); one module at a time otherwise
 host memory adds the process baseline; device memory (a GPU run) is the same phases without it.
@@ -184,6 +187,7 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
     widest_out = max((lp.out_features for p in plans for lp in p.linears), default=0)
     hidden = int(config.get("hidden_size") or config.get("d_model") or widest_in)
     activation = batches = hessian = temporaries = embeddings = solve = 0
+    largest = max((lp.out_features * lp.in_features for p in plans for lp in p.linears), default=0)
     phases: dict[str, int] = {}
     stored_embeddings = max((reader.nbytes(n) for n in reader.names() if "embed" in n), default=0)
     if calibrated:
@@ -200,8 +204,14 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
         held = batches if where == "disk" else activation   # on disk: the batches at work
         phases["capture"] = embeddings + stored_embeddings + held // 2
         phases["blocks"] = block_bytes + held + temporaries + solve
-    else:   # one block's tensors as stored and in float32, one Linear's codes and temporaries
-        phases["blocks"] = block_bytes + block_bytes // 2
+    else:   # one Linear at a time (as stored, in float32, its rounding's temporaries); the block's codes
+        # (a byte per weight) and their packed form (scripts/bench_memory.py: 8B and 405B shapes)
+        linear_elems = max(sum(lp.out_features * lp.in_features for lp in p.linears) for p in plans)
+        phases["blocks"] = 3 * linear_elems // 2 + 6 * largest
+    # Tensors outside the blocks (embeddings, head) are read and written one at a time, as stored.
+    inside = {n for p in plans for n in p.tensors}
+    outside = max((reader.nbytes(n) for n in reader.names() if n not in inside), default=0)
+    phases["outside"] = 5 * outside // 4
     checking = 0
     if verify:   # streamed from the written shards
         if calibrated:
@@ -210,21 +220,22 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
                                      default=0)
             checking = embeddings + stored_embeddings + packed + 2 * largest_linear + activation // (2 * nsamples) \
                 * min(batch_size, nsamples)
-        else:
-            checking = 2 * max((lp.out_features * lp.in_features for p in plans for lp in p.linears), default=0)
+        else:   # each module decoded back (codes, unpacking temporaries)
+            checking = 12 * largest
         phases["verification"] = checking
     work = max(phases.values())
     host = PROCESS_BASELINE + (work if device_type == "cpu" else block_bytes // 2)
     device = None
     device_phases: dict[str, int] = {}
     if device_type == "cuda":
-        device_phases = dict(phases)
+        device_phases = {k: v for k, v in phases.items() if k != "outside"}   # written from the host
         if calibrated:
             held = batches if where == "host" else -(-activation // devices)
             device_phases["capture"] = embeddings + stored_embeddings + held // 2
             device_phases["blocks"] = block_bytes + held + temporaries + solve
         device = max(device_phases.values())
-        host_phases = {"blocks": block_bytes // 2 + (activation if where == "host" else 0)}
+        host_phases = {"outside": phases["outside"],
+                       "blocks": block_bytes // 2 + (activation if where == "host" else 0)}
         if self_text is not None:
             host_phases["calibration text"] = self_text.host_bytes()
         host = PROCESS_BASELINE + max(host_phases.values())
