@@ -13,9 +13,9 @@ predicted per phase; the peak is the largest:
     blocks            rtn/nf4: one Linear at a time, the block's codes; calibrated methods: one
                       block's weights in float32, the calibration activations (this block's
                       inputs and the next one's), one batch's MLP temporaries, and the largest
-                      solve: with GPTQ's error feedback, the Hessian and its factorization, made
-                      in place (2 x n x n), and the stacked weights with their working copy,
-                      codes and error terms (3 x); AWQ's search holds
+                      solve: with GPTQ's error feedback, the Hessian, factored where it lies
+                      (n x n), and the stacked weights with their working copy, codes and error
+                      terms (3 x); AWQ's search holds
                       the block's originals as well
     outside           the tensors outside the blocks (embeddings, head), read and written one at
                       a time as stored (on the host)
@@ -193,7 +193,7 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
     if calibrated:
         activation = 2 * 4 * nsamples * seqlen * hidden
         batches = 2 * 4 * min(batch_size, nsamples) * seqlen * hidden   # one batch in and out
-        hessian = (2 if solver else 1) * 4 * widest_in * widest_in
+        hessian = 4 * widest_in * widest_in
         temporaries = 3 * 4 * min(batch_size, nsamples) * seqlen * widest_out
         embeddings = 4 * _cut_table(reader, nsamples * seqlen)
         solve = max((_stage_bytes(p, solver) for p in plans), default=0)
@@ -234,8 +234,9 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
             device_phases["capture"] = embeddings + stored_embeddings + held // 2
             device_phases["blocks"] = block_bytes + held + temporaries + solve
         device = max(device_phases.values())
-        host_phases = {"outside": phases["outside"],
-                       "blocks": block_bytes // 2 + (activation if where == "host" else 0)}
+        host_phases = {"outside": phases["outside"],   # the Hessian a solve factors in place is kept here
+                       "blocks": block_bytes // 2 + (activation if where == "host" else 0)
+                       + (hessian if solver else 0)}
         if self_text is not None:
             host_phases["calibration text"] = self_text.host_bytes()
         host = PROCESS_BASELINE + max(host_phases.values())
@@ -252,10 +253,11 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
 
 def _stage_bytes(plan: Any, solver: bool) -> int:
     """The largest solve of a block: Linears under one parent reading inputs of one width are
-    stacked (q/k/v, gate/up). With error feedback: the Hessian and the column-major copy LAPACK
-    factors in place (2 x n x n, solve.cholesky_inverse_upper), the stacked weights, their working
-    copy, codes and the error terms measured after (3 x); without it (a clip search on the
-    Hessian): the Hessian and the weights twice."""
+    stacked (q/k/v, gate/up). With error feedback: the Hessian, which LAPACK factors where it lies
+    (1 x n x n; its copy goes to a file, or to the host from a GPU: solve.Spill), the stacked
+    weights, their working copy, codes and the error terms measured after (3 x); without it (a
+    clip search on the Hessian): the Hessian and the weights twice. (A Hessian shared by Linears
+    with different settings is copied for all but the last: one n x n more.)"""
     stages: dict[tuple[str, int], int] = {}
     for lp in plan.linears:
         if lp.quantize:
@@ -263,7 +265,7 @@ def _stage_bytes(plan: Any, solver: bool) -> int:
             stages[key] = stages.get(key, 0) + lp.out_features * lp.in_features
     if not stages:
         return 0
-    k_h, k_w = (2, 3) if solver else (1, 2)
+    k_h, k_w = (1, 3) if solver else (1, 2)
     return max(4 * (k_h * n * n + k_w * elems) for (_, n), elems in stages.items())
 
 
