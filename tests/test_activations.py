@@ -4,6 +4,7 @@ same checkpoint; the stores give every batch back as it was, and the resume stat
 written a batch at a time and read back a batch at a time."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def test_a_gpu_run_without_room_keeps_activations_on_the_host(tiny_model, calib_
     monkeypatch.setattr(plan_module, "memory_room", lambda dev: roomy.device_peak_bytes - 1)
     tight = plan_of(src, "gptq", cal, device="cuda")
     assert tight.activations == "host"
+    monkeypatch.setattr(plan_module, "memory_room", lambda dev: 1)   # nothing fits: moving them would not help
+    assert plan_of(src, "gptq", cal, device="cuda").activations == "device"
     batch = 2 * 4 * 8 * 32 * 64                                         # one batch of 8 in and out
     assert roomy.device_phases["blocks"] - tight.device_phases["blocks"] == roomy.activation_bytes - batch
     assert tight.host_phases["blocks"] - roomy.host_phases["blocks"] == roomy.activation_bytes
@@ -95,7 +98,13 @@ def test_a_cpu_run_without_room_keeps_activations_on_disk(tiny_model, tmp_path, 
         if self.where == "disk":
             written.append(self._items[-1][0])
     monkeypatch.setattr(activations.Activations, "append", append)
-    monkeypatch.setattr(plan_module, "memory_room", lambda dev: 1)
+    # a tiny model's peak is not its activations: keep them on disk as a machine without room would
+    real_estimate = plan_module.estimate_resources
+
+    def on_disk(*a, **k):
+        plan = real_estimate(*a, **k)
+        return dataclasses.replace(plan, activations="disk", offload_bytes=plan.activation_bytes)
+    monkeypatch.setattr(plan_module, "estimate_resources", on_disk)
     assert cli(*args, "-o", tmp_path / "disk") == 0
     assert "calibration activations: kept in files beside the output" in "".join(capsys.readouterr())
     assert digests(tmp_path / "disk") == digests(tmp_path / "memory")

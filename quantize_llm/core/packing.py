@@ -75,6 +75,18 @@ def unpack_int32(words: Tensor, bits: int, n: int, dim: int = 0) -> Tensor:
     m = words.shape[1]
     if words.shape[0] != packed_length(n, bits):
         raise ValueError(f"{words.shape[0]} words cannot hold {n} {bits}-bit codes")
+    step = max(1, PACK_ELEMENTS // max(n, 1))
+    if m > step:   # column slices: the int32/int64 temporaries stay small whatever the matrix
+        out = torch.empty(n, m, dtype=torch.uint8, device=words.device)
+        for c0 in range(0, m, step):
+            out[:, c0:c0 + step] = _unpack_columns(words[:, c0:c0 + step], bits, n)
+        return out
+    return _unpack_columns(words, bits, n)
+
+
+def _unpack_columns(words: Tensor, bits: int, n: int) -> Tensor:
+    """unpack_int32 along dim 0 of (words, m), all at once."""
+    m = words.shape[1]
     if bits != 3:   # no code straddles a word: one shift per field, all words at once
         per_word = 32 // bits
         shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device).view(1, per_word, 1)

@@ -427,10 +427,14 @@ def check_memory(resources: ResourcePlan) -> None:
                          "pass --dataset with real text, or lower --seqlen or --generation-memory" if text.offloaded
                          else "pass --dataset with real text, or --generation-memory to read most weights from disk")
     cause = f", calibration activations {human_bytes(resources.activation_bytes)}" if resources.activation_bytes else ""
+    if resources.hessian_bytes:
+        cause += f", the largest Hessian {human_bytes(resources.hessian_bytes)}"
+    # fewer samples only help where the activations are a good part of what does not fit
+    fewer = resources.activation_bytes > (resources.host_peak_bytes - free) / 2
     raise UsageError(f"the run needs about {human_bytes(resources.host_peak_bytes)} of host memory (one block "
                      f"{human_bytes(resources.block_bytes)}{cause}); {human_bytes(free)} is available",
-                     "lower --nsamples, --seqlen or --batch-size, or run on a larger machine"
-                     if resources.activation_bytes else "run on a larger machine")
+                     "lower --nsamples, --seqlen or --batch-size, or run on a larger machine" if fewer
+                     else "run on a machine with more memory (or a GPU), or use rtn, which holds one Linear at a time")
 
 
 def load_calibration_tokens(folder: Path, config: dict, cal_spec: Any, dev: torch.device,

@@ -166,14 +166,19 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
     solver: the method rounds with GPTQ's error feedback (default: any calibrated method);
     search: AWQ's scale search runs per block; self_text: how the model generates its calibration text;
     room: the memory the work device has (host memory on a CPU): calibration activations that do
-    not fit in it beside the rest are kept on the host (a GPU run) or on disk (a CPU run)."""
+    not fit in it beside the rest are kept on the host (a GPU run) or on disk (a CPU run), when the
+    rest then fits."""
     plan = _estimate(reader, plans, config, output_bytes, calibrated, nsamples, seqlen, batch_size, device_type,
                      resume, verify, devices, solver, search, self_text, "device")
-    peak = plan.device_peak_bytes if device_type == "cuda" else plan.host_peak_bytes
-    if calibrated and room is not None and peak is not None and peak > room:
-        plan = _estimate(reader, plans, config, output_bytes, calibrated, nsamples, seqlen, batch_size,
-                         device_type, resume, verify, devices, solver, search, self_text,
-                         "host" if device_type == "cuda" else "disk")
+    def peak(p: ResourcePlan) -> int | None:
+        return p.device_peak_bytes if device_type == "cuda" else p.host_peak_bytes
+
+    if calibrated and room is not None and (peak(plan) or 0) > room:   # kept away only where that makes it fit
+        moved = _estimate(reader, plans, config, output_bytes, calibrated, nsamples, seqlen, batch_size,
+                          device_type, resume, verify, devices, solver, search, self_text,
+                          "host" if device_type == "cuda" else "disk")
+        if (peak(moved) or 0) <= room:
+            return moved
     return plan
 
 
