@@ -209,10 +209,10 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
         held = batches if where == "disk" else activation   # on disk: the batches at work
         phases["capture"] = embeddings + stored_embeddings + held // 2
         phases["blocks"] = block_bytes + held + temporaries + solve
-    else:   # one Linear at a time (as stored, in float32, its rounding's temporaries); the block's codes
-        # (a byte per weight) and their packed form (scripts/bench_memory.py: 8B and 405B shapes)
+    else:   # one Linear at a time (as stored, in float32, its rounding's temporaries) and the block's
+        # codes, a byte per weight (fitted to scripts/bench_memory.py at 405B shapes: 6.3 GB)
         linear_elems = max(sum(lp.out_features * lp.in_features for lp in p.linears) for p in plans)
-        phases["blocks"] = 3 * linear_elems // 2 + 6 * largest
+        phases["blocks"] = linear_elems + 4 * largest
     # Tensors outside the blocks (embeddings, head) are read and written one at a time, as stored.
     inside = {n for p in plans for n in p.tensors}
     outside = max((reader.nbytes(n) for n in reader.names() if n not in inside), default=0)
@@ -225,8 +225,8 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
                                      default=0)
             checking = embeddings + stored_embeddings + packed + 2 * largest_linear + activation // (2 * nsamples) \
                 * min(batch_size, nsamples)
-        else:   # each module decoded back (codes, unpacking temporaries)
-            checking = 12 * largest
+        else:   # each module decoded back (its codes, unpacked in slices)
+            checking = 2 * largest
         phases["verification"] = checking
     work = max(phases.values())
     host = PROCESS_BASELINE + (work if device_type == "cpu" else block_bytes // 2)
