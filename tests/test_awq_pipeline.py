@@ -213,3 +213,35 @@ def test_a_fold_that_changes_the_function_stops_the_run(tmp_path, capsys, calib_
 def test_awq_bad_options(tiny_model, tmp_path, calib_file, capsys, args, needle):
     expect_error(capsys, ["awq", tiny_model("llama"), "-o", tmp_path / "out", "--dataset", calib_file, *args], needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_hessians_kept_in_files_during_the_search_give_the_same_checkpoint(tiny_model, tmp_path, calib_file,
+                                                                          monkeypatch):
+    """AWQ's captured Hessians wait in files until their group is searched (GPTQ's in-place solve
+    keeps its copy there too); the bytes written do not change and no file is left behind."""
+    import hashlib
+    import tempfile
+
+    import quantize_llm.algorithms.solve as solve
+
+    src = tiny_model("llama")
+    args = ["awq", src, "--dataset", calib_file, "--nsamples", 8, "--seqlen", 32, "--group-size", 32]
+    assert cli(*args, "-o", tmp_path / "memory") == 0
+    spills = tmp_path / "spills"
+    spills.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spills))
+    monkeypatch.setattr(solve, "SPILL_BYTES", 0)                      # every Hessian to a file
+    written: list[str] = []
+    real = solve.Spill.__init__
+
+    def spy(self, t):
+        real(self, t)
+        written.append(self.path)
+    monkeypatch.setattr(solve.Spill, "__init__", spy)
+    assert cli(*args, "-o", tmp_path / "files") == 0
+    assert written and all(p and p.startswith(str(spills)) for p in written)
+    assert not list(spills.iterdir())
+
+    def digest(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.safetensors")}
+    assert digest(tmp_path / "files") == digest(tmp_path / "memory")

@@ -35,7 +35,7 @@ from .base import BlockContext, LayerContext, naming, solve_overflow
 from .gptq import GPTQOptions, gptq_quantize
 from .registry import register
 from .rtn import rtn_quantize
-from .solve import SolverOptions, accumulate_hessian, energy, output_error
+from .solve import SolverOptions, Spill, accumulate_hessian, energy, output_error
 
 THEN = ("rtn", "gptq")
 FOLD_TOLERANCE = 0.02     # folding may change a block's output only by the rounding of stored norms
@@ -187,6 +187,7 @@ class AWQ:
             min(len(ctx.inputs), -(-self.options.search_samples // batch))
         stats = _Capture(block, groups, n_search)
         ctx.capture(stats.hooks(), None)
+        stats.put_away()
         reference = ctx.forward(0)
         if not bool(torch.isfinite(reference).all()):   # no scale search or fold check means anything
             raise CheckpointError(f"block {ctx.index}: its output on the calibration inputs overflows float32 "
@@ -198,14 +199,18 @@ class AWQ:
         devices = tuple(ctx.devices) or (next(block.parameters()).device,)
         copies = [block] + [ctx.replicate(dev)  # type: ignore[misc]  # the runner sets it for several devices
                             for dev in devices[1:]] if len(devices) > 1 else [block]
-        for entry in groups:
-            s, metrics = self._search(copies, devices, entry, stats, ctx.quantize)
-            for copy, dev in zip(copies, devices, strict=True):
-                fold(copy, entry, s.to(dev), ctx.modified if copy is block else set(),
-                     skip={f"{n}.weight" for n in ctx.quantize})
-            for name in entry.layers:
-                ctx.report(name, metrics)
-            stats.release(entry)
+        try:
+            for entry in groups:
+                stats.bring_back(entry)
+                s, metrics = self._search(copies, devices, entry, stats, ctx.quantize)
+                for copy, dev in zip(copies, devices, strict=True):
+                    fold(copy, entry, s.to(dev), ctx.modified if copy is block else set(),
+                         skip={f"{n}.weight" for n in ctx.quantize})
+                for name in entry.layers:
+                    ctx.report(name, metrics)
+                stats.release(entry)
+        finally:
+            stats.discard()
         del copies
         # Stored norms and dense Linears are rounded to the checkpoint's dtype: later stages and the
         # next block then see exactly what the checkpoint will hold.
@@ -400,6 +405,7 @@ class _Capture:
         self.count: dict[str, int] = {}
         self.inputs: dict[str, list[tuple[tuple, dict]]] = {}
         self.hessians: dict[str, Tensor] = {}
+        self._away: dict[str, tuple[Spill, torch.Size, torch.dtype, torch.device]] = {}
 
     @staticmethod
     def _linear_inspect(entry: Any) -> bool:
@@ -471,9 +477,34 @@ class _Capture:
             return num / max(den, 1e-30)
         return module_error
 
+    def put_away(self) -> None:
+        """Keep the captured Hessians off the device (a file, or the host from a GPU: solve.Spill)
+        until their group is searched: down_proj's alone is n x n at the MLP width."""
+        self._away = {key: (Spill(h), h.shape, h.dtype, h.device) for key, h in self.hessians.items()}
+        self.hessians.clear()
+
+    def bring_back(self, entry: Any) -> None:
+        """The Hessian of `entry`'s group, back from where put_away kept it."""
+        away = self._away.pop(entry.prev, None)
+        if away is not None:
+            spill, shape, dtype, device = away
+            h = torch.empty(shape, dtype=dtype, device=device)
+            spill.restore(h)
+            spill.close()
+            self.hessians[entry.prev] = h
+
     def release(self, entry: Any) -> None:
         for d in (self.abs_sum, self.inputs, self.hessians):
             d.pop(entry.prev, None)
+        away = self._away.pop(entry.prev, None)
+        if away is not None:
+            away[0].close()
+
+    def discard(self) -> None:
+        """Delete what put_away still keeps (groups not searched, or a failed search)."""
+        for spill, *_ in self._away.values():
+            spill.close()
+        self._away.clear()
 
 
 def _output(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
