@@ -74,3 +74,51 @@ def test_budget_keys_in_a_recipe(tmp_path: Path):
         job_from_dict({"model": "m", "output": str(tmp_path / "o"), "method": "nf4", "target_bpw": 4.0})
     with pytest.raises(SpecError, match="outside"):
         job_from_dict({"model": "m", "output": str(tmp_path / "o"), "method": "rtn", "target_bpw": 1.0})
+
+
+def test_sensitivity_probe_replays_the_blocks_before_the_module(tiny_model):
+    """The KL probe of a module in block i computes only blocks i onward, and gives the logits a
+    full forward gives with the same change."""
+    import torch
+
+    from quantize_llm.eval.evaluate import load_for_eval
+    from quantize_llm.run.budget import BlockShortcut
+
+    model, _ = load_for_eval(str(tiny_model("llama")))
+    layers = model.model.layers
+    assert len(layers) >= 2
+    paths = [f"model.layers.{i}.mlp.down_proj" for i in range(len(layers))]
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16))
+    shortcut = BlockShortcut(model, paths)
+    with torch.no_grad():
+        base = torch.log_softmax(shortcut.record(tokens).float(), dim=-1)
+        shortcut.check(tokens, base)
+        assert shortcut.enabled
+        calls = []
+        hook = layers[0].self_attn.register_forward_pre_hook(lambda *a: calls.append(1))
+        last = layers[-1].mlp.down_proj
+        original = last.weight.data.clone()
+        last.weight.data.add_(0.05 * torch.randn_like(original))
+        replayed = shortcut.logits(tokens, paths[-1])
+        assert not calls                                   # block 0 was not computed
+        full = model(tokens, use_cache=False).logits
+        assert calls                                       # and is again once the replay is over
+        hook.remove()
+        last.weight.data.copy_(original)
+    assert not torch.allclose(full, model(tokens, use_cache=False).logits)   # the change mattered
+    torch.testing.assert_close(replayed, full, rtol=1e-5, atol=1e-5)
+
+
+def test_sensitivity_probe_runs_whole_forwards_for_modules_outside_one_block_list(tiny_model):
+    import torch
+
+    from quantize_llm.eval.evaluate import load_for_eval
+    from quantize_llm.run.budget import BlockShortcut
+
+    model, _ = load_for_eval(str(tiny_model("llama")))
+    shortcut = BlockShortcut(model, ["model.layers.1.mlp.down_proj", "lm_head"])
+    assert not shortcut.enabled
+    tokens = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(shortcut.logits(tokens, "model.layers.1.mlp.down_proj"),
+                                   model(tokens, use_cache=False).logits)

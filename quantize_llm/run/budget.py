@@ -212,6 +212,68 @@ def _rtn(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return s * (torch.round(w.float() / s) + z).clamp_(0, spec.maxq).sub_(z)
 
 
+class BlockShortcut:
+    """Logits with one module changed, without recomputing the blocks before it.
+
+    A module in decoder block i changes nothing before block i, so the KL probe of that module
+    replays the float model's recorded outputs of blocks 0 .. i-1 (each returns what it returned in
+    the unchanged pass) and computes blocks i onward: on average half the blocks of a full forward.
+    It applies only when every module lies in one numbered list of blocks (`model.layers.3...`);
+    `check` compares a replayed pass with the recorded logits and falls back to full forwards when
+    they differ (a model whose blocks are not one chain, e.g. one reading an earlier block's state)."""
+
+    def __init__(self, model: Any, paths: list[str]) -> None:
+        self.model = model
+        found = [re.match(r"^(.*?)\.(\d+)\.", p) for p in paths]
+        lists = {m.group(1) for m in found if m is not None}
+        self.enabled = len(lists) == 1 and all(m is not None for m in found)
+        self.index: dict[str, int] = {}
+        self.blocks: list[Any] = []
+        if self.enabled:
+            container = model.get_submodule(lists.pop())
+            self.enabled = isinstance(container, torch.nn.ModuleList)
+            self.blocks = list(container) if self.enabled else []
+            self.index = {p: int(m.group(2)) for p, m in zip(paths, found, strict=True) if m is not None}
+        self.outputs: list[Any] = []
+
+    def record(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The unchanged model's logits; each block's output is kept for the replays."""
+        self.outputs = [None] * len(self.blocks)
+
+        def keep(i: int):
+            def fn(module: Any, args: tuple, output: Any) -> None:
+                self.outputs[i] = output
+            return fn
+
+        handles = [b.register_forward_hook(keep(i)) for i, b in enumerate(self.blocks)]
+        try:
+            return self.model(tokens, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+
+    def logits(self, tokens: torch.Tensor, path: str) -> torch.Tensor:
+        """The logits with the blocks before `path`'s block replayed from the recording."""
+        skip = self.index.get(path, 0) if self.enabled else 0
+        for i in range(skip):
+            self.blocks[i].forward = lambda *a, _out=self.outputs[i], **k: _out
+        try:
+            return self.model(tokens, use_cache=False).logits
+        finally:
+            for i in range(skip):
+                del self.blocks[i].forward
+
+    def check(self, tokens: torch.Tensor, base: torch.Tensor) -> None:
+        """Replay all but the last block and compare with `base` (log-probabilities); off if they differ."""
+        if not self.enabled or len(self.blocks) < 2 or any(o is None for o in self.outputs):
+            self.enabled = False
+            return
+        last = max(self.index.values())
+        probe = next(p for p, i in self.index.items() if i == last)
+        replayed = torch.log_softmax(self.logits(tokens, probe).float(), dim=-1)
+        self.enabled = last > 0 and torch.allclose(replayed, base, rtol=1e-4, atol=1e-4)
+
+
 @torch.no_grad()
 def measure(folder: Path, modules: list[tuple[str, str]], spec: QuantSpec, fmt: Any,
             settings: list[tuple[int, int, bool]], calibration: Any, batch_size: int, device: torch.device,
@@ -269,12 +331,14 @@ def measure(folder: Path, modules: list[tuple[str, str]], spec: QuantSpec, fmt: 
         probe_error.append(max(energy(w - _rtn(w, probe), h), 0.0))
     # the effect of each module on the output: KL of the final logits with it alone at the probe setting
     kl_tokens = tokens[:KL_SEQUENCES, :KL_TOKENS].to(device)
-    base = torch.log_softmax(model(kl_tokens, use_cache=False).logits.float(), dim=-1)
+    shortcut = BlockShortcut(model, [path for _, path in modules])
+    base = torch.log_softmax(shortcut.record(kl_tokens).float(), dim=-1)
+    shortcut.check(kl_tokens, base)
     kls = []
-    for lin in linears:
+    for (_, path), lin in zip(modules, linears, strict=True):
         original = lin.weight.data.clone()
         lin.weight.data.copy_(_rtn(original.float(), probe).to(original.dtype))
-        logq = torch.log_softmax(model(kl_tokens, use_cache=False).logits.float(), dim=-1)
+        logq = torch.log_softmax(shortcut.logits(kl_tokens, path).float(), dim=-1)
         lin.weight.data.copy_(original)
         kls.append(max(float((base.exp() * (base - logq)).sum(-1).mean()), 0.0))
     sensitivity = [kl / e if e > 0 else 0.0 for kl, e in zip(kls, probe_error, strict=True)]
