@@ -19,9 +19,10 @@ packed zeros and the int32 g_idx, which the gptq layout always writes), divided 
 their weights; embeddings, norms and the (tied) head are not counted. Each allocated row is
 printed beside the best uniform row of no more bits from the same run, and its time beside the
 plain gptq-w4g128 run of the same run. The per-module measurement of the first budgeted row is
-reused (copied beside each later output) by the others, so only the first pays for it; pass
---measurement FILE to start from a measurement saved by an earlier run (--json X saves it as
-X.budget.pt). With --only, settings run in the order given.
+reused (copied beside each later output) by the others of the same proxy, so only the first
+pays for it; pass --measurement FILE to start from a measurement saved by an earlier run (--json
+X saves it as X.budget.pt, or X.gptq-proxy.budget.pt for `-gptq-proxy` rows, which --measurement
+does not seed). With --only, settings run in the order given.
 
 The model defaults to SmolLM2-135M-Instruct built by scripts/build_smollm2.py; the data default to
 ../shared/data beside the repository (pass --calib/--eval elsewhere).
@@ -58,6 +59,7 @@ class Setting:
     blocksize: int = 64               # nf4/fp4: weights per absmax
     rounding: str = "nearest"         # nf4/fp4: nearest | gptq
     target_bpw: float | None = None   # --target-bpw: bits/group/sym chosen per module within this budget
+    budget_proxy: str = "rtn"         # Budget.proxy: each module's error rounded to nearest, or GPTQ's estimated
 
 
 SETTINGS = [
@@ -97,6 +99,9 @@ BUDGET_SETTINGS = [
     *[Setting(f"gptq-w{bits}g{group}{'-actorder' if act else ''}", "gptq", bits, group, act_order=act)
       for act in (False, True) for bits, group in ((4, 128), (4, 64), (3, 128), (3, 64), (4, 32), (3, 32))],
     *[Setting(f"budget-{b:g}", "gptq", 4, 128, target_bpw=b) for b in (4.25, 3.25, 3.5, 4.0, 4.5, 2.5)],
+    # the same budgets, each module's cost GPTQ's estimated error (run/budget.gptq_error_estimate)
+    *[Setting(f"budget-{b:g}-gptq-proxy", "gptq", 4, 128, target_bpw=b, budget_proxy="gptq")
+      for b in (4.25, 3.25, 3.5, 4.0, 4.5, 2.5)],
 ]
 SAMPLE_PROMPT = "Write two sentences about the sea."
 SAMPLE_BELOW = 3.0                    # allocated rows below this many bits per weight show a sample
@@ -179,9 +184,11 @@ def main() -> None:
              "fwd_ratio": 0.0}]
     print(f"plain forward pass of the calibration set ({args.nsamples} x {args.seqlen}): {fwd:.1f} s")
     print(f"unquantized perplexity: {base.perplexity:.3f}", flush=True)
-    measurement = args.measurement
-    if measurement is not None and not measurement.is_file():
-        sys.exit(f"error: {measurement} not found")
+    measurements: dict[str, Path] = {}       # Budget.proxy -> its measurement, once made
+    if args.measurement is not None:
+        if not args.measurement.is_file():
+            sys.exit(f"error: {args.measurement} not found")
+        measurements["rtn"] = args.measurement
     if args.budget and any(s.target_bpw is not None and s.target_bpw < SAMPLE_BELOW for s in settings):
         rows[0]["sample"] = generate(str(model_dir), SAMPLE_PROMPT, max_new_tokens=40, chat=True, device="cpu").text
         print(f"unquantized sample: {rows[0]['sample']!r}", flush=True)
@@ -200,20 +207,22 @@ def main() -> None:
                    if s.calibration == "self" else c4)
             if s.method == "outlier" and not options.needs_calibration:
                 cal = None
-            budget = Budget(bpw=s.target_bpw) if s.target_bpw is not None else None
-            measured = budget is not None and measurement is None
-            if budget is not None and measurement is not None:     # the per-module costs, measured once
-                shutil.copyfile(measurement, cache_path(out))
+            budget = Budget(bpw=s.target_bpw, proxy=s.budget_proxy) if s.target_bpw is not None else None
+            known = measurements.get(s.budget_proxy)
+            measured = budget is not None and known is None
+            if budget is not None and known is not None:     # the per-module costs, measured once
+                shutil.copyfile(known, cache_path(out))
             t = time.perf_counter()
             # the algorithm's own cost: no resume state, no read-back verification
             summary = quantize(str(model_dir), out, spec, options=options, calibration=cal, device="cpu",
                                batch_size=args.batch_size, resume=False, verify=False, budget=budget)
             seconds = time.perf_counter() - t
-            if budget is not None and measurement is None:
-                measurement = Path(tmp) / "measurement.budget.pt"
-                shutil.copyfile(cache_path(out), measurement)
+            if measured:
+                suffix = "" if s.budget_proxy == "rtn" else f".{s.budget_proxy}-proxy"
+                measurements[s.budget_proxy] = Path(tmp) / f"measurement{suffix}.budget.pt"
+                shutil.copyfile(cache_path(out), measurements[s.budget_proxy])
                 if args.json:
-                    shutil.copyfile(measurement, args.json.with_suffix(".budget.pt"))
+                    shutil.copyfile(cache_path(out), args.json.with_suffix(f"{suffix}.budget.pt"))
             model, _ = load_for_eval(str(out))
             result = evaluate(model, windows)
             del model

@@ -122,3 +122,50 @@ def test_sensitivity_probe_runs_whole_forwards_for_modules_outside_one_block_lis
     with torch.no_grad():
         torch.testing.assert_close(shortcut.logits(tokens, "model.layers.1.mlp.down_proj"),
                                    model(tokens, use_cache=False).logits)
+
+
+def test_gptq_proxy_predicts_gptq_error_where_rounding_error_does_not():
+    """On inputs with strongly correlated columns GPTQ's feedback removes most of the rounding
+    error; the solve-free estimate tracks GPTQ's error, tr(D H D^T) of rounding to nearest does not."""
+    import torch
+
+    from quantize_llm.algorithms.gptq import GPTQOptions, gptq_quantize
+    from quantize_llm.algorithms.solve import energy
+    from quantize_llm.run.budget import _rtn, gptq_column_weights, gptq_error_estimate
+
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(4096, 16, generator=g)
+    x = latent @ torch.randn(16, 128, generator=g) + 0.05 * torch.randn(4096, 128, generator=g)
+    h = x.t() @ x
+    w = torch.randn(64, 128, generator=g)
+    cw = gptq_column_weights(h, GPTQOptions().damp)
+    for bits in (3, 4):
+        spec = QuantSpec(method="gptq", bits=bits, group_size=32, min_zero=1)
+        qw, _ = gptq_quantize(w.clone(), h.clone(), spec, GPTQOptions(clip="minmax"))
+        actual = energy(w - qw.dequantize(torch.float32), h)
+        d = w - _rtn(w, spec)
+        assert 0.5 < gptq_error_estimate(d, cw) / actual < 2.0
+        assert energy(d, h) / actual > 10
+
+
+def test_unknown_budget_proxy_is_refused():
+    with pytest.raises(SpecError, match="proxy"):
+        Budget(bpw=4.0, proxy="magic")
+
+
+def test_gptq_proxy_is_measured_apart_from_the_rounding_proxy(tiny_model, tmp_path, calib_file):
+    import torch
+
+    src = tiny_model("llama")
+    out = tmp_path / "out"
+    cal = CalibrationSpec(source=str(calib_file), nsamples=4, seqlen=32)
+    spec = QuantSpec(method="gptq", bits=4, group_size=32)
+    plan_run(Job("j", str(src), out, spec, calibration=cal, batch_size=2, budget=Budget(bpw=4.5)))
+    rtn = torch.load(cache_path(out), weights_only=True)
+    chosen = plan_run(Job("j", str(src), out, spec, calibration=cal, batch_size=2,
+                          budget=Budget(bpw=4.5, proxy="gptq"))).allocation
+    gptq = torch.load(cache_path(out), weights_only=True)
+    assert gptq["key"] != rtn["key"]                     # not read from the other proxy's cache
+    assert gptq["sensitivity"] == rtn["sensitivity"]     # the same measured effect on the output
+    assert gptq["error"] != rtn["error"]                 # a different estimate of each module's error
+    assert chosen.bits <= chosen.limit
