@@ -74,3 +74,98 @@ def test_budget_keys_in_a_recipe(tmp_path: Path):
         job_from_dict({"model": "m", "output": str(tmp_path / "o"), "method": "nf4", "target_bpw": 4.0})
     with pytest.raises(SpecError, match="outside"):
         job_from_dict({"model": "m", "output": str(tmp_path / "o"), "method": "rtn", "target_bpw": 1.0})
+
+
+def test_sensitivity_probe_replays_the_blocks_before_the_module(tiny_model):
+    """The KL probe of a module in block i computes only blocks i onward, and gives the logits a
+    full forward gives with the same change."""
+    import torch
+
+    from quantize_llm.eval.evaluate import load_for_eval
+    from quantize_llm.run.budget import BlockShortcut
+
+    model, _ = load_for_eval(str(tiny_model("llama")))
+    layers = model.model.layers
+    assert len(layers) >= 2
+    paths = [f"model.layers.{i}.mlp.down_proj" for i in range(len(layers))]
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16))
+    shortcut = BlockShortcut(model, paths)
+    with torch.no_grad():
+        base = torch.log_softmax(shortcut.record(tokens).float(), dim=-1)
+        shortcut.check(tokens, base)
+        assert shortcut.enabled
+        calls = []
+        hook = layers[0].self_attn.register_forward_pre_hook(lambda *a: calls.append(1))
+        last = layers[-1].mlp.down_proj
+        original = last.weight.data.clone()
+        last.weight.data.add_(0.05 * torch.randn_like(original))
+        replayed = shortcut.logits(tokens, paths[-1])
+        assert not calls                                   # block 0 was not computed
+        full = model(tokens, use_cache=False).logits
+        assert calls                                       # and is again once the replay is over
+        hook.remove()
+        last.weight.data.copy_(original)
+    assert not torch.allclose(full, model(tokens, use_cache=False).logits)   # the change mattered
+    torch.testing.assert_close(replayed, full, rtol=1e-5, atol=1e-5)
+
+
+def test_sensitivity_probe_runs_whole_forwards_for_modules_outside_one_block_list(tiny_model):
+    import torch
+
+    from quantize_llm.eval.evaluate import load_for_eval
+    from quantize_llm.run.budget import BlockShortcut
+
+    model, _ = load_for_eval(str(tiny_model("llama")))
+    shortcut = BlockShortcut(model, ["model.layers.1.mlp.down_proj", "lm_head"])
+    assert not shortcut.enabled
+    tokens = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(shortcut.logits(tokens, "model.layers.1.mlp.down_proj"),
+                                   model(tokens, use_cache=False).logits)
+
+
+def test_gptq_proxy_predicts_gptq_error_where_rounding_error_does_not():
+    """On inputs with strongly correlated columns GPTQ's feedback removes most of the rounding
+    error; the solve-free estimate tracks GPTQ's error, tr(D H D^T) of rounding to nearest does not."""
+    import torch
+
+    from quantize_llm.algorithms.gptq import GPTQOptions, gptq_quantize
+    from quantize_llm.algorithms.solve import energy
+    from quantize_llm.run.budget import _rtn, gptq_column_weights, gptq_error_estimate
+
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(4096, 16, generator=g)
+    x = latent @ torch.randn(16, 128, generator=g) + 0.05 * torch.randn(4096, 128, generator=g)
+    h = x.t() @ x
+    w = torch.randn(64, 128, generator=g)
+    cw = gptq_column_weights(h, GPTQOptions().damp)
+    for bits in (3, 4):
+        spec = QuantSpec(method="gptq", bits=bits, group_size=32, min_zero=1)
+        qw, _ = gptq_quantize(w.clone(), h.clone(), spec, GPTQOptions(clip="minmax"))
+        actual = energy(w - qw.dequantize(torch.float32), h)
+        d = w - _rtn(w, spec)
+        assert 0.5 < gptq_error_estimate(d, cw) / actual < 2.0
+        assert energy(d, h) / actual > 10
+
+
+def test_unknown_budget_proxy_is_refused():
+    with pytest.raises(SpecError, match="proxy"):
+        Budget(bpw=4.0, proxy="magic")
+
+
+def test_gptq_proxy_is_measured_apart_from_the_rounding_proxy(tiny_model, tmp_path, calib_file):
+    import torch
+
+    src = tiny_model("llama")
+    out = tmp_path / "out"
+    cal = CalibrationSpec(source=str(calib_file), nsamples=4, seqlen=32)
+    spec = QuantSpec(method="gptq", bits=4, group_size=32)
+    plan_run(Job("j", str(src), out, spec, calibration=cal, batch_size=2, budget=Budget(bpw=4.5)))
+    rtn = torch.load(cache_path(out), weights_only=True)
+    chosen = plan_run(Job("j", str(src), out, spec, calibration=cal, batch_size=2,
+                          budget=Budget(bpw=4.5, proxy="gptq"))).allocation
+    gptq = torch.load(cache_path(out), weights_only=True)
+    assert gptq["key"] != rtn["key"]                     # not read from the other proxy's cache
+    assert gptq["sensitivity"] == rtn["sensitivity"]     # the same measured effect on the output
+    assert gptq["error"] != rtn["error"]                 # a different estimate of each module's error
+    assert chosen.bits <= chosen.limit
