@@ -104,14 +104,16 @@ class IntegerGrid(Grid):
 
 @torch.no_grad()
 def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPTQOptions = GPTQOptions(),
-                  outlier_mask: Tensor | None = None, own: bool = False,
+                  outlier_mask: Tensor | Callable[[Tensor], Tensor] | None = None, own: bool = False,
                   own_hessian: bool = False) -> tuple[QuantizedWeight, SolveStats]:
     """Quantize a (out, in) weight with GPTQ given the (in, in) Hessian sum X^T X of its inputs.
 
     outlier_mask (out, in) bool: weights kept exactly (in float16, beside the codes). They are left
     out of their group's range, get the code of the zero point (dequantized 0), cause no error to
     propagate, and their final values (with the error propagated into them) come back in
-    `stats.kept`.
+    `stats.kept`. A callable instead of the mask is given diag(H'^-1) (in,) of the damped Hessian
+    from the solve's own factorization, float32, and returns the mask (the outlier split's
+    sensitivity score, at no extra n x n).
 
     Does not modify `hessian` unless `own_hessian` (then its memory is the factorization's: the
     Hessian is gone afterwards, and nothing n x n is held beside it), nor `weight` unless `own`
@@ -132,7 +134,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
         w = w.clone()
     in_features = w.shape[1]
     gs = spec.effective_group_size(in_features)
-    mask = outlier_mask.to(w.device) if outlier_mask is not None else None
+    mask = outlier_mask.to(w.device) if isinstance(outlier_mask, Tensor) else None
 
     # Static groups: scale and zero fixed up front from the original columns (FORMATS.md §1.6).
     hdiag, dead = solve_diagonal(hessian, dt)                           # (in,), never-fired inputs as 1
@@ -141,6 +143,15 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
     if spec.act_order or options.static_groups:
         perm = torch.argsort(hdiag, descending=True, stable=True)
         hdiag = hdiag[perm]                                             # processing order
+    ridge = float(hdiag.mean())
+    hinv, damp = cholesky_inverse_upper(hessian, options.damp, options.damp_max, perm, dt,
+                                        overwrite=own_hessian and hessian.dtype == dt and hessian.is_contiguous())
+    if callable(outlier_mask):   # chosen from diag(H'^-1) = the squared column norms of its factor
+        diagonal = torch.linalg.vector_norm(hinv, dim=0).square_()      # processing order, no n x n temporary
+        if perm is not None:
+            diagonal = torch.empty_like(diagonal).index_copy_(0, perm, diagonal)
+        mask = outlier_mask(diagonal.float()).to(w.device)
+        del diagonal
     static = None
     if options.static_groups:
         static = rtn_group_params(w if mask is None else w.masked_fill(mask, 0.0), spec.bits, spec.group_size,
@@ -149,9 +160,6 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
         w = w[:, perm]
         if mask is not None:
             mask = mask[:, perm]
-    ridge = float(hdiag.mean())
-    hinv, damp = cholesky_inverse_upper(hessian, options.damp, options.damp_max, perm, dt,
-                                        overwrite=own_hessian and hessian.dtype == dt and hessian.is_contiguous())
     ridge *= damp
 
     # original column index of processing position j

@@ -13,8 +13,11 @@ dequantized codes are exactly 0 there and the weight is codes + outliers.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, cast
 
@@ -28,7 +31,15 @@ from ..errors import RunError, SpecError
 from .base import LayerContext, naming, solve_overflow
 from .gptq import GPTQOptions, gptq_quantize
 from .registry import register
-from .solve import SolverOptions, accumulate_hessian, cholesky_inverse_upper, output_error
+from .solve import (
+    SolverOptions,
+    SolveStats,
+    accumulate_hessian,
+    cholesky_inverse_upper,
+    energy,
+    output_error,
+    solve_energy,
+)
 
 INNER = ("rtn", "gptq")
 MODES = ("weight", "channel")
@@ -95,9 +106,10 @@ def top_fraction(score: Tensor, fraction: float) -> Tensor:
 def inverse_hessian_diagonal(h: Tensor, damp: float, damp_max: float = SolverOptions.damp_max) -> tuple[Tensor, float]:
     """diag((H + d * mean(diag H) I)^-1) float32, and the damping d used: `damp`, doubled up to
     `damp_max` while H is not positive definite (GPTQ's escalation). A never-seen input counts as
-    diag 1 (as in GPTQ). Works in float64; does not modify `h`."""
-    upper, used = cholesky_inverse_upper(h, damp, damp_max, dtype=torch.float64)   # H^-1 = U^T U
-    return (upper ** 2).sum(dim=0).float(), used
+    diag 1 (as in GPTQ). Works in h's dtype (float32 or float64) on one copy; does not modify `h`."""
+    dt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    upper, used = cholesky_inverse_upper(h, damp, damp_max, dtype=dt)   # H^-1 = U^T U
+    return torch.linalg.vector_norm(upper, dim=0).square_().float(), used
 
 
 def weight_mask(w: Tensor, how: tuple[str, float], hinv_diag: Tensor | None) -> Tensor:
@@ -168,6 +180,7 @@ class OutlierSplit:
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
         keys = {layer.input_of.get(name, name) for name in layer.weights}
+        users = Counter(layer.input_of.get(name, name) for name in layer.weights)
 
         def solve(name: str, device: torch.device) -> QuantizedWeight:
             start = time.perf_counter()
@@ -177,25 +190,41 @@ class OutlierSplit:
             if self.needs_calibration and h is None and key not in self.act_max:
                 raise RunError(f"block {layer.index}: no calibration inputs reached {name}")
             w = weight if weight.dtype == torch.float64 else weight.float()   # float64: the tests' references
+            # A Hessian only this Linear reads is factored where it lies by inner gptq (nothing n x n
+            # beside it); its output error then comes from the solve (solve.solve_energy).
+            own = h is not None and users[key] == 1 and self.options.inner == "gptq"
+            if own:
+                h = self.hessians.pop(key)
             h = h.to(device) if h is not None else None
-            damps = []                          # the damping of the score and of GPTQ, where used
+            total = energy(w, h.to(w.dtype)) if own and h is not None else None
+            damps: list[float] = []             # the damping of the score and of GPTQ, where used
             with naming(layer.full_name(name)):
+                select: Tensor | Callable[[Tensor], Tensor]
                 if self.options.mode == "channel":
-                    mask = channel_mask(self.act_max[key].to(w.device), self.how).expand_as(w).contiguous()
+                    select = channel_mask(self.act_max[key].to(w.device), self.how).expand_as(w).contiguous()
+                elif h is not None and self.options.inner == "gptq":   # scored from GPTQ's own factor
+                    select = functools.partial(weight_mask, w, self.how)
+                elif h is not None and self.options.calibrated:
+                    hinv, damp = inverse_hessian_diagonal(h, self.options.damp)
+                    damps.append(damp)
+                    select = weight_mask(w, self.how, hinv.to(w.device))
+                    del hinv
                 else:
-                    hinv = None
-                    if h is not None and (self.options.calibrated or self.options.inner == "gptq"):
-                        hinv, damp = inverse_hessian_diagonal(h, self.options.damp)
-                        hinv = hinv.to(w.device)
-                        damps.append(damp)
-                    mask = weight_mask(w, self.how, hinv)
-                qw = self._quantize(layer.full_name(name), w, h, mask, layer.spec_of(name, self.spec), damps)
+                    select = weight_mask(w, self.how, None)
+                qw, stats = self._quantize(layer.full_name(name), w, h, select, layer.spec_of(name, self.spec),
+                                           damps, own)
             split = cast(Outliers, qw.outliers)   # the split always sets them
             metrics = {"outliers": split.count, "outlier_share": split.count / w.numel(),
                        "seconds": time.perf_counter() - start}
             if damps:
                 metrics["damp"] = max(damps)
-            if h is not None:
+            if stats is not None and total is not None:
+                assert stats.row_error is not None and stats.dead is not None
+                d = w - qw.dequantize(w.dtype)
+                d[:, stats.dead] = 0.0
+                metrics["rel_error"] = math.sqrt(solve_energy(stats.row_error, stats.ridge, d) / max(total, 1e-30))
+                del d
+            elif h is not None:
                 metrics["rel_error"] = output_error(w, qw.dequantize(torch.float32), h)
             layer.report(name, metrics)
             return qw
@@ -207,11 +236,16 @@ class OutlierSplit:
             self.act_max.pop(key, None)
         return results
 
-    def _quantize(self, module: str, w: Tensor, h: Tensor | None, mask: Tensor, spec: QuantSpec,
-                  damps: list[float]) -> QuantizedWeight:
-        """The low-bit part and the outliers of `w`; appends GPTQ's damping to `damps`."""
+    def _quantize(self, module: str, w: Tensor, h: Tensor | None, select: Tensor | Callable[[Tensor], Tensor],
+                  spec: QuantSpec, damps: list[float], own_hessian: bool = False,
+                  ) -> tuple[QuantizedWeight, SolveStats | None]:
+        """The low-bit part and the outliers of `w`, and GPTQ's stats (None for inner rtn); appends
+        GPTQ's damping to `damps`. `select` is the outlier mask, or (inner gptq) a function of
+        diag(H'^-1) that returns it."""
         opts = self.options
+        stats = None
         if opts.inner == "rtn":
+            mask = cast(Tensor, select)
             # Outliers leave the range: 0 is always inside it, so zeroing them removes their pull.
             masked = w.masked_fill(mask, 0.0)
             scale, zero = rtn_group_params(masked, spec.bits, spec.group_size, spec.sym, spec.min_zero, opts.clip)
@@ -220,14 +254,22 @@ class OutlierSplit:
             kept = w
             g_store = None
         else:
+            chosen: list[Tensor] = []
+
+            def keep(diagonal: Tensor) -> Tensor:   # the mask, remembered for the split below
+                chosen.append(select(diagonal) if callable(select) else select)
+                return chosen[-1]
+
             try:
                 qw, stats = gptq_quantize(w, cast(Tensor, h), spec,   # inner gptq: calibrated, h is set
                                           GPTQOptions(block_size=opts.block_size, damp=opts.damp, clip=opts.clip),
-                                          outlier_mask=mask)
+                                          outlier_mask=keep, own_hessian=own_hessian)
             except Float16Overflow as exc:
-                raise solve_overflow(exc, {module: w.masked_fill(mask, 0.0)}, spec, opts.damp) from None
+                masked = w.masked_fill(chosen[-1], 0.0) if chosen else w
+                raise solve_overflow(exc, {module: masked}, spec, opts.damp) from None
             damps.append(stats.damp)
             codes, scale, zero, g_store = qw.codes, qw.grid_scale, qw.grid_zero, qw.g_idx
             kept = cast(Tensor, stats.kept)   # set when an outlier mask is given
+            mask = chosen[-1]
         return QuantizedWeight(codes=codes, scale=scale, zero=zero, g_idx=g_store, spec=spec,
-                               outliers=to_outliers(kept, mask, opts.mode))
+                               outliers=to_outliers(kept, mask, opts.mode)), stats

@@ -113,6 +113,30 @@ def test_gptq_inner_against_float64_reference(act_order: bool) -> None:
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_inner_scores_from_its_own_factor_and_reports_the_defined_error(act_order: bool) -> None:
+    """float32, Hessian read by this Linear only: the kept weights are the top w^2 / [H'^-1]_jj with
+    H' = H + 0.01 mean(diag H) I inverted in float64, the Hessian is consumed by the solve (nothing
+    n x n beside it), and the reported error is ||(W - Q) X|| / ||W X|| from the original H."""
+    w, h = weight_and_hessian(32, 128, seed=3)
+    spec = QuantSpec(method="outlier", bits=3, group_size=32, sym=False, min_zero=1, act_order=act_order,
+                     format="outlier")
+    algo = OutlierSplit(spec, OutlierOptions(inner="gptq", fraction=0.03, clip="minmax"))
+    algo.hessians["fc"] = h.clone()
+    reports: dict = {}
+    qw = algo.quantize_layer(LayerContext(index=0, weights={"fc": w}, report=lambda n, m: reports.update(m)))["fc"]
+    assert "fc" not in algo.hessians
+    h64 = h.double()
+    damped = h64 + 0.01 * h64.diagonal().mean() * torch.eye(128, dtype=torch.float64)
+    score = w.double() ** 2 / torch.linalg.inv(damped).diagonal()
+    expected = torch.zeros(w.numel(), dtype=torch.bool)
+    expected[score.flatten().topk(round(0.03 * w.numel())).indices] = True
+    assert torch.equal(qw.outliers.mask(qw.shape), expected.view_as(w))
+    d = w.double() - qw.dequantize(torch.float64)
+    defined = ((d @ h64) * d).sum() / ((w.double() @ h64) * w.double()).sum()
+    assert reports["rel_error"] == pytest.approx(float(defined.sqrt()), rel=1e-4)
+
+
 @pytest.mark.parametrize("inner", ["rtn", "gptq"])
 def test_fraction_zero_is_the_inner_algorithm_bit_for_bit(inner: str) -> None:
     from quantize_llm.algorithms.rtn import rtn_quantize
