@@ -104,6 +104,10 @@ class Calibration:
     weights: Any = None          # models.weightmap.WeightMap: the model's parameter names -> stored tensors
     activations: str = "device"  # where the activations are kept: "device", "host" or "disk" (activations.py)
     offload_dir: Path | None = None   # the folder of "disk"
+    # Hold the quantized Linears of a block in their stored dtype (bf16) and widen each one as it
+    # runs, observe one input group per pass, and serve solved Linears from their codes: the same
+    # results in about half a float32 block (the plan's choice where the float32 block does not fit)
+    narrow: bool = False
 
     def loader(self, read: Callable[[str], Tensor]) -> Callable[[str], Tensor]:
         """A model parameter's value by its name in memory (renamed, or rebuilt from fused experts; a
@@ -304,9 +308,11 @@ def _signature(block: nn.Module | None) -> inspect.Signature | None:
 
 
 def _materialize(module: nn.Module, prefix: str, read: Callable[[str], Tensor], device: torch.device,
-                 dtype: torch.dtype, skip: tuple[str, ...] = (), rows: dict[str, Tensor] | None = None) -> list[str]:
+                 dtype: torch.dtype, skip: tuple[str, ...] = (), rows: dict[str, Tensor] | None = None,
+                 stored: frozenset[str] = frozenset()) -> list[str]:
     """Replace `module`'s meta parameters by checkpoint tensors (floats cast to dtype); buffers to device.
     rows: parameters of which only these rows are kept (`embedding_rows`), cut before the cast.
+    stored: parameters kept in their stored floating dtype where it is narrower than dtype.
 
     Returns the names of the parameters loaded.
     """
@@ -317,7 +323,8 @@ def _materialize(module: nn.Module, prefix: str, read: Callable[[str], Tensor], 
         value = read(prefix + name)
         if rows and name in rows:
             value = value.index_select(0, rows[name].to(value.device))
-        value = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        keep = not value.is_floating_point() or (name in stored and value.element_size() < dtype.itemsize)
+        value = value.to(device=device, dtype=value.dtype if keep else dtype)
         _set(module, name, nn.Parameter(value, requires_grad=False))
         loaded.append(name)
     for name, buf in list(module.named_buffers()):
@@ -519,9 +526,14 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         block_start = t = time.perf_counter()
         block = layers[plan.index]
         template = copy.deepcopy(block) if ndev > 1 else None   # still on meta: the replicas' skeleton
-        _materialize(block, plan.module_prefix, cal.loader(read), primary, cal.dtype)
-        t = timer.add("read", t)
         quantize = {lp.local: lp for lp in plan.linears if lp.quantize}
+        narrow = cal.narrow and ndev == 1 and algorithm.prepare_block is None \
+            and not expert_units(list(quantize.values())).units
+        _materialize(block, plan.module_prefix, cal.loader(read), primary, cal.dtype,
+                     stored=frozenset(f"{n}.weight" for n in quantize) if narrow else frozenset())
+        if narrow:
+            _widen(block, tuple(quantize), cal.dtype)
+        t = timer.add("read", t)
         extra: dict[str, dict] = {name: {} for name in quantize}
         block_calls = calls[plan.index]
         if len(block_calls) < len(inputs):   # the model skips this block on text (a cross-attention layer)
@@ -544,7 +556,8 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                                "calibrated block by block", "use rtn (or nf4) for this model") from None
         t = timer.add("forward", t)
         groups = [g for g in layout.groups if g]
-        stages = [[g] for g in groups] if cal.true_sequential else [groups]
+        # narrow: one input group per pass (the block unchanged between them unless true-sequential)
+        stages = [[g] for g in groups] if cal.true_sequential or narrow else [groups]
         input_of = {name: g[0] for g in groups for name in g}
         results: dict[str, QuantizedWeight] = {}
         modified: set[str] = set()
@@ -571,8 +584,10 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                 del here, here_calls
                 t = timer.add("search", t)
             replicas = [block] + [_replica(template, block, dev) for dev in devices[1:]]
-            for stage in stages:
+            for k, stage in enumerate(stages):
                 t = _observe_stage(replicas, devices, stage, algorithm, inputs, block_calls, timer, t)
+                if narrow and k == len(stages) - 1:   # nothing reads the solved Linears' originals again
+                    _serve_codes(block, results, cal.dtype)
                 names = [n for g in stage for n in g]
                 weights = {n: cast(nn.Linear, block.get_submodule(n)).weight.detach() for n in names}
                 stage_results = algorithm.quantize_layer(LayerContext(
@@ -580,11 +595,17 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                     report=lambda n, m: extra[n].update(m), specs=_specs(quantize.values()), devices=devices,
                     prefix=plan.prefix))
                 t = timer.add("solve", t)
-                for name in names:   # later stages see the quantized weights (fake-quant), on every replica
-                    fake = stage_results[name].dequantize(cast(nn.Linear, block.get_submodule(name)).weight.dtype)
-                    for replica, dev in zip(replicas, devices, strict=True):
-                        replica.get_submodule(name).weight.data = fake.to(dev)
+                if narrow:   # true-sequential: the next stage sees them quantized; else after the last pass
+                    if cal.true_sequential:
+                        _serve_codes(block, stage_results, cal.dtype)
+                else:
+                    for name in names:   # later stages see the quantized weights (fake-quant), on every replica
+                        fake = stage_results[name].dequantize(cast(nn.Linear, block.get_submodule(name)).weight.dtype)
+                        for replica, dev in zip(replicas, devices, strict=True):
+                            replica.get_submodule(name).weight.data = fake.to(dev)
                 results.update(stage_results)
+            if narrow:
+                _serve_codes(block, results, cal.dtype)
             if layout.unused:   # no input reaches them: rounded to the nearest grid point
                 results.update(_round_unused(layout.unused, block, plan, quantize, algorithm.spec, extra))
             experts = expert_units(list(quantize.values()))
@@ -601,11 +622,49 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                      for n in sorted(modified)} if modified else {}
         del replicas
         block.to("meta")
+        if narrow:
+            _unwiden(block)
         reports = [_report(quantize[n], extra[n]) for n in quantize]
         result = _finish(plan, results, read, reports, block_start, timer, rewritten)
         result.next_inputs = inputs
         yield result
         release_memory()
+
+
+def _widen(block: nn.Module, names: tuple[str, ...], dtype: torch.dtype) -> None:
+    """Linears `names` of `block` held narrower than dtype run on their weight widened to dtype for
+    the call (exact: the same product as on a widened copy)."""
+    for name in names:
+        module = block.get_submodule(name)
+        if isinstance(module, nn.Linear) and module.weight.dtype != dtype:
+            module.forward = functools.partial(_wide_linear, module)   # type: ignore[method-assign]
+
+
+def _wide_linear(module: nn.Linear, x: Tensor) -> Tensor:
+    return nn.functional.linear(x, module.weight.to(x.dtype), module.bias)
+
+
+def _serve_codes(block: nn.Module, results: dict[str, QuantizedWeight], dtype: torch.dtype) -> None:
+    """Solved Linears run on their codes, dequantized to dtype for each call (the values the
+    fake-quant path writes into the weight); their stored weights are released (kept on meta)."""
+    for name, qw in results.items():
+        module = block.get_submodule(name)
+        if not isinstance(module, nn.Linear) or module.weight.device.type == "meta":
+            continue
+        module.forward = functools.partial(_codes_linear, module, qw, dtype)   # type: ignore[method-assign]
+        weight = module.weight
+        _set(module, "weight", nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
+                                            requires_grad=False))
+
+
+def _codes_linear(module: nn.Linear, qw: QuantizedWeight, dtype: torch.dtype, x: Tensor) -> Tensor:
+    return nn.functional.linear(x, qw.dequantize(dtype).to(x.device), module.bias)
+
+
+def _unwiden(block: nn.Module) -> None:
+    """Back to the modules' own forward (the skeleton block is materialized again by later passes)."""
+    for module in block.modules():
+        module.__dict__.pop("forward", None)
 
 
 EXPERT_STATISTICS_BYTES = 2 << 30   # Hessians of experts gathered in one pass over the calibration set

@@ -214,7 +214,8 @@ class _Run:
                                true_sequential=self.algorithm.record().true_sequential is not False,
                                batch_size=plan.job.batch_size, dtype=torch.float32, arch=src.arch,
                                stored_dtype=reader.dtype, weights=src.weights,
-                               activations=plan.resources.activations, offload_dir=offload)
+                               activations=plan.resources.activations, offload_dir=offload,
+                               narrow=plan.resources.narrow)
 
     def write_outside(self, reader: CheckpointReader, read: HashingReader, writer: CheckpointWriter) -> None:
         """Embeddings, the final norm and an untied head, as stored (the head rounded when an

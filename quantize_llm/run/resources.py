@@ -123,6 +123,7 @@ class ResourcePlan:
     self_text: SelfText | None = None   # how `self` calibration text is generated, when it is
     activations: str = "device"    # where calibration activations are kept: device, host or disk
     offload_bytes: int = 0         # disk: a block's inputs and outputs in files beside the output
+    narrow: bool = False           # the block's quantized Linears held as stored, one input group per pass
 
     @property
     def disk_bytes(self) -> int:
@@ -150,6 +151,10 @@ class ResourcePlan:
         elif self.activations == "disk":
             out.append(f"calibration activations: kept in files beside the output ({gb(self.activation_bytes)} "
                        "do not fit in memory beside a block); each batch is read as it is used")
+        if self.narrow:
+            out.append("block weights: the quantized Linears held as stored and widened to float32 one call at a "
+                       "time, one input group observed per pass, solved Linears served from their codes (a "
+                       "float32 block does not fit beside its Hessians); the same result, more forward passes")
         if self.self_text is not None:
             out.append(self.self_text.line())
         return out
@@ -165,26 +170,33 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
     embeddings and the Hessian sums; each holds a block replica and its share of the activations).
     solver: the method rounds with GPTQ's error feedback (default: any calibrated method);
     search: AWQ's scale search runs per block; self_text: how the model generates its calibration text;
-    room: the memory the work device has (host memory on a CPU): calibration activations that do
-    not fit in it beside the rest are kept on the host (a GPU run) or on disk (a CPU run), when the
-    rest then fits."""
-    plan = _estimate(reader, plans, config, output_bytes, calibrated, nsamples, seqlen, batch_size, device_type,
-                     resume, verify, devices, solver, search, self_text, "device")
+    room: the memory the work device has (host memory on a CPU). Where the plan does not fit in
+    it, the first of these that does is chosen: calibration activations kept on the host (a GPU
+    run) or on disk (a CPU run); the block's quantized Linears held as stored (`narrow`: a
+    calibrated method without a block search, on one device, without fused experts); both."""
+    args = (reader, plans, config, output_bytes, calibrated, nsamples, seqlen, batch_size, device_type,
+            resume, verify, devices, solver, search, self_text)
+    plan = _estimate(*args, "device")
+
     def peak(p: ResourcePlan) -> int | None:
         return p.device_peak_bytes if device_type == "cuda" else p.host_peak_bytes
 
-    if calibrated and room is not None and (peak(plan) or 0) > room:   # kept away only where that makes it fit
-        moved = _estimate(reader, plans, config, output_bytes, calibrated, nsamples, seqlen, batch_size,
-                          device_type, resume, verify, devices, solver, search, self_text,
-                          "host" if device_type == "cuda" else "disk")
-        if (peak(moved) or 0) <= room:
-            return moved
+    if not calibrated or room is None or (peak(plan) or 0) <= room:
+        return plan
+    away = "host" if device_type == "cuda" else "disk"
+    narrowable = not search and devices == 1 and not any(lp.expert for p in plans for lp in p.linears)
+    tries = [(away, False)] + ([("device", True), (away, True)] if narrowable else [])
+    for where, narrow in tries:   # activations kept away, the block narrow, both: the first that fits
+        other = _estimate(*args, where, narrow)
+        if (peak(other) or 0) <= room:
+            return other
     return plan
 
 
 def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibrated: bool, nsamples: int,
               seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool, devices: int,
-              solver: bool | None, search: bool, self_text: SelfText | None, where: str) -> ResourcePlan:
+              solver: bool | None, search: bool, self_text: SelfText | None, where: str,
+              narrow: bool = False) -> ResourcePlan:
     solver = calibrated if solver is None else solver
     block_elems = max(sum(_numel(reader.shape(n)) for n in p.tensors) for p in plans)
     block_bytes = 4 * block_elems
@@ -208,7 +220,8 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
             phases["calibration text"] = self_text.work_bytes(device_type == "cpu")
         held = batches if where == "disk" else activation   # on disk: the batches at work
         phases["capture"] = embeddings + stored_embeddings + held // 2
-        phases["blocks"] = block_bytes + held + temporaries + solve
+        work = max(_narrow_bytes(reader, p) for p in plans) if narrow else block_bytes + solve
+        phases["blocks"] = work + held + temporaries
     else:   # one Linear at a time (as stored, in float32, its rounding's temporaries) and the block's
         # codes, a byte per weight (fitted to scripts/bench_memory.py at 405B shapes: 6.3 GB)
         linear_elems = max(sum(lp.out_features * lp.in_features for lp in p.linears) for p in plans)
@@ -237,7 +250,8 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
         if calibrated:
             held = batches if where == "host" else -(-activation // devices)
             device_phases["capture"] = embeddings + stored_embeddings + held // 2
-            device_phases["blocks"] = block_bytes + held + temporaries + solve
+            device_phases["blocks"] = (max(_narrow_bytes(reader, p) for p in plans) if narrow
+                                       else block_bytes + solve) + held + temporaries
         device = max(device_phases.values())
         host_phases = {"outside": phases["outside"],   # the Hessian a solve factors in place is kept here
                        "blocks": block_bytes // 2 + (activation if where == "host" else 0)
@@ -253,7 +267,7 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
                         block_bytes=block_bytes, hessian_bytes=hessian,
                         host_phases={k: PROCESS_BASELINE + v for k, v in host_phases.items()},
                         device_phases=device_phases or None, self_text=self_text, activations=where,
-                        offload_bytes=activation if where == "disk" else 0)
+                        offload_bytes=activation if where == "disk" else 0, narrow=narrow)
 
 
 def _stage_bytes(plan: Any, solver: bool) -> int:
@@ -272,6 +286,35 @@ def _stage_bytes(plan: Any, solver: bool) -> int:
         return 0
     k_h, k_w = (1, 3) if solver else (1, 2)
     return max(4 * (k_h * n * n + k_w * elems) for (_, n), elems in stages.items())
+
+
+def _narrow_bytes(reader: Any, plan: Any) -> int:
+    """A block's peak with its quantized Linears held as stored (sequential.py, Calibration.narrow):
+    input groups (Linears under one parent reading inputs of one width) are observed one pass
+    each, in the block's order, and solved in turn, their codes (a byte per weight) kept. While a
+    group's Hessian (4 n^2) is gathered every original is still held; its solve adds the working
+    float32 copy, the stacked copy as stored when several Linears share the input, and the codes;
+    before the last group is solved the others' originals are released. After the solves the
+    block runs on its codes, each Linear dequantized to float32 for its call (three copies of the
+    largest, as in the error measurement)."""
+    quantized = {f"{lp.name}.weight": lp for lp in plan.linears if lp.quantize}
+    held = sum(reader.nbytes(n) if n in quantized else 4 * _numel(reader.shape(n)) for n in plan.tensors)
+    stages: dict[tuple[str, int], list[Any]] = {}
+    for lp in quantized.values():
+        stages.setdefault((lp.local.rpartition(".")[0], lp.in_features), []).append(lp)
+    if not stages:
+        return held
+    codes = peak = 0
+    largest = max(lp.out_features * lp.in_features for lp in quantized.values())
+    for i, ((_, n), linears) in enumerate(stages.items()):
+        elems = sum(lp.out_features * lp.in_features for lp in linears)
+        stored = sum(reader.nbytes(f"{lp.name}.weight") for lp in linears)
+        hold = held - sum(reader.nbytes(f"{lp.name}.weight") for lp in quantized.values()) + stored \
+            if i == len(stages) - 1 else held
+        work = 4 * elems + (stored if len(linears) > 1 else 0) + elems
+        peak = max(peak, held + codes + 4 * n * n, hold + codes + 4 * n * n + work)
+        codes += elems
+    return max(peak, held - sum(reader.nbytes(n) for n in quantized) + codes + 3 * 4 * largest)
 
 
 def _cut_table(reader: Any, tokens: int) -> int:

@@ -1,0 +1,84 @@
+"""A block held narrow: where a float32 block does not fit beside its Hessians, the plan holds the
+quantized Linears as stored (bf16), widens each one for its call, observes one input group per
+pass and serves solved Linears from their codes. The checkpoint written is the same, byte for
+byte; the plan says so and predicts less; the choice is made only where it is needed."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import cli
+from test_plan_phases import plan_of
+
+import quantize_llm.calibration.sequential as sequential
+import quantize_llm.run.plan as plan_module
+from quantize_llm.calibration.data import CalibrationSpec
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+
+METHODS = {
+    "gptq": ["gptq", "--group-size", 32],
+    "gptq-act-order-all-at-once": ["gptq", "--group-size", 32, "--act-order", "--no-true-sequential"],
+    "outlier-gptq": ["outlier", "--group-size", 32, "--inner", "gptq", "--outlier-fraction", 0.01],
+    "nf4-gptq": ["nf4", "--rounding", "gptq"],
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_narrow_block_writes_the_same_checkpoint(tiny_model, tmp_path, calib_file, monkeypatch, capsys, method):
+    src = tiny_model("llama", config={"num_hidden_layers": 2}, dtype=torch.bfloat16)
+    head, *rest = METHODS[method]
+    args = [head, src, *rest, "--dataset", calib_file, "--nsamples", 8, "--seqlen", 32, "--batch-size", 4]
+    assert cli(*args, "-o", tmp_path / "wide") == 0
+    assert "block weights:" not in "".join(capsys.readouterr())
+
+    calls = {"wide": 0, "codes": 0}
+    for name in calls:
+        real = getattr(sequential, f"_{name}_linear")
+
+        def counted(*a, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*a)
+        monkeypatch.setattr(sequential, f"_{name}_linear", counted)
+    held: list[torch.dtype] = []
+    real_widen = sequential._widen
+
+    def widen(block, names, dtype):
+        held.extend(block.get_submodule(n).weight.dtype for n in names)
+        real_widen(block, names, dtype)
+    monkeypatch.setattr(sequential, "_widen", widen)
+    real_estimate = plan_module.estimate_resources
+    monkeypatch.setattr(plan_module, "estimate_resources",
+                        lambda *a, **k: dataclasses.replace(real_estimate(*a, **k), narrow=True))
+    assert cli(*args, "-o", tmp_path / "narrow") == 0
+    assert "block weights: the quantized Linears held as stored" in "".join(capsys.readouterr())
+    assert digests(tmp_path / "narrow") == digests(tmp_path / "wide")
+    assert held and set(held) == {torch.bfloat16}
+    assert calls["wide"] > 0 and calls["codes"] > 0
+
+
+def test_the_plan_holds_the_block_narrow_only_where_it_must(tiny_model, calib_file, monkeypatch):
+    src = tiny_model("llama", config={"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4,
+                                      "num_key_value_heads": 2, "num_hidden_layers": 2}, dtype=torch.bfloat16)
+    cal = CalibrationSpec(source=str(calib_file), nsamples=2, seqlen=16)
+    roomy = plan_of(src, "gptq", cal)
+    assert not roomy.narrow
+    narrow_peak = sequential_peak = None
+    # activations are a sliver here: only the narrow block brings the peak under the room
+    monkeypatch.setattr(plan_module, "memory_room", lambda dev: roomy.host_peak_bytes - 1)
+    tight = plan_of(src, "gptq", cal)
+    assert tight.narrow and tight.host_peak_bytes < roomy.host_peak_bytes
+    assert any(line.startswith("block weights: the quantized Linears held as stored") for line in tight.lines())
+    narrow_peak, sequential_peak = tight.host_phases["blocks"], roomy.host_phases["blocks"]
+    # the Linears in bf16 instead of float32 at the least, the codes and a Hessian at a time besides
+    linears = 4 * (256 * 256 * 2 + 2 * 256 * 128 + 3 * 256 * 1024)
+    assert sequential_peak - narrow_peak > linears // 4
+    assert not plan_of(src, "awq", cal).narrow                         # AWQ's search rewrites the block
+    monkeypatch.setattr(plan_module, "memory_room", lambda dev: 1)      # nothing fits: the usual plan, refused
+    assert not plan_of(src, "gptq", cal).narrow
