@@ -82,3 +82,22 @@ def test_the_plan_holds_the_block_narrow_only_where_it_must(tiny_model, calib_fi
     assert not plan_of(src, "awq", cal).narrow                         # AWQ's search rewrites the block
     monkeypatch.setattr(plan_module, "memory_room", lambda dev: 1)      # nothing fits: the usual plan, refused
     assert not plan_of(src, "gptq", cal).narrow
+
+
+def test_max_memory_makes_the_plan_fit_it_or_refuses_in_one_line(tiny_model, tmp_path, calib_file, capsys):
+    src = tiny_model("llama", config={"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4,
+                                      "num_key_value_heads": 2, "num_hidden_layers": 2}, dtype=torch.bfloat16)
+    cal = CalibrationSpec(source=str(calib_file), nsamples=2, seqlen=16)
+    roomy = plan_of(src, "gptq", cal)
+    args = ["gptq", src, "--group-size", 32, "--dataset", calib_file, "--nsamples", 2, "--seqlen", 16]
+    assert cli(*args, "-o", tmp_path / "free") == 0
+    assert cli(*args, "-o", tmp_path / "capped", "--max-memory", str(roomy.host_peak_bytes - 1)) == 0
+    assert "block weights: the quantized Linears held as stored" in "".join(capsys.readouterr())
+    assert digests(tmp_path / "capped") == digests(tmp_path / "free")
+
+    assert cli(*args, "-o", tmp_path / "small", "--max-memory", "1MB") == 2
+    err = capsys.readouterr().err
+    assert "--max-memory allows 1.00 MB" in err and "Traceback" not in err
+    assert not (tmp_path / "small").exists()
+    assert cli(*args, "-o", tmp_path / "bad", "--max-memory", "lots") == 2
+    assert "--max-memory 'lots' is not a size" in capsys.readouterr().err

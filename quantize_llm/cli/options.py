@@ -61,6 +61,10 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
                                         "checkpoint as one device).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 2GB or 500MB.")]
+MaxMemoryOpt = Annotated[str | None, typer.Option("--max-memory", help="The most memory a calibrated run may plan "
+                                                  "for on its work device (host RAM on a CPU, GPU memory on a GPU), "
+                                                  "e.g. 20GB; default: what is free. The plan keeps activations away "
+                                                  "or holds blocks narrow to fit it, or refuses.", show_default=False)]
 LogJsonOpt = Annotated[Path | None, typer.Option("--log-json", help="Append one JSON event per line to this file "
                                                     "('-' = stdout).", show_default=False)]
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Record each finished block beside OUT and, "
@@ -120,6 +124,7 @@ class RunOptions:
     verify: VerifyOpt = True
     trust_remote_code: TrustRemoteCodeOpt = False
     max_shard_size: ShardOpt = "2GB"
+    max_memory: MaxMemoryOpt = None
     log_json: LogJsonOpt = None          # the command's event log, not part of the job
 
     def job_keys(self) -> dict[str, Any]:
@@ -129,6 +134,8 @@ class RunOptions:
                                 "max_shard_size": self.max_shard_size}
         if self.trust_remote_code:
             keys["trust_remote_code"] = True
+        if self.max_memory is not None:
+            keys["max_memory"] = self.max_memory
         if self.push_to_hub is not None:
             keys["push_to_hub"] = self.push_to_hub
         if self.eval_file is not None:

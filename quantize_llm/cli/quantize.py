@@ -49,7 +49,8 @@ def run_job(job: Job, log_json: Path | None, command: str | None = None) -> None
                            device=job.device, overwrite=job.overwrite, max_shard_bytes=parse_size(job.max_shard_size),
                            batch_size=job.batch_size, on_event=reporter, command=command, resume=job.resume,
                            evaluation=job.evaluation, push_to_hub=job.push_to_hub, strict_vllm=job.strict_vllm,
-                           verify=job.verify, trust_remote_code=job.trust_remote_code, budget=job.budget)
+                           verify=job.verify, trust_remote_code=job.trust_remote_code, budget=job.budget,
+                           max_memory=job.max_memory)
     print_summary(summary, job.spec, Results(log_json))
 
 

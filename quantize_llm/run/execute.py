@@ -36,7 +36,7 @@ from ..formats.base import ConfigFacts
 from ..formats.checkpoint import NO_SPACE, CheckpointWriter, carried_files, check_output, human_bytes, remove_stale
 from ..models.load import CheckpointReader, remote_code_warning
 from .card import model_card
-from .job import Job
+from .job import Job, parse_size
 from .plan import RunPlan, plan_run
 from .resources import ResourcePlan, SelfText, available_memory
 from .resume import HashingReader, OutputLock, ResumeState, files_identity, tokens_fingerprint
@@ -50,7 +50,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
              max_shard_bytes: int = 2 * 1024 ** 3, batch_size: int = 8,
              on_event: EventHandler | None = None, command: str | None = None, resume: bool = True,
              evaluation: Any = None, push_to_hub: str | None = None, strict_vllm: bool = False,
-             verify: bool = True, trust_remote_code: bool = False, budget: Any = None) -> Summary:
+             verify: bool = True, trust_remote_code: bool = False, budget: Any = None,
+             max_memory: str | None = None) -> Summary:
     """Quantize MODEL (folder, hub id or cache entry) with `spec` and write OUT atomically.
 
     `options` are the algorithm's own (e.g. GPTQOptions); `calibration` a CalibrationSpec for
@@ -62,7 +63,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
     `verify`, the written files are read back and checked (verify.py) before the rename. With
     `trust_remote_code`, a model whose config.json names code of its own is built with that code (one
     warning says so); without it, such a model is refused. `budget` (budget.Budget) chooses each
-    module's setting for a size budget (run/budget.py).
+    module's setting for a size budget (run/budget.py). `max_memory` (a size, "20GB") caps the
+    memory a calibrated run plans for on its work device (default: what is free).
     """
     from ..formats.gguf import parse_format
 
@@ -76,7 +78,7 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
     job = Job(name=output.name, model=model, output=output, spec=spec, options=options, calibration=calibration,
               device=device, overwrite=overwrite, max_shard_size=str(max_shard_bytes), batch_size=batch_size,
               resume=resume, strict_vllm=strict_vllm, verify=verify, evaluation=evaluation, push_to_hub=push_to_hub,
-              trust_remote_code=trust_remote_code, budget=budget)
+              trust_remote_code=trust_remote_code, budget=budget, max_memory=max_memory)
     if trust_remote_code and on_event is not None:
         on_event("warning", {"message": remote_code_warning(model)})
     return execute(plan_run(job, command), on_event)
@@ -170,7 +172,7 @@ class _Run:
                            "input_bytes": reader.total_bytes})
             emit("plan", {"lines": plan.lines(), **plan.resources.to_dict()})
             check_disk(plan.output, plan.resources)
-            check_memory(plan.resources)
+            check_memory(plan.resources, plan.job.max_memory)
             for reason in plan.vllm:
                 emit("warning", {"message": f"vLLM: {reason}"})
             read = HashingReader(lambda name: reader.read(name, check_finite=True))
@@ -412,19 +414,25 @@ def check_disk(output: Path, resources: ResourcePlan) -> None:
                           f"10% margin, {human_bytes(free)} is free", hint)
 
 
-def check_memory(resources: ResourcePlan) -> None:
-    """Refuse to start a run whose planned host peak exceeds the memory this machine has free, before
-    any calibration data is prepared (the run would be killed part-way instead)."""
+def check_memory(resources: ResourcePlan, max_memory: str | None = None) -> None:
+    """Refuse to start a run whose planned host peak exceeds the memory this machine has free (or
+    --max-memory, on a CPU, where that is less), before any calibration data is prepared (the run
+    would be killed part-way instead)."""
     free = available_memory()
+    limit = parse_size(max_memory, "--max-memory") if max_memory is not None and resources.device_peak_bytes is None \
+        else None
+    capped = limit is not None and (free is None or limit < free)
+    if limit is not None:
+        free = limit if free is None else min(free, limit)
     if free is None or resources.host_peak_bytes <= free:
         return
+    room = f"--max-memory allows {human_bytes(free)}" if capped else f"{human_bytes(free)} is available"
     text, text_peak = resources.self_text, (resources.host_phases or {}).get("calibration text", 0)
     if text is not None and text_peak > free:   # the first phase: it would fail first
         weights = (f"{human_bytes(text.budget_bytes or 0)} of weights at once" if text.offloaded else
                    f"the whole float model {human_bytes(text.weights_bytes)}")
         raise UsageError(f"writing the calibration text needs about {human_bytes(text_peak)} of host memory "
-                         f"({weights}, KV cache and logits {human_bytes(text.cache_bytes)}); "
-                         f"{human_bytes(free)} is available",
+                         f"({weights}, KV cache and logits {human_bytes(text.cache_bytes)}); {room}",
                          "pass --dataset with real text, or lower --seqlen or --generation-memory" if text.offloaded
                          else "pass --dataset with real text, or --generation-memory to read most weights from disk")
     cause = f", calibration activations {human_bytes(resources.activation_bytes)}" if resources.activation_bytes else ""
@@ -433,7 +441,7 @@ def check_memory(resources: ResourcePlan) -> None:
     # fewer samples only help where the activations are a good part of what does not fit
     fewer = resources.activation_bytes > (resources.host_peak_bytes - free) / 2
     raise UsageError(f"the run needs about {human_bytes(resources.host_peak_bytes)} of host memory (one block "
-                     f"{human_bytes(resources.block_bytes)}{cause}); {human_bytes(free)} is available",
+                     f"{human_bytes(resources.block_bytes)}{cause}); {room}",
                      "lower --nsamples, --seqlen or --batch-size, or run on a larger machine" if fewer
                      else "run on a machine with more memory (or a GPU), or use rtn, which holds one Linear at a time")
 

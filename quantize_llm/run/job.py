@@ -28,6 +28,7 @@ class Job:
     strict_vllm: bool = False        # vLLM preflight findings are errors, not warnings
     verify: bool = True              # read the written checkpoint back and check it before the rename
     trust_remote_code: bool = False  # run the model folder's own code where its config.json names some
+    max_memory: str | None = None    # the most memory a calibrated run may plan for on its work device
     evaluation: Any = None           # publish.EvalSpec: measure the written checkpoint into its card
     push_to_hub: str | None = None   # hub repository to upload to
     budget: Any = None               # budget.Budget: --target-bpw / --target-size, per-module settings chosen

@@ -160,7 +160,9 @@ def plan_run(job: Job, command: str | None = None) -> RunPlan:
             raise SpecError(f"--strict-vllm: {vllm[0]}", f"{len(vllm)} reason(s) in all" if len(vllm) > 1 else None)
         resources = resource_plan(reader, blocks, spec, config, algorithm.needs_calibration, job.calibration,
                                   job.batch_size, devices[0], job.resume, job.verify, devices=len(devices),
-                                  options=job.options, trust_remote_code=job.trust_remote_code)
+                                  options=job.options, trust_remote_code=job.trust_remote_code,
+                                  max_memory=parse_size(job.max_memory, "--max-memory")
+                                  if job.max_memory is not None else None)
         outside = tuple(n for n in reader.names() if n not in in_blocks)
         source = Source(job.model, folder, config, architecture, arch, skeleton, reader.total_bytes, found.path,
                         kept_dense(found, skeleton, outside, blocks, weights), weights)
@@ -394,8 +396,9 @@ def estimate_output_bytes(reader: CheckpointReader, plans: list[BlockPlan], spec
 def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantSpec, config: dict,
                   calibrated: bool, calibration: Any, batch_size: int, dev: torch.device, resume: bool,
                   verify: bool = True, devices: int = 1, options: Any = None,
-                  trust_remote_code: bool = False) -> ResourcePlan:
-    """Memory and disk the run will need (resources.py), from the headers and the settings."""
+                  trust_remote_code: bool = False, max_memory: int | None = None) -> ResourcePlan:
+    """Memory and disk the run will need (resources.py), from the headers and the settings;
+    `max_memory` caps the room a calibrated run plans for on its work device."""
     from ..calibration.data import CalibrationSpec
 
     calibration = calibration or CalibrationSpec()
@@ -412,7 +415,11 @@ def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantS
                               calibrated=calibrated, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                               device_type=dev.type, resume=resume, verify=verify, devices=devices,
                               solver=solver, search=calibrated and spec.method == "awq", self_text=self_text,
-                              room=memory_room(dev) if calibrated else None)
+                              room=_room(memory_room(dev), max_memory) if calibrated else None)
+
+
+def _room(free: int | None, limit: int | None) -> int | None:
+    return limit if free is None else free if limit is None else min(free, limit)
 
 
 def memory_room(dev: torch.device) -> int | None:

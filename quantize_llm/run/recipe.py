@@ -62,7 +62,7 @@ METHODS = ("rtn", "gptq", "awq", "nf4", "outlier")
 SPEC_KEYS = ("bits", "group_size", "sym", "act_order", "format", "keep_dense", "quant_type", "blocksize",
              "double_quant")
 RUN_KEYS = ("device", "overwrite", "max_shard_size", "batch_size", "resume", "strict_vllm", "verify",
-            "trust_remote_code")
+            "trust_remote_code", "max_memory")
 BUDGET_KEYS = ("target_bpw", "target_size")   # per-module settings chosen for a size budget (run/budget.py)
 JOB_KEYS = ("name", "model", "output", "method", *SPEC_KEYS, *RUN_KEYS, "options", "calibration", "overrides",
             "eval", "push_to_hub", *BUDGET_KEYS)
@@ -338,11 +338,12 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
             parse_devices(run_args["device"])
         except UsageError as exc:
             raise _within(where, exc) from None
-    if "max_shard_size" in run_args:
-        try:
-            parse_size(run_args["max_shard_size"])
-        except UsageError as exc:
-            raise _within(where, exc) from None
+    for key in ("max_shard_size", "max_memory"):
+        if key in run_args:
+            try:
+                parse_size(run_args[key], "--" + key.replace("_", "-"))
+            except UsageError as exc:
+                raise _within(where, exc) from None
     if "batch_size" in run_args and run_args["batch_size"] < 1:
         raise _within(where, SpecError(f"--batch-size {run_args['batch_size']} must be at least 1",
                                        "it is the calibration sequences per forward pass; 8 is typical, "
