@@ -260,13 +260,14 @@ def measure(cli: str, ckpt: Path, out: Path, device: str, stats_file: Path) -> t
 
 
 def run_method(cli: str, ckpt: Path, out: Path, args: list[str], cal: list[str], device: str,
-               work: Path) -> tuple[int, float, dict]:
+               work: Path, extra: list[str] | None = None) -> tuple[int, float, dict]:
     """One quantize-llm run under GNU time: (peak RSS bytes, wall seconds, the plan event)."""
     events = work / "events.jsonl"
     events.unlink(missing_ok=True)
     stats_file = work / "time-v.txt"
     cmd = [str(GNU_TIME), "-v", "-o", str(stats_file), cli, args[0], str(ckpt), "-o", str(out), *args[1:],
-           *(cal if args[0] in CALIBRATED else []), "--overwrite", "--device", device, "--log-json", str(events)]
+           *(cal if args[0] in CALIBRATED else []), "--overwrite", "--device", device, "--log-json", str(events),
+           *(extra or [])]
     log("running: " + " ".join(cmd[4:]))
     start = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
@@ -318,28 +319,32 @@ def suite(args: argparse.Namespace, shape: Shape, layers: int, work: Path) -> in
             raise BenchError(f"unknown method {label!r}; choose from {', '.join(METHODS)}")
         out = work / f"out-{label}"
         try:
-            peak, wall, plan = run_method(cli, ckpt, out, METHODS[label], cal, args.device, work)
+            extra = ["--max-memory", args.max_memory] if args.max_memory and METHODS[label][0] in CALIBRATED else []
+            peak, wall, plan = run_method(cli, ckpt, out, METHODS[label], cal, args.device, work, extra)
         finally:
             shutil.rmtree(out, ignore_errors=True)
         predicted = int(plan.get("host_peak_bytes") or 0)
         phases = plan.get("host_phases") or {}
         top = max(phases, key=phases.get) if phases else "?"
+        if plan.get("narrow"):
+            top += ", block held narrow"
         calibrated = METHODS[label][0] in CALIBRATED
         rows.append((label, peak, predicted, wall, top, calibrated))
         print(f"{label:<18} peak {peak / 1e9:6.2f} GB  predicted {predicted / 1e9:6.2f} GB  "
               f"ratio {peak / max(predicted, 1):.2f}  wall {wall:6.0f} s  (plan's largest phase: {top})", flush=True)
     print(f"\nquantize-llm memory suite: {args.shape} shapes, {layers} blocks, calibration {args.nsamples} x "
           f"{args.seqlen} tokens (1 GB = 1e9 bytes)")
-    print(f"one block + Hessians + activations + process: {reference / 1e9:.2f} GB")
-    print("| method | peak RSS | predicted | measured / predicted | peak / (block + H + act) | wall |")
-    print("|---|---|---|---|---|---|")
+    print(f"one block + Hessians + activations + process: {reference / 1e9:.2f} GB"
+          + (f"; calibrated runs capped at --max-memory {args.max_memory}" if args.max_memory else ""))
+    print("| method | peak RSS | predicted | measured / predicted | peak / (block + H + act) | wall | plan |")
+    print("|---|---|---|---|---|---|---|")
     ok = True
-    for label, peak, predicted, wall, _top, calibrated in rows:
+    for label, peak, predicted, wall, top, calibrated in rows:
         ratio = peak / max(predicted, 1)
         bound = peak / reference
         ok &= 0.75 <= ratio <= 1.25 and (bound <= 1.5 or not calibrated)
         print(f"| {label} | {peak / 1e9:.2f} GB | {predicted / 1e9:.2f} GB | {ratio:.2f} | {bound:.2f} | "
-              f"{wall:.0f} s |")
+              f"{wall:.0f} s | {top} |")
     print(f"targets (prediction within 25%, calibrated peak within 1.5x): {'PASS' if ok else 'FAIL'}")
     if args.clean:
         shutil.rmtree(work, ignore_errors=True)
@@ -372,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --shape: comma-separated labels (default %(default)s)")
     parser.add_argument("--nsamples", type=int, default=4, help="with --shape: calibration sequences")
     parser.add_argument("--seqlen", type=int, default=128, help="with --shape: tokens per sequence")
+    parser.add_argument("--max-memory", default=None,
+                        help="with --shape: passed to the calibrated runs (the plan fits it; e.g. 2.5GB at "
+                             "8B shapes holds the block narrow)")
     args = parser.parse_args(argv)
     if args.shape:
         try:

@@ -241,7 +241,15 @@ class GPTQ:
             # ||WX||^2 per Linear now: the Hessian may be gone after the solve
             totals = [energy(layer.weights[n].to(device, torch.float32), h.to(torch.float32)) for n in names]
             parts = [layer.weights[n] for n in names]
-            stacked = torch.cat([p.to(device) for p in parts], dim=0) if len(parts) > 1 else parts[0].to(device)
+            if len(parts) > 1:   # stacked straight into the work dtype (no copy as stored beside it)
+                dt = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+                stacked = torch.empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=dt, device=device)
+                row = 0
+                for p in parts:
+                    stacked[row:row + p.shape[0]].copy_(p)
+                    row += p.shape[0]
+            else:
+                stacked = parts[0].to(device)
             own = any(stacked is not p for p in parts)   # a copy of ours: rounded in place
             try:
                 qw, stats = gptq_quantize(stacked, h, spec, self.options, own=own, own_hessian=last)

@@ -293,7 +293,7 @@ def _narrow_bytes(reader: Any, plan: Any) -> int:
     input groups (Linears under one parent reading inputs of one width) are observed one pass
     each, in the block's order, and solved in turn, their codes (a byte per weight) kept. While a
     group's Hessian (4 n^2) is gathered every original is still held; its solve adds the working
-    float32 copy, the stacked copy as stored when several Linears share the input, and the codes;
+    float32 copy (the Linears sharing the input stacked into it) and the codes;
     before the last group is solved the others' originals are released. After the solves the
     block runs on its codes, each Linear dequantized to float32 for its call (three copies of the
     largest, as in the error measurement)."""
@@ -311,7 +311,7 @@ def _narrow_bytes(reader: Any, plan: Any) -> int:
         stored = sum(reader.nbytes(f"{lp.name}.weight") for lp in linears)
         hold = held - sum(reader.nbytes(f"{lp.name}.weight") for lp in quantized.values()) + stored \
             if i == len(stages) - 1 else held
-        work = 4 * elems + (stored if len(linears) > 1 else 0) + elems
+        work = 4 * elems + elems
         peak = max(peak, held + codes + 4 * n * n, hold + codes + 4 * n * n + work)
         codes += elems
     return max(peak, held - sum(reader.nbytes(n) for n in quantized) + codes + 3 * 4 * largest)
