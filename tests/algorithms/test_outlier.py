@@ -221,3 +221,14 @@ def test_outliers_validate_their_shapes() -> None:
     with pytest.raises(ValueError):
         Outliers("weight", torch.zeros(3, dtype=torch.float16), row_ptr=torch.zeros(5, dtype=torch.int32),
                  col_idx=torch.zeros(2, dtype=torch.int16))
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.01, 0.3, 1.0])
+def test_top_fraction_is_a_stable_descending_sorts_first_k(fraction: float) -> None:
+    """Against the definition, with many ties (values from a small set) and NaN-free floats."""
+    g = GEN(7)
+    score = torch.randint(0, 50, (37, 91), generator=g).float() / 7
+    k = round(fraction * score.numel())
+    expected = torch.zeros(score.numel(), dtype=torch.bool)
+    expected[torch.argsort(score.flatten(), descending=True, stable=True)[:k]] = True
+    assert torch.equal(top_fraction(score, fraction), expected.view_as(score))
