@@ -125,7 +125,7 @@ def weight_mask(w: Tensor, how: tuple[str, float], hinv_diag: Tensor | None) -> 
     """Weight-mode selection on (out, in) `w`."""
     score = w.float() ** 2
     if hinv_diag is not None:
-        score = score / hinv_diag.clamp(min=1e-30)
+        score.div_(hinv_diag.clamp(min=1e-30))
     kind, value = how
     if kind == "fraction":
         return top_fraction(score, value)

@@ -1,0 +1,237 @@
+"""GPTQ onto llama.cpp's block grids: the codes of a GGUF tensor chosen with error feedback.
+
+For each block of a row (32 weights for Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, a 256-weight super-block for
+the k-quants) the grid (d, dmin, the sub-block scales and mins as the block stores them) is the
+one llama.cpp's reference quantizer chooses (core/ggml.py), from the block's columns as they stand
+when the solve reaches its first column, with the errors of the columns before fed back (as GPTQ
+chooses a group's scale). Each column is then rounded to the nearest code of its sub-block's
+grid, and the error goes to the columns after it through the inverse Hessian (solve.feedback),
+exactly as for the integer grids. With act-order the columns are processed by decreasing
+diag(H), and every block's grid is fixed up front from the original weights (as `--static-groups`
+does for integer groups: a block's columns are no longer processed together).
+
+The values fed back are the ones llama.cpp's dequantizer computes from the stored fields, in its
+float32 arithmetic, so the solve sees the weights the file will hold.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core import ggml
+from ..core.spec import MethodRecord, QuantSpec
+from ..errors import RunError
+from .base import LayerContext, naming
+from .gptq import GPTQOptions
+from .solve import Grid, accumulate_hessian, cholesky_inverse_upper, energy, feedback, solve_diagonal, solve_energy
+
+# code = clip(rint(x / s), lo, hi) + offset; value = s * (code - offset)
+_CENTERED = {"Q8_0": 0, "Q4_0": 8, "Q5_0": 16, "Q6_K": 32, "Q3_K": 4}
+
+
+def _scales(type_name: str, params: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(s, m) float32 (rows, sub-blocks) of blocks `params`, in the form the type's dequantizer
+    uses: s * (code - offset) for the centred types, s * code - m for Q4_K/Q5_K, code * s + m for
+    Q4_1/Q5_1 (m is 0 where unused)."""
+    d = params["d"].astype(np.float32)
+    rows = d.shape[0]
+    if type_name in ("Q8_0", "Q4_0", "Q5_0"):
+        return d, np.zeros_like(d)
+    if type_name in ("Q4_1", "Q5_1"):
+        return d, params["m"].astype(np.float32)
+    if type_name in ("Q4_K", "Q5_K"):
+        s = d[..., None] * params["sc"].astype(np.float32)
+        m = params["dmin"].astype(np.float32)[..., None] * params["mn"].astype(np.float32)
+        return s.reshape(rows, -1), m.reshape(rows, -1)
+    if type_name == "Q6_K":
+        s = d[..., None] * params["sc"].astype(np.float32)
+        return s.reshape(rows, -1), np.zeros_like(s.reshape(rows, -1))
+    if type_name == "Q3_K":
+        s = d[..., None] * (params["sc"].astype(np.float32) - np.float32(32))
+        return s.reshape(rows, -1), np.zeros_like(s.reshape(rows, -1))
+    raise ValueError(f"unknown block type {type_name}")
+
+
+class GgmlGrid(Grid):
+    """A `Grid` for `feedback` on one ggml block type. `order[j]`: the original column of
+    processing position j (None: the identity). `static`: every block's fields fixed up front
+    (act-order); else each block's are chosen when its first column is reached."""
+
+    fused: ClassVar[bool] = True
+
+    def __init__(self, type_name: str, rows: int, cols: int, device: torch.device,
+                 static: ggml.GgmlWeight | None = None, order: list[int] | None = None) -> None:
+        t = ggml.TYPES[type_name]
+        if cols % t.block:
+            raise ValueError(f"{type_name} needs rows of a multiple of {t.block} weights, not {cols}")
+        self.type, self.t, self.order, self.device = type_name, t, order, device
+        self.codes = torch.zeros(rows, cols, dtype=torch.int16, device=device)
+        self.fields: dict[str, np.ndarray] = {}
+        self.s = torch.zeros(rows, cols // t.sub, dtype=torch.float32, device=device)
+        self.m = torch.zeros_like(self.s)
+        # the reference's codes: what a sub-block whose scale is 0 stores (any code stands for m there)
+        self.keep = torch.zeros(rows, cols, dtype=torch.int16, device=device)
+        self.static = static is not None
+        if static is not None:
+            self.fields = {k: v.copy() for k, v in static.params.items()}
+            self._load(slice(None), static.params)
+            self.keep.copy_(torch.from_numpy(static.codes))
+
+    def _load(self, subs: slice, params: dict[str, np.ndarray]) -> None:
+        s, m = _scales(self.type, params)
+        self.s[:, subs] = torch.from_numpy(np.ascontiguousarray(s)).to(self.device)
+        self.m[:, subs] = torch.from_numpy(np.ascontiguousarray(m)).to(self.device)
+
+    def _choose(self, block: int, cols: Tensor) -> None:
+        """The reference quantizer's fields for block `block` from its current columns."""
+        t = self.t
+        reference = ggml.quantize_rtn(self.type, cols.detach().float().cpu().numpy())
+        chosen = reference.params
+        self.keep[:, block * t.block:(block + 1) * t.block] = torch.from_numpy(reference.codes)
+        if not self.fields:
+            nblocks = self.codes.shape[1] // t.block
+            self.fields = {k: np.zeros((v.shape[0], nblocks, *v.shape[2:]), dtype=v.dtype)
+                           for k, v in chosen.items()}
+        for k, v in chosen.items():
+            self.fields[k][:, block] = v[:, 0]
+        per = t.block // t.sub
+        self._load(slice(block * per, (block + 1) * per), chosen)
+
+    def round(self, j: int, col: Tensor, current: Callable[[int, int], Tensor]) -> Tensor:
+        t = self.t
+        if not self.static and j % t.block == 0:
+            self._choose(j // t.block, current(j, t.block))
+        c = self.order[j] if self.order is not None else j
+        sub = c // t.sub
+        s, m = self.s[:, sub], self.m[:, sub]
+        zero = s == 0
+        keep = self.keep[:, c].to(col.dtype)
+        off = _CENTERED.get(self.type)
+        if off is not None:
+            lo, hi = (-127, 127) if self.type == "Q8_0" else (t.lo - off, t.hi - off)
+            q = torch.where(zero, keep, torch.round(col / s).clamp_(lo, hi).nan_to_num_(0.0).add_(off))
+            value = s * (q - off)
+        elif self.type in ("Q4_K", "Q5_K"):
+            q = torch.where(zero, keep, torch.round((col + m) / s).clamp_(t.lo, t.hi).nan_to_num_(0.0))
+            value = s * q - m
+        else:   # Q4_1, Q5_1
+            q = torch.where(zero, keep, torch.round((col - m) / s).clamp_(t.lo, t.hi).nan_to_num_(0.0))
+            value = q * s + m
+        self.codes[:, c] = q.to(torch.int16)
+        return value
+
+    def result(self) -> ggml.GgmlWeight:
+        return ggml.GgmlWeight(self.type, self.fields, self.codes.cpu().numpy())
+
+
+@dataclass
+class GgmlStats:
+    damp: float
+    row_error: Tensor
+    ridge: float
+    dead: Tensor
+    seconds: float
+
+
+@torch.no_grad()
+def ggml_gptq(weight: Tensor, hessian: Tensor, type_name: str, options: GPTQOptions | None = None,
+              act_order: bool = False, own_hessian: bool = False) -> tuple[ggml.GgmlWeight, GgmlStats]:
+    """GPTQ of a (out, in) weight onto ggml block type `type_name`, given the Hessian sum X^T X of
+    its inputs. Works in float32; does not modify `weight`, nor `hessian` unless `own_hessian`
+    (it is then factored where it lies)."""
+    start = time.perf_counter()
+    options = options or GPTQOptions()
+    w = weight.to(torch.float32, copy=True)
+    hdiag, dead = solve_diagonal(hessian, torch.float32)
+    w[:, dead] = 0.0                                                    # their weights are moot
+    perm = torch.argsort(hdiag, descending=True, stable=True) if act_order else None
+    ridge = float((hdiag[perm] if perm is not None else hdiag).mean())
+    # act-order: every block's fields from the original weights, up front
+    static = ggml.quantize_rtn(type_name, w.cpu().numpy()) if act_order else None
+    hinv, damp = cholesky_inverse_upper(hessian, options.damp, options.damp_max, perm, torch.float32,
+                                        overwrite=own_hessian and hessian.dtype == torch.float32
+                                        and hessian.is_contiguous())
+    if perm is not None:
+        w = w[:, perm]
+    grid = GgmlGrid(type_name, w.shape[0], w.shape[1], w.device, static, perm.tolist() if perm is not None else None)
+    row_error = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+    feedback(w, hinv, options.block_size, grid, None, row_error)
+    del hinv
+    return grid.result(), GgmlStats(damp=damp, row_error=row_error, ridge=ridge * damp, dead=dead,
+                                    seconds=time.perf_counter() - start)
+
+
+class GgmlResult:
+    """A Linear's result for the block runner: the ggml weight, dequantized as llama.cpp does."""
+
+    def __init__(self, weight: ggml.GgmlWeight) -> None:
+        self.weight = weight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape
+
+    def to(self, device: Any) -> GgmlResult:
+        return self
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.from_numpy(ggml.dequantize(self.weight)).to(dtype)
+
+
+class GgmlGPTQ:
+    """GPTQ writing ggml block types: `types` maps a Linear's full name to its ggml type (the
+    GGUF scheme's per-tensor rules); Linears without one are not expected here."""
+
+    name: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+    codebooks: ClassVar[tuple[str, ...]] = ("ggml",)
+    prepare_block = None
+
+    def __init__(self, spec: QuantSpec, options: GPTQOptions | None = None,
+                 types: dict[str, str] | None = None) -> None:
+        self.spec = spec
+        self.options = options or GPTQOptions()
+        self.types = types or {}
+        self.hessians: dict[str, Tensor] = {}
+
+    def observe(self, linear_name: str, x: Tensor) -> None:
+        accumulate_hessian(self.hessians, linear_name, x)
+
+    def record(self) -> MethodRecord:
+        return MethodRecord(damp=self.options.damp, true_sequential=self.options.true_sequential)
+
+    def quantize_layer(self, layer: LayerContext) -> dict[str, Any]:
+        users = Counter(layer.input_of.get(name, name) for name in layer.weights)
+        results: dict[str, Any] = {}
+        for name, weight in layer.weights.items():
+            key = layer.input_of.get(name, name)
+            if key not in self.hessians:
+                raise RunError(f"block {layer.index}: no calibration inputs reached {name}")
+            full = layer.prefix + name
+            type_name = self.types.get(full)
+            if type_name is None:
+                raise RunError(f"{full}: no GGUF type was planned for it")
+            users[key] -= 1
+            own = users[key] == 0   # the last Linear reading this Hessian factors it where it lies
+            h = self.hessians.pop(key) if own else self.hessians[key]
+            w = weight.float()
+            total = energy(w, h)
+            with naming(full):
+                gw, stats = ggml_gptq(w, h, type_name, self.options, self.spec.act_order, own_hessian=own)
+            del h
+            result = GgmlResult(gw)
+            d = w - result.dequantize(torch.float32).to(w.device)
+            d[:, stats.dead] = 0.0
+            error = math.sqrt(solve_energy(stats.row_error, stats.ridge, d) / max(total, 1e-30))
+            layer.report(name, {"rel_error": error, "damp": stats.damp, "ggml_type": type_name,
+                                "seconds": stats.seconds})
+            results[name] = result
+        return results
