@@ -73,7 +73,8 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
         from .gguf import export_gguf
 
         return export_gguf(model, output, spec, scheme, overwrite=overwrite, on_event=on_event,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, options=options, calibration=calibration,
+                           batch_size=batch_size, device=device)
     output = Path(output).expanduser()
     job = Job(name=output.name, model=model, output=output, spec=spec, options=options, calibration=calibration,
               device=device, overwrite=overwrite, max_shard_size=str(max_shard_bytes), batch_size=batch_size,
