@@ -31,7 +31,7 @@ from ..calibration.sequential import BlockResult, Calibration, LayerReport, Time
 from ..core.primitives import Float16Overflow, to_stored
 from ..core.qweight import QuantizedWeight
 from ..core.spec import QuantSpec
-from ..errors import Interrupted, ModelError, OutputError, RunError, UsageError
+from ..errors import Interrupted, ModelError, OutputError, RunError, SpecError, UsageError
 from ..formats.base import ConfigFacts
 from ..formats.checkpoint import NO_SPACE, CheckpointWriter, carried_files, check_output, human_bytes, remove_stale
 from ..models.load import CheckpointReader, remote_code_warning
@@ -71,6 +71,10 @@ def quantize(model: str, output: str | Path, spec: QuantSpec, *, options: object
     scheme = parse_format(spec.format)
     if scheme is not None:                      # one GGUF file, not a checkpoint folder (run/gguf.py)
         from .gguf import export_gguf
+
+        if budget is not None:
+            raise SpecError("--target-bpw/--target-size choose per-module settings, which GGUF output does not "
+                            "take yet", "drop the budget, or write the gptq format")
 
         return export_gguf(model, output, spec, scheme, overwrite=overwrite, on_event=on_event,
                            trust_remote_code=trust_remote_code, options=options, calibration=calibration,

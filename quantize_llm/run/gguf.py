@@ -111,7 +111,7 @@ def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *,
     summary = Summary(model=model, output=str(out), spec={**spec.to_dict(), "format": f"gguf:{scheme}"},
                       blocks=int(config["num_hidden_layers"]), seconds=seconds, input_bytes=input_bytes,
                       output_bytes=out.stat().st_size, quantized_params=q_params, quantized_bytes=q_bytes,
-                      bits_per_weight=8 * q_bytes / max(q_params, 1), peak_rss_mb=0.0,
+                      bits_per_weight=8 * q_bytes / max(q_params, 1), peak_rss_mb=_peak_rss_mb(),
                       timings={"quantize and write": seconds})
     emit("done", {k: v for k, v in summary.to_dict().items() if k != "layers"})
     return summary
@@ -142,7 +142,7 @@ def _solve_blocks(reader: CheckpointReader, folder: Path, config: dict, spec: Qu
     from ..models.load import build_skeleton
     from ..models.structure import discover
     from ..models.weightmap import build as build_weight_map
-    from .execute import load_calibration_tokens
+    from .execute import load_calibration_tokens, peak_rss_mb
     from .plan import plan_blocks
 
     options = options if isinstance(options, GPTQOptions) else GPTQOptions()
@@ -167,8 +167,8 @@ def _solve_blocks(reader: CheckpointReader, folder: Path, config: dict, spec: Qu
                 raise RunError(f"{name}: no calibration input reached it, so GPTQ could not round it",
                                "quantize with rtn for this model")
             yield f"{name}.weight", qw.weight
-        emit("block", {"index": result.index, "seconds": result.seconds,
-                       "layers": [{"name": r.name, **r.metrics} for r in result.reports]})
+        emit("block", {"index": result.index, "blocks": len(blocks), "seconds": result.seconds,
+                       "peak_rss_mb": peak_rss_mb(), "layers": [dataclasses.asdict(r) for r in result.reports]})
 
 
 def tensor_types(path: Path | str) -> dict[str, Any]:
@@ -176,3 +176,9 @@ def tensor_types(path: Path | str) -> dict[str, Any]:
     import gguf
 
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def _peak_rss_mb() -> float:
+    from .execute import peak_rss_mb
+
+    return peak_rss_mb()

@@ -206,7 +206,7 @@ def test_gptq_rounding_is_closer_to_the_float_model_than_llama_cpps(tiny_model, 
         solved += inside
     assert solved == 2 * 7
     blocks = [data for kind, data in events if kind == "block"]
-    assert len(blocks) == 2 and all(layer["rel_error"] > 0 for b in blocks for layer in b["layers"])
+    assert len(blocks) == 2 and all(layer["metrics"]["rel_error"] > 0 for b in blocks for layer in b["layers"])
 
     ids = AutoTokenizer.from_pretrained(src)(calib_file.read_text()[:2000], return_tensors="pt").input_ids[:, :256]
     with torch.no_grad():
