@@ -101,3 +101,17 @@ def test_max_memory_makes_the_plan_fit_it_or_refuses_in_one_line(tiny_model, tmp
     assert not (tmp_path / "small").exists()
     assert cli(*args, "-o", tmp_path / "bad", "--max-memory", "lots") == 2
     assert "--max-memory 'lots' is not a size" in capsys.readouterr().err
+
+
+def test_a_cgroup_limit_caps_the_memory_the_plan_sees(tmp_path, monkeypatch):
+    import quantize_llm.run.resources as resources
+
+    monkeypatch.setattr(resources, "CGROUP", tmp_path)
+    unlimited = resources.available_memory()
+    (tmp_path / "memory.max").write_text("max\n")
+    assert resources.available_memory() is not None
+    (tmp_path / "memory.max").write_text(f"{3 * 2 ** 30}\n")
+    (tmp_path / "memory.current").write_text(f"{2 ** 30}\n")
+    assert resources.available_memory() == min(2 * 2 ** 30, unlimited)
+    (tmp_path / "memory.current").write_text("not a number\n")
+    assert resources.available_memory() is not None

@@ -35,13 +35,24 @@ PROCESS_BASELINE = 450 * 2 ** 20     # python + torch + transformers loaded, mea
 LOGIT_COPIES = 4                     # float32 (batch, vocab) arrays a sampling step holds: logits, scaled, softmax
 
 
+CGROUP = Path("/sys/fs/cgroup")     # cgroup v2: a container's or a batch job's memory limit
+
+
 def available_memory() -> int | None:
-    """Bytes of host memory this process can still get (MemAvailable plus free swap), or None."""
+    """Bytes of host memory this process can still get (MemAvailable plus free swap, and no more
+    than its cgroup's memory.max less memory.current where a limit is set), or None."""
     try:
         info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        return (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
+        free = (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
     except (OSError, KeyError, ValueError):
         return None
+    try:
+        limit = (CGROUP / "memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, max(int(limit) - int((CGROUP / "memory.current").read_text()), 0))
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 @dataclass(frozen=True)
