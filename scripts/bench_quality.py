@@ -141,6 +141,11 @@ def main() -> None:
     parser.add_argument("--budget", action="store_true", help="the size-budget benchmark (BUDGET_SETTINGS)")
     parser.add_argument("--measurement", type=Path, default=None,
                         help="--budget: a per-module measurement saved by an earlier run (its --json X.budget.pt)")
+    parser.add_argument("--gguf", action="store_true",
+                        help="the GGUF benchmark against llama.cpp (scripts/bench_gguf.py; its options follow)")
+    if "--gguf" in sys.argv[1:]:   # every other argument is bench_gguf.py's
+        argv = [a for a in sys.argv[1:] if a != "--gguf"]
+        sys.exit(subprocess.call([sys.executable, str(ROOT / "scripts" / "bench_gguf.py"), *argv]))
     args = parser.parse_args()
     if args.tables is not None:
         print_budget_tables(json.loads(args.tables.read_text()))
