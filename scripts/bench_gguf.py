@@ -2,7 +2,7 @@
 """GGUF files of SmolLM2-135M-Instruct: ours (rtn, gptq) against llama.cpp's own `llama-quantize`
 (with and without an importance matrix from the same calibration text), BENCHMARKS.md protocol Q.
 
-    python scripts/bench_gguf.py --llama-cpp PATH/TO/llama.cpp [--schemes Q4_K_M Q3_K_M Q4_0]
+    python scripts/bench_gguf.py --llama-cpp PATH/TO/llama.cpp [--schemes Q4_K_M Q3_K_M Q4_0] [--act-order]
     python scripts/bench_quality.py --gguf --llama-cpp PATH/TO/llama.cpp     (the same)
 
 PATH/TO/llama.cpp is a llama.cpp source tree with `llama-quantize` and `llama-imatrix` built
@@ -73,7 +73,8 @@ def identical_share(ours: Path, theirs: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree with build/bin tools")
-    parser.add_argument("--schemes", nargs="*", default=["Q4_K_M", "Q3_K_M", "Q4_0"])
+    parser.add_argument("--schemes", nargs="*", default=["Q4_K_M", "Q3_K_M"])
+    parser.add_argument("--act-order", action="store_true", help="also a gptq --act-order row per scheme")
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--calib", type=Path, default=SHARED / "c4" / "c4_validation_2k.parquet")
     parser.add_argument("--eval", type=Path, default=SHARED / "wikitext-2-raw" / "wiki.test.raw")
@@ -138,7 +139,7 @@ def main() -> None:
         quantize(str(model_dir), ours, QuantSpec(method="rtn", format=f"gguf:{scheme}"))
         score("quantize-llm rtn", scheme, ours, time.perf_counter() - t,
               f"(tensors byte-identical to llama-quantize's: {identical_share(ours, plain)})")
-        for act_order in (False, True):
+        for act_order in (False, True) if args.act_order else (False,):
             solved = work / f"gptq{'-act' if act_order else ''}-{scheme}.gguf"
             t = time.perf_counter()
             quantize(str(model_dir), solved, QuantSpec(method="gptq", act_order=act_order, format=f"gguf:{scheme}"),
