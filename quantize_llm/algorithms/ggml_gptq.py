@@ -31,7 +31,16 @@ from ..core.spec import MethodRecord, QuantSpec
 from ..errors import RunError
 from .base import LayerContext, naming
 from .gptq import GPTQOptions
-from .solve import Grid, accumulate_hessian, cholesky_inverse_upper, energy, feedback, solve_diagonal, solve_energy
+from .solve import (
+    Grid,
+    accumulate_hessian,
+    cholesky_inverse_upper,
+    energy,
+    feedback,
+    solve_diagonal,
+    solve_energy,
+    squared_residual,
+)
 
 # code = clip(rint(x / s), lo, hi) + offset; value = s * (code - offset)
 _CENTERED = {"Q8_0": 0, "Q4_0": 8, "Q5_0": 16, "Q6_K": 32, "Q3_K": 4}
@@ -185,6 +194,11 @@ class GgmlResult:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.from_numpy(ggml.dequantize(self.weight)).to(dtype)
 
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        w = self.weight
+        part = ggml.GgmlWeight(w.type, {k: v[start:stop] for k, v in w.params.items()}, w.codes[start:stop])
+        return torch.from_numpy(ggml.dequantize(part)).to(dtype)
+
 
 class GgmlGPTQ:
     """GPTQ writing ggml block types: `types` maps a Linear's full name to its ggml type (the
@@ -228,9 +242,8 @@ class GgmlGPTQ:
                 gw, stats = ggml_gptq(w, h, type_name, self.options, self.spec.act_order, own_hessian=own)
             del h
             result = GgmlResult(gw)
-            d = w - result.dequantize(torch.float32).to(w.device)
-            d[:, stats.dead] = 0.0
-            error = math.sqrt(solve_energy(stats.row_error, stats.ridge, d) / max(total, 1e-30))
+            squared = squared_residual(w, result.dequantize_rows, stats.dead)
+            error = math.sqrt(solve_energy(stats.row_error, stats.ridge, squared) / max(total, 1e-30))
             layer.report(name, {"rel_error": error, "damp": stats.damp, "ggml_type": type_name,
                                 "seconds": stats.seconds})
             results[name] = result

@@ -34,6 +34,7 @@ from .solve import (
     output_error,
     solve_diagonal,
     solve_energy,
+    squared_residual,
 )
 
 
@@ -266,10 +267,9 @@ class GPTQ:
                 part = QuantizedWeight(codes=qw.codes[row:row + rows].contiguous(),
                                        scale=qw.grid_scale[row:row + rows].contiguous(),
                                        zero=qw.grid_zero[row:row + rows].contiguous(), g_idx=qw.g_idx, spec=qw.spec)
-                d = layer.weights[name].to(device, torch.float32) - part.dequantize(torch.float32)
-                d[:, stats.dead] = 0.0
-                error = math.sqrt(solve_energy(stats.row_error[row:row + rows], stats.ridge, d) / max(whole, 1e-30))
-                del d
+                squared = squared_residual(layer.weights[name].to(device), part.dequantize_rows, stats.dead)
+                error = math.sqrt(solve_energy(stats.row_error[row:row + rows], stats.ridge, squared)
+                                  / max(whole, 1e-30))
                 row += rows
                 layer.report(name, {"rel_error": error, "damp": stats.damp,
                                     "dead_columns": stats.dead_columns,

@@ -39,6 +39,7 @@ from .solve import (
     energy,
     output_error,
     solve_energy,
+    squared_residual,
 )
 
 INNER = ("rtn", "gptq")
@@ -229,10 +230,9 @@ class OutlierSplit:
                 metrics["damp"] = max(damps)
             if stats is not None and total is not None:
                 assert stats.row_error is not None and stats.dead is not None
-                d = w - qw.dequantize(w.dtype)
-                d[:, stats.dead] = 0.0
-                metrics["rel_error"] = math.sqrt(solve_energy(stats.row_error, stats.ridge, d) / max(total, 1e-30))
-                del d
+                squared = squared_residual(w, qw.dequantize_rows, stats.dead)
+                metrics["rel_error"] = math.sqrt(solve_energy(stats.row_error, stats.ridge, squared)
+                                                 / max(total, 1e-30))
             elif h is not None:
                 metrics["rel_error"] = output_error(w, qw.dequantize(torch.float32), h)
             layer.report(name, metrics)

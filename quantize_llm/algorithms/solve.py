@@ -232,11 +232,33 @@ def energy(d: Tensor, h: Tensor) -> float:
     return float(((d @ h) * d).sum())
 
 
-def solve_energy(row_error: Tensor, ridge: float, d: Tensor) -> float:
+def solve_energy(row_error: Tensor, ridge: float, d: Tensor | float) -> float:
     """tr(D H D^T) of rows solved by `feedback`, without H: their summed row_error is tr(D H' D^T)
     for the damped H' = H + ridge I (dead inputs' diagonal 1 where D is 0), so subtract
-    ridge ||D||^2. d (rows, in): W - Q with dead inputs' columns zeroed."""
-    return max(float(row_error.sum()) - ridge * float((d * d).sum()), 0.0)
+    ridge ||D||^2. d (rows, in): W - Q with dead inputs' columns zeroed, or ||D||^2 itself
+    (`squared_residual`)."""
+    squared = d if isinstance(d, float) else float((d * d).sum())
+    return max(float(row_error.sum()) - ridge * squared, 0.0)
+
+
+RESIDUAL_ELEMENTS = 1 << 22   # weights of W - Q formed at once by squared_residual
+
+
+def squared_residual(weight: Tensor, dequantize_rows: Callable[[int, int], Tensor], dead: Tensor | None = None,
+                     rows: tuple[int, int] | None = None) -> float:
+    """||W - Q||^2 over rows `rows` (default all) of `weight` (out, in), Q's rows given by
+    dequantize_rows(start, stop) (float32), dead inputs' columns left out; a slice of rows at a
+    time (no temporary of the weight's size)."""
+    start, stop = rows or (0, weight.shape[0])
+    step = max(1, RESIDUAL_ELEMENTS // max(weight.shape[1], 1))
+    total = 0.0
+    for r in range(start, stop, step):
+        e = min(r + step, stop)
+        d = weight[r:e].to(torch.float32) - dequantize_rows(r - start, e - start).to(weight.device)
+        if dead is not None:
+            d[:, dead] = 0.0
+        total += float((d * d).sum(dtype=torch.float64))
+    return total
 
 
 def output_error(w: Tensor, q: Tensor, h: Tensor) -> float:

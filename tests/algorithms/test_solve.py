@@ -212,3 +212,20 @@ def test_gptq_output_error_without_the_hessian_matches_the_definition(act_order:
         got = math.sqrt(solve.solve_energy(s.row_error.double(), s.ridge, d)
                         / solve.energy(w.double(), h.double()))
         assert got == pytest.approx(want, rel=1e-9 if dtype == torch.float64 else 2e-4)
+
+
+def test_squared_residual_in_row_slices_is_the_whole_sum(monkeypatch):
+    from quantize_llm.algorithms.rtn import rtn_quantize
+    from quantize_llm.core.spec import QuantSpec
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(37, 64, generator=g)
+    qw = rtn_quantize(w, QuantSpec(method="rtn", bits=3, group_size=32))
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[3, 40]] = True
+    d = (w - qw.dequantize(torch.float32)).double()
+    d[:, dead] = 0.0
+    monkeypatch.setattr(solve, "RESIDUAL_ELEMENTS", 64 * 5)               # 5 rows a slice: 8 slices
+    assert solve.squared_residual(w, qw.dequantize_rows, dead) == pytest.approx(float((d * d).sum()), rel=1e-6)
+    assert solve.squared_residual(w[10:20], lambda a, b: qw.dequantize_rows(10 + a, 10 + b), None) == \
+        pytest.approx(float(((w[10:20] - qw.dequantize(torch.float32)[10:20]).double() ** 2).sum()), rel=1e-6)
