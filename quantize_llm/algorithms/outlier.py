@@ -17,7 +17,7 @@ import functools
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar, cast
 
@@ -122,15 +122,61 @@ def inverse_hessian_diagonal(h: Tensor, damp: float, damp_max: float = SolverOpt
     return torch.linalg.vector_norm(upper, dim=0).square_().float(), used
 
 
+SCORE_ELEMENTS = 1 << 22   # sensitivities formed at once by weight_mask
+
+
+def _scores(w: Tensor, hinv_diag: Tensor | None) -> Iterator[tuple[int, Tensor]]:
+    """(first row, the sensitivities of a slice of rows) over `w`, SCORE_ELEMENTS at a time."""
+    step = max(1, SCORE_ELEMENTS // max(w.shape[1], 1))
+    diag = hinv_diag.clamp(min=1e-30).to(w.device) if hinv_diag is not None else None
+    for r in range(0, w.shape[0], step):
+        score = w[r:r + step].float() ** 2
+        if diag is not None:
+            score.div_(diag)
+        yield r, score
+
+
 def weight_mask(w: Tensor, how: tuple[str, float], hinv_diag: Tensor | None) -> Tensor:
-    """Weight-mode selection on (out, in) `w`."""
-    score = w.float() ** 2
-    if hinv_diag is not None:
-        score.div_(hinv_diag.clamp(min=1e-30))
+    """Weight-mode selection on (out, in) `w`, its sensitivities formed a slice of rows at a time
+    (nothing of the weight's size but the mask)."""
     kind, value = how
+    mask = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
     if kind == "fraction":
-        return top_fraction(score, value)
-    return score > value ** 2 * score.mean()
+        k = round(value * w.numel())
+        if not k:
+            return mask
+        # the k-th largest sensitivity: the largest float t with k of them >= t, by bisection on
+        # the bits of non-negative float32s (their order is their bits' order), then every larger
+        # one and the first ties: what a stable descending sort's first k are
+        def at_least(t: float) -> int:
+            return sum(int((score >= t).sum()) for _, score in _scores(w, hinv_diag))
+
+        lo, hi = 0, 0x7F800000                                       # 0.0 (all count) .. +inf (excluded)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if at_least(_float_of(mid)) >= k:
+                lo = mid
+            else:
+                hi = mid
+        threshold = _float_of(lo)
+        missing = k - sum(int((score > threshold).sum()) for _, score in _scores(w, hinv_diag))
+        for r, score in _scores(w, hinv_diag):
+            part = score > threshold
+            if missing > 0:
+                ties = (score == threshold).view(-1).nonzero().flatten()[:missing]
+                part.view(-1)[ties] = True
+                missing -= len(ties)
+            mask[r:r + len(score)] = part
+        return mask
+    total = sum(float(score.sum(dtype=torch.float64)) for _, score in _scores(w, hinv_diag))
+    bar = value ** 2 * total / max(w.numel(), 1)
+    for r, score in _scores(w, hinv_diag):
+        mask[r:r + len(score)] = score > bar
+    return mask
+
+
+def _float_of(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
 
 
 def channel_mask(act_max: Tensor, how: tuple[str, float]) -> Tensor:

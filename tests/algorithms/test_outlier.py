@@ -232,3 +232,21 @@ def test_top_fraction_is_a_stable_descending_sorts_first_k(fraction: float) -> N
     expected = torch.zeros(score.numel(), dtype=torch.bool)
     expected[torch.argsort(score.flatten(), descending=True, stable=True)[:k]] = True
     assert torch.equal(top_fraction(score, fraction), expected.view_as(score))
+
+
+@pytest.mark.parametrize("fraction", [0.002, 0.05, 0.5])
+def test_weight_mask_in_row_slices_is_the_stable_sorts_first_k(fraction: float, monkeypatch) -> None:
+    """Sensitivities formed a few rows at a time select exactly what sorting them all selects,
+    ties included (weights from a small set of values)."""
+    import quantize_llm.algorithms.outlier as outlier
+
+    g = GEN(11)
+    w = (torch.randint(-6, 7, (29, 48), generator=g).float() / 5)
+    diag = torch.rand(48, generator=g) + 0.5
+    score = (w ** 2) / diag
+    k = round(fraction * w.numel())
+    expected = torch.zeros(w.numel(), dtype=torch.bool)
+    expected[torch.argsort(score.flatten(), descending=True, stable=True)[:k]] = True
+    monkeypatch.setattr(outlier, "SCORE_ELEMENTS", 48 * 3)             # 3 rows a slice
+    assert torch.equal(weight_mask(w, ("fraction", fraction), diag), expected.view_as(w))
+    assert torch.equal(weight_mask(w, ("threshold", 1.2), diag), score > 1.44 * score.double().mean())
