@@ -148,19 +148,22 @@ class Spill:
         elif t.numel() * t.element_size() >= SPILL_BYTES:
             import tempfile
 
-            from safetensors.torch import save_file
-
-            fd, self.path = tempfile.mkstemp(prefix="quantize-llm-hessian-", suffix=".safetensors")
-            os.close(fd)
-            save_file({"h": t.contiguous()}, self.path)
+            # the raw bytes, written from the tensor's own memory (a serializer's bytes copy
+            # would cost the tensor's size again, the very memory this saves)
+            fd, self.path = tempfile.mkstemp(prefix="quantize-llm-hessian-", suffix=".bin")
+            with os.fdopen(fd, "wb") as f:
+                f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+            self.shape, self.dtype = t.shape, t.dtype
         else:
             self.copy = t.clone()
 
     def restore(self, into: Tensor) -> None:
         if self.path is not None:
-            from safetensors.torch import load_file
-
-            into.copy_(load_file(self.path)["h"])
+            if into.is_contiguous() and into.dtype == self.dtype and into.shape == self.shape:
+                with open(self.path, "rb") as f:   # read straight into its memory
+                    f.readinto(into.view(-1).view(torch.uint8).numpy().data)
+            else:
+                into.copy_(torch.from_file(self.path, size=into.numel(), dtype=self.dtype).view(self.shape))
         else:
             assert self.copy is not None
             into.copy_(self.copy)

@@ -303,7 +303,8 @@ def _narrow_bytes(reader: Any, plan: Any) -> int:
     """A block's peak with its quantized Linears held as stored (sequential.py, Calibration.narrow):
     input groups (Linears under one parent reading inputs of one width) are observed one pass
     each, in the block's order, and solved in turn, their codes (a byte per weight) kept. While a
-    group's Hessian (4 n^2) is gathered every original is still held; its solve adds the working
+    group's Hessian (4 n^2) is gathered every original is still held (and the largest Linear
+    widened for its call); its solve adds the working
     float32 copy (the Linears sharing the input stacked into it) and the codes;
     before the last group is solved the others' originals are released. After the solves the
     block runs on its codes, each Linear dequantized to float32 for its call (three copies of the
@@ -323,7 +324,8 @@ def _narrow_bytes(reader: Any, plan: Any) -> int:
         hold = held - sum(reader.nbytes(f"{lp.name}.weight") for lp in quantized.values()) + stored \
             if i == len(stages) - 1 else held
         work = 4 * elems + elems
-        peak = max(peak, held + codes + 4 * n * n, hold + codes + 4 * n * n + work)
+        # a pass widens one Linear at a time to float32 for its call
+        peak = max(peak, held + codes + 4 * n * n + 4 * largest, hold + codes + 4 * n * n + work)
         codes += elems
     return max(peak, held - sum(reader.nbytes(n) for n in quantized) + codes + 3 * 4 * largest)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -229,3 +230,20 @@ def test_squared_residual_in_row_slices_is_the_whole_sum(monkeypatch):
     assert solve.squared_residual(w, qw.dequantize_rows, dead) == pytest.approx(float((d * d).sum()), rel=1e-6)
     assert solve.squared_residual(w[10:20], lambda a, b: qw.dequantize_rows(10 + a, 10 + b), None) == \
         pytest.approx(float(((w[10:20] - qw.dequantize(torch.float32)[10:20]).double() ** 2).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_spilled_copy_comes_back_bit_for_bit(monkeypatch, dtype):
+    monkeypatch.setattr(solve, "SPILL_BYTES", 0)
+    t = torch.randn(33, 33, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    spill = solve.Spill(t)
+    assert spill.path is not None and os.path.getsize(spill.path) == t.numel() * t.element_size()
+    into = torch.zeros_like(t)
+    spill.restore(into)
+    assert torch.equal(into, t)
+    strided = torch.zeros(33, 66, dtype=dtype)[:, ::2]                  # not contiguous: copied in
+    spill.restore(strided)
+    assert torch.equal(strided, t)
+    path = spill.path
+    spill.close()
+    assert not os.path.exists(path)
