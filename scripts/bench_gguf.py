@@ -20,7 +20,9 @@ Steps, all in one temporary folder:
      dequantizers into the float model): perplexity on WikiText-2, 40 x 512 tokens.
 Printed per scheme: perplexity, ratio to the unquantized model, bits per weight of the decoder
 blocks' matrices (their bytes over their weights; every file of a scheme has the same types), the
-file size, and for our rtn file the share of tensors byte-identical to llama-quantize's.
+file size, llama.cpp's own `llama-perplexity` of the file where the tree has it built (its protocol:
+the second half of each 512-token chunk scored; so llama.cpp itself loads and runs every file), and
+for our rtn file the share of tensors byte-identical to llama-quantize's.
 """
 from __future__ import annotations
 
@@ -56,6 +58,21 @@ def block_bits(path: Path) -> float:
             nbytes += int(t.n_bytes)
             weights += int(t.n_elements)
     return 8 * nbytes / max(weights, 1)
+
+
+def llama_perplexity(tool: Path, model: Path, text: Path, windows: int) -> str:
+    """llama.cpp's own perplexity of a file (its protocol: 512-token chunks, the second half of
+    each scored), or '-' without the tool."""
+    import re
+
+    if not tool.exists():
+        return "-"
+    proc = subprocess.run([str(tool), "-m", str(model), "-f", str(text), "-c", "512", "--chunks", str(windows),
+                           "-t", str(os.cpu_count() or 1)], capture_output=True, text=True)
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not match:
+        sys.exit(f"error: llama-perplexity failed on {model}:\n{(proc.stdout + proc.stderr)[-1500:]}")
+    return match.group(1)
 
 
 def identical_share(ours: Path, theirs: Path) -> str:
@@ -106,7 +123,7 @@ def main() -> None:
     base = evaluate(base_model, windows).perplexity
     del base_model
     print(f"unquantized perplexity: {base:.3f}", flush=True)
-    rows: list[tuple[str, str, float, float, float, str]] = []
+    rows: list[tuple[str, str, float, float, float, str, str]] = []
     work = Path(tempfile.mkdtemp(prefix="bench-gguf-")) if args.keep is None else args.keep
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
@@ -120,13 +137,17 @@ def main() -> None:
                      "-c", str(args.seqlen), "--chunks", str(args.nsamples), "-t", str(os.cpu_count() or 1)])
     print(f"llama-imatrix: {t_imatrix:.0f} s", flush=True)
 
+    perplexity_tool = tree / "build" / "bin" / "llama-perplexity"
+
     def score(name: str, scheme: str, path: Path, seconds: float, note: str = "") -> None:
         model, _ = load_for_eval(str(path))
         ppl = evaluate(model, windows).perplexity
         del model
-        rows.append((scheme, name, ppl, block_bits(path), path.stat().st_size / 1e6, f"{seconds:.0f} s {note}"))
-        print(f"{scheme:7s} {name:28s} ppl {ppl:8.3f}  x{ppl / base:.3f}  {rows[-1][3]:.3f} bpw  {seconds:6.0f} s "
-              f"{note}", flush=True)
+        theirs = llama_perplexity(perplexity_tool, path, args.eval, args.windows)
+        rows.append((scheme, name, ppl, block_bits(path), path.stat().st_size / 1e6, theirs,
+                     f"{seconds:.0f} s {note}"))
+        print(f"{scheme:7s} {name:28s} ppl {ppl:8.3f}  x{ppl / base:.3f}  {rows[-1][3]:.3f} bpw  "
+              f"llama-perplexity {theirs}  {seconds:6.0f} s {note}", flush=True)
 
     for scheme in args.schemes:
         plain = work / f"llama-quantize-{scheme}.gguf"
@@ -147,10 +168,11 @@ def main() -> None:
             score(f"quantize-llm gptq{' --act-order' if act_order else ''}", scheme, solved,
                   time.perf_counter() - t)
     print()
-    print(f"| scheme | file | perplexity | x unquantized ({base:.2f}) | bits/weight (blocks) | size | time |")
-    print("|---|---|---|---|---|---|---|")
-    for scheme, name, ppl, bpw, mb, seconds in rows:
-        print(f"| {scheme} | {name} | {ppl:.2f} | {ppl / base:.3f} | {bpw:.3f} | {mb:.1f} MB | {seconds} |")
+    print(f"| scheme | file | perplexity | x unquantized ({base:.2f}) | bits/weight (blocks) | size | "
+          "llama-perplexity (llama.cpp's protocol) | time |")
+    print("|---|---|---|---|---|---|---|---|")
+    for scheme, name, ppl, bpw, mb, theirs, seconds in rows:
+        print(f"| {scheme} | {name} | {ppl:.2f} | {ppl / base:.3f} | {bpw:.3f} | {mb:.1f} MB | {theirs} | {seconds} |")
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 
