@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
@@ -88,16 +87,13 @@ def identical_share(ours: Path, theirs: Path) -> str:
 
 
 def main() -> None:
+    from bench_quality import protocol_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree with build/bin tools")
     parser.add_argument("--schemes", nargs="*", default=["Q4_K_M", "Q3_K_M"])
     parser.add_argument("--act-order", action="store_true", help="also a gptq --act-order row per scheme")
-    parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--calib", type=Path, default=SHARED / "c4" / "c4_validation_2k.parquet")
-    parser.add_argument("--eval", type=Path, default=SHARED / "wikitext-2-raw" / "wiki.test.raw")
-    parser.add_argument("--windows", type=int, default=40)
-    parser.add_argument("--nsamples", type=int, default=64)
-    parser.add_argument("--seqlen", type=int, default=512)
+    protocol_arguments(parser)
     parser.add_argument("--keep", type=Path, default=None, help="write the files here and keep them")
     args = parser.parse_args()
 

@@ -125,14 +125,19 @@ def forward_seconds(model_dir: Path, tokens: torch.Tensor, batch_size: int) -> f
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """Protocol Q's inputs: the model, the calibration and evaluation text, how much of each."""
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--calib", type=Path, default=SHARED / "c4" / "c4_validation_2k.parquet")
     parser.add_argument("--eval", type=Path, default=SHARED / "wikitext-2-raw" / "wiki.test.raw")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    protocol_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=None, help="setting names to run")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON (after every row)")
