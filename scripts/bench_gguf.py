@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--act-order", action="store_true", help="also a gptq --act-order row per scheme")
     protocol_arguments(parser)
     parser.add_argument("--keep", type=Path, default=None, help="write the files here and keep them")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --keep: reuse the BF16 conversion and the importance matrix found there")
     args = parser.parse_args()
 
     from bench_quality import default_model
@@ -124,14 +126,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
     source = work / "src-bf16.gguf"
-    run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "bf16",
-         "--outfile", str(source)], env)
     text = work / "calibration.txt"
-    text.write_text("\n\n".join(tokenizer.decode(row) for row in cal_tokens))
     imatrix = work / "imatrix.gguf"
-    t_imatrix = run([str(tools["llama-imatrix"]), "-m", str(source), "-f", str(text), "-o", str(imatrix),
-                     "-c", str(args.seqlen), "--chunks", str(args.nsamples), "-t", str(os.cpu_count() or 1)])
-    print(f"llama-imatrix: {t_imatrix:.0f} s", flush=True)
+    if args.reuse and source.is_file() and imatrix.is_file():   # an earlier run's, kept with --keep
+        print(f"reusing {source} and {imatrix}", flush=True)
+    else:
+        run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "bf16",
+             "--outfile", str(source)], env)
+        text.write_text("\n\n".join(tokenizer.decode(row) for row in cal_tokens))
+        t_imatrix = run([str(tools["llama-imatrix"]), "-m", str(source), "-f", str(text), "-o", str(imatrix),
+                         "-c", str(args.seqlen), "--chunks", str(args.nsamples), "-t", str(os.cpu_count() or 1)])
+        print(f"llama-imatrix: {t_imatrix:.0f} s", flush=True)
 
     perplexity_tool = tree / "build" / "bin" / "llama-perplexity"
 
