@@ -77,11 +77,13 @@ class GgmlGrid(Grid):
     fused: ClassVar[bool] = True
 
     def __init__(self, type_name: str, rows: int, cols: int, device: torch.device,
-                 static: ggml.GgmlWeight | None = None, order: list[int] | None = None) -> None:
+                 static: ggml.GgmlWeight | None = None, order: list[int] | None = None,
+                 importance: np.ndarray | None = None) -> None:
         t = ggml.TYPES[type_name]
         if cols % t.block:
             raise ValueError(f"{type_name} needs rows of a multiple of {t.block} weights, not {cols}")
         self.type, self.t, self.order, self.device = type_name, t, order, device
+        self.importance = importance   # per original column: weighs the fields' search (None: the reference's)
         self.codes = torch.zeros(rows, cols, dtype=torch.int16, device=device)
         self.fields: dict[str, np.ndarray] = {}
         self.s = torch.zeros(rows, cols // t.sub, dtype=torch.float32, device=device)
@@ -102,7 +104,8 @@ class GgmlGrid(Grid):
     def _choose(self, block: int, cols: Tensor) -> None:
         """The reference quantizer's fields for block `block` from its current columns."""
         t = self.t
-        reference = ggml.quantize_rtn(self.type, cols.detach().float().cpu().numpy())
+        imp = self.importance[block * t.block:(block + 1) * t.block] if self.importance is not None else None
+        reference = ggml.quantize_rtn(self.type, cols.detach().float().cpu().numpy(), imp)
         chosen = reference.params
         self.keep[:, block * t.block:(block + 1) * t.block] = torch.from_numpy(reference.codes)
         if not self.fields:
@@ -152,10 +155,13 @@ class GgmlStats:
 
 @torch.no_grad()
 def ggml_gptq(weight: Tensor, hessian: Tensor, type_name: str, options: GPTQOptions | None = None,
-              act_order: bool = False, own_hessian: bool = False) -> tuple[ggml.GgmlWeight, GgmlStats]:
+              act_order: bool = False, own_hessian: bool = False,
+              weighted: bool = True) -> tuple[ggml.GgmlWeight, GgmlStats]:
     """GPTQ of a (out, in) weight onto ggml block type `type_name`, given the Hessian sum X^T X of
     its inputs. Works in float32; does not modify `weight`, nor `hessian` unless `own_hessian`
-    (it is then factored where it lies)."""
+    (it is then factored where it lies). `weighted`: each block's fields are searched under
+    llama.cpp's importance weights with diag(H) as the importance (what llama-imatrix measures)
+    where the type has such a search (ggml.quantize_rtn); else they are the reference's."""
     start = time.perf_counter()
     options = options or GPTQOptions()
     w = weight.to(torch.float32, copy=True)
@@ -163,14 +169,16 @@ def ggml_gptq(weight: Tensor, hessian: Tensor, type_name: str, options: GPTQOpti
     w[:, dead] = 0.0                                                    # their weights are moot
     perm = torch.argsort(hdiag, descending=True, stable=True) if act_order else None
     ridge = float((hdiag[perm] if perm is not None else hdiag).mean())
+    importance = hdiag.float().cpu().numpy() if weighted else None   # original column order
     # act-order: every block's fields from the original weights, up front
-    static = ggml.quantize_rtn(type_name, w.cpu().numpy()) if act_order else None
+    static = ggml.quantize_rtn(type_name, w.cpu().numpy(), importance) if act_order else None
     hinv, damp = cholesky_inverse_upper(hessian, options.damp, options.damp_max, perm, torch.float32,
                                         overwrite=own_hessian and hessian.dtype == torch.float32
                                         and hessian.is_contiguous())
     if perm is not None:
         w = w[:, perm]
-    grid = GgmlGrid(type_name, w.shape[0], w.shape[1], w.device, static, perm.tolist() if perm is not None else None)
+    grid = GgmlGrid(type_name, w.shape[0], w.shape[1], w.device, static, perm.tolist() if perm is not None else None,
+                    importance)
     row_error = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
     feedback(w, hinv, options.block_size, grid, None, row_error)
     del hinv

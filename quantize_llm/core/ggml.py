@@ -126,6 +126,30 @@ def _q4_0(x: np.ndarray, nmax: int = 8) -> tuple[dict, np.ndarray]:
     return {"d": _f16(d)}, q.astype(np.int16)
 
 
+def _importance_weights(b: np.ndarray, importance: np.ndarray, over: int) -> np.ndarray:
+    """llama.cpp's weights under an importance matrix: imp_j * sqrt(sigma2 + x_j^2), sigma2 the
+    mean square of the `over` weights around (b: (..., blocks, sub), importance per column)."""
+    rows = b.shape[0]
+    sq = (b * b).reshape(rows, -1, over)
+    sigma2 = (sq.sum(axis=-1) / F32(over)).astype(F32)
+    sigma2 = np.repeat(sigma2, over, axis=-1).reshape(b.shape)
+    imp = np.broadcast_to(importance.astype(F32).reshape(-1), (rows, importance.size)).reshape(b.shape)
+    return (imp * np.sqrt(sigma2 + b * b)).astype(F32)
+
+
+def _q4_0_weighted(x: np.ndarray, nmax: int, importance: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Q4_0/Q5_0 with the scale searched under importance weights (make_qx_quants, as llama.cpp
+    does with an importance matrix); the codes on the stored grid."""
+    b = _blocks(x, 32)
+    scale, _ = _make_qx(b, nmax, _importance_weights(b, importance, 32))
+    params = {"d": _f16(scale)}
+    d = params["d"].astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(_rint(b / d[..., None]), -nmax, nmax - 1) + nmax
+    q = np.where((d == 0)[..., None], nmax, q)
+    return params, q.reshape(x.shape[0], -1).astype(np.int16)
+
+
 def _q4_1(x: np.ndarray, nmax: int = 15) -> tuple[dict, np.ndarray]:
     b = _blocks(x, 32)
     lo, hi = b.min(axis=-1), b.max(axis=-1)
@@ -180,11 +204,12 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
     return scale, (-best_min).astype(F32), L
 
 
-def _make_qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) over sub-blocks x (..., n): (scale, L)."""
+def _make_qx(x: np.ndarray, nmax: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, weights) over sub-blocks x (..., n): (scale, L);
+    without weights x^2 (the reference's)."""
     mx = _signed_max(x)
     zero = np.abs(mx) < F32(1e-15)
-    w = x * x
+    w = x * x if weights is None else weights
     with np.errstate(divide="ignore", invalid="ignore"):
         def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             lv = np.clip(_rint(iscale[..., None] * x), -nmax, nmax - 1)
@@ -257,11 +282,19 @@ def _kx_params(scales: np.ndarray, mins: np.ndarray) -> dict:
             "sc": sc.astype(np.uint8), "mn": mn.astype(np.uint8)}
 
 
-def _qk_x(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[dict, np.ndarray]:
+def _qk_x(x: np.ndarray, nmax: int, rmin: float, nstep: int,
+          importance: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     b = _blocks(x, 32)
-    sum_x2 = _seqsum(b * b)
-    av_x = np.sqrt(sum_x2 / F32(32))
-    weights = av_x[..., None] + np.abs(b)
+    if importance is None:
+        sum_x2 = _seqsum(b * b)
+        av_x = np.sqrt(sum_x2 / F32(32))
+        weights = av_x[..., None] + np.abs(b)
+    else:   # sigma2 over the 256-weight super-block, twice its mean square (llama.cpp's imatrix path)
+        rows = b.shape[0]
+        sq = (b * b).reshape(rows, -1, QK_K)
+        sigma2 = np.repeat((F32(2) * sq.sum(axis=-1) / F32(QK_K)).astype(F32), QK_K, axis=-1).reshape(b.shape)
+        imp = np.broadcast_to(importance.astype(F32).reshape(-1), (rows, importance.size)).reshape(b.shape)
+        weights = (imp * np.sqrt(sigma2 + b * b)).astype(F32)
     scales, mins, L = _make_qkx2(b, weights, nmax, rmin, 0.1, nstep)
     rows, nsub = scales.shape
     params = _kx_params(scales.reshape(rows, -1, 8), mins.reshape(rows, -1, 8))
@@ -269,9 +302,9 @@ def _qk_x(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[dict, np.n
     return params, _round_fixed("Q4_K" if nmax == 15 else "Q5_K", params, x, keep=codes)
 
 
-def _q6_k(x: np.ndarray) -> tuple[dict, np.ndarray]:
+def _q6_k(x: np.ndarray, importance: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     b = _blocks(x, 16)
-    scales, L = _make_qx(b, 32)
+    scales, L = _make_qx(b, 32, None if importance is None else _importance_weights(b, importance, QK_K))
     rows = scales.shape[0]
     sb = scales.reshape(rows, -1, 16)
     idx = np.abs(sb).argmax(axis=-1)
@@ -358,12 +391,25 @@ def round_to_grid(type_name: str, s: np.ndarray, m: np.ndarray, x: np.ndarray) -
     return np.where(s == 0, 0 if t.lo < 0 else t.lo, q).astype(np.int16)
 
 
-def quantize_rtn(type_name: str, x: np.ndarray) -> GgmlWeight:
-    """x float32 (rows, cols) as llama.cpp's reference quantizer rounds it (no importance matrix)."""
+def quantize_rtn(type_name: str, x: np.ndarray, importance: np.ndarray | None = None) -> GgmlWeight:
+    """x float32 (rows, cols) as llama.cpp's reference quantizer rounds it (no importance matrix).
+    With `importance` (cols,), e.g. the calibration inputs' mean squares, the fields of Q4_0,
+    Q5_0, Q4_K, Q5_K and Q6_K are searched under llama.cpp's importance weights instead (the
+    other types ignore it)."""
     x = np.ascontiguousarray(x, dtype=F32)
     if type_name not in TYPES:
         raise ValueError(f"unknown block type {type_name}")
     _blocks(x, TYPES[type_name].block)
+    if importance is not None and type_name in ("Q4_0", "Q5_0"):
+        params, codes = _q4_0_weighted(x, 8 if type_name == "Q4_0" else 16, importance)
+        return GgmlWeight(type_name, params, codes.reshape(x.shape).astype(np.int16))
+    if importance is not None and type_name in ("Q4_K", "Q5_K"):
+        params, codes = _qk_x(x, 15 if type_name == "Q4_K" else 31, -1.0 if type_name == "Q4_K" else -0.5,
+                              20 if type_name == "Q4_K" else 15, importance)
+        return GgmlWeight(type_name, params, codes.reshape(x.shape).astype(np.int16))
+    if importance is not None and type_name == "Q6_K":
+        params, codes = _q6_k(x, importance)
+        return GgmlWeight(type_name, params, codes.reshape(x.shape).astype(np.int16))
     if type_name == "Q8_0":
         params, codes = _q8_0(x)
     elif type_name == "Q4_0":

@@ -35,7 +35,7 @@ def out_error(w: torch.Tensor, q: np.ndarray, h: torch.Tensor) -> float:
 @pytest.mark.parametrize("type_name", K_QUANTS)
 def test_without_feedback_the_k_quants_are_llama_cpps_reference_bytes(type_name):
     w, _ = problem()
-    got, _ = ggml_gptq(w, 10.0 * torch.eye(512), type_name)             # H = cI: no error reaches other columns
+    got, _ = ggml_gptq(w, 10.0 * torch.eye(512), type_name, weighted=False)   # H = cI: no feedback
     assert np.array_equal(got.pack(), ggml.quantize_rtn(type_name, w.numpy()).pack())
 
 
@@ -45,7 +45,7 @@ def test_without_feedback_the_legacy_types_take_the_nearest_point_of_the_stored_
     stored one, so every weight is at least as close to its value as the reference puts it."""
     w, _ = problem()
     ref = ggml.quantize_rtn(type_name, w.numpy())
-    got, _ = ggml_gptq(w, 10.0 * torch.eye(512), type_name)
+    got, _ = ggml_gptq(w, 10.0 * torch.eye(512), type_name, weighted=False)
     assert all(np.array_equal(got.params[k], ref.params[k]) for k in ref.params)
     x = w.numpy()
     assert (np.abs(x - ggml.dequantize(got)) <= np.abs(x - ggml.dequantize(ref)) + 1e-7).all()
@@ -91,7 +91,7 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, type_name: str, damp: float
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q3_K", "Q6_K", "Q4_0"])
 def test_codes_match_a_float64_column_by_column_gptq(type_name):
     w, h = problem(rows=8, cols=256, seed=1)
-    got, _ = ggml_gptq(w, h, type_name, GPTQOptions(block_size=64))
+    got, _ = ggml_gptq(w, h, type_name, GPTQOptions(block_size=64), weighted=False)
     ref = reference_gptq(w, h, type_name)
     agree = float((got.codes == ref).mean())
     assert agree > 0.995, agree    # float32 against float64: a rare code lands the other side of a tie
@@ -114,8 +114,8 @@ def test_feedback_lowers_the_output_error_and_reports_its_definition(type_name, 
     defined = (out_error(w, q, h) / float(((w.double() @ h.double()) * w.double()).sum())) ** 0.5
     assert reports["rel_error"] == pytest.approx(defined, rel=1e-3)
     assert reports["ggml_type"] == type_name
-    if act_order:   # every block's fields are the reference's for the original weights
-        ref = ggml.quantize_rtn(type_name, w.numpy())
+    if act_order:   # every block's fields are chosen for the original weights, diag(H) weighing them
+        ref = ggml.quantize_rtn(type_name, w.numpy(), h.diagonal().numpy())
         assert all(np.array_equal(result.weight.params[k], ref.params[k]) for k in ref.params)
     assert torch.equal(result.dequantize(), torch.from_numpy(q))
 
@@ -123,3 +123,26 @@ def test_feedback_lowers_the_output_error_and_reports_its_definition(type_name, 
 def test_a_row_that_does_not_fill_the_blocks_is_refused():
     with pytest.raises(ValueError, match="multiple of 256"):
         ggml_gptq(torch.zeros(2, 320), torch.eye(320), "Q4_K")
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_an_importance_weighted_field_search_lowers_the_weighted_error(type_name):
+    """Fields searched under llama.cpp's importance weights: the rounding error weighted by the
+    importance is lower than with the reference's fields (summed over many blocks)."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(64, 512, generator=g) * 0.05).numpy()
+    importance = (torch.rand(512, generator=g) ** 4 * 100 + 0.01).numpy()
+
+    def weighted_error(qw):
+        return float((importance * (x - ggml.dequantize(qw)) ** 2).sum())
+
+    plain = weighted_error(ggml.quantize_rtn(type_name, x))
+    searched = weighted_error(ggml.quantize_rtn(type_name, x, importance))
+    assert searched < 0.95 * plain, (searched, plain)
+
+
+def test_types_without_a_weighted_search_ignore_the_importance():
+    x = (torch.randn(4, 256, generator=torch.Generator().manual_seed(6)) * 0.05).numpy()
+    for type_name in ("Q8_0", "Q4_1", "Q5_1", "Q3_K"):
+        assert np.array_equal(ggml.quantize_rtn(type_name, x, np.ones(256, dtype=np.float32)).pack(),
+                              ggml.quantize_rtn(type_name, x).pack())
