@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree with build/bin tools")
     parser.add_argument("--schemes", nargs="*", default=["Q4_K_M", "Q3_K_M"])
     parser.add_argument("--act-order", action="store_true", help="also a gptq --act-order row per scheme")
+    parser.add_argument("--rows", nargs="*", default=["llama-quantize", "imatrix", "rtn", "gptq"],
+                        choices=["llama-quantize", "imatrix", "rtn", "gptq"], help="which files to make per scheme")
     protocol_arguments(parser)
     parser.add_argument("--keep", type=Path, default=None, help="write the files here and keep them")
     parser.add_argument("--reuse", action="store_true",
@@ -152,16 +154,21 @@ def main() -> None:
 
     for scheme in args.schemes:
         plain = work / f"llama-quantize-{scheme}.gguf"
-        score("llama-quantize", scheme, plain, run([str(tools["llama-quantize"]), str(source), str(plain), scheme]))
-        weighted = work / f"llama-quantize-imatrix-{scheme}.gguf"
-        score("llama-quantize --imatrix", scheme, weighted,
-              run([str(tools["llama-quantize"]), "--imatrix", str(imatrix), str(source), str(weighted), scheme]))
-        ours = work / f"rtn-{scheme}.gguf"
-        t = time.perf_counter()
-        quantize(str(model_dir), ours, QuantSpec(method="rtn", format=f"gguf:{scheme}"))
-        score("quantize-llm rtn", scheme, ours, time.perf_counter() - t,
-              f"(tensors byte-identical to llama-quantize's: {identical_share(ours, plain)})")
-        for act_order in (False, True) if args.act_order else (False,):
+        if "llama-quantize" in args.rows or ("rtn" in args.rows and not plain.is_file()):
+            seconds = run([str(tools["llama-quantize"]), str(source), str(plain), scheme])
+            if "llama-quantize" in args.rows:
+                score("llama-quantize", scheme, plain, seconds)
+        if "imatrix" in args.rows:
+            weighted = work / f"llama-quantize-imatrix-{scheme}.gguf"
+            score("llama-quantize --imatrix", scheme, weighted,
+                  run([str(tools["llama-quantize"]), "--imatrix", str(imatrix), str(source), str(weighted), scheme]))
+        if "rtn" in args.rows:
+            ours = work / f"rtn-{scheme}.gguf"
+            t = time.perf_counter()
+            quantize(str(model_dir), ours, QuantSpec(method="rtn", format=f"gguf:{scheme}"))
+            score("quantize-llm rtn", scheme, ours, time.perf_counter() - t,
+                  f"(tensors byte-identical to llama-quantize's: {identical_share(ours, plain)})")
+        for act_order in ((False, True) if args.act_order else (False,)) if "gptq" in args.rows else ():
             solved = work / f"gptq{'-act' if act_order else ''}-{scheme}.gguf"
             t = time.perf_counter()
             quantize(str(model_dir), solved, QuantSpec(method="gptq", act_order=act_order, format=f"gguf:{scheme}"),
