@@ -165,14 +165,14 @@ def main() -> None:
         if "rtn" in args.rows:
             ours = work / f"rtn-{scheme}.gguf"
             t = time.perf_counter()
-            quantize(str(model_dir), ours, QuantSpec(method="rtn", format=f"gguf:{scheme}"))
+            quantize(str(model_dir), ours, QuantSpec(method="rtn", format=f"gguf:{scheme}"), overwrite=True)
             score("quantize-llm rtn", scheme, ours, time.perf_counter() - t,
                   f"(tensors byte-identical to llama-quantize's: {identical_share(ours, plain)})")
         for act_order in ((False, True) if args.act_order else (False,)) if "gptq" in args.rows else ():
             solved = work / f"gptq{'-act' if act_order else ''}-{scheme}.gguf"
             t = time.perf_counter()
             quantize(str(model_dir), solved, QuantSpec(method="gptq", act_order=act_order, format=f"gguf:{scheme}"),
-                     calibration=c4, device="cpu")
+                     calibration=c4, device="cpu", overwrite=True)
             score(f"quantize-llm gptq{' --act-order' if act_order else ''}", scheme, solved,
                   time.perf_counter() - t)
     print()
