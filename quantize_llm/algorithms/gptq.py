@@ -169,8 +169,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
     group_of = (order // gs) if options.static_groups else (torch.arange(in_features, device=w.device) // gs)
     grid = IntegerGrid(w, spec, options.clip, hdiag, group_of.tolist(), static, mask)   # plain ints: no syncs
     row_error = torch.zeros(w.shape[0], dtype=dt, device=w.device)
-    kept = feedback(w, hinv, options.block_size, grid, mask, row_error)
-    del hinv
+    kept = feedback(w, hinv, options.block_size, grid, mask, row_error)   # w itself, or None
+    del hinv, w
 
     codes = grid.codes
     g_idx = None

@@ -296,12 +296,12 @@ def feedback(w: Tensor, hinv: Tensor, block_size: int, grid: Grid, mask: Tensor 
     hinv (in, in): the upper Cholesky factor U of H^-1, in the same column order. Columns go in
     lazy blocks of `block_size`: the error of a block reaches the columns after it in one matrix
     product. mask (out, in) bool: weights kept exactly (the grid stores what it likes there), which
-    feed back no error; their final values, error received included, are returned (0 elsewhere).
+    feed back no error; their final values, error received included, are returned (0 elsewhere)
+    in `w` itself (a rounded block's columns are not read again: no second matrix of w's size).
     row_error (out,): the squared errors fed back, summed per row, are added to it: with
     W - Q = E U, that is each row's tr(D H' D^T) for the damped Hessian H' (`solve_energy`).
     """
     n = w.shape[1]
-    kept = torch.zeros_like(w) if mask is not None else None
     fused = grid.fused
     pivots = torch.diagonal(hinv).tolist() if fused else torch.diagonal(hinv)   # plain floats: no syncs
     i1 = i2 = 0
@@ -320,6 +320,7 @@ def feedback(w: Tensor, hinv: Tensor, block_size: int, grid: Grid, mask: Tensor 
         w1 = w[:, i1:i2].clone()                                        # (out, b)
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
+        kept1 = torch.zeros_like(w1) if mask is not None else None
         grid.block(i1, i2)
         for i in range(i2 - i1):
             j = i1 + i
@@ -327,7 +328,7 @@ def feedback(w: Tensor, hinv: Tensor, block_size: int, grid: Grid, mask: Tensor 
             err = (col - grid.round(j, col, current)).div_(pivots[j])
             if mask is not None:
                 m = mask[:, j]
-                kept[:, j] = torch.where(m, col, 0.0)   # type: ignore[index]  # set whenever mask is
+                kept1[:, i] = torch.where(m, col, 0.0)   # type: ignore[index]  # set whenever mask is
                 err = err.masked_fill(m, 0.0)
             if fused:
                 w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)            # rank-1 update of the block
@@ -340,4 +341,6 @@ def feedback(w: Tensor, hinv: Tensor, block_size: int, grid: Grid, mask: Tensor 
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
         if row_error is not None:
             row_error += (err1 * err1).sum(dim=1)
-    return kept
+        if kept1 is not None:
+            w[:, i1:i2] = kept1
+    return w if mask is not None else None
