@@ -44,6 +44,9 @@ from .solve import (
 
 # code = clip(rint(x / s), lo, hi) + offset; value = s * (code - offset)
 _CENTERED = {"Q8_0": 0, "Q4_0": 8, "Q5_0": 16, "Q6_K": 32, "Q3_K": 4}
+# the types whose block scale is chosen with the errors fed back inside the block (GgmlGrid._search):
+# nmax of make_qx_quants
+FEEDBACK_SEARCH = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}
 
 
 def _scales(type_name: str, params: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -78,12 +81,15 @@ class GgmlGrid(Grid):
 
     def __init__(self, type_name: str, rows: int, cols: int, device: torch.device,
                  static: ggml.GgmlWeight | None = None, order: list[int] | None = None,
-                 importance: np.ndarray | None = None) -> None:
+                 importance: np.ndarray | None = None, hinv: Tensor | None = None) -> None:
         t = ggml.TYPES[type_name]
         if cols % t.block:
             raise ValueError(f"{type_name} needs rows of a multiple of {t.block} weights, not {cols}")
         self.type, self.t, self.order, self.device = type_name, t, order, device
         self.importance = importance   # per original column: weighs the fields' search (None: the reference's)
+        # the solve's factor U: with it, a Q4_0/Q5_0/Q8_0 block's scale is the one whose rounding,
+        # errors fed back inside the block, costs the least (FEEDBACK_SEARCH)
+        self.hinv = hinv if type_name in FEEDBACK_SEARCH and static is None and order is None else None
         self.codes = torch.zeros(rows, cols, dtype=torch.int16, device=device)
         self.fields: dict[str, np.ndarray] = {}
         self.s = torch.zeros(rows, cols // t.sub, dtype=torch.float32, device=device)
@@ -112,10 +118,46 @@ class GgmlGrid(Grid):
             nblocks = self.codes.shape[1] // t.block
             self.fields = {k: np.zeros((v.shape[0], nblocks, *v.shape[2:]), dtype=v.dtype)
                            for k, v in chosen.items()}
+        if self.hinv is not None:
+            chosen = {"d": self._search(block, cols, chosen["d"][:, 0])[:, None]}
         for k, v in chosen.items():
             self.fields[k][:, block] = v[:, 0]
         per = t.block // t.sub
         self._load(slice(block * per, (block + 1) * per), chosen)
+
+    def _search(self, block: int, cols: Tensor, reference: np.ndarray) -> np.ndarray:
+        """float16 (rows,) scales of block `block` (Q4_0/Q5_0/Q8_0: one scale per 32 weights, codes
+        centred): among the reference's and every scale make_qx_quants tries (ggml.scale_trials),
+        per row the one whose rounding of the block's current columns `cols` (rows, 32), each
+        column's error fed back to the columns after it inside the block through the factor U as
+        the solve will, leaves the least summed squared error e_j = (x_j - q_j) / U_jj: the
+        block's share of the row's output error (solve.solve_energy). A tie keeps the reference."""
+        t, nmax = self.t, FEEDBACK_SEARCH[self.type]
+        x = cols.detach().float()
+        imp = self.importance[block * t.block:(block + 1) * t.block] if self.importance is not None else None
+        trials = ggml.scale_trials(x.cpu().numpy(), nmax, imp)[:, 0]                  # (rows, 19)
+        d = np.concatenate([reference[:, None], trials.astype(np.float16)], axis=1).astype(np.float32)
+        d = torch.from_numpy(d).to(x.device).t().contiguous()                         # (C, rows)
+        j = block * t.block
+        u = self.hinv[j:j + t.block, j:j + t.block].float()
+        lo, hi = (-127, 127) if self.type == "Q8_0" else (-nmax, nmax - 1)
+        n_c, rows = d.shape
+        # the errors so far, (32, C * rows): column k's value is x_k - U[:k, k] @ E[:k] (the
+        # updates applied lazily, one matrix-vector product per column)
+        errors = x.new_zeros(t.block, n_c * rows)
+        loss = torch.zeros_like(d)
+        divisor = torch.where(d == 0, torch.ones_like(d), d)
+        nonzero = (d != 0).to(d.dtype)                                               # a 0 scale rounds to 0
+        for k in range(t.block):
+            v = x[:, k].expand(n_c, rows)
+            if k:
+                v = v - (u[:k, k] @ errors[:k]).view(n_c, rows)
+            q = torch.round(v / divisor).clamp_(lo, hi).mul_(nonzero)
+            e = (v - d * q).div_(u[k, k])
+            loss.addcmul_(e, e)
+            errors[k] = e.view(-1)
+        best = loss.argmin(dim=0)                                                    # first minimum
+        return d.gather(0, best[None])[0].cpu().numpy().astype(np.float16)
 
     def round(self, j: int, col: Tensor, current: Callable[[int, int], Tensor]) -> Tensor:
         t = self.t
@@ -156,12 +198,14 @@ class GgmlStats:
 @torch.no_grad()
 def ggml_gptq(weight: Tensor, hessian: Tensor, type_name: str, options: GPTQOptions | None = None,
               act_order: bool = False, own_hessian: bool = False,
-              weighted: bool = True) -> tuple[ggml.GgmlWeight, GgmlStats]:
+              weighted: bool = True, search: bool = True) -> tuple[ggml.GgmlWeight, GgmlStats]:
     """GPTQ of a (out, in) weight onto ggml block type `type_name`, given the Hessian sum X^T X of
     its inputs. Works in float32; does not modify `weight`, nor `hessian` unless `own_hessian`
     (it is then factored where it lies). `weighted`: each block's fields are searched under
     llama.cpp's importance weights with diag(H) as the importance (what llama-imatrix measures)
-    where the type has such a search (ggml.quantize_rtn); else they are the reference's."""
+    where the type has such a search (ggml.quantize_rtn); else they are the reference's.
+    `search` (without act-order): a Q4_0/Q5_0/Q8_0 block's scale is chosen among the searched
+    ones by its cost with the errors fed back inside the block (GgmlGrid._search)."""
     start = time.perf_counter()
     options = options or GPTQOptions()
     w = weight.to(torch.float32, copy=True)
@@ -178,7 +222,7 @@ def ggml_gptq(weight: Tensor, hessian: Tensor, type_name: str, options: GPTQOpti
     if perm is not None:
         w = w[:, perm]
     grid = GgmlGrid(type_name, w.shape[0], w.shape[1], w.device, static, perm.tolist() if perm is not None else None,
-                    importance)
+                    importance, hinv if search else None)
     row_error = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
     feedback(w, hinv, options.block_size, grid, None, row_error)
     del hinv

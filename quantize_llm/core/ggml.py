@@ -204,6 +204,24 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
     return scale, (-best_min).astype(F32), L
 
 
+def scale_trials(x: np.ndarray, nmax: int, importance: np.ndarray | None = None) -> np.ndarray:
+    """The scales make_qx_quants weighs for blocks of 32 of x (rows, cols): for each of its 19
+    trial inverse scales -(nmax + 0.1 k) / max (k = 0, -9 .. 9), the least-squares scale of the
+    codes it rounds to, under llama.cpp's importance weights (`importance` per column) or x^2.
+    float32 (rows, cols / 32, 19); 0 where a trial's codes are all 0."""
+    b = _blocks(x, 32)
+    w = b * b if importance is None else _importance_weights(b, importance, 32)
+    mx = _signed_max(b)
+    out = np.zeros((*b.shape[:2], 19), dtype=F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i, step in enumerate([0, *range(-9, 0), *range(1, 10)]):
+            iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
+            lf = np.clip(_rint(iscale[..., None] * b), -nmax, nmax - 1).astype(F32)
+            sumlx, suml2 = _seqsum(w * b * lf), _seqsum(w * lf * lf)
+            out[..., i] = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _make_qx(x: np.ndarray, nmax: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(n, nmax, x, L, rmse_type=1, weights) over sub-blocks x (..., n): (scale, L);
     without weights x^2 (the reference's)."""

@@ -35,7 +35,7 @@ def out_error(w: torch.Tensor, q: np.ndarray, h: torch.Tensor) -> float:
 @pytest.mark.parametrize("type_name", K_QUANTS)
 def test_without_feedback_the_k_quants_are_llama_cpps_reference_bytes(type_name):
     w, _ = problem()
-    got, _ = ggml_gptq(w, 10.0 * torch.eye(512), type_name, weighted=False)   # H = cI: no feedback
+    got, _ = ggml_gptq(w, 10.0 * torch.eye(512), type_name, weighted=False, search=False)   # H = cI: no feedback
     assert np.array_equal(got.pack(), ggml.quantize_rtn(type_name, w.numpy()).pack())
 
 
@@ -45,7 +45,7 @@ def test_without_feedback_the_legacy_types_take_the_nearest_point_of_the_stored_
     stored one, so every weight is at least as close to its value as the reference puts it."""
     w, _ = problem()
     ref = ggml.quantize_rtn(type_name, w.numpy())
-    got, _ = ggml_gptq(w, 10.0 * torch.eye(512), type_name, weighted=False)
+    got, _ = ggml_gptq(w, 10.0 * torch.eye(512), type_name, weighted=False, search=False)
     assert all(np.array_equal(got.params[k], ref.params[k]) for k in ref.params)
     x = w.numpy()
     assert (np.abs(x - ggml.dequantize(got)) <= np.abs(x - ggml.dequantize(ref)) + 1e-7).all()
@@ -91,7 +91,7 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, type_name: str, damp: float
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q3_K", "Q6_K", "Q4_0"])
 def test_codes_match_a_float64_column_by_column_gptq(type_name):
     w, h = problem(rows=8, cols=256, seed=1)
-    got, _ = ggml_gptq(w, h, type_name, GPTQOptions(block_size=64), weighted=False)
+    got, _ = ggml_gptq(w, h, type_name, GPTQOptions(block_size=64), weighted=False, search=False)
     ref = reference_gptq(w, h, type_name)
     agree = float((got.codes == ref).mean())
     assert agree > 0.995, agree    # float32 against float64: a rare code lands the other side of a tie
@@ -118,6 +118,22 @@ def test_feedback_lowers_the_output_error_and_reports_its_definition(type_name, 
         ref = ggml.quantize_rtn(type_name, w.numpy(), h.diagonal().numpy())
         assert all(np.array_equal(result.weight.params[k], ref.params[k]) for k in ref.params)
     assert torch.equal(result.dequantize(), torch.from_numpy(q))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q8_0"])
+def test_the_feedback_search_never_loses_on_a_block_and_wins_on_a_layer(type_name):
+    """The scale chosen by its cost with the errors fed back inside the block: on a single block
+    (nothing before it, so the cost it minimizes is the row's whole loss) no row does worse than
+    with the searched scale alone, and over a layer the output error drops."""
+    w, h = problem(rows=64, cols=512, seed=7)
+    w32, h32 = w[:, :32].contiguous(), h[:32, :32].contiguous()
+    _, plain = ggml_gptq(w32, h32, type_name, search=False)
+    got, searched = ggml_gptq(w32, h32, type_name)
+    assert bool((searched.row_error <= plain.row_error * (1 + 1e-5)).all())
+    assert float(searched.row_error.sum()) < float(plain.row_error.sum())
+    assert not np.array_equal(got.params["d"], ggml_gptq(w32, h32, type_name, search=False)[0].params["d"])
+    whole = [out_error(w, ggml.dequantize(ggml_gptq(w, h, type_name, search=s)[0]), h) for s in (False, True)]
+    assert whole[1] < whole[0], whole
 
 
 def test_a_row_that_does_not_fill_the_blocks_is_refused():
