@@ -133,11 +133,12 @@ class GgmlGrid(Grid):
         the solve will, leaves the least summed squared error e_j = (x_j - q_j) / U_jj: the
         block's share of the row's output error (solve.solve_energy). A tie keeps the reference."""
         t, nmax = self.t, FEEDBACK_SEARCH[self.type]
+        assert self.hinv is not None
         x = cols.detach().float()
         imp = self.importance[block * t.block:(block + 1) * t.block] if self.importance is not None else None
         trials = ggml.scale_trials(x.cpu().numpy(), nmax, imp)[:, 0]                  # (rows, 19)
-        d = np.concatenate([reference[:, None], trials.astype(np.float16)], axis=1).astype(np.float32)
-        d = torch.from_numpy(d).to(x.device).t().contiguous()                         # (C, rows)
+        stored = np.concatenate([reference[:, None], trials.astype(np.float16)], axis=1).astype(np.float32)
+        d = torch.from_numpy(stored).to(x.device).t().contiguous()                    # (C, rows)
         j = block * t.block
         u = self.hinv[j:j + t.block, j:j + t.block].float()
         lo, hi = (-127, 127) if self.type == "Q8_0" else (-nmax, nmax - 1)
