@@ -10,6 +10,12 @@ exactly as for the integer grids. With act-order the columns are processed by de
 diag(H), and every block's grid is fixed up front from the original weights (as `--static-groups`
 does for integer groups: a block's columns are no longer processed together).
 
+Without act-order the fields then take the errors the solve will feed back into account: a
+Q4_0/Q5_0/Q8_0 block's scale is picked among the scales llama.cpp's search tries, and a k-quant
+sub-block's integer scale (and min) among small steps around the chosen ones, each by the cost of
+rounding the block's current columns in order with the errors fed back inside it (the block's
+share of the output error), when the solve reaches its first column.
+
 The values fed back are the ones llama.cpp's dequantizer computes from the stored fields, in its
 float32 arithmetic, so the solve sees the weights the file will hold.
 """
@@ -47,6 +53,36 @@ _CENTERED = {"Q8_0": 0, "Q4_0": 8, "Q5_0": 16, "Q6_K": 32, "Q3_K": 4}
 # the types whose block scale is chosen with the errors fed back inside the block (GgmlGrid._search):
 # nmax of make_qx_quants
 FEEDBACK_SEARCH = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 128}
+# the k-quants whose sub-block scale (and min) are refined the same way (GgmlGrid._refine): the
+# steps tried around the chosen 6-bit (Q6_K: 8-bit) integers and the integers' range
+REFINE = {"Q4_K": ((-2, -1, 1, 2), (0, 63)), "Q5_K": ((-2, -1, 1, 2), (0, 63)),
+          "Q6_K": ((-3, -2, -1, 1, 2, 3), (-128, 127)), "Q3_K": ((-3, -2, -1, 1, 2, 3), (0, 63))}
+
+
+def _feedback_cost(x: Tensor, s: Tensor, m: Tensor, u: Tensor, lo: int, hi: int, affine: bool) -> Tensor:
+    """(C, rows): for each of C candidate grids (s, m) (C, rows) of a run of columns x (rows, k),
+    the summed squared errors e_j = (x_j - value_j) / U_jj of rounding the columns in order, each
+    column's error fed back to the columns after it through u = U[j0:j0+k, j0:j0+k] as the solve
+    does (its share of the row's output error: solve.solve_energy). Codes clamp(rint(x / s), lo,
+    hi) with value s * code, or (affine) clamp(rint((x + m) / s), lo, hi) with value s * code - m;
+    a 0 scale stands for code 0."""
+    n_c, rows = s.shape
+    errors = x.new_zeros(x.shape[1], n_c * rows)   # column k's value: x_k - U[:k, k] @ E[:k] (lazily)
+    loss = torch.zeros_like(s)
+    divisor = torch.where(s == 0, torch.ones_like(s), s)
+    nonzero = (s != 0).to(s.dtype)
+    for k in range(x.shape[1]):
+        v = x[:, k].expand(n_c, rows)
+        if k:
+            v = v - (u[:k, k] @ errors[:k]).view(n_c, rows)
+        if affine:
+            value = s * torch.round((v + m) / divisor).clamp_(lo, hi).mul_(nonzero) - m
+        else:
+            value = s * torch.round(v / divisor).clamp_(lo, hi).mul_(nonzero)
+        e = (v - value).div_(u[k, k])
+        loss.addcmul_(e, e)
+        errors[k] = e.reshape(-1)
+    return loss
 
 
 def _scales(type_name: str, params: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +125,10 @@ class GgmlGrid(Grid):
         self.importance = importance   # per original column: weighs the fields' search (None: the reference's)
         # the solve's factor U: with it, a Q4_0/Q5_0/Q8_0 block's scale is the one whose rounding,
         # errors fed back inside the block, costs the least (FEEDBACK_SEARCH)
-        self.hinv = hinv if type_name in FEEDBACK_SEARCH and static is None and order is None else None
+        searched = static is None and order is None
+        self.hinv = hinv if type_name in FEEDBACK_SEARCH and searched else None
+        # ... and the k-quants' sub-block scales, each when its first column is reached
+        self.refine = hinv if type_name in REFINE and searched else None
         self.codes = torch.zeros(rows, cols, dtype=torch.int16, device=device)
         self.fields: dict[str, np.ndarray] = {}
         self.s = torch.zeros(rows, cols // t.sub, dtype=torch.float32, device=device)
@@ -142,28 +181,56 @@ class GgmlGrid(Grid):
         j = block * t.block
         u = self.hinv[j:j + t.block, j:j + t.block].float()
         lo, hi = (-127, 127) if self.type == "Q8_0" else (-nmax, nmax - 1)
-        n_c, rows = d.shape
-        # the errors so far, (32, C * rows): column k's value is x_k - U[:k, k] @ E[:k] (the
-        # updates applied lazily, one matrix-vector product per column)
-        errors = x.new_zeros(t.block, n_c * rows)
-        loss = torch.zeros_like(d)
-        divisor = torch.where(d == 0, torch.ones_like(d), d)
-        nonzero = (d != 0).to(d.dtype)                                               # a 0 scale rounds to 0
-        for k in range(t.block):
-            v = x[:, k].expand(n_c, rows)
-            if k:
-                v = v - (u[:k, k] @ errors[:k]).view(n_c, rows)
-            q = torch.round(v / divisor).clamp_(lo, hi).mul_(nonzero)
-            e = (v - d * q).div_(u[k, k])
-            loss.addcmul_(e, e)
-            errors[k] = e.view(-1)
+        loss = _feedback_cost(x, d, torch.zeros_like(d), u, lo, hi, affine=False)
         best = loss.argmin(dim=0)                                                    # first minimum
         return d.gather(0, best[None])[0].cpu().numpy().astype(np.float16)
+
+    def _refine(self, j: int, cols: Tensor) -> None:
+        """A k-quant sub-block's integer scale (and, Q4_K/Q5_K, its min) starting at column j,
+        moved by the steps of REFINE (each alone, then both for Q4_K/Q5_K) where that lowers
+        the cost of rounding its current columns `cols` with the errors fed back inside it
+        (_feedback_cost); the super-block's d and dmin stay. A tie keeps the chosen integers."""
+        assert self.refine is not None
+        t = self.t
+        block, i, sub = j // t.block, (j % t.block) // t.sub, j // t.sub
+        steps, (lo_int, hi_int) = REFINE[self.type]
+        x = cols.detach().float()
+        dev = x.device
+        d = torch.from_numpy(self.fields["d"][:, block].astype(np.float32)).to(dev)
+        sc = torch.from_numpy(self.fields["sc"][:, block, i].astype(np.int64)).to(dev)
+        affine = self.type in ("Q4_K", "Q5_K")
+        moves = [(0, 0)] + [(a, 0) for a in steps]
+        if affine:
+            moves += [(0, b) for b in steps] + [(a, b) for a in steps for b in steps]
+            dmin = torch.from_numpy(self.fields["dmin"][:, block].astype(np.float32)).to(dev)
+            mn = torch.from_numpy(self.fields["mn"][:, block, i].astype(np.int64)).to(dev)
+        a = torch.tensor([mv[0] for mv in moves], device=dev)[:, None]
+        b = torch.tensor([mv[1] for mv in moves], device=dev)[:, None]
+        sc_c = (sc[None] + a).clamp_(lo_int, hi_int)                                # (C, rows)
+        if affine:
+            mn_c = (mn[None] + b).clamp_(lo_int, hi_int)
+            s_c = d[None] * sc_c.float()
+            m_c = dmin[None] * mn_c.float()
+            lo, hi = t.lo, t.hi
+        else:
+            off = _CENTERED[self.type]
+            s_c = d[None] * (sc_c - (32 if self.type == "Q3_K" else 0)).float()
+            m_c = torch.zeros_like(s_c)
+            lo, hi = t.lo - off, t.hi - off
+        u = self.refine[j:j + t.sub, j:j + t.sub].float()
+        best = _feedback_cost(x, s_c, m_c, u, lo, hi, affine).argmin(dim=0)[None]   # first minimum
+        self.fields["sc"][:, block, i] = sc_c.gather(0, best)[0].cpu().numpy().astype(self.fields["sc"].dtype)
+        self.s[:, sub] = s_c.gather(0, best)[0]
+        if affine:
+            self.fields["mn"][:, block, i] = mn_c.gather(0, best)[0].cpu().numpy().astype(self.fields["mn"].dtype)
+            self.m[:, sub] = m_c.gather(0, best)[0]
 
     def round(self, j: int, col: Tensor, current: Callable[[int, int], Tensor]) -> Tensor:
         t = self.t
         if not self.static and j % t.block == 0:
             self._choose(j // t.block, current(j, t.block))
+        if self.refine is not None and j % t.sub == 0:
+            self._refine(j, current(j, t.sub))
         c = self.order[j] if self.order is not None else j
         sub = c // t.sub
         s, m = self.s[:, sub], self.m[:, sub]
@@ -205,8 +272,9 @@ def ggml_gptq(weight: Tensor, hessian: Tensor, type_name: str, options: GPTQOpti
     (it is then factored where it lies). `weighted`: each block's fields are searched under
     llama.cpp's importance weights with diag(H) as the importance (what llama-imatrix measures)
     where the type has such a search (ggml.quantize_rtn); else they are the reference's.
-    `search` (without act-order): a Q4_0/Q5_0/Q8_0 block's scale is chosen among the searched
-    ones by its cost with the errors fed back inside the block (GgmlGrid._search)."""
+    `search` (without act-order): a Q4_0/Q5_0/Q8_0 block's scale, and a k-quant sub-block's
+    integer scale and min, are chosen by their cost with the errors fed back inside the block
+    (GgmlGrid._search, GgmlGrid._refine)."""
     start = time.perf_counter()
     options = options or GPTQOptions()
     w = weight.to(torch.float32, copy=True)

@@ -121,10 +121,10 @@ def test_feedback_lowers_the_output_error_and_reports_its_definition(type_name, 
 
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q8_0"])
-def test_the_feedback_search_never_loses_on_a_block_and_wins_on_a_layer(type_name):
+def test_the_feedback_search_never_loses_on_a_lone_block(type_name):
     """The scale chosen by its cost with the errors fed back inside the block: on a single block
     (nothing before it, so the cost it minimizes is the row's whole loss) no row does worse than
-    with the searched scale alone, and over a layer the output error drops."""
+    with the searched scale alone."""
     w, h = problem(rows=64, cols=512, seed=7)
     w32, h32 = w[:, :32].contiguous(), h[:32, :32].contiguous()
     _, plain = ggml_gptq(w32, h32, type_name, search=False)
@@ -132,8 +132,15 @@ def test_the_feedback_search_never_loses_on_a_block_and_wins_on_a_layer(type_nam
     assert bool((searched.row_error <= plain.row_error * (1 + 1e-5)).all())
     assert float(searched.row_error.sum()) < float(plain.row_error.sum())
     assert not np.array_equal(got.params["d"], ggml_gptq(w32, h32, type_name, search=False)[0].params["d"])
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K"])
+def test_the_feedback_search_lowers_a_layers_output_error(type_name):
+    """Block scales (legacy types) and sub-block scales and mins (k-quants) chosen by their cost
+    with the errors fed back: the layer's output error drops (4-7% legacy, 12-17% k-quants here)."""
+    w, h = problem(rows=64, cols=512, seed=7)
     whole = [out_error(w, ggml.dequantize(ggml_gptq(w, h, type_name, search=s)[0]), h) for s in (False, True)]
-    assert whole[1] < whole[0], whole
+    assert whole[1] < 0.97 * whole[0], whole
 
 
 def test_a_row_that_does_not_fill_the_blocks_is_refused():
