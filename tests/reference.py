@@ -123,7 +123,7 @@ def gptq_f64(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: 
     maxq = 2 ** bits - 1
 
     def params(cols, weights=None):
-        if clip == "mse":   # brute force: every shrink 1, 0.99, ..., 0.2 of the range, weighted error
+        if clip in ("mse", "feedback"):   # brute force: every shrink 1, 0.99, ..., 0.2 of the range, weighted error
             best = None
             for i in range(81):
                 p = 1 - i / 100
@@ -144,6 +144,32 @@ def gptq_f64(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: 
     def minmax(cols):
         return minmax_f64(cols, bits, sym, min_zero)
 
+    def feedback_choice(cols, u, s0, z0):
+        """--clip feedback: per row, the mse choice or a range shrunk by 1, 0.975, ... 0.7,
+        whichever costs least when the group's columns are rounded in order with full GPTQ
+        updates inside the group (sum of squared (w - q) / U_jj); the first on a tie."""
+        options = [(s0, z0)]
+        for i in range(13):
+            p = 1 - 0.025 * i
+            lo = torch.clamp(cols.min(dim=1).values, max=0) * p
+            hi = torch.clamp(cols.max(dim=1).values, min=0) * p
+            options.append(minmax(torch.stack([lo, hi], dim=1)))
+        best = None
+        for s_c, z_c in options:
+            work, cost = cols.clone(), torch.zeros(cols.shape[0], dtype=torch.float64)
+            for k in range(cols.shape[1]):
+                q = torch.clamp(torch.round(work[:, k] / s_c) + z_c, 0, maxq)
+                err = (work[:, k] - s_c * (q - z_c)) / u[k, k]
+                cost += err ** 2
+                work[:, k:] -= err[:, None] * u[k, k:][None, :]
+            if best is None:
+                best = (cost, s_c, z_c)
+            else:
+                better = cost < best[0]
+                best = (torch.where(better, cost, best[0]), torch.where(better, s_c, best[1]),
+                        torch.where(better, z_c, best[2]))
+        return best[1], best[2]
+
     M = torch.zeros_like(W, dtype=torch.bool) if mask is None else mask.clone()
     static = None
     if static_groups:
@@ -163,6 +189,8 @@ def gptq_f64(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: 
             g = j // gs
             if j % gs == 0:
                 s, z = params(torch.where(M[:, j:j + gs], 0.0, W[:, j:j + gs]), hdiag[j:j + gs])
+                if clip == "feedback":
+                    s, z = feedback_choice(W[:, j:j + gs], Hinv[j:j + gs, j:j + gs], s, z)
         g_idx[int(perm[j])] = g
         q = torch.clamp(torch.round(W[:, j] / s) + z, 0, maxq)
         Q[:, j] = torch.where(M[:, j], W[:, j], s * (q - z))

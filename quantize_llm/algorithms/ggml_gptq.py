@@ -43,6 +43,7 @@ from .solve import (
     cholesky_inverse_upper,
     energy,
     feedback,
+    feedback_cost,
     solve_diagonal,
     solve_energy,
     squared_residual,
@@ -60,29 +61,17 @@ REFINE = {"Q4_K": ((-2, -1, 1, 2), (0, 63)), "Q5_K": ((-2, -1, 1, 2), (0, 63)),
 
 
 def _feedback_cost(x: Tensor, s: Tensor, m: Tensor, u: Tensor, lo: int, hi: int, affine: bool) -> Tensor:
-    """(C, rows): for each of C candidate grids (s, m) (C, rows) of a run of columns x (rows, k),
-    the summed squared errors e_j = (x_j - value_j) / U_jj of rounding the columns in order, each
-    column's error fed back to the columns after it through u = U[j0:j0+k, j0:j0+k] as the solve
-    does (its share of the row's output error: solve.solve_energy). Codes clamp(rint(x / s), lo,
-    hi) with value s * code, or (affine) clamp(rint((x + m) / s), lo, hi) with value s * code - m;
-    a 0 scale stands for code 0."""
-    n_c, rows = s.shape
-    errors = x.new_zeros(x.shape[1], n_c * rows)   # column k's value: x_k - U[:k, k] @ E[:k] (lazily)
-    loss = torch.zeros_like(s)
+    """solve.feedback_cost for C candidate grids (s, m) (C, rows) of a ggml sub-block: codes
+    clamp(rint(x / s), lo, hi) with value s * code, or (affine) clamp(rint((x + m) / s), lo, hi)
+    with value s * code - m; a 0 scale stands for code 0."""
     divisor = torch.where(s == 0, torch.ones_like(s), s)
     nonzero = (s != 0).to(s.dtype)
-    for k in range(x.shape[1]):
-        v = x[:, k].expand(n_c, rows)
-        if k:
-            v = v - (u[:k, k] @ errors[:k]).view(n_c, rows)
+
+    def value(_: int, v: Tensor) -> Tensor:
         if affine:
-            value = s * torch.round((v + m) / divisor).clamp_(lo, hi).mul_(nonzero) - m
-        else:
-            value = s * torch.round(v / divisor).clamp_(lo, hi).mul_(nonzero)
-        e = (v - value).div_(u[k, k])
-        loss.addcmul_(e, e)
-        errors[k] = e.reshape(-1)
-    return loss
+            return s * torch.round((v + m) / divisor).clamp_(lo, hi).mul_(nonzero) - m
+        return s * torch.round(v / divisor).clamp_(lo, hi).mul_(nonzero)
+    return feedback_cost(x, u, s.shape[0], value)
 
 
 def _scales(type_name: str, params: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..core.primitives import CLIPS, Float16Overflow, LayerError, row_params, rtn_group_params
+from ..core.primitives import CLIPS, Float16Overflow, LayerError, row_params, rtn_group_params, shrunk_params
 from ..core.qweight import QuantizedWeight
 from ..core.spec import MethodRecord, QuantSpec
 from ..errors import RunError, SpecError
@@ -31,6 +31,7 @@ from .solve import (
     cholesky_inverse_upper,
     energy,
     feedback,
+    feedback_cost,
     output_error,
     solve_diagonal,
     solve_energy,
@@ -48,12 +49,24 @@ class GPTQOptions:
                                    # columns are permuted even when spec.act_order, which says whether a
                                    # non-trivial g_idx is stored, is off
     true_sequential: bool = SolverOptions.true_sequential
-    clip: str = "mse"              # group range: "mse" (shrunk where the diag(H)-weighted error drops) or "minmax"
+    clip: str = "mse"              # group range: "mse" (shrunk where the diag(H)-weighted error drops), "minmax",
+                                   # or "feedback" (IntegerGrid.feedback_params)
 
     def __post_init__(self) -> None:
         SolverOptions.of(self)
-        if self.clip not in CLIPS:
-            raise SpecError(f"--clip {self.clip} is not known", f"choose one of {', '.join(CLIPS)}; mse is the default")
+        if self.clip not in GPTQ_CLIPS:
+            raise SpecError(f"--clip {self.clip} is not known",
+                            f"choose one of {', '.join(GPTQ_CLIPS)}; mse is the default")
+
+    @property
+    def range_clip(self) -> str:
+        """The clip of ranges chosen without the solve (static groups; feedback's first candidate)."""
+        return "mse" if self.clip == "feedback" else self.clip
+
+
+GPTQ_CLIPS = (*CLIPS, "feedback")
+# the range factors p (range p*min .. p*max) tried beside the mse search's choice by --clip feedback
+FEEDBACK_SHRINKS = tuple(1 - 0.025 * i for i in range(13))   # 1.0, 0.975, ... 0.7
 
 
 class IntegerGrid(Grid):
@@ -67,9 +80,12 @@ class IntegerGrid(Grid):
     fused: ClassVar[bool] = True
 
     def __init__(self, w: Tensor, spec: QuantSpec, clip: str, hdiag: Tensor, groups: list[int],
-                 static: tuple[Tensor, Tensor] | None, mask: Tensor | None) -> None:
+                 static: tuple[Tensor, Tensor] | None, mask: Tensor | None, hinv: Tensor | None = None) -> None:
         out_features, in_features = w.shape
-        self.spec, self.clip, self.hdiag, self.groups, self.mask = spec, clip, hdiag, groups, mask
+        self.spec, self.hdiag, self.groups, self.mask = spec, hdiag, groups, mask
+        # "feedback" needs the factor (and groups of consecutive processing positions, no outliers)
+        self.hinv = hinv if clip == "feedback" and static is None and mask is None else None
+        self.clip = "mse" if clip == "feedback" else clip
         self.gs, self.maxq = spec.effective_group_size(in_features), spec.maxq
         self.static = static
         if static is not None:
@@ -82,6 +98,27 @@ class IntegerGrid(Grid):
         self.cur_s = self.cur_z = w.new_zeros(out_features)
         self.loaded = -1                                                # the group whose params are in cur_s
 
+    def feedback_params(self, j: int, cols: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
+        """--clip feedback: per row, among the mse search's range (`scale`, `zero`) and the
+        ranges shrunk by FEEDBACK_SHRINKS, the one whose rounding of the group's current columns
+        `cols` (rows, k), each column's error fed back to the columns after it inside the group as
+        the solve will, costs the least (solve.feedback_cost: the group's share of the output
+        error). A tie keeps the mse search's."""
+        assert self.hinv is not None
+        spec, k = self.spec, cols.shape[1]
+        p = torch.tensor(FEEDBACK_SHRINKS, dtype=torch.float64, device=cols.device)
+        s_t, z_t = shrunk_params(cols, spec.bits, spec.sym, spec.min_zero, p)
+        s16 = torch.cat([scale[None], s_t])                                       # (C, rows) float16
+        z32 = torch.cat([zero[None], z_t])
+        s, z = s16.to(cols.dtype), z32.to(cols.dtype)
+        maxq = self.maxq
+
+        def value(_: int, v: Tensor) -> Tensor:   # IntegerGrid.round's arithmetic
+            return s * (torch.round(v / s).add_(z).clamp_(0, maxq) - z)
+        u = self.hinv[j:j + k, j:j + k].to(cols.dtype)
+        best = feedback_cost(cols, u, s.shape[0], value).argmin(dim=0)[None]       # first minimum
+        return s16.gather(0, best)[0], z32.gather(0, best)[0]
+
     def round(self, j: int, col: Tensor, current: Callable[[int, int], Tensor]) -> Tensor:
         g = self.groups[j]
         if self.static is None and j % self.gs == 0:
@@ -92,6 +129,8 @@ class IntegerGrid(Grid):
             # clip search weighs each column's rounding error by its input energy diag(H)
             self.scale[:, g], self.zero[:, g] = row_params(cols, spec.bits, spec.sym, spec.min_zero, self.clip,
                                                            self.hdiag[j:j + cols.shape[1]])
+            if self.hinv is not None:
+                self.scale[:, g], self.zero[:, g] = self.feedback_params(j, cols, self.scale[:, g], self.zero[:, g])
             self.loaded = -1
         if g != self.loaded:
             self.cur_s, self.cur_z, self.loaded = self.scale[:, g].to(col.dtype), self.zero[:, g].to(col.dtype), g
@@ -156,7 +195,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
     static = None
     if options.static_groups:
         static = rtn_group_params(w if mask is None else w.masked_fill(mask, 0.0), spec.bits, spec.group_size,
-                                  spec.sym, spec.min_zero, options.clip)
+                                  spec.sym, spec.min_zero, options.range_clip)
     if perm is not None:
         w = w[:, perm]
         if mask is not None:
@@ -167,7 +206,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, options: GPT
     order = perm if perm is not None else torch.arange(in_features, device=w.device)
     # group of each processing position: static groups follow the original columns
     group_of = (order // gs) if options.static_groups else (torch.arange(in_features, device=w.device) // gs)
-    grid = IntegerGrid(w, spec, options.clip, hdiag, group_of.tolist(), static, mask)   # plain ints: no syncs
+    grid = IntegerGrid(w, spec, options.clip, hdiag, group_of.tolist(), static, mask, hinv)   # plain ints: no syncs
     row_error = torch.zeros(w.shape[0], dtype=dt, device=w.device)
     kept = feedback(w, hinv, options.block_size, grid, mask, row_error)   # w itself, or None
     del hinv, w

@@ -288,6 +288,26 @@ class Grid:
         raise NotImplementedError
 
 
+def feedback_cost(x: Tensor, u: Tensor, candidates: int, value: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """(C, rows): what rounding a run of columns x (rows, k) costs under each of C candidate
+    grids, every column's error fed back to the columns after it through u = U[j:j+k, j:j+k]
+    (the factor's block for these columns) as `feedback` does: the summed e_j^2, e_j = (x_j -
+    value_j) / U_jj, the run's share of each row's output error (solve_energy). value(k, v):
+    the grids' rounded values (C, rows) of column k, whose values under each grid are v (C, rows).
+    The updates are applied lazily: one (k x C*rows) matrix-vector product per column."""
+    rows, k_cols = x.shape
+    errors = x.new_zeros(k_cols, candidates * rows)
+    loss = x.new_zeros(candidates, rows)
+    for k in range(k_cols):
+        v = x[:, k].expand(candidates, rows)
+        if k:
+            v = v - (u[:k, k] @ errors[:k]).view(candidates, rows)
+        e = (v - value(k, v)).div_(u[k, k])
+        loss.addcmul_(e, e)
+        errors[k] = e.reshape(-1)
+    return loss
+
+
 @torch.no_grad()
 def feedback(w: Tensor, hinv: Tensor, block_size: int, grid: Grid, mask: Tensor | None = None,
              row_error: Tensor | None = None) -> Tensor | None:

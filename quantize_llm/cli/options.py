@@ -47,6 +47,10 @@ SymOpt = Annotated[bool, typer.Option("--sym/--asym", help="Symmetric grid (zero
                                                            "asymmetric (per-group zero).")]
 ClipOpt = Annotated[str, typer.Option("--clip", help="Group range: minmax, or mse (shrink the range where it lowers "
                                                      "the rounding error).")]
+GptqClipOpt = Annotated[str, typer.Option("--clip", help="Group range: minmax; mse (shrink the range where it lowers "
+                                                         "the diag(H)-weighted rounding error); or feedback (mse's "
+                                                         "range or one shrunk by 1 .. 0.7, whichever costs least "
+                                                         "with GPTQ's error feedback inside the group).")]
 FormatOpt = Annotated[str, typer.Option("--format", help="gptq (GPTQ layout), awq (AutoAWQ GEMM, 4-bit only) or "
                                                          "compressed-tensors (pack-quantized, 2/4/8-bit); rtn also "
                                                          "writes gguf (one llama.cpp file, Q4_K_M) or gguf:TYPE (Q8_0, "

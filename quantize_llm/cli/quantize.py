@@ -23,6 +23,7 @@ from .options import (
     CalibrationOptions,
     ClipOpt,
     FormatOpt,
+    GptqClipOpt,
     GroupSizeOpt,
     KeepDenseOpt,
     ModelArg,
@@ -91,7 +92,7 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
                                                  "activation (desc_act); stores g_idx.")] = False,
          static_groups: Annotated[bool, typer.Option("--static-groups", help="With --act-order: fix groups on the "
                                                      "original column order (trivial g_idx).")] = False,
-         clip: ClipOpt = "mse", format: FormatOpt = "gptq", keep_dense: KeepDenseOpt = None, *,
+         clip: GptqClipOpt = "mse", format: FormatOpt = "gptq", keep_dense: KeepDenseOpt = None, *,
          solver: SolverOptions, calibration: CalibrationOptions, budget: BudgetOptions, run: RunOptions) -> None:
     if static_groups and not act_order:
         raise UsageError("--static-groups only changes something together with --act-order",

@@ -212,6 +212,17 @@ def mse_params(w: Tensor, bits: int, sym: bool, min_zero: int = 0, weights: Tens
     return scale, zero
 
 
+def shrunk_params(w: Tensor, bits: int, sym: bool, min_zero: int, p: Tensor) -> tuple[Tensor, Tensor]:
+    """For each row of `w` (rows, n) and each factor of `p` (T,) float64, the min-max scale and
+    zero of the range (p*min, p*max) (0 kept inside): float16 (T, rows) and int32 (T, rows)."""
+    rows = w.shape[0]
+    xmin = w.float().amin(dim=1).clamp(max=0).double()
+    xmax = w.float().amax(dim=1).clamp(min=0).double()
+    trials = torch.stack([(xmin[None] * p[:, None]).reshape(-1), (xmax[None] * p[:, None]).reshape(-1)], dim=1)
+    s, z = minmax_params(trials, bits, sym, min_zero)                   # (T*rows,)
+    return s.view(len(p), rows), z.view(len(p), rows)
+
+
 def clip_search(w: Tensor, bits: int, sym: bool, min_zero: int, score: Callable[[Tensor], Tensor],
                 grid: int, max_shrink: float) -> tuple[Tensor, Tensor, Tensor]:
     """The clip trial grid: for each row of `w` (rows, n), the ranges (p*min, p*max) for
@@ -225,11 +236,7 @@ def clip_search(w: Tensor, bits: int, sym: bool, min_zero: int, score: Callable[
     w = w.float()
     rows = w.shape[0]
     p = 1 - torch.arange(0, int(max_shrink * grid) + 1, device=w.device, dtype=torch.float64) / grid   # (T,)
-    xmin = w.amin(dim=1).clamp(max=0).double()
-    xmax = w.amax(dim=1).clamp(min=0).double()
-    trials = torch.stack([(xmin[None] * p[:, None]).reshape(-1), (xmax[None] * p[:, None]).reshape(-1)], dim=1)
-    s, z = minmax_params(trials, bits, sym, min_zero)                   # (T*rows,)
-    s, z = s.view(len(p), rows), z.view(len(p), rows)                   # (T, rows)
+    s, z = shrunk_params(w, bits, sym, min_zero, p)                     # (T, rows)
     sf, zf = s.float()[..., None], z.float()[..., None]                 # (T, rows, 1)
     # The trials' (T, rows, n) temporaries are formed a slice of rows at a time, at most
     # CLIP_TRIAL_ELEMENTS elements each, whatever the width: every row is scored on its own, so the

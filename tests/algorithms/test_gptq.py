@@ -96,6 +96,37 @@ def test_mse_clip_matches_reference_with_weighted_brute_force(bits, group_size, 
     torch.testing.assert_close(got.dequantize(torch.float64), want, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, False), (3, 48, True)])
+def test_feedback_clip_matches_reference(bits, group_size, act_order):
+    """--clip feedback against a float64 reference that tries each range with full GPTQ updates."""
+    w, x = make_layer(24, 96)
+    h = x.double().t() @ x.double()
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=False, act_order=act_order, min_zero=1)
+    got, _ = gptq_quantize(w.double(), h, spec, GPTQOptions(block_size=32, clip="feedback"))
+    want, _ = gptq_f64(w, h, bits, group_size, False, min_zero=1, act_order=act_order, clip="feedback")
+    torch.testing.assert_close(got.dequantize(torch.float64), want, rtol=0, atol=1e-9)
+    mse, _ = gptq_quantize(w.double(), h, spec, GPTQOptions(block_size=32, clip="mse"))
+    assert not torch.equal(got.dequantize(torch.float64), mse.dequantize(torch.float64))   # it chose otherwise
+
+
+def test_feedback_clip_lowers_output_error_and_is_gptq_only():
+    w, x = make_layer(128, 256)
+    h = x.t() @ x
+    spec = QuantSpec(bits=3, group_size=64, sym=False, min_zero=1)
+    err = {}
+    for clip in ("mse", "feedback"):
+        qw, _ = gptq_quantize(w, h, spec, GPTQOptions(clip=clip))
+        err[clip] = float(torch.linalg.norm(x @ (qw.dequantize() - w).t()))
+    assert err["feedback"] < err["mse"]
+    from quantize_llm.algorithms.rtn import RTNOptions
+    from quantize_llm.errors import SpecError
+    with pytest.raises(SpecError, match="--clip feedback is not known"):
+        RTNOptions(clip="feedback")
+    with pytest.raises(SpecError, match="--clip nearest is not known") as exc:
+        GPTQOptions(clip="nearest")
+    assert "minmax, mse, feedback" in (exc.value.hint or "")
+
+
 def test_mse_clip_lowers_output_error():
     w, x = make_layer(64, 128)
     w[:, 3] *= 8                                            # outlier weights stretch every min-max range
