@@ -95,6 +95,29 @@ def tiny_model(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture
+def sentencepiece_model(tmp_path: Path) -> Callable[[Path, int], Path]:
+    """sentencepiece_model(folder, vocab_size) -> folder/tokenizer.model: a SentencePiece BPE model
+    with byte fallback trained on the calibration text (Gemma's kind: no dummy prefix; pad 0,
+    eos 1, bos 2, unk 3)."""
+    spm = pytest.importorskip("sentencepiece")
+
+    def make(folder: Path, vocab_size: int) -> Path:
+        text = tmp_path / "sp-train.txt"
+        text.write_text(CALIB_TEXT)
+        prefix = tmp_path / "sp"
+        spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(prefix), vocab_size=vocab_size,
+                                       model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                       pad_id=0, eos_id=1, bos_id=2, unk_id=3, add_dummy_prefix=False,
+                                       minloglevel=2)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "tokenizer.model"
+        target.write_bytes(prefix.with_suffix(".model").read_bytes())
+        return target
+
+    return make
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     if torch.cuda.is_available():
         return

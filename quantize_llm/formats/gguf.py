@@ -4,8 +4,17 @@ The container is written with the `gguf` package's GGUFWriter. What llama.cpp ex
 read from llama.cpp's own converter and quantizer (`convert_hf_to_gguf.py` and `conversion/`,
 `src/llama-quant.cpp`, `src/llama-vocab.cpp`) and is restated here:
 
-* Families: Llama and Mistral (architecture `llama`), Qwen2 (`qwen2`) and Qwen3 (`qwen3`). Other
-  families are refused in one line.
+* Families: Llama and Mistral (architecture `llama`), Qwen2 (`qwen2`), Qwen3 (`qwen3`), Gemma
+  (`gemma`), Gemma 2 (`gemma2`) and Gemma 3 text models (`gemma3`, model_type gemma3_text). Other
+  families (the multimodal Gemma 3 among them) are refused in one line.
+* Gemma's RMSNorm scales by (1 + weight): the converter stores weight + 1 for every norm, and
+  llama.cpp scales by the stored value. llama.cpp scales Gemma 2/3 queries by 1/sqrt(head_dim)
+  (1/sqrt(hidden / heads) for the 27B layer counts, 46 and 62 blocks), whatever the config's
+  query_pre_attn_scalar says: a config that asks for another scale is refused. Gemma 2 writes
+  both soft-cappings and the sliding window; Gemma 3 the final soft-capping where set, the sliding
+  window, and the rotary bases of its full (`rope.freq_base`) and sliding (`rope.freq_base_swa`)
+  layers; both write which layers slide (`attention.sliding_window_pattern`, one bool per layer,
+  from the config's layer_types).
 * Tensor names are the `gguf` package's map from the checkpoint's names (`blk.N.attn_q.weight`, ...).
   For the `llama` architecture the converter permutes the rows of q_proj and k_proj (within each
   head, the two rotary halves are interleaved: rows reshaped (heads, 2, head_dim/2) and the first
@@ -21,7 +30,11 @@ read from llama.cpp's own converter and quantizer (`convert_hf_to_gguf.py` and `
 * Tokenizer: byte-level BPE tokenizers (tokenizer.json) as `tokenizer.ggml.model = gpt2`, with the
   token list padded to the config's vocab_size, token types (special added tokens are CONTROL),
   merges and special token ids (the `gguf` package's SpecialVocab), and `tokenizer.ggml.pre` chosen
-  from the pre-tokenizer (gpt-2, llama-bpe, qwen2, smollm or default).
+  from the pre-tokenizer (gpt-2, llama-bpe, qwen2, smollm or default). SentencePiece models
+  (tokenizer.model, where tokenizer.json is not byte-level BPE: Gemma, Llama 2, Mistral v0.1) as
+  `tokenizer.ggml.model = llama`: every piece with its score and type (normal, unknown, control,
+  unused, byte; added tokens user-defined or control), padded with unused `[PADn]` pieces, and
+  `add_space_prefix` as the model's normalizer adds one (read with the sentencepiece package).
 * Types: llama-quantize's per-tensor rules for the schemes (`tensor_type`): 1-D tensors (norms,
   biases) stay F32; the output head (or a tied token_embd) gets Q6_K, or Q8_0 when its rows do not
   fill 256-weight blocks; Q4_K_M puts attn_v and ffn_down of the `use_more_bits` layers in Q6_K;
@@ -58,7 +71,12 @@ TOKENIZER_KEYS = {"quantize_llm.tokenizer_json": "tokenizer.json",
 # model_type -> (llama.cpp architecture, rows of q/k permuted for llama.cpp's rotation)
 FAMILIES: dict[str, tuple[str, bool]] = {
     "llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
+    "gemma": ("gemma", False), "gemma2": ("gemma2", False), "gemma3_text": ("gemma3", False),
 }
+# architectures whose norms are stored as weight + 1 (Gemma's RMSNorm scales by 1 + weight)
+NORM_SHIFT = {"gemma", "gemma2", "gemma3"}
+# llama.cpp's block counts of the 27B Gemmas, whose queries it scales by 1/sqrt(hidden / heads)
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q3_K": "Q4_0"}
 
 
@@ -79,20 +97,46 @@ def family(config: dict) -> tuple[str, bool]:
     """(llama.cpp architecture, whether q/k rows are permuted); SpecError for other families."""
     model_type = str(config.get("model_type", ""))
     if model_type not in FAMILIES:
+        hint = ("the multimodal Gemma 3 is not written to GGUF yet (its text model, model_type gemma3_text, is)"
+                if model_type == "gemma3" else f"GGUF output covers {', '.join(sorted(FAMILIES))}")
         raise SpecError(f"GGUF output is not supported for model_type {model_type!r}",
-                        f"GGUF output covers {', '.join(sorted(FAMILIES))}; use another --format for this model")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in (None, "default"):
-        raise SpecError(f"GGUF output does not write rope scaling ({rope_type!r}) yet",
-                        "use another --format for this model")
+                        f"{hint}; use another --format for this model")
+    for rope in _rope_sets(config).values():
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in (None, "default"):
+            raise SpecError(f"GGUF output does not write rope scaling ({rope_type!r}) yet",
+                            "use another --format for this model")
+    arch = FAMILIES[model_type][0]
+    if arch in GEMMA_27B_LAYERS and config.get("query_pre_attn_scalar") is not None:
+        wide = int(config["num_hidden_layers"]) == GEMMA_27B_LAYERS[arch]
+        used = config["hidden_size"] // config["num_attention_heads"] if wide else head_dim(config)
+        if float(config["query_pre_attn_scalar"]) != float(used):
+            raise SpecError(f"GGUF output: llama.cpp scales this model's queries by 1/sqrt({used}), its config by "
+                            f"1/sqrt({config['query_pre_attn_scalar']}) (query_pre_attn_scalar)",
+                            "llama.cpp would compute another model; use another --format for this model")
     return FAMILIES[model_type]
 
 
-def rope_theta(config: dict) -> float:
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict) and rope.get("rope_theta") is not None:
+def _rope_sets(config: dict) -> dict[str, dict]:
+    """The rotary settings per attention kind ("" when one set serves every layer; Gemma 3's
+    "full_attention" and "sliding_attention")."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        return {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return dict(rope)
+    return {"": rope}
+
+
+def rope_theta(config: dict, kind: str = "full_attention") -> float:
+    """The rotary base of the layers of `kind` ("full_attention" or "sliding_attention" where the
+    config has one set per kind; else the one set)."""
+    sets = _rope_sets(config)
+    rope = sets.get(kind, sets.get("", {}))
+    if rope.get("rope_theta") is not None:
         return float(rope["rope_theta"])
+    if kind == "sliding_attention" and config.get("rope_local_base_freq") is not None:
+        return float(config["rope_local_base_freq"])
     return float(config.get("rope_theta", 10000.0))
 
 
@@ -184,19 +228,28 @@ class Vocab:
     pre: str
 
 
+def _byte_level(folder: Path) -> dict | None:
+    """The tokenizer.json of `folder` when it is a byte-level BPE one, else None."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("pre_tokenizer")):
+        return None
+    return tok
+
+
 def read_vocab(folder: Path, vocab_size: int) -> Vocab:
     """The token list and types of a byte-level BPE tokenizer.json, padded to vocab_size."""
     import gguf
 
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise SpecError(f"GGUF output needs the model's tokenizer.json (none in {folder})",
-                        "only byte-level BPE tokenizers (tokenizer.json) are written to GGUF so far")
-    tok = json.loads(path.read_text(encoding="utf-8"))
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("pre_tokenizer")):
-        raise SpecError("GGUF output supports byte-level BPE tokenizers only so far",
-                        "this model's tokenizer.json is of another kind (SentencePiece, WordPiece, ...)")
+    tok = _byte_level(folder)
+    if tok is None:
+        raise SpecError(f"GGUF output needs a byte-level BPE tokenizer.json or a SentencePiece tokenizer.model "
+                        f"(neither in {folder})",
+                        "other tokenizers (WordPiece, Unigram tokenizer.json) are not written to GGUF")
+    model = tok["model"]
     by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     special: set[int] = set()
     user: set[int] = set()
@@ -238,19 +291,88 @@ def write_metadata(writer: Any, arch: str, config: dict, scheme: str, name: str)
     if arch == "llama":
         writer.add_vocab_size(int(config["vocab_size"]))
         writer.add_rope_dimension_count(head_dim(config))
+    if arch in ("gemma2", "gemma3"):
+        if arch == "gemma2":
+            writer.add_attn_logit_softcapping(float(config.get("attn_logit_softcapping") or 0.0))
+        if config.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+        layer_types = config.get("layer_types")
+        if config.get("sliding_window") and layer_types:
+            writer.add_sliding_window(int(config["sliding_window"]))
+            writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
+            writer.add_rope_freq_base_swa(rope_theta(config, "sliding_attention"))
     writer.add_string(CONFIG_KEY, json.dumps(config, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class PieceVocab:
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    space_prefix: bool            # the normalizer puts a space before the text
+
+
+def read_pieces(folder: Path, vocab_size: int) -> PieceVocab:
+    """A SentencePiece tokenizer.model's pieces, scores and types (added tokens of
+    tokenizer_config.json / added_tokens.json after them), padded to vocab_size with unused
+    pieces, as llama.cpp's converter lists them."""
+    import gguf
+
+    try:
+        import sentencepiece
+    except ImportError:
+        raise SpecError("GGUF output of a SentencePiece tokenizer needs the sentencepiece package",
+                        "pip install sentencepiece (or pip install -e .[gguf])") from None
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(float(sp.get_score(i)))
+        types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
+                     else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
+                     else gguf.TokenType.NORMAL)
+    added: dict[int, tuple[str, bool]] = {}
+    extra = folder / "added_tokens.json"
+    if extra.is_file():
+        added.update({int(i): (t, False) for t, i in json.loads(extra.read_text(encoding="utf-8")).items()})
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        decoder = json.loads(config_file.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+        added.update({int(i): (d["content"], bool(d.get("special"))) for i, d in decoder.items()})
+    size = max(vocab_size, len(tokens), max(added, default=-1) + 1)
+    while len(tokens) < size:
+        tokens.append(f"[PAD{len(tokens)}]")
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    for i, (text, special) in added.items():
+        if i >= sp.vocab_size() or tokens[i] != text:
+            tokens[i], scores[i] = text, -1000.0
+        if i >= sp.vocab_size() or types[i] == gguf.TokenType.NORMAL:
+            types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+    space = sp.encode_as_pieces("a")
+    return PieceVocab(tokens, scores, [int(t) for t in types], bool(space) and space[0].startswith("\u2581"))
 
 
 def write_tokenizer(writer: Any, folder: Path, config: dict) -> None:
     import gguf
 
-    vocab = read_vocab(folder, int(config["vocab_size"]))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.types)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(vocab.tokens))
-    special.add_to_gguf(writer, quiet=True)
+    if _byte_level(folder) is None and (folder / "tokenizer.model").is_file():
+        pieces = read_pieces(folder, int(config["vocab_size"]))
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(pieces.tokens)
+        writer.add_token_scores(pieces.scores)
+        writer.add_token_types(pieces.types)
+        writer.add_add_space_prefix(pieces.space_prefix)
+        gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(pieces.tokens)).add_to_gguf(writer, quiet=True)
+    else:
+        vocab = read_vocab(folder, int(config["vocab_size"]))
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(vocab.pre)
+        writer.add_token_list(vocab.tokens)
+        writer.add_token_types(vocab.types)
+        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(vocab.tokens))
+        special.add_to_gguf(writer, quiet=True)
     for key, file in TOKENIZER_KEYS.items():     # verbatim, so our reader tokenizes exactly as the source
         if (folder / file).is_file():
             writer.add_string(key, (folder / file).read_text(encoding="utf-8"))
@@ -265,6 +387,7 @@ class TensorPlan:
     shape: tuple[int, ...]
     type: str
     permute_heads: int = 0        # rows permuted for llama's rotation (0: not)
+    shift: float = 0.0            # added to the values (Gemma's norms: weight + 1)
 
 
 def plan_tensors(config: dict, shapes: dict[str, tuple[int, ...]], scheme: str,
@@ -294,7 +417,8 @@ def plan_tensors(config: dict, shapes: dict[str, tuple[int, ...]], scheme: str,
         heads_of = 0
         if permute and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", source):
             heads_of = heads if ".q_proj." in source else kv_heads
-        plans.append(TensorPlan(name, source, tuple(shape), t, heads_of))
+        shift = 1.0 if arch in NORM_SHIFT and source.endswith("norm.weight") else 0.0
+        plans.append(TensorPlan(name, source, tuple(shape), t, heads_of, shift))
     return plans
 
 
@@ -303,6 +427,8 @@ def encode_tensor(plan: TensorPlan, w: np.ndarray) -> tuple[np.ndarray, Any]:
     (already permuted when the plan says so) rounded to nearest."""
     import gguf
 
+    if plan.shift:
+        w = w + np.float32(plan.shift)
     if plan.type == "F32":
         return np.ascontiguousarray(w, dtype=np.float32), None
     if plan.type == "F16":
@@ -354,6 +480,8 @@ def read_gguf(path: Path | str) -> tuple[dict, dict[str, np.ndarray], dict[str, 
         w = w.reshape(tuple(int(n) for n in reversed(t.shape)))
         if permute and re.search(r"\.(q_proj|k_proj)\.(weight|bias)$", source):
             w = unpermute_rows(w, heads if ".q_proj." in source else kv_heads)
+        if arch in NORM_SHIFT and source.endswith("norm.weight"):
+            w = w - np.float32(1.0)
         tensors[source] = w
         types[source] = t.tensor_type.name
     return config, tensors, types
@@ -376,5 +504,6 @@ def _checkpoint_names(config: dict) -> list[str]:
         p = f"model.layers.{i}."
         names += [p + m + s for m in per for s in (".weight", ".bias")]
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
+                  p + "pre_feedforward_layernorm.weight", p + "post_feedforward_layernorm.weight",
                   p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
     return names

@@ -28,7 +28,9 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
         return model.to(torch.device(device)).eval()
     rest = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "architectures")}
     cfg = AutoConfig.for_model(config["model_type"], **rest)
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):   # buffers (rotary frequencies, embedding scales) made as usual
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     state = {name: torch.from_numpy(w).to(dtype) for name, w in tensors.items()}
     if "lm_head.weight" not in state and getattr(cfg, "tie_word_embeddings", False):
@@ -40,12 +42,6 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", dtype: torch
         raise ModelError(f"{path}: the GGUF file lacks {len(missing)} of the model's tensors (e.g. {missing[0]})",
                          "the file is incomplete; write it again")
     model.load_state_dict(state, strict=False, assign=True)
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:     # rotary inverse frequencies: the module built again from the config
-            owner_name, _, _ = name.rpartition(".")
-            parent_name, _, child = owner_name.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            setattr(model.get_submodule(parent_name), child, type(owner)(config=cfg))
     if getattr(cfg, "tie_word_embeddings", False):
         model.get_submodule("lm_head").weight = model.get_submodule("model.embed_tokens").weight
     return model.to(torch.device(device)).eval()

@@ -147,14 +147,14 @@ def test_refusals(tiny_model, tmp_path):
     with pytest.raises(OutputError, match="already exists"):
         write(src, tmp_path / "x.gguf", "Q4_0")
     write(src, tmp_path / "x.gguf", "Q8_0", overwrite=True)
-    for arch in ("gemma2", "phi3", "opt"):
+    for arch in ("phi3", "opt"):
         with pytest.raises(SpecError, match="GGUF output is not supported for model_type"):
             write(tiny_model(arch), tmp_path / f"{arch}.gguf")
     from quantize_llm.run.execute import quantize
 
     with pytest.raises(SpecError, match="written by rtn and gptq so far, not awq"):
         quantize(str(src), tmp_path / "g.gguf", QuantSpec(method="awq", format="gguf"))
-    assert not (tmp_path / "gemma2.gguf").exists()
+    assert not (tmp_path / "phi3.gguf").exists()
 
 
 def test_cli_inspect_and_eval(tiny_model, tmp_path):
@@ -214,3 +214,56 @@ def test_gptq_rounding_is_closer_to_the_float_model_than_llama_cpps(tiny_model, 
         err = {name: float((load_quantized(path)(ids).logits - ref).norm() / ref.norm())
                for name, path in (("rtn", rtn), ("gptq", g))}
     assert err["gptq"] < 0.9 * err["rtn"], err
+
+
+GEMMA = dict(WIDE, vocab_size=320, query_pre_attn_scalar=16)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_gemma_files_store_shifted_norms_and_read_back(tiny_model, tmp_path, sentencepiece_model, arch):
+    """Gemma families: norms stored as weight + 1 (llama.cpp scales by the stored value), the
+    SentencePiece vocabulary with its scores and types, the Gemma 2/3 keys; our reader gives the
+    checkpoint's tensors back."""
+    import sentencepiece
+    from safetensors.torch import load_file
+
+    src = tiny_model(arch, config=dict(GEMMA, query_pre_attn_scalar=16) if arch != "gemma" else dict(WIDE, vocab_size=320),
+                     tokenizer=False)
+    sentencepiece_model(src, 320)
+    out = write(src, tmp_path / "g.gguf", "Q8_0").output
+    reader = gguf.GGUFReader(out)
+    field = {f.name: f for f in reader.fields.values()}
+    arch_name = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}[arch]
+    assert bytes(field["general.architecture"].parts[-1]).decode() == arch_name
+    assert bytes(field["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    tokens = [bytes(field["tokenizer.ggml.tokens"].parts[i]).decode() for i in field["tokenizer.ggml.tokens"].data]
+    scores = [float(field["tokenizer.ggml.scores"].parts[i][0]) for i in field["tokenizer.ggml.scores"].data]
+    assert tokens[:320] == [sp.id_to_piece(i) for i in range(320)]
+    assert scores[10] == sp.get_score(10)
+    source = load_file(str(src / "model.safetensors"))
+    stored = {t.name: t for t in reader.tensors}
+    np.testing.assert_allclose(np.asarray(stored["blk.0.attn_norm.weight"].data),
+                               source["model.layers.0.input_layernorm.weight"].float().numpy() + 1, rtol=0, atol=1e-6)
+    if arch != "gemma":
+        assert "blk.1.post_ffw_norm.weight" in stored
+        keys = set(field)
+        assert {f"{arch_name}.attention.sliding_window", f"{arch_name}.attention.sliding_window_pattern",
+                f"{arch_name}.rope.freq_base_swa"} <= keys
+        if arch == "gemma2":
+            assert f"{arch_name}.attn_logit_softcapping" in keys
+    config, tensors, _ = gf.read_gguf(out)
+    np.testing.assert_allclose(tensors["model.layers.1.post_attention_layernorm.weight"],
+                               source["model.layers.1.post_attention_layernorm.weight"].float().numpy(), atol=1e-6)
+
+
+def test_gemma_refusals(tiny_model, tmp_path, sentencepiece_model):
+    src = tiny_model("gemma2", config=dict(GEMMA, query_pre_attn_scalar=256), tokenizer=False)
+    sentencepiece_model(src, 320)
+    with pytest.raises(SpecError, match=r"llama.cpp scales this model's queries by 1/sqrt\(16\)"):
+        write(src, tmp_path / "g.gguf", "Q8_0")
+    assert not (tmp_path / "g.gguf").exists()
+    config = {"model_type": "gemma3", "num_hidden_layers": 2}
+    with pytest.raises(SpecError, match="model_type 'gemma3'") as exc:
+        gf.family(config)
+    assert "gemma3_text" in (exc.value.hint or "")

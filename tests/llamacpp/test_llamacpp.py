@@ -111,3 +111,28 @@ def test_llamacpp_runs_smollm2(tmp_path):
     rel = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
     assert rel < 6e-2, rel
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.8
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("scheme", ["Q8_0", "Q4_K_M"])
+def test_llamacpp_runs_gemma_files(tiny_model, tmp_path, sentencepiece_model, arch, scheme):
+    """Gemma, Gemma 2 and Gemma 3 (text) with a SentencePiece tokenizer: llama.cpp tokenizes as
+    sentencepiece does and its logits match our loader's."""
+    import sentencepiece
+
+    from quantize_llm.core.spec import QuantSpec
+    from quantize_llm.run.execute import quantize
+
+    config = dict(WIDE, vocab_size=320, num_hidden_layers=3)
+    if arch != "gemma":   # llama.cpp scales Gemma 2/3 queries by 1/sqrt(head_dim)
+        config["query_pre_attn_scalar"] = 16
+    src = tiny_model(arch, config=config, tokenizer=False)
+    model_file = sentencepiece_model(src, 320)
+    out = quantize(str(src), tmp_path / "g.gguf", QuantSpec(method="rtn", format=f"gguf:{scheme}")).output
+    text = "The quick brown fox, 42 times over the lazy dog."
+    ids = sentencepiece.SentencePieceProcessor(model_file=str(model_file)).encode(text)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    theirs, ours = llama_cpp_logits(out, ids), our_logits(out, ids)
+    rel = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
+    assert rel < 6e-2, rel
