@@ -513,3 +513,17 @@ def test_blocks_called_with_positional_arguments_are_calibrated(tmp_path, calib_
                "--nsamples", "4", "--seqlen", "32") == 0
     model = load_quantized(tmp_path / "out")
     assert type(model.model.layers[0].fc1).__name__ == "QuantLinear"
+
+
+def test_convert_to_gguf_on_the_command_line(tiny_model, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    src = tiny_model("llama", config=dict(hidden_size=256, intermediate_size=512))
+    assert cli("rtn", src, "-o", tmp_path / "q", "--group-size", 32, "--bits", 4) == 0
+    capsys.readouterr()
+    assert cli("convert", tmp_path / "q", "-o", tmp_path / "q.gguf", "--format", "gguf:Q4_K_M") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 2 and "exact GGUF type" in err[0] and "Traceback" not in "\n".join(err)
+    assert cli("convert", tmp_path / "q", "-o", tmp_path / "q.gguf", "--format", "gguf") == 0
+    assert "converted" in capsys.readouterr().out and (tmp_path / "q.gguf").is_file()
+    assert cli("convert", tmp_path / "q", "-o", tmp_path / "q.gguf", "--format", "gguf") == 2   # no --overwrite
+    assert "already exists" in capsys.readouterr().err

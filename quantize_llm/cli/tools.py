@@ -4,7 +4,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,7 +24,8 @@ CheckpointArg = Annotated[str, typer.Argument(help="A quantized checkpoint folde
              "Example: quantize-llm convert smol-gptq -o smol-ct --format compressed-tensors")
 def convert_(path: CheckpointArg, output: OutputOpt,
              format: Annotated[str, typer.Option("--format", help="Target: gptq, awq, compressed-tensors (or outlier, "
-                                                 "bnb for their own results).", show_default=False)],
+                                                 "bnb for their own results), or gguf (one llama.cpp file: 4/8-bit "
+                                                 "symmetric groups of 32 as Q4_0/Q8_0).", show_default=False)],
              bits: Annotated[int | None, typer.Option("--bits", help="Widen the integer codes to this many bits "
                                                       "(exact: e.g. 3-bit to 4-bit, which vLLM serves).",
                                                       show_default=False)] = None,
@@ -33,6 +34,9 @@ def convert_(path: CheckpointArg, output: OutputOpt,
     from .progress import Reporter
 
     argv = click.globals.get_current_context().find_root().obj or sys.argv[1:]
+    if format.lower().startswith("gguf"):
+        _convert_gguf(path, output, format, bits, overwrite, log_json)
+        return
     with Reporter(log_json, label="convert") as reporter:
         summary = convert(path, output, format, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
                           on_event=reporter, command="quantize-llm " + " ".join(shlex.quote(str(a)) for a in argv),
@@ -40,6 +44,24 @@ def convert_(path: CheckpointArg, output: OutputOpt,
     Results(log_json).print(f"converted {summary.modules} modules from {summary.source_format} to "
                             f"{summary.target_format} in {summary.seconds:.1f} s: wrote {summary.output} "
                             f"({human(summary.output_bytes)})")
+
+
+def _convert_gguf(path: str, output: str, format: str, bits: int | None, overwrite: bool, log_json: Any) -> None:
+    from ..errors import SpecError
+    from ..run.gguf import convert_gguf
+    from .progress import Reporter
+
+    if format.lower() != "gguf":
+        raise SpecError(f"convert --format {format}: converting writes each module's exact GGUF type (Q4_0 for "
+                        "4-bit, Q8_0 for 8-bit symmetric groups of 32), not a chosen one",
+                        "pass --format gguf, or requantize the float checkpoint with --format " + format)
+    if bits is not None:
+        raise SpecError("convert --bits does not apply to GGUF output", "leave out --bits")
+    with Reporter(log_json, label="convert") as reporter:
+        summary = convert_gguf(path, output, overwrite=overwrite, on_event=reporter)
+    Results(log_json).print(f"converted {path} to {summary.spec['format']} in {summary.seconds:.1f} s: wrote "
+                            f"{summary.output} ({human(summary.output_bytes)}, {summary.bits_per_weight:.2f} bits "
+                            "per quantized weight)")
 
 
 @app.command(help="List the quantized modules of a checkpoint, its size and its real bits per weight.\n\n"

@@ -182,3 +182,136 @@ def _peak_rss_mb() -> float:
     from .execute import peak_rss_mb
 
     return peak_rss_mb()
+
+
+# ---- convert: a quantized checkpoint's codes into GGUF blocks, exactly --------------------------------------
+
+def ggml_of(qw: Any) -> ggml.GgmlWeight:
+    """The ggml block weight holding exactly the values of `qw` (a format-neutral QuantizedWeight):
+    4-bit symmetric groups of 32 are Q4_0 (d = the group's float16 scale, code as stored: value
+    d * (code - 8)), 8-bit symmetric groups of 32 are Q8_0 (code - 128 as the signed byte). Other
+    settings have no exact ggml block: SpecError naming the reason."""
+    spec = qw.spec
+    if qw.is_codebook or qw.outliers is not None:
+        raise SpecError("its values are not on an integer grid of groups (a codebook or float16 outliers)")
+    if qw.g_idx is not None and not _trivial_g_idx(qw.g_idx, spec.group_size):
+        raise SpecError("its groups follow act-order (g_idx), and ggml's blocks are 32 consecutive weights")
+    if spec.group_size != 32 or qw.shape[1] % 32:
+        raise SpecError(f"it has groups of {spec.group_size}, and ggml's Q4_0/Q8_0 blocks are 32 consecutive "
+                        "weights with one float16 scale (requantize with --format gguf instead)")
+    zero = qw.grid_zero
+    if spec.bits not in (4, 8) or bool((zero != 2 ** (spec.bits - 1)).any()):
+        raise SpecError(f"it is {spec.bits}-bit {'symmetric' if spec.sym else 'asymmetric'}; only 4- and 8-bit "
+                        "symmetric groups (zero 8 or 128) are exactly Q4_0 or Q8_0")
+    d = qw.grid_scale.cpu().numpy().astype(np.float16)                         # (rows, groups)
+    codes = qw.codes.cpu().numpy().astype(np.int16)
+    if spec.bits == 4:
+        return ggml.GgmlWeight("Q4_0", {"d": d}, codes)
+    return ggml.GgmlWeight("Q8_0", {"d": d}, codes - 128)
+
+
+def _trivial_g_idx(g_idx: Any, group_size: int) -> bool:
+    """g_idx is the trivial i // group_size."""
+    import torch
+
+    return bool(torch.equal(g_idx.cpu().long(), torch.arange(g_idx.numel()) // group_size))
+
+
+def _exact_float(w: np.ndarray) -> tuple[np.ndarray, str]:
+    """A non-quantized matrix as F16 where every value survives the cast, else F32."""
+    half = w.astype(np.float16)
+    return (half, "F16") if np.array_equal(half.astype(np.float32), w) else (np.ascontiguousarray(w), "F32")
+
+
+def convert_gguf(source: str, output: str | Path, *, overwrite: bool = False,
+                 on_event: EventHandler | None = None) -> Summary:
+    """A quantized checkpoint (any reader's format) as one GGUF file without requantizing: every
+    quantized Linear as the ggml block holding exactly its values (`ggml_of`), the other tensors
+    as F32 (1-D, as llama.cpp expects) or F16/F32 (matrices, whichever is exact). Every module is
+    checked before anything is written; a module without an exact block stops the conversion with
+    its name and the reason."""
+    import gguf
+    import torch
+
+    from ..formats.reading import QuantizedModules, linear_shape
+    from ..models.load import build_skeleton, check_against_config
+
+    emit = on_event or (lambda kind, data: None)
+    start = time.perf_counter()
+    out = Path(os.path.abspath(gguf_output(output)))
+    if out.is_dir():
+        raise OutputError(f"{out} is a folder; a GGUF output is one file", "choose another -o")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} already exists", "pass --overwrite to replace it, or choose another -o")
+    if not out.parent.is_dir():
+        raise OutputError(f"the folder {out.parent} does not exist", "create it first, or choose another -o")
+    folder = resolve_model(source)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with CheckpointReader(folder) as reader:
+        config = dict(reader.config)
+        if not config.get("quantization_config"):
+            raise SpecError(f"{source} is not quantized, so there is nothing to convert",
+                            "write GGUF from a float checkpoint with `quantize-llm rtn|gptq MODEL --format gguf`")
+        plain = {k: v for k, v in config.items() if k != "quantization_config"}
+        arch, _ = gf.family(plain)
+        modules = QuantizedModules(reader)
+        skeleton = build_skeleton(folder, plain)
+        prefixes = sorted(modules.prefixes)
+        check_against_config(reader, skeleton, quantized=prefixes)
+        linears = {p: linear_shape(skeleton, p) for p in prefixes}
+        shapes: dict[str, tuple[int, ...]] = {f"{p}.weight": tuple(linears[p]) for p in prefixes}
+        packed = {f"{p}.{t}" for p in prefixes for t in modules.fmt.tensor_names}
+        shapes.update({n: tuple(reader.shape(n)) for n in reader.names() if n not in packed})
+        plans = {plan.source: plan for plan in gf.plan_tensors(plain, shapes, "Q8_0")}
+        weights: dict[str, ggml.GgmlWeight] = {}
+        for prefix in prefixes:    # every module checked (and kept: codes and scales) before writing
+            try:
+                weights[prefix] = ggml_of(modules.decode(prefix, linears[prefix]))
+            except SpecError as exc:
+                raise SpecError(f"{prefix} cannot be converted to GGUF exactly: {exc.message}",
+                                exc.hint or "requantize from the float checkpoint with --format gguf") from None
+        kinds = [w.type for w in weights.values()]
+        scheme = max(set(kinds), key=kinds.count) if kinds else "Q8_0"
+        emit("start", {"model": source, "output": str(out), "total": len(prefixes), "unit": "modules",
+                       "device": "cpu"})
+        writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
+        q_params = q_bytes = 0
+        try:
+            gf.write_metadata(writer, arch, plain, scheme, folder.name)
+            gf.write_tokenizer(writer, folder, plain)
+            for name, plan in plans.items():
+                prefix = name.removesuffix(".weight")
+                if prefix in weights:
+                    qw = weights[prefix]
+                    if plan.permute_heads:
+                        qw = permute_weight(qw, plan.permute_heads)
+                    array, raw = gf.packed_tensor(qw)
+                    q_params += int(np.prod(plan.shape))
+                    q_bytes += array.nbytes
+                    writer.add_tensor(plan.name, array, raw_dtype=raw)
+                    continue
+                w = reader.read(name, check_finite=True).to(torch.float32).numpy()
+                if plan.permute_heads:
+                    w = gf.permute_rows(w, plan.permute_heads)
+                if plan.shift:
+                    w = w + np.float32(plan.shift)
+                array, _kind = (np.ascontiguousarray(w), "F32") if w.ndim < 2 or plan.type == "F32" else _exact_float(w)
+                writer.add_tensor(plan.name, array)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.replace(tmp, out)
+        except BaseException:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        input_bytes = reader.total_bytes
+    seconds = time.perf_counter() - start
+    summary = Summary(model=source, output=str(out), spec={"method": "convert", "format": f"gguf:{scheme}"},
+                      blocks=int(plain["num_hidden_layers"]), seconds=seconds, input_bytes=input_bytes,
+                      output_bytes=out.stat().st_size, quantized_params=q_params, quantized_bytes=q_bytes,
+                      bits_per_weight=8 * q_bytes / max(q_params, 1), peak_rss_mb=_peak_rss_mb(),
+                      timings={"convert and write": seconds})
+    emit("done", {k: v for k, v in summary.to_dict().items() if k != "layers"})
+    return summary

@@ -267,3 +267,44 @@ def test_gemma_refusals(tiny_model, tmp_path, sentencepiece_model):
     with pytest.raises(SpecError, match="model_type 'gemma3'") as exc:
         gf.family(config)
     assert "gemma3_text" in (exc.value.hint or "")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_convert_writes_exactly_the_checkpoints_values(tiny_model, tmp_path, bits):
+    """convert --format gguf: a 4/8-bit symmetric group-32 checkpoint becomes Q4_0/Q8_0 blocks
+    whose values (the gguf package's dequantizer) are the checkpoint's (our reader's), bit for
+    bit; the other tensors exact too."""
+    from quantize_llm.formats.reading import QuantizedModules
+    from quantize_llm.models.load import CheckpointReader
+    from quantize_llm.run.execute import quantize
+    from quantize_llm.run.gguf import convert_gguf
+
+    src = tiny_model("llama", config=WIDE)
+    ckpt = tmp_path / "ckpt"
+    quantize(str(src), ckpt, QuantSpec(method="rtn", bits=bits, group_size=32, sym=True))
+    out = convert_gguf(str(ckpt), tmp_path / "c.gguf").output
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.ffn_down.weight"] == ("Q4_0" if bits == 4 else "Q8_0")
+    config, tensors, _ = gf.read_gguf(out)
+    with CheckpointReader(ckpt) as reader:
+        modules = QuantizedModules(reader)
+        for prefix in modules.prefixes:
+            want = modules.decode(prefix).dequantize(torch.float32).numpy()
+            np.testing.assert_array_equal(tensors[f"{prefix}.weight"], want)
+        np.testing.assert_array_equal(tensors["model.embed_tokens.weight"],
+                                      reader.read("model.embed_tokens.weight").float().numpy())
+
+
+def test_convert_refuses_what_has_no_exact_block(tiny_model, tmp_path):
+    from quantize_llm.run.execute import quantize
+    from quantize_llm.run.gguf import convert_gguf
+
+    src = tiny_model("llama", config=WIDE)
+    for name, spec in [("g128", QuantSpec(method="rtn", bits=4, group_size=128, sym=True)),
+                       ("asym", QuantSpec(method="rtn", bits=4, group_size=32, sym=False))]:
+        quantize(str(src), tmp_path / name, spec)
+        with pytest.raises(SpecError, match="cannot be converted to GGUF exactly"):
+            convert_gguf(str(tmp_path / name), tmp_path / f"{name}.gguf")
+        assert not (tmp_path / f"{name}.gguf").exists()
+    with pytest.raises(SpecError, match="is not quantized"):
+        convert_gguf(str(src), tmp_path / "float.gguf")

@@ -136,3 +136,19 @@ def test_llamacpp_runs_gemma_files(tiny_model, tmp_path, sentencepiece_model, ar
     theirs, ours = llama_cpp_logits(out, ids), our_logits(out, ids)
     rel = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
     assert rel < 6e-2, rel
+
+
+def test_llamacpp_runs_a_converted_checkpoint(tiny_model, tmp_path):
+    """A 4-bit symmetric group-32 checkpoint converted to Q4_0 without requantizing."""
+    from quantize_llm.core.spec import QuantSpec
+    from quantize_llm.run.execute import quantize
+    from quantize_llm.run.gguf import convert_gguf
+
+    src = tiny_model("llama", config=WIDE, tokenizer=False)
+    bpe_tokenizer().save_pretrained(src)
+    quantize(str(src), tmp_path / "ckpt", QuantSpec(method="rtn", bits=4, group_size=32, sym=True))
+    out = convert_gguf(str(tmp_path / "ckpt"), tmp_path / "c.gguf").output
+    ids = [5, 17, 200, 33, 90, 256, 1, 77]
+    theirs, ours = llama_cpp_logits(out, ids), our_logits(out, ids)
+    rel = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
+    assert rel < 6e-2, rel
