@@ -265,7 +265,7 @@ class AWQ:
             try:
                 for n, m in linears.items():   # one trial weight and its codes live at a time
                     m.weight.data = originals[n]   # the previous trial's weight goes first
-                    m.weight.data = scaled_fake_rtn(originals[n], s, self.specs.get(n, self.spec))
+                    m.weight.data = self.fake(n, originals[n], s)
             except Float16Overflow:   # scales float16 cannot store: not a candidate (the rounding
                 return math.inf       # step names the weight if no alpha avoids it)
             return error(linears, originals)
@@ -274,6 +274,11 @@ class AWQ:
             for n, m in linears.items():
                 m.weight.data = originals[n]
         return _Trials(trial, restore, scales)
+
+    def fake(self, name: str, weight: Tensor, s: Tensor) -> Tensor:
+        """The search's trial weight of Linear `name` (local): weight * s rounded as it will be
+        stored, divided by s again (float32)."""
+        return scaled_fake_rtn(weight, s, self.specs.get(name, self.spec))
 
     # ---- clipping and rounding (stage by stage) --------------------------------------------------
 

@@ -35,7 +35,8 @@ from torch import Tensor
 from ..core import ggml
 from ..core.spec import MethodRecord, QuantSpec
 from ..errors import RunError
-from .base import LayerContext, naming
+from .awq import AWQ, AWQOptions
+from .base import BlockContext, LayerContext, naming
 from .gptq import GPTQOptions
 from .solve import (
     Grid,
@@ -44,6 +45,7 @@ from .solve import (
     energy,
     feedback,
     feedback_cost,
+    output_error,
     solve_diagonal,
     solve_energy,
     squared_residual,
@@ -357,4 +359,58 @@ class GgmlGPTQ:
             layer.report(name, {"rel_error": error, "damp": stats.damp, "ggml_type": type_name,
                                 "seconds": stats.seconds})
             results[name] = result
+        return results
+
+
+class GgmlAWQ(AWQ):
+    """AWQ writing ggml block types: the scale search rounds each trial weight with llama.cpp's
+    reference quantizer of the Linear's planned type (instead of the integer grid), the scales
+    are folded as for every AWQ run, and each Linear is then rounded onto its type: by the
+    reference's fields searched under llama.cpp's importance weights with diag(H) as the
+    importance (then="rtn": what llama-quantize does with an importance matrix, on AWQ's scaled
+    weights), or by GPTQ on the grid (then="gptq", ggml_gptq). `types` maps (block index, local
+    Linear name) to its ggml type."""
+
+    codebooks: ClassVar[tuple[str, ...]] = ("ggml",)
+
+    def __init__(self, spec: QuantSpec, options: AWQOptions | None = None,
+                 types: dict[tuple[int, str], str] | None = None) -> None:
+        super().__init__(spec, options)
+        self.types = types or {}
+        self.block_types: dict[str, str] = {}
+
+    def prepare_block(self, ctx: BlockContext) -> None:
+        self.block_types = {local: t for (index, local), t in self.types.items() if index == ctx.index}
+        super().prepare_block(ctx)
+
+    def fake(self, name: str, weight: Tensor, s: Tensor) -> Tensor:
+        type_name = self.block_types[name]
+        scaled = (weight.float() * s).cpu().numpy()
+        rounded = ggml.dequantize(ggml.quantize_rtn(type_name, scaled))
+        return torch.from_numpy(rounded).to(weight.device).div_(s)
+
+    def quantize_layer(self, layer: LayerContext) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        for name, weight in layer.weights.items():
+            key = layer.input_of.get(name, name)
+            if key not in self.hessians:
+                raise RunError(f"block {layer.index}: no calibration inputs reached {name}")
+            type_name = self.block_types.get(name)
+            if type_name is None:
+                raise RunError(f"{layer.prefix + name}: no GGUF type was planned for it")
+            start = time.perf_counter()
+            w = weight.float()
+            h = self.hessians[key]
+            with naming(layer.prefix + name):
+                if self.options.then == "gptq":
+                    gw, _ = ggml_gptq(w, h, type_name, GPTQOptions(block_size=self.options.block_size,
+                                                                   damp=self.options.damp))
+                else:
+                    gw = ggml.quantize_rtn(type_name, w.cpu().numpy(), solve_diagonal(h, torch.float32)[0].numpy())
+            result = GgmlResult(gw)
+            error = output_error(w, result.dequantize(torch.float32).to(w.device), h)
+            layer.report(name, {"rel_error": error, "ggml_type": type_name, "seconds": time.perf_counter() - start})
+            results[name] = result
+        for name in layer.weights:
+            self.hessians.pop(layer.input_of.get(name, name), None)
         return results

@@ -52,8 +52,9 @@ GptqClipOpt = Annotated[str, typer.Option("--clip", help="Group range: minmax; m
                                                          "range or one shrunk by 1 .. 0.7, whichever costs least "
                                                          "with GPTQ's error feedback inside the group).")]
 FormatOpt = Annotated[str, typer.Option("--format", help="gptq (GPTQ layout), awq (AutoAWQ GEMM, 4-bit only) or "
-                                                         "compressed-tensors (pack-quantized, 2/4/8-bit); rtn also "
-                                                         "writes gguf (one llama.cpp file, Q4_K_M) or gguf:TYPE (Q8_0, "
+                                                         "compressed-tensors (pack-quantized, 2/4/8-bit); rtn, gptq "
+                                                         "and awq also write gguf (one llama.cpp file, Q4_K_M) or "
+                                                         "gguf:TYPE (Q8_0, "
                                                          "Q4_0, Q4_1, Q5_0, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K, Q4_K_M, "
                                                          "Q3_K_M).")]
 KeepDenseOpt = Annotated[list[str] | None, typer.Option("--keep-dense", help="Regex of Linear names to leave "

@@ -31,11 +31,11 @@ def gguf_output(output: str | Path) -> Path:
 
 
 def check_method(spec: QuantSpec) -> None:
-    """GGUF files are written by round-to-nearest (llama.cpp's reference quantizer) or by GPTQ on
-    the same block grids (algorithms/ggml_gptq.py)."""
-    if spec.method not in ("rtn", "gptq"):
-        raise SpecError(f"GGUF output is written by rtn and gptq so far, not {spec.method}",
-                        "quantize with `quantize-llm rtn|gptq ... --format gguf`")
+    """GGUF files are written by round-to-nearest (llama.cpp's reference quantizer), by GPTQ on
+    the same block grids, or by AWQ's scaling before either (algorithms/ggml_gptq.py)."""
+    if spec.method not in ("rtn", "gptq", "awq"):
+        raise SpecError(f"GGUF output is written by rtn, gptq and awq, not {spec.method}",
+                        "quantize with `quantize-llm rtn|gptq|awq ... --format gguf`")
 
 
 def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *, overwrite: bool = False,
@@ -44,7 +44,8 @@ def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *,
     """Quantize MODEL into one GGUF file of `scheme` (formats/gguf.SCHEMES): rtn rounds each
     tensor as llama.cpp's reference quantizer does; gptq (`options` GPTQOptions, `calibration` a
     CalibrationSpec) solves the decoder blocks' Linears onto the same grids block by block on the
-    calibration text, the rest as rtn."""
+    calibration text, awq (AWQOptions) scales them first (the scales folded into the norms and
+    Linears before them, which are written as folded), the rest as rtn."""
     import gguf
 
     emit = on_event or (lambda kind, data: None)
@@ -72,18 +73,24 @@ def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *,
             gf.write_metadata(writer, arch, config, scheme, folder.name)
             gf.write_tokenizer(writer, folder, config)
             solved: set[str] = set()
-            if spec.method == "gptq":   # the blocks' Linears, as their results come
+            if spec.method in ("gptq", "awq"):   # the blocks' tensors, as their results come
                 by_source = {plan.source: plan for plan in plans}
-                for name, weight in _solve_blocks(reader, folder, config, spec, options, calibration, batch_size,
-                                                  device, plans, trust_remote_code, emit):
+                for name, value in _solve_blocks(reader, folder, config, spec, options, calibration, batch_size,
+                                                 device, plans, trust_remote_code, emit):
                     plan = by_source[name]
-                    if plan.permute_heads:
-                        weight = permute_weight(weight, plan.permute_heads)
-                    array, raw = gf.packed_tensor(weight)
+                    if isinstance(value, ggml.GgmlWeight):
+                        if plan.permute_heads:
+                            value = permute_weight(value, plan.permute_heads)
+                        array, raw = gf.packed_tensor(value)
+                    else:   # the block's other tensors (AWQ's folded norms among them)
+                        w = value.float().numpy()
+                        array, raw = gf.encode_tensor(plan, gf.permute_rows(w, plan.permute_heads)
+                                                      if plan.permute_heads else w)
                     writer.add_tensor(plan.name, array, raw_dtype=raw)
                     counts[plan.type] = counts.get(plan.type, 0) + 1
-                    q_params += int(np.prod(plan.shape))
-                    q_bytes += array.nbytes
+                    if raw is not None:
+                        q_params += int(np.prod(plan.shape))
+                        q_bytes += array.nbytes
                     solved.add(name)
             for plan in plans:
                 if plan.source in solved:
@@ -126,14 +133,17 @@ def permute_weight(weight: ggml.GgmlWeight, heads: int) -> ggml.GgmlWeight:
 
 def _solve_blocks(reader: CheckpointReader, folder: Path, config: dict, spec: QuantSpec, options: Any,
                   calibration: Any, batch_size: int, device: str, plans: list[gf.TensorPlan],
-                  trust_remote_code: bool, emit: EventHandler) -> Iterator[tuple[str, ggml.GgmlWeight]]:
-    """GPTQ onto the planned block types, block by block on the calibration text: (checkpoint
-    name, ggml weight) of every decoder Linear whose planned type is a ggml block type."""
+                  trust_remote_code: bool, emit: EventHandler) -> Iterator[tuple[str, Any]]:
+    """GPTQ (or AWQ) onto the planned block types, block by block on the calibration text:
+    (checkpoint name, ggml weight) of every decoder Linear whose planned type is a ggml block
+    type, and (checkpoint name, tensor) of every other tensor of the blocks as the run leaves it
+    (AWQ folds its scales into norms)."""
     import dataclasses
 
     import torch
 
-    from ..algorithms.ggml_gptq import GgmlGPTQ, GgmlResult
+    from ..algorithms.awq import AWQOptions
+    from ..algorithms.ggml_gptq import GgmlAWQ, GgmlGPTQ, GgmlResult
     from ..algorithms.gptq import GPTQOptions
     from ..calibration.data import CalibrationSpec
     from ..calibration.sequential import Calibration, Timer, run
@@ -145,7 +155,10 @@ def _solve_blocks(reader: CheckpointReader, folder: Path, config: dict, spec: Qu
     from .execute import load_calibration_tokens, peak_rss_mb
     from .plan import plan_blocks
 
-    options = options if isinstance(options, GPTQOptions) else GPTQOptions()
+    if spec.method == "awq":
+        options = options if isinstance(options, AWQOptions) else AWQOptions()
+    else:
+        options = options if isinstance(options, GPTQOptions) else GPTQOptions()
     calibration = calibration or CalibrationSpec()
     types = {plan.source.removesuffix(".weight"): plan.type for plan in plans if plan.type in ggml.TYPES}
     devices = resolve_devices(device)
@@ -160,13 +173,21 @@ def _solve_blocks(reader: CheckpointReader, folder: Path, config: dict, spec: Qu
                                      trust_remote_code=trust_remote_code).tokens
     cal = Calibration(skeleton, found.path, tokens, true_sequential=options.true_sequential, batch_size=batch_size,
                       dtype=torch.float32, arch=arch, stored_dtype=reader.dtype, weights=weights)
-    algorithm = GgmlGPTQ(spec, options, types)
+    algorithm: Any
+    if spec.method == "awq":
+        algorithm = GgmlAWQ(spec, options, {(b.index, lp.local): types[lp.name] for b in blocks for lp in b.linears
+                                            if lp.name in types})
+    else:
+        algorithm = GgmlGPTQ(spec, options, types)
     for result in run(blocks, algorithm, lambda name: reader.read(name, check_finite=True), devices, cal, Timer()):
-        for name, (qw, _bias) in result.quantized.items():
+        for name, (qw, bias) in result.quantized.items():
             if not isinstance(qw, GgmlResult):
                 raise RunError(f"{name}: no calibration input reached it, so GPTQ could not round it",
                                "quantize with rtn for this model")
             yield f"{name}.weight", qw.weight
+            if bias is not None:   # as the run leaves it (AWQ may fold scales into it)
+                yield f"{name}.bias", bias
+        yield from result.passthrough.items()
         emit("block", {"index": result.index, "blocks": len(blocks), "seconds": result.seconds,
                        "peak_rss_mb": peak_rss_mb(), "layers": [dataclasses.asdict(r) for r in result.reports]})
 

@@ -152,8 +152,8 @@ def test_refusals(tiny_model, tmp_path):
             write(tiny_model(arch), tmp_path / f"{arch}.gguf")
     from quantize_llm.run.execute import quantize
 
-    with pytest.raises(SpecError, match="written by rtn and gptq so far, not awq"):
-        quantize(str(src), tmp_path / "g.gguf", QuantSpec(method="awq", format="gguf"))
+    with pytest.raises(SpecError, match="written by rtn, gptq and awq, not nf4"):
+        quantize(str(src), tmp_path / "g.gguf", QuantSpec(method="nf4", format="gguf"))
     assert not (tmp_path / "phi3.gguf").exists()
 
 
@@ -214,6 +214,37 @@ def test_gptq_rounding_is_closer_to_the_float_model_than_llama_cpps(tiny_model, 
         err = {name: float((load_quantized(path)(ids).logits - ref).norm() / ref.norm())
                for name, path in (("rtn", rtn), ("gptq", g))}
     assert err["gptq"] < 0.9 * err["rtn"], err
+
+
+@pytest.mark.parametrize("then", ["rtn", "gptq"])
+def test_awq_scales_onto_the_grids_with_folded_norms(tiny_model, tmp_path, calib_file, then):
+    """awq --format gguf: the scale search rounds with llama.cpp's quantizer of each Linear's type,
+    the scales are folded into the norms (written as folded: they differ from the source's) and
+    the Linears; the logits on the calibration text are nearer the float model's than rtn's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantize_llm import load_quantized
+    from quantize_llm.algorithms.awq import AWQOptions
+    from quantize_llm.calibration.data import CalibrationSpec
+    from quantize_llm.run.execute import quantize
+    from quantize_llm.run.gguf import tensor_types
+
+    src = tiny_model("qwen2", config=WIDE)                 # q/k/v biases: folded with v_proj's rows
+    rtn = write(src, tmp_path / "rtn.gguf", "Q4_K_M").output
+    a = quantize(str(src), tmp_path / "awq.gguf", QuantSpec(method="awq", format="gguf:Q4_K_M"),
+                 options=AWQOptions(then=then), calibration=CalibrationSpec(source=str(calib_file), nsamples=16,
+                                                                             seqlen=64)).output
+    assert tensor_types(a) == tensor_types(rtn)
+    theirs = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(rtn).tensors}
+    ours = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(a).tensors}
+    assert not np.array_equal(ours["blk.0.attn_norm.weight"], theirs["blk.0.attn_norm.weight"])   # folded
+    assert np.array_equal(ours["token_embd.weight"], theirs["token_embd.weight"])
+    ids = AutoTokenizer.from_pretrained(src)(calib_file.read_text()[:2000], return_tensors="pt").input_ids[:, :256]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
+        err = {name: float((load_quantized(path)(ids).logits - ref).norm() / ref.norm())
+               for name, path in (("rtn", rtn), ("awq", a))}
+    assert err["awq"] < (0.9 if then == "gptq" else 1.0) * err["rtn"], err   # random weights: little for scales to find
 
 
 GEMMA = dict(WIDE, vocab_size=320, query_pre_attn_scalar=16)

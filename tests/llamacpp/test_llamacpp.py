@@ -71,17 +71,19 @@ def our_logits(path, ids) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
+@pytest.mark.parametrize("method, arch", [("gptq", "llama"), ("awq", "qwen2")])
 @pytest.mark.parametrize("scheme", ["Q4_K_M", "Q3_K_M"])
-def test_llamacpp_runs_a_gptq_file(tiny_model, tmp_path, calib_file, scheme):
-    """A file whose codes GPTQ chose (the fields searched with the errors fed back) is a file
-    llama.cpp runs like any other: its logits match our loader's."""
+def test_llamacpp_runs_calibrated_files(tiny_model, tmp_path, calib_file, scheme, method, arch):
+    """A file whose codes GPTQ chose (the fields searched with the errors fed back), or whose
+    weights AWQ scaled (the scales folded into norms and q/k/v biases), is a file llama.cpp runs
+    like any other: its logits match our loader's."""
     from quantize_llm.calibration.data import CalibrationSpec
     from quantize_llm.core.spec import QuantSpec
     from quantize_llm.run.execute import quantize
 
-    src = tiny_model("llama", config=WIDE, tokenizer=False)
+    src = tiny_model(arch, config=WIDE, tokenizer=False)
     bpe_tokenizer().save_pretrained(src)
-    out = quantize(str(src), tmp_path / "g.gguf", QuantSpec(method="gptq", format=f"gguf:{scheme}"),
+    out = quantize(str(src), tmp_path / "g.gguf", QuantSpec(method=method, format=f"gguf:{scheme}"),
                    calibration=CalibrationSpec(source=str(calib_file), nsamples=8, seqlen=64)).output
     ids = [5, 17, 200, 33, 90, 256, 1, 77]
     theirs, ours = llama_cpp_logits(out, ids), our_logits(out, ids)
