@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GGUF files of SmolLM2-135M-Instruct: ours (rtn, gptq) against llama.cpp's own `llama-quantize`
+"""GGUF files of SmolLM2-135M-Instruct: ours (rtn, gptq, awq) against llama.cpp's own `llama-quantize`
 (with and without an importance matrix from the same calibration text), BENCHMARKS.md protocol Q.
 
     python scripts/bench_gguf.py --llama-cpp PATH/TO/llama.cpp [--schemes Q4_K_M Q3_K_M Q4_0] [--act-order]
@@ -94,7 +94,9 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="*", default=["Q4_K_M", "Q3_K_M"])
     parser.add_argument("--act-order", action="store_true", help="also a gptq --act-order row per scheme")
     parser.add_argument("--rows", nargs="*", default=["llama-quantize", "imatrix", "rtn", "gptq"],
-                        choices=["llama-quantize", "imatrix", "rtn", "gptq"], help="which files to make per scheme")
+                        choices=["llama-quantize", "imatrix", "rtn", "gptq", "awq", "awq-gptq"],
+                        help="which files to make per scheme (awq: AWQ's scales, then each Linear's fields "
+                             "searched under diag(H); awq-gptq: then GPTQ on the grid)")
     protocol_arguments(parser)
     parser.add_argument("--keep", type=Path, default=None, help="write the files here and keep them")
     parser.add_argument("--reuse", action="store_true",
@@ -174,6 +176,15 @@ def main() -> None:
             quantize(str(model_dir), solved, QuantSpec(method="gptq", act_order=act_order, format=f"gguf:{scheme}"),
                      calibration=c4, device="cpu", overwrite=True)
             score(f"quantize-llm gptq{' --act-order' if act_order else ''}", scheme, solved,
+                  time.perf_counter() - t)
+        for then in [t for t in ("rtn", "gptq") if ("awq" if t == "rtn" else "awq-gptq") in args.rows]:
+            from quantize_llm.algorithms.awq import AWQOptions
+
+            scaled = work / f"awq{'-gptq' if then == 'gptq' else ''}-{scheme}.gguf"
+            t = time.perf_counter()
+            quantize(str(model_dir), scaled, QuantSpec(method="awq", format=f"gguf:{scheme}"),
+                     options=AWQOptions(then=then), calibration=c4, device="cpu", overwrite=True)
+            score(f"quantize-llm awq{' --then gptq' if then == 'gptq' else ''}", scheme, scaled,
                   time.perf_counter() - t)
     print()
     print(f"| scheme | file | perplexity | x unquantized ({base:.2f}) | bits/weight (blocks) | size | "

@@ -73,6 +73,14 @@ SETTINGS = [
     Setting("gptq-w4g128-self", "gptq", 4, 128, calibration="self"),
     # The group range by min-max, as the GPTQ authors' code does by default: what --clip mse buys.
     Setting("gptq-w4g128-minmax", "gptq", 4, 128, options={"clip": "minmax"}),
+    # --clip feedback (each group's range chosen with GPTQ's feedback inside the group), and the
+    # act-order variants the default is chosen among (static groups: act-order, trivial g_idx)
+    Setting("gptq-w4g128-feedback", "gptq", 4, 128, options={"clip": "feedback"}),
+    Setting("gptq-w3g128-feedback", "gptq", 3, 128, options={"clip": "feedback"}),
+    Setting("gptq-w3g128-actorder", "gptq", 3, 128, act_order=True),
+    Setting("gptq-w4g128-static", "gptq", 4, 128, options={"static_groups": True}),
+    Setting("gptq-w4g128-actorder-feedback", "gptq", 4, 128, act_order=True, options={"clip": "feedback"}),
+    Setting("gptq-w3g128-actorder-feedback", "gptq", 3, 128, act_order=True, options={"clip": "feedback"}),
     # NF4 (bitsandbytes layout, double-quantized absmax per 64 weights) with bitsandbytes' own
     # nearest rounding, then with GPTQ rounding on the same absmax, beside GPTQ int4 at group 64:
     # the bits/weight column counts every stored byte (absmax and nested statistics included).
