@@ -322,7 +322,7 @@ def read_pieces(folder: Path, vocab_size: int) -> PieceVocab:
         import sentencepiece
     except ImportError:
         raise SpecError("GGUF output of a SentencePiece tokenizer needs the sentencepiece package",
-                        "pip install sentencepiece (or pip install -e .[gguf])") from None
+                        "pip install sentencepiece (a dependency of quantize-llm: reinstall it)") from None
     sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     tokens, scores, types = [], [], []
     for i in range(sp.vocab_size()):
