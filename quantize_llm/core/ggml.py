@@ -199,6 +199,9 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
             best = np.where(better, cur, best)
             scale = np.where(better, this_scale, scale)
             best_min = np.where(better, this_min, best_min)
+            # llama.cpp's loop keeps its `min` variable at the best min so far: the next trials'
+            # codes and inverse scales are taken from it, not from the block's minimum
+            lo = np.where(better, this_min, lo)
     scale = np.where(flat, F32(0), scale).astype(F32)
     L = np.where(flat[..., None], 0, L)
     return scale, (-best_min).astype(F32), L

@@ -76,3 +76,57 @@ def test_error_is_what_the_type_promises(name):
 def test_columns_must_fill_blocks():
     with pytest.raises(ValueError, match="multiple of the block size 256"):
         ggml.quantize_rtn("Q4_K", np.zeros((2, 64), np.float32))
+
+
+def _make_qkx2_scalar(xs, weights, nmax, rmin, rdelta, nstep):
+    """llama.cpp's make_qkx2_quants one float32 operation at a time (ggml-quants.c), including
+    that its `min` follows the best trial: (scale, -min)."""
+    f = np.float32
+    lo, hi, sum_w, sum_x = xs[0], xs[0], weights[0], f(weights[0] * xs[0])
+    for i in range(1, len(xs)):
+        lo, hi = min(lo, xs[i]), max(hi, xs[i])
+        sum_w, sum_x = f(sum_w + weights[i]), f(sum_x + f(weights[i] * xs[i]))
+    lo = min(lo, f(0))
+    if hi == lo:
+        return f(0), f(-lo)
+    iscale = f(f(nmax) / f(hi - lo))
+    scale = f(f(1) / iscale)
+    codes = [max(0, min(nmax, int(np.rint(f(iscale * f(v - lo)))))) for v in xs]
+    best = f(0)
+    for v, w, c in zip(xs, weights, codes):
+        d = f(f(f(scale * f(c)) + lo) - v)
+        best = f(best + f(w * f(d * d)))
+    for step in range(nstep + 1):
+        iscale = f(f(f(f(rmin) + f(f(rdelta) * f(step))) + f(nmax)) / f(hi - lo))
+        trial = [max(0, min(nmax, int(np.rint(f(iscale * f(v - lo)))))) for v in xs]
+        sl = sl2 = sxl = f(0)
+        for v, w, c in zip(xs, weights, trial):
+            sl, sl2, sxl = f(sl + f(w * f(c))), f(sl2 + f(f(w * f(c)) * f(c))), f(sxl + f(f(w * f(c)) * v))
+        d = f(f(sum_w * sl2) - f(sl * sl))
+        if d > 0:
+            this_scale, this_min = f(f(f(sum_w * sxl) - f(sum_x * sl)) / d), f(f(f(sl2 * sum_x) - f(sl * sxl)) / d)
+            if this_min > 0:
+                this_min, this_scale = f(0), f(sxl / sl2)
+            cur = f(0)
+            for v, w, c in zip(xs, weights, trial):
+                e = f(f(f(this_scale * f(c)) + this_min) - v)
+                cur = f(cur + f(w * f(e * e)))
+            if cur < best:
+                best, scale, lo = cur, this_scale, this_min
+    return scale, f(-lo)
+
+
+@pytest.mark.parametrize("nmax, rmin, nstep", [(15, -1.0, 20), (31, -0.5, 15)])   # Q4_K, Q5_K
+def test_k_quant_scale_search_follows_llama_cpps_loop(nmax, rmin, nstep):
+    """The sub-block search (scale and min) against a scalar transliteration of llama.cpp's loop,
+    whose min moves to the best trial's (at Q5_K that quirk changed 0.8% of one SmolLM2 matrix's
+    bytes before it was followed)."""
+    g = np.random.default_rng(nmax)
+    x = (g.standard_normal((64, 32)) * g.uniform(0.01, 0.1, (64, 1)) + g.uniform(-0.05, 0.02, (64, 1)))
+    x = x.astype(np.float32)
+    b = x[:, None, :]
+    weights = (np.sqrt(ggml._seqsum(b * b) / np.float32(32))[..., None] + np.abs(b)).astype(np.float32)
+    scale, the_min, _ = ggml._make_qkx2(b, weights, nmax, rmin, 0.1, nstep)
+    for r in range(64):
+        want = _make_qkx2_scalar(list(x[r]), list(weights[r, 0]), nmax, rmin, np.float32(0.1), nstep)
+        assert (scale[r, 0], the_min[r, 0]) == want, r
