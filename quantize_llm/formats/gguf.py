@@ -5,8 +5,10 @@ read from llama.cpp's own converter and quantizer (`convert_hf_to_gguf.py` and `
 `src/llama-quant.cpp`, `src/llama-vocab.cpp`) and is restated here:
 
 * Families: Llama and Mistral (architecture `llama`), Qwen2 (`qwen2`), Qwen3 (`qwen3`), Gemma
-  (`gemma`), Gemma 2 (`gemma2`) and Gemma 3 text models (`gemma3`, model_type gemma3_text). Other
-  families (the multimodal Gemma 3 among them) are refused in one line.
+  (`gemma`), Gemma 2 (`gemma2`) and Gemma 3 (`gemma3`): its text models, and the language model of
+  the multimodal ones (model_type gemma3: written as the text model it holds, config and tensor
+  names as Gemma3ForCausalLM has them, the vision tower left out as llama.cpp's converter leaves it
+  to a separate mmproj file). Other families are refused in one line.
 * Gemma's RMSNorm scales by (1 + weight): the converter stores weight + 1 for every norm, and
   llama.cpp scales by the stored value. llama.cpp scales Gemma 2/3 queries by 1/sqrt(head_dim)
   (1/sqrt(hidden / heads) for the 27B layer counts, 46 and 62 blocks), whatever the config's
@@ -97,10 +99,9 @@ def family(config: dict) -> tuple[str, bool]:
     """(llama.cpp architecture, whether q/k rows are permuted); SpecError for other families."""
     model_type = str(config.get("model_type", ""))
     if model_type not in FAMILIES:
-        hint = ("the multimodal Gemma 3 is not written to GGUF yet (its text model, model_type gemma3_text, is)"
-                if model_type == "gemma3" else f"GGUF output covers {', '.join(sorted(FAMILIES))}")
         raise SpecError(f"GGUF output is not supported for model_type {model_type!r}",
-                        f"{hint}; use another --format for this model")
+                        f"GGUF output covers {', '.join(sorted(FAMILIES))} (and the language model of a multimodal "
+                        "gemma3); use another --format for this model")
     for rope in _rope_sets(config).values():
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in (None, "default"):
@@ -115,6 +116,42 @@ def family(config: dict) -> tuple[str, bool]:
                             f"1/sqrt({config['query_pre_attn_scalar']}) (query_pre_attn_scalar)",
                             "llama.cpp would compute another model; use another --format for this model")
     return FAMILIES[model_type]
+
+
+# multimodal model_type -> the model_type of its language model, which GGUF output writes alone
+MULTIMODAL_TEXT = {"gemma3": "gemma3_text"}
+# checkpoint name prefixes of a multimodal model's language model -> the text model's
+TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head."))
+
+
+def text_model(config: dict, names: Iterable[str]) -> tuple[dict, dict[str, str]]:
+    """(the config to write, {tensor name as the text model names it: checkpoint name}). A
+    multimodal Gemma 3 gives its language model (model_type gemma3_text, the full text config
+    transformers makes of it) and its tensors renamed; its vision tower and projector are left out
+    (llama.cpp runs them from a separate mmproj file). Other models: as they are."""
+    names = list(names)
+    if config.get("model_type") not in MULTIMODAL_TEXT:
+        return config, {n: n for n in names}
+    from transformers import AutoConfig
+
+    rest = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    text = AutoConfig.for_model(config["model_type"], **rest).get_text_config().to_dict()
+    text["model_type"] = MULTIMODAL_TEXT[config["model_type"]]
+    text["architectures"] = ["Gemma3ForCausalLM"]
+    text.pop("transformers_version", None)
+    if "tie_word_embeddings" in config:
+        text["tie_word_embeddings"] = config["tie_word_embeddings"]
+    sources: dict[str, str] = {}
+    for name in names:
+        for old, new in TEXT_PREFIXES:
+            if name.startswith(old):
+                sources[new + name[len(old):]] = name
+                break
+        else:
+            if name == "lm_head.weight":
+                sources[name] = name
+    return text, sources
 
 
 def _rope_sets(config: dict) -> dict[str, dict]:

@@ -61,9 +61,14 @@ def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *,
     folder = resolve_model(model, trust_remote_code=trust_remote_code)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with CheckpointReader(folder) as reader:
-        config = dict(reader.config)
+        config, sources = gf.text_model(dict(reader.config), reader.names())
+        multimodal = any(n != m for n, m in sources.items())
+        if multimodal and spec.method != "rtn":
+            raise SpecError(f"GGUF output of a multimodal model's language model is written by rtn so far, not "
+                            f"{spec.method}", "quantize it with `quantize-llm rtn MODEL --format gguf`")
         arch, _ = gf.family(config)
-        plans = gf.plan_tensors(config, {n: tuple(reader.shape(n)) for n in reader.names()}, scheme, spec.keep_dense)
+        plans = gf.plan_tensors(config, {n: tuple(reader.shape(m)) for n, m in sources.items()}, scheme,
+                                spec.keep_dense)
         emit("start", {"model": model, "output": str(out), "blocks": int(config["num_hidden_layers"]),
                        "spec": spec.to_dict(), "device": "cpu", "input_bytes": reader.total_bytes})
         writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
@@ -95,7 +100,7 @@ def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *,
             for plan in plans:
                 if plan.source in solved:
                     continue
-                w = reader.read(plan.source, check_finite=True).float().numpy()
+                w = reader.read(sources[plan.source], check_finite=True).float().numpy()
                 if plan.permute_heads:
                     w = gf.permute_rows(w, plan.permute_heads)
                 array, raw = gf.encode_tensor(plan, w)
