@@ -93,14 +93,14 @@ def _make_qkx2_scalar(xs, weights, nmax, rmin, rdelta, nstep):
     scale = f(f(1) / iscale)
     codes = [max(0, min(nmax, int(np.rint(f(iscale * f(v - lo)))))) for v in xs]
     best = f(0)
-    for v, w, c in zip(xs, weights, codes):
+    for v, w, c in zip(xs, weights, codes, strict=True):
         d = f(f(f(scale * f(c)) + lo) - v)
         best = f(best + f(w * f(d * d)))
     for step in range(nstep + 1):
         iscale = f(f(f(f(rmin) + f(f(rdelta) * f(step))) + f(nmax)) / f(hi - lo))
         trial = [max(0, min(nmax, int(np.rint(f(iscale * f(v - lo)))))) for v in xs]
         sl = sl2 = sxl = f(0)
-        for v, w, c in zip(xs, weights, trial):
+        for v, w, c in zip(xs, weights, trial, strict=True):
             sl, sl2, sxl = f(sl + f(w * f(c))), f(sl2 + f(f(w * f(c)) * f(c))), f(sxl + f(f(w * f(c)) * v))
         d = f(f(sum_w * sl2) - f(sl * sl))
         if d > 0:
@@ -108,7 +108,7 @@ def _make_qkx2_scalar(xs, weights, nmax, rmin, rdelta, nstep):
             if this_min > 0:
                 this_min, this_scale = f(0), f(sxl / sl2)
             cur = f(0)
-            for v, w, c in zip(xs, weights, trial):
+            for v, w, c in zip(xs, weights, trial, strict=True):
                 e = f(f(f(this_scale * f(c)) + this_min) - v)
                 cur = f(cur + f(w * f(e * e)))
             if cur < best:
