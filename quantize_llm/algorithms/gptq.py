@@ -279,7 +279,7 @@ class GPTQ:
             last = users[key] == 1
             h = (self.hessians.pop(key) if last else self.hessians[key]).to(device)
             # ||WX||^2 per Linear now: the Hessian may be gone after the solve
-            totals = [energy(layer.weights[n].to(device, torch.float32), h.to(torch.float32)) for n in names]
+            totals = [energy(layer.weights[n], h.to(torch.float32)) for n in names]   # rows converted a slice at a time
             parts = [layer.weights[n] for n in names]
             if len(parts) > 1:   # stacked straight into the work dtype (no copy as stored beside it)
                 dt = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
