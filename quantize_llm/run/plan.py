@@ -415,6 +415,7 @@ def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantS
                               calibrated=calibrated, nsamples=nsamples, seqlen=seqlen, batch_size=batch_size,
                               device_type=dev.type, resume=resume, verify=verify, devices=devices,
                               solver=solver, search=calibrated and spec.method == "awq", self_text=self_text,
+                              masks=calibrated and spec.method == "outlier",
                               room=_room(memory_room(dev), max_memory) if calibrated else None)
 
 

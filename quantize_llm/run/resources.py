@@ -174,19 +174,20 @@ class ResourcePlan:
 def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calibrated: bool, nsamples: int,
              seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool = True,
              devices: int = 1, solver: bool | None = None, search: bool = False,
-             self_text: SelfText | None = None, room: int | None = None) -> ResourcePlan:
+             self_text: SelfText | None = None, room: int | None = None, masks: bool = False) -> ResourcePlan:
     """The plan for quantizing `plans` (plan.plan_blocks) of the checkpoint behind `reader`.
 
     devices: GPUs the run is spread over; the device peak is the first one's (it also holds the
     embeddings and the Hessian sums; each holds a block replica and its share of the activations).
     solver: the method rounds with GPTQ's error feedback (default: any calibrated method);
-    search: AWQ's scale search runs per block; self_text: how the model generates its calibration text;
+    search: AWQ's scale search runs per block; masks: the solve keeps a mask of its weights (a byte
+    each: the outlier split's); self_text: how the model generates its calibration text;
     room: the memory the work device has (host memory on a CPU). Where the plan does not fit in
     it, the first of these that does is chosen: calibration activations kept on the host (a GPU
     run) or on disk (a CPU run); the block's quantized Linears held as stored (`narrow`: a
     calibrated method without a block search, on one device, without fused experts); both."""
     args = (reader, plans, config, output_bytes, calibrated, nsamples, seqlen, batch_size, device_type,
-            resume, verify, devices, solver, search, self_text)
+            resume, verify, devices, solver, search, self_text, masks)
     plan = _estimate(*args, "device")
 
     def peak(p: ResourcePlan) -> int | None:
@@ -206,7 +207,7 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
 
 def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibrated: bool, nsamples: int,
               seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool, devices: int,
-              solver: bool | None, search: bool, self_text: SelfText | None, where: str,
+              solver: bool | None, search: bool, self_text: SelfText | None, masks: bool, where: str,
               narrow: bool = False) -> ResourcePlan:
     solver = calibrated if solver is None else solver
     block_elems = max(sum(_numel(reader.shape(n)) for n in p.tensors) for p in plans)
@@ -231,7 +232,7 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
             phases["calibration text"] = self_text.work_bytes(device_type == "cpu")
         held = batches if where == "disk" else activation   # on disk: the batches at work
         phases["capture"] = embeddings + stored_embeddings + held // 2
-        work = max(_narrow_bytes(reader, p) for p in plans) if narrow else block_bytes + solve
+        work = max(_narrow_bytes(reader, p, masks) for p in plans) if narrow else block_bytes + solve
         phases["blocks"] = work + held + temporaries
     else:   # one Linear at a time (as stored, in float32, its rounding's temporaries) and the block's
         # codes, a byte per weight (fitted to scripts/bench_memory.py at 405B shapes: 6.3 GB)
@@ -261,7 +262,7 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
         if calibrated:
             held = batches if where == "host" else -(-activation // devices)
             device_phases["capture"] = embeddings + stored_embeddings + held // 2
-            device_phases["blocks"] = (max(_narrow_bytes(reader, p) for p in plans) if narrow
+            device_phases["blocks"] = (max(_narrow_bytes(reader, p, masks) for p in plans) if narrow
                                        else block_bytes + solve) + held + temporaries
         device = max(device_phases.values())
         host_phases = {"outside": phases["outside"],   # the Hessian a solve factors in place is kept here
@@ -299,13 +300,14 @@ def _stage_bytes(plan: Any, solver: bool) -> int:
     return max(4 * (k_h * n * n + k_w * elems) for (_, n), elems in stages.items())
 
 
-def _narrow_bytes(reader: Any, plan: Any) -> int:
+def _narrow_bytes(reader: Any, plan: Any, masks: bool = False) -> int:
     """A block's peak with its quantized Linears held as stored (sequential.py, Calibration.narrow):
     input groups (Linears under one parent reading inputs of one width) are observed one pass
     each, in the block's order, and solved in turn, their codes (a byte per weight) kept. While a
     group's Hessian (4 n^2) is gathered every original is still held (and the largest Linear
     widened for its call); its solve adds the working
-    float32 copy (the Linears sharing the input stacked into it) and the codes;
+    float32 copy (the Linears sharing the input stacked into it) and the codes (and, `masks`, a
+    byte per weight of the outlier split's mask);
     before the last group is solved the others' originals are released. After the solves the
     block runs on its codes, each Linear dequantized to float32 for its call (three copies of the
     largest, as in the error measurement)."""
@@ -323,7 +325,7 @@ def _narrow_bytes(reader: Any, plan: Any) -> int:
         stored = sum(reader.nbytes(f"{lp.name}.weight") for lp in linears)
         hold = held - sum(reader.nbytes(f"{lp.name}.weight") for lp in quantized.values()) + stored \
             if i == len(stages) - 1 else held
-        work = 4 * elems + elems
+        work = 4 * elems + elems + (elems if masks else 0)
         # a pass widens one Linear at a time to float32 for its call
         peak = max(peak, held + codes + 4 * n * n + 4 * largest, hold + codes + 4 * n * n + work)
         codes += elems
