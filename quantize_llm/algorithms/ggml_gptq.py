@@ -10,11 +10,12 @@ exactly as for the integer grids. With act-order the columns are processed by de
 diag(H), and every block's grid is fixed up front from the original weights (as `--static-groups`
 does for integer groups: a block's columns are no longer processed together).
 
-Without act-order the fields then take the errors the solve will feed back into account: a
-Q4_0/Q5_0/Q8_0 block's scale is picked among the scales llama.cpp's search tries, and a k-quant
-sub-block's integer scale (and min) among small steps around the chosen ones, each by the cost of
-rounding the block's current columns in order with the errors fed back inside it (the block's
-share of the output error), when the solve reaches its first column.
+With `--clip feedback` (and without act-order) the fields then take the errors the solve will
+feed back into account: a Q4_0/Q5_0/Q8_0 block's scale is picked among the scales llama.cpp's
+search tries, and a k-quant sub-block's integer scale (and min) among small steps around the
+chosen ones, each by the cost of rounding the block's current columns in order with the errors
+fed back inside it (the block's share of the output error), when the solve reaches its first
+column.
 
 The values fed back are the ones llama.cpp's dequantizer computes from the stored fields, in its
 float32 arithmetic, so the solve sees the weights the file will hold.
@@ -257,17 +258,20 @@ class GgmlStats:
 @torch.no_grad()
 def ggml_gptq(weight: Tensor, hessian: Tensor, type_name: str, options: GPTQOptions | None = None,
               act_order: bool = False, own_hessian: bool = False,
-              weighted: bool = True, search: bool = True) -> tuple[ggml.GgmlWeight, GgmlStats]:
+              weighted: bool = True, search: bool | None = None) -> tuple[ggml.GgmlWeight, GgmlStats]:
     """GPTQ of a (out, in) weight onto ggml block type `type_name`, given the Hessian sum X^T X of
     its inputs. Works in float32; does not modify `weight`, nor `hessian` unless `own_hessian`
     (it is then factored where it lies). `weighted`: each block's fields are searched under
     llama.cpp's importance weights with diag(H) as the importance (what llama-imatrix measures)
     where the type has such a search (ggml.quantize_rtn); else they are the reference's.
-    `search` (without act-order): a Q4_0/Q5_0/Q8_0 block's scale, and a k-quant sub-block's
-    integer scale and min, are chosen by their cost with the errors fed back inside the block
-    (GgmlGrid._search, GgmlGrid._refine)."""
+    `search` (without act-order; default: options.clip == "feedback", i.e. `--clip feedback`):
+    a Q4_0/Q5_0/Q8_0 block's scale, and a k-quant sub-block's integer scale and min, are chosen
+    by their cost with the errors fed back inside the block (GgmlGrid._search, GgmlGrid._refine).
+    It lowers a layer's output error on its calibration inputs but did not lower SmolLM2's
+    perplexity (README), so it is not the default."""
     start = time.perf_counter()
     options = options or GPTQOptions()
+    search = options.clip == "feedback" if search is None else search
     w = weight.to(torch.float32, copy=True)
     hdiag, dead = solve_diagonal(hessian, torch.float32)
     w[:, dead] = 0.0                                                    # their weights are moot
