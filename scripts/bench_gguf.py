@@ -94,9 +94,10 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="*", default=["Q4_K_M", "Q3_K_M"])
     parser.add_argument("--act-order", action="store_true", help="also a gptq --act-order row per scheme")
     parser.add_argument("--rows", nargs="*", default=["llama-quantize", "imatrix", "rtn", "gptq"],
-                        choices=["llama-quantize", "imatrix", "rtn", "gptq", "awq", "awq-gptq"],
-                        help="which files to make per scheme (awq: AWQ's scales, then each Linear's fields "
-                             "searched under diag(H); awq-gptq: then GPTQ on the grid)")
+                        choices=["llama-quantize", "imatrix", "rtn", "gptq", "gptq-feedback", "awq", "awq-gptq"],
+                        help="which files to make per scheme (gptq-feedback: gptq --clip feedback; awq: AWQ's "
+                             "scales, then each Linear's fields searched under diag(H); awq-gptq: then GPTQ on "
+                             "the grid)")
     protocol_arguments(parser)
     parser.add_argument("--keep", type=Path, default=None, help="write the files here and keep them")
     parser.add_argument("--reuse", action="store_true",
@@ -177,6 +178,14 @@ def main() -> None:
                      calibration=c4, device="cpu", overwrite=True)
             score(f"quantize-llm gptq{' --act-order' if act_order else ''}", scheme, solved,
                   time.perf_counter() - t)
+        if "gptq-feedback" in args.rows:
+            from quantize_llm.algorithms.gptq import GPTQOptions
+
+            searched = work / f"gptq-feedback-{scheme}.gguf"
+            t = time.perf_counter()
+            quantize(str(model_dir), searched, QuantSpec(method="gptq", format=f"gguf:{scheme}"),
+                     options=GPTQOptions(clip="feedback"), calibration=c4, device="cpu", overwrite=True)
+            score("quantize-llm gptq --clip feedback", scheme, searched, time.perf_counter() - t)
         for then in [t for t in ("rtn", "gptq") if ("awq" if t == "rtn" else "awq-gptq") in args.rows]:
             from quantize_llm.algorithms.awq import AWQOptions
 
