@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,53 @@ def gguf_output(output: str | Path) -> Path:
     return path if path.name.endswith(".gguf") else path.with_name(path.name + ".gguf")
 
 
+def _checked_output(output: str | Path, overwrite: bool) -> Path:
+    """The absolute path of the GGUF file OUT names; OutputError where it cannot be written."""
+    out = Path(os.path.abspath(gguf_output(output)))
+    if out.is_dir():
+        raise OutputError(f"{out} is a folder; a GGUF output is one file", "choose another -o")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} already exists", "pass --overwrite to replace it, or choose another -o")
+    if not out.parent.is_dir():
+        raise OutputError(f"the folder {out.parent} does not exist", "create it first, or choose another -o")
+    return out
+
+
+@contextmanager
+def _writing(tmp: Path, out: Path, arch: str, config: dict, scheme: str, folder: Path) -> Iterator[Any]:
+    """A GGUFWriter of `arch` at `tmp` with the metadata and tokenizer written; the tensors the
+    body adds are written when it ends and the file renamed to `out`; on any error the temporary
+    file is removed."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
+    try:
+        gf.write_metadata(writer, arch, config, scheme, folder.name)
+        gf.write_tokenizer(writer, folder, config)
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _summary(model: str, out: Path, spec: dict, blocks: int, start: float, input_bytes: int, q_params: int,
+             q_bytes: int, stage: str, emit: EventHandler) -> Summary:
+    """The written file's Summary, emitted as the `done` event."""
+    seconds = time.perf_counter() - start
+    summary = Summary(model=model, output=str(out), spec=spec, blocks=blocks, seconds=seconds,
+                      input_bytes=input_bytes, output_bytes=out.stat().st_size, quantized_params=q_params,
+                      quantized_bytes=q_bytes, bits_per_weight=8 * q_bytes / max(q_params, 1),
+                      peak_rss_mb=_peak_rss_mb(), timings={stage: seconds})
+    emit("done", {k: v for k, v in summary.to_dict().items() if k != "layers"})
+    return summary
+
+
 def check_method(spec: QuantSpec) -> None:
     """GGUF files are written by round-to-nearest (llama.cpp's reference quantizer), by GPTQ on
     the same block grids, or by AWQ's scaling before either (algorithms/ggml_gptq.py)."""
@@ -46,18 +94,11 @@ def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *,
     CalibrationSpec) solves the decoder blocks' Linears onto the same grids block by block on the
     calibration text, awq (AWQOptions) scales them first (the scales folded into the norms and
     Linears before them, which are written as folded), the rest as rtn."""
-    import gguf
 
     emit = on_event or (lambda kind, data: None)
     check_method(spec)
     start = time.perf_counter()
-    out = Path(os.path.abspath(gguf_output(output)))
-    if out.is_dir():
-        raise OutputError(f"{out} is a folder; a GGUF output is one file", "choose another -o")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists", "pass --overwrite to replace it, or choose another -o")
-    if not out.parent.is_dir():
-        raise OutputError(f"the folder {out.parent} does not exist", "create it first, or choose another -o")
+    out = _checked_output(output, overwrite)
     folder = resolve_model(model, trust_remote_code=trust_remote_code)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with CheckpointReader(folder) as reader:
@@ -71,12 +112,9 @@ def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *,
                                 spec.keep_dense)
         emit("start", {"model": model, "output": str(out), "blocks": int(config["num_hidden_layers"]),
                        "spec": spec.to_dict(), "device": "cpu", "input_bytes": reader.total_bytes})
-        writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
         q_params = q_bytes = 0
         counts: dict[str, int] = {}
-        try:
-            gf.write_metadata(writer, arch, config, scheme, folder.name)
-            gf.write_tokenizer(writer, folder, config)
+        with _writing(tmp, out, arch, config, scheme, folder) as writer:
             solved: set[str] = set()
             if spec.method in ("gptq", "awq"):   # the blocks' tensors, as their results come
                 by_source = {plan.source: plan for plan in plans}
@@ -109,24 +147,9 @@ def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *,
                 if raw is not None:
                     q_params += int(np.prod(plan.shape))
                     q_bytes += array.nbytes
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            os.replace(tmp, out)
-        except BaseException:
-            writer.close()
-            tmp.unlink(missing_ok=True)
-            raise
         input_bytes = reader.total_bytes
-    seconds = time.perf_counter() - start
-    summary = Summary(model=model, output=str(out), spec={**spec.to_dict(), "format": f"gguf:{scheme}"},
-                      blocks=int(config["num_hidden_layers"]), seconds=seconds, input_bytes=input_bytes,
-                      output_bytes=out.stat().st_size, quantized_params=q_params, quantized_bytes=q_bytes,
-                      bits_per_weight=8 * q_bytes / max(q_params, 1), peak_rss_mb=_peak_rss_mb(),
-                      timings={"quantize and write": seconds})
-    emit("done", {k: v for k, v in summary.to_dict().items() if k != "layers"})
-    return summary
+    return _summary(model, out, {**spec.to_dict(), "format": f"gguf:{scheme}"}, int(config["num_hidden_layers"]),
+                    start, input_bytes, q_params, q_bytes, "quantize and write", emit)
 
 
 def permute_weight(weight: ggml.GgmlWeight, heads: int) -> ggml.GgmlWeight:
@@ -256,7 +279,6 @@ def convert_gguf(source: str, output: str | Path, *, overwrite: bool = False,
     as F32 (1-D, as llama.cpp expects) or F16/F32 (matrices, whichever is exact). Every module is
     checked before anything is written; a module without an exact block stops the conversion with
     its name and the reason."""
-    import gguf
     import torch
 
     from ..formats.reading import QuantizedModules, linear_shape
@@ -264,13 +286,7 @@ def convert_gguf(source: str, output: str | Path, *, overwrite: bool = False,
 
     emit = on_event or (lambda kind, data: None)
     start = time.perf_counter()
-    out = Path(os.path.abspath(gguf_output(output)))
-    if out.is_dir():
-        raise OutputError(f"{out} is a folder; a GGUF output is one file", "choose another -o")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists", "pass --overwrite to replace it, or choose another -o")
-    if not out.parent.is_dir():
-        raise OutputError(f"the folder {out.parent} does not exist", "create it first, or choose another -o")
+    out = _checked_output(output, overwrite)
     folder = resolve_model(source)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with CheckpointReader(folder) as reader:
@@ -300,11 +316,8 @@ def convert_gguf(source: str, output: str | Path, *, overwrite: bool = False,
         scheme = max(set(kinds), key=kinds.count) if kinds else "Q8_0"
         emit("start", {"model": source, "output": str(out), "total": len(prefixes), "unit": "modules",
                        "device": "cpu"})
-        writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
         q_params = q_bytes = 0
-        try:
-            gf.write_metadata(writer, arch, plain, scheme, folder.name)
-            gf.write_tokenizer(writer, folder, plain)
+        with _writing(tmp, out, arch, plain, scheme, folder) as writer:
             for name, plan in plans.items():
                 prefix = name.removesuffix(".weight")
                 if prefix in weights:
@@ -323,21 +336,6 @@ def convert_gguf(source: str, output: str | Path, *, overwrite: bool = False,
                     w = w + np.float32(plan.shift)
                 array, _kind = (np.ascontiguousarray(w), "F32") if w.ndim < 2 or plan.type == "F32" else _exact_float(w)
                 writer.add_tensor(plan.name, array)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            os.replace(tmp, out)
-        except BaseException:
-            writer.close()
-            tmp.unlink(missing_ok=True)
-            raise
         input_bytes = reader.total_bytes
-    seconds = time.perf_counter() - start
-    summary = Summary(model=source, output=str(out), spec={"method": "convert", "format": f"gguf:{scheme}"},
-                      blocks=int(plain["num_hidden_layers"]), seconds=seconds, input_bytes=input_bytes,
-                      output_bytes=out.stat().st_size, quantized_params=q_params, quantized_bytes=q_bytes,
-                      bits_per_weight=8 * q_bytes / max(q_params, 1), peak_rss_mb=_peak_rss_mb(),
-                      timings={"convert and write": seconds})
-    emit("done", {k: v for k, v in summary.to_dict().items() if k != "layers"})
-    return summary
+    return _summary(source, out, {"method": "convert", "format": f"gguf:{scheme}"}, int(plain["num_hidden_layers"]),
+                    start, input_bytes, q_params, q_bytes, "convert and write", emit)
