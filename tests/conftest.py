@@ -118,6 +118,22 @@ def sentencepiece_model(tmp_path: Path) -> Callable[[Path, int], Path]:
     return make
 
 
+def build_gemma3_multimodal(folder: Path, layers: int = 2) -> torch.nn.Module:
+    """A tiny Gemma3ForConditionalGeneration (a SigLIP tower, 256-wide language model) saved into
+    `folder` without a tokenizer; returns the model (eval mode)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                sliding_window=64, max_position_embeddings=256)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    model.save_pretrained(folder)
+    return model.eval()
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     if torch.cuda.is_available():
         return

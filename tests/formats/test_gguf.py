@@ -349,27 +349,20 @@ def test_convert_refuses_what_has_no_exact_block(tiny_model, tmp_path):
 def test_multimodal_gemma3_is_written_as_its_language_model(tmp_path, sentencepiece_model):
     """Gemma3ForConditionalGeneration: the GGUF holds its language model only (no vision tensor),
     and that model's logits on text are the multimodal model's (Q8_0 rounding apart)."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from conftest import build_gemma3_multimodal
 
     from quantize_llm import load_quantized
     from quantize_llm.run.execute import quantize
 
-    text = dict(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
-                max_position_embeddings=256)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
     src = tmp_path / "gemma3-mm"
-    model.save_pretrained(src)
+    model = build_gemma3_multimodal(src)
     sentencepiece_model(src, 320)
     out = write(src, tmp_path / "g.gguf", "Q8_0").output
     names = [t.name for t in gguf.GGUFReader(out).tensors]
     assert "blk.1.attn_q_norm.weight" in names and not any("vision" in n or "mm" in n for n in names)
     ids = torch.tensor([[5, 17, 200, 33, 90, 256, 1, 77]])
     with torch.no_grad():
-        want = model.eval()(input_ids=ids).logits
+        want = model(input_ids=ids).logits
         got = load_quantized(out)(ids).logits
     assert float((got - want).norm() / want.norm()) < 0.02
     from quantize_llm.calibration.data import CalibrationSpec

@@ -159,20 +159,13 @@ def test_llamacpp_runs_a_converted_checkpoint(tiny_model, tmp_path):
 def test_llamacpp_runs_the_language_model_of_a_multimodal_gemma3(tmp_path, sentencepiece_model):
     """A Gemma3ForConditionalGeneration checkpoint: its language model written as a gemma3 GGUF
     (the vision tower left out), which llama.cpp runs like the text model transformers holds."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from conftest import build_gemma3_multimodal
 
     from quantize_llm.core.spec import QuantSpec
     from quantize_llm.run.execute import quantize
 
-    text = dict(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
-                max_position_embeddings=256)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
-    torch.manual_seed(0)
     src = tmp_path / "gemma3-mm"
-    Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision,
-                                                mm_tokens_per_image=4)).save_pretrained(src)
+    build_gemma3_multimodal(src, layers=3)
     sentencepiece_model(src, 320)
     out = quantize(str(src), tmp_path / "g.gguf", QuantSpec(method="rtn", format="gguf:Q8_0")).output
     ids = [5, 17, 200, 33, 90, 256, 1, 77]
