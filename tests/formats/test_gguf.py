@@ -299,6 +299,15 @@ def test_gemma_refusals(tiny_model, tmp_path, sentencepiece_model):
     with pytest.raises(SpecError, match=r"llama.cpp scales this model's queries by 1/sqrt\(16\)"):
         write(src, tmp_path / "g.gguf", "Q8_0")
     assert not (tmp_path / "g.gguf").exists()
+    scaled = {"model_type": "gemma3_text", "num_hidden_layers": 34, "hidden_size": 2560, "num_attention_heads": 8,
+              "head_dim": 256, "query_pre_attn_scalar": 256,
+              "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    with pytest.raises(SpecError, match="does not write rope scaling \\('linear'\\)"):
+        gf.family(scaled)                                   # Gemma 3 4B's settings
+    scaled["rope_parameters"]["full_attention"] = {"rope_type": "default", "rope_theta": 1e6}
+    assert gf.family(scaled) == ("gemma3", False)
+    assert gf.rope_theta(scaled) == 1e6 and gf.rope_theta(scaled, "sliding_attention") == 1e4
     config = {"model_type": "gemma3", "num_hidden_layers": 2}
     with pytest.raises(SpecError, match="model_type 'gemma3'") as exc:
         gf.family(config)
