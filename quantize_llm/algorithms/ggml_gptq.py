@@ -410,7 +410,8 @@ class GgmlAWQ(AWQ):
                     gw, _ = ggml_gptq(w, h, type_name, GPTQOptions(block_size=self.options.block_size,
                                                                    damp=self.options.damp))
                 else:
-                    gw = ggml.quantize_rtn(type_name, w.cpu().numpy(), solve_diagonal(h, torch.float32)[0].cpu().numpy())
+                    importance = solve_diagonal(h, torch.float32)[0].cpu().numpy()
+                    gw = ggml.quantize_rtn(type_name, w.cpu().numpy(), importance)
             result = GgmlResult(gw)
             error = output_error(w, result.dequantize(torch.float32).to(w.device), h)
             layer.report(name, {"rel_error": error, "ggml_type": type_name, "seconds": time.perf_counter() - start})
