@@ -81,6 +81,9 @@ SETTINGS = [
     Setting("gptq-w4g128-static", "gptq", 4, 128, options={"static_groups": True}),
     Setting("gptq-w4g128-actorder-feedback", "gptq", 4, 128, act_order=True, options={"clip": "feedback"}),
     Setting("gptq-w3g128-actorder-feedback", "gptq", 3, 128, act_order=True, options={"clip": "feedback"}),
+    # --qep: fitted to the float model's outputs (1: GPTAQ's objective; 0.5: a tempered QEP correction)
+    *[Setting(f"gptq-w{bits}g128-qep{'' if alpha == 1 else alpha}", "gptq", bits, 128, options={"qep": alpha})
+      for alpha in (1.0, 0.5) for bits in (4, 3)],
     # NF4 (bitsandbytes layout, double-quantized absmax per 64 weights) with bitsandbytes' own
     # nearest rounding, then with GPTQ rounding on the same absmax, beside GPTQ int4 at group 64:
     # the bits/weight column counts every stored byte (absmax and nested statistics included).

@@ -27,11 +27,13 @@ from .solve import (
     Grid,
     SolverOptions,
     SolveStats,
+    accumulate_cross,
     accumulate_hessian,
     cholesky_inverse_upper,
     energy,
     feedback,
     feedback_cost,
+    input_error_target,
     output_error,
     solve_diagonal,
     solve_energy,
@@ -51,12 +53,18 @@ class GPTQOptions:
     true_sequential: bool = SolverOptions.true_sequential
     clip: str = "mse"              # group range: "mse" (shrunk where the diag(H)-weighted error drops), "minmax",
                                    # or "feedback" (IntegerGrid.feedback_params)
+    qep: float = 0.0               # fit the float model's outputs: each Linear's target corrected for the error
+                                   # of its inputs by this strength (solve.input_error_target; 1: GPTAQ's
+                                   # asymmetric objective); 0: plain GPTQ on the quantized model's inputs
 
     def __post_init__(self) -> None:
         SolverOptions.of(self)
         if self.clip not in GPTQ_CLIPS:
             raise SpecError(f"--clip {self.clip} is not known",
                             f"choose one of {', '.join(GPTQ_CLIPS)}; mse is the default")
+        if not 0 <= self.qep <= 1:
+            raise SpecError(f"--qep {self.qep:g} must be in [0, 1]",
+                            "1 fits the float model's outputs fully, 0 (the default) is plain GPTQ")
 
     @property
     def range_clip(self) -> str:
@@ -238,13 +246,26 @@ class GPTQ:
         self.spec = spec
         self.options = options or GPTQOptions()
         self.hessians: dict[str, Tensor] = {}
+        self.crosses: dict[str, Tensor] = {}   # --qep: (X_f - X)^T X per input (solve.accumulate_cross)
+
+    @property
+    def float_inputs(self) -> bool:
+        """Whether the runner must show it the float model's inputs beside the quantized model's
+        (observe_pair): --qep."""
+        return self.options.qep > 0
 
     def observe(self, linear_name: str, x: Tensor) -> None:
         accumulate_hessian(self.hessians, linear_name, x)
 
+    def observe_pair(self, linear_name: str, x: Tensor, x_float: Tensor) -> None:
+        """x the input the quantized model gives the Linear, x_float the float model's for the same tokens."""
+        accumulate_hessian(self.hessians, linear_name, x)
+        accumulate_cross(self.crosses, linear_name, x, x_float)
+
     def record(self) -> MethodRecord:
         return MethodRecord(damp=self.options.damp, static_groups=self.options.static_groups,
-                            true_sequential=self.options.true_sequential)
+                            true_sequential=self.options.true_sequential,
+                            keys=(("qep", self.options.qep),) if self.options.qep else ())
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, QuantizedWeight]:
         """Linears sharing an input share a Hessian; GPTQ treats rows independently, so their
@@ -280,7 +301,13 @@ class GPTQ:
             h = (self.hessians.pop(key) if last else self.hessians[key]).to(device)
             # ||WX||^2 per Linear now: the Hessian may be gone after the solve
             totals = [energy(layer.weights[n], h.to(torch.float32)) for n in names]   # rows converted a slice at a time
-            parts = [layer.weights[n] for n in names]
+            cross = self.crosses.pop(key, None) if last else self.crosses.get(key)
+            # --qep: each Linear's target corrected for its input error (errors are reported against it)
+            targets = {n: layer.weights[n] for n in names} if cross is None else {
+                n: input_error_target(layer.weights[n], h, cross, self.options.qep, self.options.damp,
+                                      self.options.damp_max) for n in names}
+            del cross
+            parts = [targets[n] for n in names]
             if len(parts) > 1:   # stacked straight into the work dtype (no copy as stored beside it)
                 dt = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
                 stacked = torch.empty(sum(p.shape[0] for p in parts), parts[0].shape[1], dtype=dt, device=device)
@@ -294,7 +321,7 @@ class GPTQ:
             try:
                 qw, stats = gptq_quantize(stacked, h, spec, self.options, own=own, own_hessian=last)
             except Float16Overflow as exc:
-                raise solve_overflow(exc, {layer.full_name(n): layer.weights[n] for n in names}, spec,
+                raise solve_overflow(exc, {layer.full_name(n): targets[n] for n in names}, spec,
                                      self.options.damp) from None
             except LayerError as exc:
                 raise exc.at(layer.full_name(*names)) from None
@@ -306,7 +333,7 @@ class GPTQ:
                 part = QuantizedWeight(codes=qw.codes[row:row + rows].contiguous(),
                                        scale=qw.grid_scale[row:row + rows].contiguous(),
                                        zero=qw.grid_zero[row:row + rows].contiguous(), g_idx=qw.g_idx, spec=qw.spec)
-                squared = squared_residual(layer.weights[name].to(device), part.dequantize_rows, stats.dead)
+                squared = squared_residual(targets[name].to(device), part.dequantize_rows, stats.dead)
                 error = math.sqrt(solve_energy(stats.row_error[row:row + rows], stats.ridge, squared)
                                   / max(whole, 1e-30))
                 row += rows
@@ -320,4 +347,5 @@ class GPTQ:
             results.update(solved)
         for name in layer.weights:
             self.hessians.pop(layer.input_of.get(name, name), None)
+            self.crosses.pop(layer.input_of.get(name, name), None)
         return results

@@ -233,6 +233,54 @@ def cholesky_inverse_upper(hessian: Tensor, damp: float, damp_max: float, perm: 
 ENERGY_ELEMENTS = 1 << 24   # rows of D H formed at once by `energy` (64 MiB in float32)
 
 
+def accumulate_cross(crosses: dict[str, Tensor], name: str, x: Tensor, x_float: Tensor) -> None:
+    """crosses[name] += (X_f - X)^T X in float32: X (..., in) the inputs the quantized model gives a
+    Linear, X_f the float model's inputs for the same tokens (input_error_target's C)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    c = crosses.get(name)
+    if c is None:
+        c = crosses[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+    x = x.to(c.device)
+    c.addmm_(x_float.reshape(-1, x.shape[1]).to(c.device, torch.float32).sub(x).t(), x)
+
+
+@torch.no_grad()
+def input_error_target(weight: Tensor, hessian: Tensor, cross: Tensor, alpha: float, damp: float,
+                       damp_max: float) -> Tensor:
+    """The weight W' (out, in) whose outputs on the quantized model's inputs X best reproduce the
+    float model's outputs W X_f: argmin ||W' X - W X_f||^2 = W + W C H^-1, with H = X^T X (damped
+    as the solve damps it: a fraction `damp` of mean(diag(H)), doubled while the Cholesky fails) and
+    C = (X_f - X)^T X (accumulate_cross). GPTQ on W' with the same H then minimizes the asymmetric
+    objective ||Q X - W X_f||^2 (GPTAQ's): the two differ by a constant, ||W' X - W X_f||^2.
+    `alpha` scales the correction (QEP's propagation strength; 1 is the full least-squares target).
+    Computed in float32 (float64 for a float64 weight) a slice of rows at a time, one n x n factor
+    beside the Hessian; `weight` and `hessian` are left as they are."""
+    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    n, start = hessian.shape[0], damp
+    if not _finite(hessian):
+        raise HessianNotFinite.of()
+    info = torch.empty((), dtype=torch.int32, device=hessian.device)
+    while True:
+        factor = _factor_buffer(hessian, dt, None)
+        diag = torch.diagonal(factor)
+        diag.add_(damp * float(diag.mean()))
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
+        if int(info) == 0:
+            break
+        del factor, diag
+        if damp >= damp_max:
+            raise NotPositiveDefinite.of(n, damp, start)
+        damp = min(damp * 2, damp_max)
+    c = cross.to(hessian.device, dt)
+    out = weight.to(hessian.device, dt, copy=True)
+    step = max(1, COPY_ELEMENTS // max(n, 1))
+    for r in range(0, out.shape[0], step):
+        rows = out[r:r + step]
+        # (W C H^-1)^T = H^-1 C^T W^T: H symmetric
+        rows.add_(torch.cholesky_solve(c.mT @ rows.mT, factor).mT, alpha=alpha)
+    return out
+
+
 def energy(d: Tensor, h: Tensor) -> float:
     """tr(D H D^T) for D (out, in) and H = X^T X (in, in): ||D X^T||^2 without keeping X. A slice
     of rows at a time, in h's dtype (d's rows are converted as they come): no temporary of D's

@@ -106,11 +106,45 @@ class Activations(Sequence[Tensor]):
     clear = release
 
 
+class Paired(Sequence[Tensor]):
+    """The quantized model's activations followed by the float model's, 2n batches (the next
+    inputs of a --qep block, as the resume state saves them)."""
+
+    def __init__(self, quantized: Sequence[Tensor], float_: Sequence[Tensor]) -> None:
+        if len(quantized) != len(float_):
+            raise ValueError("paired activations need as many float batches as quantized ones")
+        self.parts = (quantized, float_)
+
+    def __len__(self) -> int:
+        return 2 * len(self.parts[0])
+
+    def _part(self, i: int) -> tuple[Sequence[Tensor], int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        n = len(self.parts[0])
+        return self.parts[i // n], i % n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        part, j = self._part(i)
+        return part[j]
+
+    def shape(self, i: int) -> tuple[int, ...]:
+        part, j = self._part(i)
+        return part.shape(j) if isinstance(part, Activations) else tuple(part[j].shape)
+
+    def dtype(self, i: int) -> torch.dtype:
+        part, j = self._part(i)
+        return part.dtype(j) if isinstance(part, Activations) else part[j].dtype
+
+
 def save_batches(path: Path, batches: Sequence[Tensor]) -> None:
     """Write `batches` to one safetensors file under the keys "0", "1", ..., one batch in memory at
     a time (safetensors' save_file wants them all at once): the header is made from the shapes and
     dtypes first, then each batch's bytes are appended in order. load_file reads it back."""
-    if isinstance(batches, Activations):
+    if isinstance(batches, (Activations, Paired)):
         shapes = [(batches.shape(i), batches.dtype(i)) for i in range(len(batches))]
     else:
         shapes = [(tuple(t.shape), t.dtype) for t in batches]

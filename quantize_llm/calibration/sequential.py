@@ -18,6 +18,7 @@ different devices (`LayerContext.map`): the same arithmetic in the same order as
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import functools
@@ -36,7 +37,7 @@ from ..algorithms.base import Algorithm, BlockContext, LayerContext
 from ..core.devices import move, spread
 from ..core.qweight import QuantizedWeight
 from ..errors import RunError
-from .activations import Activations
+from .activations import Activations, Paired
 from .experts import MIN_EXPERT_TOKENS, ExpertUnits, expert_units, observing
 from .trace import awq_groups, query_key, trace
 
@@ -504,18 +505,23 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                     start_inputs: Sequence[Tensor] | None = None) -> Iterator[BlockResult]:
     t = time.perf_counter()
     primary, ndev = devices[0], len(devices)
+    # --qep: the float model's activations run beside the quantized model's (`floats`, the same
+    # object as `inputs` until they differ); a block's result then carries both (Paired)
+    paired = bool(getattr(algorithm, "float_inputs", False))
     # batch b is read on device b % n; kept there, on the host or on disk (cal.activations)
     inputs, calls = capture_inputs(cal, read, primary,      # resuming too: every block's kwargs
                                    Activations(cal.activations, devices, cal.offload_dir))
+    floats = inputs
     if start and start_inputs is not None:   # (run() checked they are there)
-        if len(start_inputs) != len(inputs) or any(tuple(start_inputs[i].shape) != inputs.shape(i)
-                                                   for i in range(len(inputs))):
+        n = len(inputs)
+        if len(start_inputs) != (2 * n if paired else n) or any(
+                tuple(start_inputs[i].shape) != inputs.shape(i % n) for i in range(len(start_inputs))):
             raise RunError(f"the saved inputs of block {start} do not match the calibration batches")
-        saved = inputs.like()
-        for i in range(len(inputs)):
-            saved.append(start_inputs[i].to(dtype=inputs.dtype(i)))
+        saved = [inputs.like() for _ in range(len(start_inputs) // n)]
+        for i in range(len(start_inputs)):
+            saved[i // n].append(start_inputs[i].to(dtype=inputs.dtype(i % n)))
         inputs.release()
-        inputs = saved
+        inputs, floats = saved[0], saved[-1]
     if ndev > 1:   # batch b's keyword arguments for every block to device b % n
         memos: list[dict] = [{} for _ in devices]
         calls = [[move(kw, devices[b % ndev], memos[b % ndev]) for b, kw in enumerate(per_block)]
@@ -527,7 +533,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         block = layers[plan.index]
         template = copy.deepcopy(block) if ndev > 1 else None   # still on meta: the replicas' skeleton
         quantize = {lp.local: lp for lp in plan.linears if lp.quantize}
-        narrow = cal.narrow and ndev == 1 and algorithm.prepare_block is None \
+        narrow = cal.narrow and ndev == 1 and algorithm.prepare_block is None and not paired \
             and not expert_units(list(quantize.values())).units
         _materialize(block, plan.module_prefix, cal.loader(read), primary, cal.dtype,
                      stored=frozenset(f"{n}.weight" for n in quantize) if narrow else frozenset())
@@ -542,7 +548,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
             block.to("meta")
             result = _finish(plan, rounded, read, [_report(quantize[n], extra[n]) for n in quantize], block_start,
                              timer)
-            result.next_inputs = inputs
+            result.next_inputs = Paired(inputs, floats) if paired else inputs
             yield result
             continue
         with torch.no_grad():
@@ -584,8 +590,16 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                 del here, here_calls
                 t = timer.add("search", t)
             replicas = [block] + [_replica(template, block, dev) for dev in devices[1:]]
+            originals: dict[str, list[Tensor]] = {}   # --qep: the float weights the float model's passes use
+            float_outputs = None
+            if paired:   # the float model's next inputs, while the block is still float
+                float_outputs = floats.like()
+                spread(devices, len(floats), lambda i, dev: _block_forward(replicas[i % ndev], floats[i],  # noqa: F821
+                                                                           block_calls[i]),
+                       consume=lambda i, y: float_outputs.append(y))  # noqa: F821
             for k, stage in enumerate(stages):
-                t = _observe_stage(replicas, devices, stage, algorithm, inputs, block_calls, timer, t)
+                t = _observe_stage(replicas, devices, stage, algorithm, inputs, block_calls, timer, t,
+                                   floats if paired else None, originals)
                 if narrow and k == len(stages) - 1:   # nothing reads the solved Linears' originals again
                     _serve_codes(block, results, cal.dtype)
                 names = [n for g in stage for n in g]
@@ -601,6 +615,8 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                 else:
                     for name in names:   # later stages see the quantized weights (fake-quant), on every replica
                         fake = stage_results[name].dequantize(cast(nn.Linear, block.get_submodule(name)).weight.dtype)
+                        if paired:
+                            originals[name] = [cast(nn.Linear, r.get_submodule(name)).weight.data for r in replicas]
                         for replica, dev in zip(replicas, devices, strict=True):
                             replica.get_submodule(name).weight.data = fake.to(dev)
                 results.update(stage_results)
@@ -615,8 +631,13 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
             outputs = inputs.like()   # stored batch by batch as they come (at most a few on the devices)
             spread(devices, len(inputs), lambda i, dev: _block_forward(replicas[i % ndev], inputs[i], block_calls[i]),  # noqa: F821
                    consume=lambda i, y: outputs.append(y))
+            if floats is not inputs:
+                floats.release()
             inputs.release()   # the previous block's result (its files, on disk) is no longer needed
             inputs = outputs
+            if float_outputs is not None:
+                floats = float_outputs
+            del originals, float_outputs
             timer.add("forward", t)
         rewritten = {cal.stored_name(plan.module_prefix + n): block.get_parameter(n).detach().to("cpu", dtypes[n])
                      for n in sorted(modified)} if modified else {}
@@ -626,9 +647,24 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
             _unwiden(block)
         reports = [_report(quantize[n], extra[n]) for n in quantize]
         result = _finish(plan, results, read, reports, block_start, timer, rewritten)
-        result.next_inputs = inputs
+        result.next_inputs = Paired(inputs, floats) if paired else inputs
         yield result
         release_memory()
+
+
+@contextlib.contextmanager
+def _weights_of(block: nn.Module, weights: dict[str, list[Tensor]], replica: int) -> Iterator[None]:
+    """The Linears named in `weights` run on weights[name][replica] inside (their data swapped, then back)."""
+    saved = {}
+    try:
+        for name, per_replica in weights.items():
+            param = block.get_submodule(name).weight
+            saved[name] = param.data
+            param.data = per_replica[replica]
+        yield
+    finally:
+        for name, data in saved.items():
+            block.get_submodule(name).weight.data = data
 
 
 def _widen(block: nn.Module, names: tuple[str, ...], dtype: torch.dtype) -> None:
@@ -842,19 +878,46 @@ def capture(block: nn.Module, inputs: list[Tensor], calls: list[dict],
 
 
 def _observe_stage(replicas: list[nn.Module], devices: tuple[torch.device, ...], stage: list[tuple[str, ...]],
-                   algorithm: Algorithm, inputs: list[Tensor], calls: list[dict], timer: Timer, t: float) -> float:
+                   algorithm: Algorithm, inputs: list[Tensor], calls: list[dict], timer: Timer, t: float,
+                   floats: Sequence[Tensor] | None = None, originals: dict[str, list[Tensor]] | None = None) -> float:
     """Forward the calibration inputs through the block just far enough to observe the stage's
     inputs. On several devices the batches run side by side and their observed inputs are handed
-    to the algorithm here, in batch order."""
+    to the algorithm here, in batch order.
+
+    With `floats` (--qep), each batch also runs from the float model's inputs through the block
+    with its float weights (`originals`: Linear name -> its float weight on each replica, for the
+    Linears earlier stages replaced by their quantized values), and the algorithm sees each input
+    pair (observe_pair)."""
     hessian_seconds = [0.0]
     names, stop = [g[0] for g in stage], stage[-1][0]
 
-    def observe(name: str, x: Tensor) -> None:
+    def observe(name: str, x: Tensor, x_float: Tensor | None = None) -> None:
         h0 = time.perf_counter()
-        algorithm.observe(name, x)
+        if x_float is None:
+            algorithm.observe(name, x)
+        else:
+            algorithm.observe_pair(name, x, x_float)   # type: ignore[attr-defined]
         hessian_seconds[0] += time.perf_counter() - h0
 
-    if len(devices) == 1:
+    if floats is not None:
+        def pair(i: int, dev: torch.device) -> list[tuple[str, Tensor, Tensor]]:
+            replica, seen = replicas[i % len(devices)], defaultdict(list)   # name -> its float inputs, in call order
+            with _weights_of(replica, originals or {}, i % len(devices)):
+                capture(replica, [floats[i]], [calls[i]],
+                        {name: lambda b, args, kw, name=name: seen[name].append(args[0])  # type: ignore[misc]
+                         for name in names}, stop=stop)
+            both: list[tuple[str, Tensor, Tensor]] = []
+            capture(replica, [inputs[i]], [calls[i]],
+                    {name: lambda b, args, kw, name=name: both.append((name, args[0], seen[name].pop(0)))  # type: ignore[misc]
+                     for name in names}, stop=stop)
+            return both
+
+        def consume_pairs(i: int, both: list[tuple[str, Tensor, Tensor]]) -> None:
+            for name, x, x_float in both:
+                observe(name, x, x_float)
+
+        spread(devices, len(inputs), pair, consume=consume_pairs)
+    elif len(devices) == 1:
         capture(replicas[0], inputs, calls, {name: lambda b, args, kw, name=name: observe(name, args[0])  # type: ignore[misc]
                                              for name in names}, stop=stop)
     else:

@@ -51,6 +51,10 @@ GptqClipOpt = Annotated[str, typer.Option("--clip", help="Group range: minmax; m
                                                          "the diag(H)-weighted rounding error); or feedback (mse's "
                                                          "range or one shrunk by 1 .. 0.7, whichever costs least "
                                                          "with GPTQ's error feedback inside the group).")]
+QepOpt = Annotated[float, typer.Option("--qep", help="Fit the float model's outputs: each Linear's target is "
+                                                    "corrected for the error of its (quantized model's) inputs by this "
+                                                    "strength, 0..1 (1: GPTAQ's asymmetric objective; 0: plain "
+                                                    "GPTQ). Runs the float model's activations beside.")]
 FormatOpt = Annotated[str, typer.Option("--format", help="gptq (GPTQ layout), awq (AutoAWQ GEMM, 4-bit only) or "
                                                          "compressed-tensors (pack-quantized, 2/4/8-bit); rtn, gptq "
                                                          "and awq also write gguf (one llama.cpp file, Q4_K_M) or "

@@ -28,6 +28,7 @@ from .options import (
     KeepDenseOpt,
     ModelArg,
     OutputOpt,
+    QepOpt,
     RunOptions,
     SolverOptions,
     SymOpt,
@@ -92,15 +93,15 @@ def gptq(model: ModelArg, output: OutputOpt, bits: BitsOpt = 4, group_size: Grou
                                                  "activation (desc_act); stores g_idx.")] = False,
          static_groups: Annotated[bool, typer.Option("--static-groups", help="With --act-order: fix groups on the "
                                                      "original column order (trivial g_idx).")] = False,
-         clip: GptqClipOpt = "mse", format: FormatOpt = "gptq", keep_dense: KeepDenseOpt = None, *,
-         solver: SolverOptions, calibration: CalibrationOptions, budget: BudgetOptions, run: RunOptions) -> None:
+         clip: GptqClipOpt = "mse", qep: QepOpt = 0.0, format: FormatOpt = "gptq", keep_dense: KeepDenseOpt = None,
+         *, solver: SolverOptions, calibration: CalibrationOptions, budget: BudgetOptions, run: RunOptions) -> None:
     if static_groups and not act_order:
         raise UsageError("--static-groups only changes something together with --act-order",
                          "add --act-order or drop --static-groups")
     job = command_job("gptq", model, output, run, calibration=calibration, budget=budget,
                       spec=dict(bits=bits, group_size=group_size, sym=sym, act_order=act_order, format=format,
                                 keep_dense=keep_dense),
-                      options=dict(solver.options(), static_groups=static_groups, clip=clip))
+                      options=dict(solver.options(), static_groups=static_groups, clip=clip, qep=qep))
     run_job(job, run.log_json)
 
 

@@ -416,6 +416,7 @@ def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantS
                               device_type=dev.type, resume=resume, verify=verify, devices=devices,
                               solver=solver, search=calibrated and spec.method == "awq", self_text=self_text,
                               masks=calibrated and spec.method == "outlier",
+                              paired=calibrated and bool(getattr(options, "qep", 0)),
                               room=_room(memory_room(dev), max_memory) if calibrated else None)
 
 

@@ -135,6 +135,7 @@ class ResourcePlan:
     activations: str = "device"    # where calibration activations are kept: device, host or disk
     offload_bytes: int = 0         # disk: a block's inputs and outputs in files beside the output
     narrow: bool = False           # the block's quantized Linears held as stored, one input group per pass
+    paired: bool = False           # --qep: the float model's activations kept beside the quantized model's
 
     @property
     def disk_bytes(self) -> int:
@@ -166,6 +167,9 @@ class ResourcePlan:
             out.append("block weights: the quantized Linears held as stored and widened to float32 one call at a "
                        "time, one input group observed per pass, solved Linears served from their codes (a "
                        "float32 block does not fit beside its Hessians); the same result, more forward passes")
+        if self.paired:
+            out.append("calibration activations: the float model's kept beside the quantized model's (--qep), "
+                       "each block run from both")
         if self.self_text is not None:
             out.append(self.self_text.line())
         return out
@@ -174,20 +178,23 @@ class ResourcePlan:
 def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calibrated: bool, nsamples: int,
              seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool = True,
              devices: int = 1, solver: bool | None = None, search: bool = False,
-             self_text: SelfText | None = None, room: int | None = None, masks: bool = False) -> ResourcePlan:
+             self_text: SelfText | None = None, room: int | None = None, masks: bool = False,
+             paired: bool = False) -> ResourcePlan:
     """The plan for quantizing `plans` (plan.plan_blocks) of the checkpoint behind `reader`.
 
     devices: GPUs the run is spread over; the device peak is the first one's (it also holds the
     embeddings and the Hessian sums; each holds a block replica and its share of the activations).
     solver: the method rounds with GPTQ's error feedback (default: any calibrated method);
     search: AWQ's scale search runs per block; masks: the solve keeps a mask of its weights (a byte
-    each: the outlier split's); self_text: how the model generates its calibration text;
+    each: the outlier split's); paired: the float model's activations run beside the quantized
+    model's (--qep: twice the activations, a second n x n per solve and the block's float weights
+    kept beside their quantized values); self_text: how the model generates its calibration text;
     room: the memory the work device has (host memory on a CPU). Where the plan does not fit in
     it, the first of these that does is chosen: calibration activations kept on the host (a GPU
     run) or on disk (a CPU run); the block's quantized Linears held as stored (`narrow`: a
     calibrated method without a block search, on one device, without fused experts); both."""
     args = (reader, plans, config, output_bytes, calibrated, nsamples, seqlen, batch_size, device_type,
-            resume, verify, devices, solver, search, self_text, masks)
+            resume, verify, devices, solver, search, self_text, masks, paired)
     plan = _estimate(*args, "device")
 
     def peak(p: ResourcePlan) -> int | None:
@@ -196,7 +203,7 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
     if not calibrated or room is None or (peak(plan) or 0) <= room:
         return plan
     away = "host" if device_type == "cuda" else "disk"
-    narrowable = not search and devices == 1 and not any(lp.expert for p in plans for lp in p.linears)
+    narrowable = not search and not paired and devices == 1 and not any(lp.expert for p in plans for lp in p.linears)
     tries = [(away, False)] + ([("device", True), (away, True)] if narrowable else [])
     for where, narrow in tries:   # activations kept away, the block narrow, both: the first that fits
         other = _estimate(*args, where, narrow)
@@ -207,8 +214,8 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
 
 def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibrated: bool, nsamples: int,
               seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool, devices: int,
-              solver: bool | None, search: bool, self_text: SelfText | None, masks: bool, where: str,
-              narrow: bool = False) -> ResourcePlan:
+              solver: bool | None, search: bool, self_text: SelfText | None, masks: bool, paired: bool,
+              where: str, narrow: bool = False) -> ResourcePlan:
     solver = calibrated if solver is None else solver
     block_elems = max(sum(_numel(reader.shape(n)) for n in p.tensors) for p in plans)
     block_bytes = 4 * block_elems
@@ -220,14 +227,17 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
     phases: dict[str, int] = {}
     stored_embeddings = max((reader.nbytes(n) for n in reader.names() if "embed" in n), default=0)
     if calibrated:
-        activation = 2 * 4 * nsamples * seqlen * hidden
-        batches = 2 * 4 * min(batch_size, nsamples) * seqlen * hidden   # one batch in and out
+        streams = 2 if paired else 1
+        activation = streams * 2 * 4 * nsamples * seqlen * hidden
+        batches = streams * 2 * 4 * min(batch_size, nsamples) * seqlen * hidden   # one batch in and out
         hessian = 4 * widest_in * widest_in
         temporaries = 3 * 4 * min(batch_size, nsamples) * seqlen * widest_out
         embeddings = 4 * _cut_table(reader, nsamples * seqlen)
         solve = max((_stage_bytes(p, solver) for p in plans), default=0)
         if search:   # AWQ keeps the originals of the Linears it scales while it searches
             solve += block_bytes // 2
+        if paired:   # (X_f - X)^T X beside the Hessian, the target's factor, the float weights kept
+            solve += 2 * hessian + block_bytes
         if self_text is not None:
             phases["calibration text"] = self_text.work_bytes(device_type == "cpu")
         held = batches if where == "disk" else activation   # on disk: the batches at work
@@ -279,7 +289,8 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
                         block_bytes=block_bytes, hessian_bytes=hessian,
                         host_phases={k: PROCESS_BASELINE + v for k, v in host_phases.items()},
                         device_phases=device_phases or None, self_text=self_text, activations=where,
-                        offload_bytes=activation if where == "disk" else 0, narrow=narrow)
+                        offload_bytes=activation if where == "disk" else 0, narrow=narrow,
+                        paired=paired and calibrated)
 
 
 def _stage_bytes(plan: Any, solver: bool) -> int:

@@ -156,7 +156,7 @@ def test_option_names_and_defaults_are_the_recipe_keys() -> None:
     def fields(cls):
         return {f.name: f.default for f in dataclasses.fields(cls)}
     assert fields(GPTQOptions) == {"block_size": 128, "damp": 0.01, "damp_max": 1.0, "static_groups": False,
-                                   "true_sequential": True, "clip": "mse"}
+                                   "true_sequential": True, "clip": "mse", "qep": 0.0}
     assert fields(NF4Options) == {"rounding": "nearest", "block_size": 128, "damp": 0.01, "damp_max": 1.0,
                                   "true_sequential": True}
     assert fields(AWQOptions) == {"grid": 20, "clip": True, "clip_grid": 20, "max_shrink": 0.5, "search_samples": 16,
@@ -165,7 +165,8 @@ def test_option_names_and_defaults_are_the_recipe_keys() -> None:
     assert fields(OutlierOptions) == {"inner": "rtn", "mode": "weight", "fraction": None, "threshold": None,
                                       "calibrated": False, "clip": "minmax", "damp": 0.01, "block_size": 128,
                                       "true_sequential": True}
-    assert list(fields(GPTQOptions)) == ["block_size", "damp", "damp_max", "static_groups", "true_sequential", "clip"]
+    assert list(fields(GPTQOptions)) == ["block_size", "damp", "damp_max", "static_groups", "true_sequential", "clip",
+                                         "qep"]
 
 
 @pytest.mark.parametrize("permuted", [False, True])
