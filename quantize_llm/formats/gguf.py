@@ -102,12 +102,8 @@ def family(config: dict) -> tuple[str, bool]:
         raise SpecError(f"GGUF output is not supported for model_type {model_type!r}",
                         f"GGUF output covers {', '.join(sorted(FAMILIES))} (and the language model of a multimodal "
                         "gemma3); use another --format for this model")
-    for rope in _rope_sets(config).values():
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in (None, "default"):
-            raise SpecError(f"GGUF output does not write rope scaling ({rope_type!r}) yet",
-                            "use another --format for this model")
     arch = FAMILIES[model_type][0]
+    rope_scaling(config, arch)   # refuses what llama.cpp would not compute as transformers does
     if arch in GEMMA_27B_LAYERS and config.get("query_pre_attn_scalar") is not None:
         wide = int(config["num_hidden_layers"]) == GEMMA_27B_LAYERS[arch]
         used = config["hidden_size"] // config["num_attention_heads"] if wide else head_dim(config)
@@ -163,6 +159,67 @@ def _rope_sets(config: dict) -> dict[str, dict]:
     if rope and all(isinstance(v, dict) for v in rope.values()):
         return dict(rope)
     return {"": rope}
+
+
+# rotary scalings written, per llama.cpp architecture: "linear" (positions divided by the factor:
+# rope.scaling.type/factor) and Llama 3's "llama3" (a rope_freqs tensor of per-frequency divisors)
+ROPE_SCALINGS = {"llama": ("linear", "llama3"), "qwen2": ("linear",), "qwen3": ("linear",), "gemma": ("linear",),
+                 "gemma2": ("linear",), "gemma3": ("linear",)}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    kind: str                       # "linear" or "llama3"
+    factor: float
+    freq_factors: np.ndarray | None = None   # llama3: (head_dim/2,) float32, rope_freqs.weight
+
+
+def rope_scaling(config: dict, arch: str) -> RopeScaling | None:
+    """The rotary scaling to write for `config` (None: none), or SpecError for one llama.cpp would
+    compute otherwise. Gemma 3 scales its full-attention layers only, which is what llama.cpp does
+    with rope.scaling.* (its sliding layers keep scale 1 and base 10000): the sliding layers' set
+    must be unscaled. Llama 3's frequency-dependent scaling goes into rope_freqs: each frequency
+    of the rotation is divided by its factor (1 for short wavelengths, `factor` for long ones,
+    a smooth blend between), the divisors transformers' llama3 rotation applies. (A Gemma 3 config
+    with one set, rope_scaling beside rope_local_base_freq, scales the full-attention layers too.)"""
+    sets = _rope_sets(config)
+    found = None
+    for kind, rope in sets.items():
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if rope_type == "default":
+            continue
+        if rope_type not in ROPE_SCALINGS.get(arch, ()) or (arch == "gemma3" and kind == "sliding_attention"):
+            where = f" on its {kind} layers" if kind else ""
+            raise SpecError(f"GGUF output does not write rope scaling {rope_type!r}{where} for {arch}",
+                            "use another --format for this model")
+        factor = float(rope.get("factor") or 1.0)
+        if rope_type == "linear":
+            found = RopeScaling("linear", factor)
+            continue
+        low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+        old = float(rope.get("original_max_position_embeddings") or config.get("max_position_embeddings", 8192))
+        dim = head_dim(config)
+        inv_freq = 1.0 / rope_theta(config) ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        wavelen = 2 * np.pi / inv_freq
+        smooth = (old / wavelen - low) / (high - low)
+        divisor = np.where(wavelen < old / high, 1.0,
+                           np.where(wavelen > old / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+        found = RopeScaling("llama3", factor, divisor.astype(np.float32))
+    return found
+
+
+def write_rope_scaling(writer: Any, config: dict, arch: str) -> None:
+    """rope.scaling.* and, for llama3 scaling, the rope_freqs tensor (written before the model's)."""
+    import gguf
+
+    scaling = rope_scaling(config, arch)
+    if scaling is None:
+        return
+    if scaling.kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling.factor)
+    else:
+        writer.add_tensor("rope_freqs.weight", scaling.freq_factors)
 
 
 def rope_theta(config: dict, kind: str = "full_attention") -> float:
@@ -510,6 +567,8 @@ def read_gguf(path: Path | str) -> tuple[dict, dict[str, np.ndarray], dict[str, 
     tensors: dict[str, np.ndarray] = {}
     types: dict[str, str] = {}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":   # the rotation's, from config.json (rope_scaling)
+            continue
         source = back.get(t.name)
         if source is None:
             raise ValueError(f"{path}: tensor {t.name} is not one of the {arch} model's")

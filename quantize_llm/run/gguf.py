@@ -53,6 +53,7 @@ def _writing(tmp: Path, out: Path, arch: str, config: dict, scheme: str, folder:
     writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
     try:
         gf.write_metadata(writer, arch, config, scheme, folder.name)
+        gf.write_rope_scaling(writer, config, arch)
         gf.write_tokenizer(writer, folder, config)
         yield writer
         writer.write_header_to_file()

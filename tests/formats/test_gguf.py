@@ -303,10 +303,17 @@ def test_gemma_refusals(tiny_model, tmp_path, sentencepiece_model):
               "head_dim": 256, "query_pre_attn_scalar": 256,
               "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
-    with pytest.raises(SpecError, match="does not write rope scaling \\('linear'\\)"):
-        gf.family(scaled)                                   # Gemma 3 4B's settings
+    assert gf.family(scaled) == ("gemma3", False)           # Gemma 3 4B's settings
+    assert gf.rope_scaling(scaled, "gemma3") == gf.RopeScaling("linear", 8.0)
+    scaled["rope_parameters"]["sliding_attention"]["rope_type"] = "linear"   # llama.cpp keeps those at scale 1
+    with pytest.raises(SpecError, match="does not write rope scaling 'linear' on its sliding_attention layers"):
+        gf.family(scaled)
+    scaled["rope_parameters"]["sliding_attention"]["rope_type"] = "default"
+    scaled["rope_parameters"]["full_attention"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}
+    with pytest.raises(SpecError, match="does not write rope scaling 'yarn'"):
+        gf.family(scaled)
     scaled["rope_parameters"]["full_attention"] = {"rope_type": "default", "rope_theta": 1e6}
-    assert gf.family(scaled) == ("gemma3", False)
+    assert gf.family(scaled) == ("gemma3", False) and gf.rope_scaling(scaled, "gemma3") is None
     assert gf.rope_theta(scaled) == 1e6 and gf.rope_theta(scaled, "sliding_attention") == 1e4
     config = {"model_type": "gemma3", "num_hidden_layers": 2}
     with pytest.raises(SpecError, match="model_type 'gemma3'") as exc:
@@ -379,3 +386,29 @@ def test_multimodal_gemma3_is_written_as_its_language_model(tmp_path, sentencepi
     with pytest.raises(SpecError, match="written by rtn so far, not gptq"):
         quantize(str(src), tmp_path / "q.gguf", QuantSpec(method="gptq", format="gguf"),
                  calibration=CalibrationSpec(source="self"))
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192, "rope_theta": 500000.0},   # Llama 3.1's
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+])
+def test_llama3_rope_divisors_are_transformers_frequencies(rope):
+    """rope_freqs holds, per rotation frequency, how much transformers' llama3 rotation divides it."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=64, max_position_embeddings=131072,
+                         rope_parameters=dict(rope))
+    plain = LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=64,
+                        rope_parameters={"rope_type": "default", "rope_theta": rope["rope_theta"]})
+    scaled_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    base_freq = 1.0 / rope["rope_theta"] ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    scaling = gf.rope_scaling(config.to_dict(), "llama")
+    assert scaling is not None and scaling.kind == "llama3" and scaling.freq_factors.shape == (32,)
+    np.testing.assert_allclose(base_freq.numpy() / scaling.freq_factors, scaled_freq.double().numpy(), rtol=1e-5)
+    assert scaling.freq_factors.min() >= 1.0 and scaling.freq_factors.max() == rope["factor"]
+    assert gf.rope_scaling(plain.to_dict(), "llama") is None
+    with pytest.raises(SpecError, match="does not write rope scaling 'llama3' for qwen2"):
+        gf.rope_scaling(config.to_dict(), "qwen2")

@@ -172,3 +172,39 @@ def test_llamacpp_runs_the_language_model_of_a_multimodal_gemma3(tmp_path, sente
     theirs, ours = llama_cpp_logits(out, ids), our_logits(out, ids)
     rel = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
     assert rel < 6e-2, rel
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+LINEAR = {"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("arch, rope", [("llama", LLAMA3), ("llama", LINEAR), ("qwen2", LINEAR),
+                                        ("gemma3", {"full_attention": LINEAR,
+                                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})])
+def test_llamacpp_runs_scaled_rotations(tiny_model, tmp_path, sentencepiece_model, monkeypatch, arch, rope):
+    """Scaled rotary embeddings (Llama 3's per-frequency scaling as rope_freqs, linear scaling as
+    rope.scaling.*, on Gemma 3's full-attention layers only): llama.cpp's logits over 40 positions
+    match our loader's, and a file written without the scaling does not (scaled to short
+    contexts here, so that 40 positions show it)."""
+    from quantize_llm.core.spec import QuantSpec
+    from quantize_llm.formats import gguf as gf
+    from quantize_llm.run.execute import quantize
+
+    config = dict(WIDE, rope_parameters=rope, max_position_embeddings=256)
+    if arch == "gemma3":
+        config.update(vocab_size=320, num_hidden_layers=3, query_pre_attn_scalar=16, sliding_window=8)
+    src = tiny_model(arch, config=config, tokenizer=False)
+    if arch == "gemma3":
+        sentencepiece_model(src, 320)
+    else:
+        bpe_tokenizer().save_pretrained(src)
+    ids = [(7 * i + 3) % 280 for i in range(40)]
+    out = quantize(str(src), tmp_path / "r.gguf", QuantSpec(method="rtn", format="gguf:Q8_0")).output
+    theirs, ours = llama_cpp_logits(out, ids), our_logits(out, ids)
+    rel = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
+    assert rel < 6e-2, rel
+    monkeypatch.setattr(gf, "write_rope_scaling", lambda *a: None)
+    unscaled = quantize(str(src), tmp_path / "u.gguf", QuantSpec(method="rtn", format="gguf:Q8_0")).output
+    wrong = np.linalg.norm(llama_cpp_logits(unscaled, ids) - ours) / np.linalg.norm(ours)
+    assert wrong > 3 * rel and wrong > 0.1, (wrong, rel)
