@@ -104,10 +104,6 @@ def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *,
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with CheckpointReader(folder) as reader:
         config, sources = gf.text_model(dict(reader.config), reader.names())
-        multimodal = any(n != m for n, m in sources.items())
-        if multimodal and spec.method != "rtn":
-            raise SpecError(f"GGUF output of a multimodal model's language model is written by rtn so far, not "
-                            f"{spec.method}", "quantize it with `quantize-llm rtn MODEL --format gguf`")
         arch, _ = gf.family(config)
         plans = gf.plan_tensors(config, {n: tuple(reader.shape(m)) for n, m in sources.items()}, scheme,
                                 spec.keep_dense)
@@ -119,7 +115,7 @@ def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *,
             solved: set[str] = set()
             if spec.method in ("gptq", "awq"):   # the blocks' tensors, as their results come
                 by_source = {plan.source: plan for plan in plans}
-                for name, value in _solve_blocks(reader, folder, config, spec, options, calibration, batch_size,
+                for name, value in _solve_blocks(reader, folder, sources, spec, options, calibration, batch_size,
                                                  device, plans, trust_remote_code, emit):
                     plan = by_source[name]
                     if isinstance(value, ggml.GgmlWeight):
@@ -160,13 +156,15 @@ def permute_weight(weight: ggml.GgmlWeight, heads: int) -> ggml.GgmlWeight:
     return ggml.GgmlWeight(weight.type, {k: v[order] for k, v in weight.params.items()}, weight.codes[order])
 
 
-def _solve_blocks(reader: CheckpointReader, folder: Path, config: dict, spec: QuantSpec, options: Any,
+def _solve_blocks(reader: CheckpointReader, folder: Path, sources: dict[str, str], spec: QuantSpec, options: Any,
                   calibration: Any, batch_size: int, device: str, plans: list[gf.TensorPlan],
                   trust_remote_code: bool, emit: EventHandler) -> Iterator[tuple[str, Any]]:
     """GPTQ (or AWQ) onto the planned block types, block by block on the calibration text:
-    (checkpoint name, ggml weight) of every decoder Linear whose planned type is a ggml block
-    type, and (checkpoint name, tensor) of every other tensor of the blocks as the run leaves it
-    (AWQ folds its scales into norms)."""
+    (text-model name, ggml weight) of every decoder Linear whose planned type is a ggml block
+    type, and (text-model name, tensor) of every other tensor of the blocks as the run leaves it
+    (AWQ folds its scales into norms). The whole model runs (a multimodal one included: its
+    language model reads the text); `sources` maps the text model's names to the checkpoint's
+    (gf.text_model)."""
     import dataclasses
 
     import torch
@@ -189,7 +187,9 @@ def _solve_blocks(reader: CheckpointReader, folder: Path, config: dict, spec: Qu
     else:
         options = options if isinstance(options, GPTQOptions) else GPTQOptions()
     calibration = calibration or CalibrationSpec()
-    types = {plan.source.removesuffix(".weight"): plan.type for plan in plans if plan.type in ggml.TYPES}
+    config = dict(reader.config)
+    back = {stored: name for name, stored in sources.items()}   # checkpoint name -> text-model name
+    types = {sources[plan.source].removesuffix(".weight"): plan.type for plan in plans if plan.type in ggml.TYPES}
     devices = resolve_devices(device)
     arch = get_architecture(config)
     skeleton = build_skeleton(folder, config, trust_remote_code=trust_remote_code)
@@ -213,10 +213,11 @@ def _solve_blocks(reader: CheckpointReader, folder: Path, config: dict, spec: Qu
             if not isinstance(qw, GgmlResult):
                 raise RunError(f"{name}: no calibration input reached it, so GPTQ could not round it",
                                "quantize with rtn for this model")
-            yield f"{name}.weight", qw.weight
+            yield back[f"{name}.weight"], qw.weight
             if bias is not None:   # as the run leaves it (AWQ may fold scales into it)
-                yield f"{name}.bias", bias
-        yield from result.passthrough.items()
+                yield back[f"{name}.bias"], bias
+        for name, value in result.passthrough.items():
+            yield back.get(name, name), value
         emit("block", {"index": result.index, "blocks": len(blocks), "seconds": result.seconds,
                        "peak_rss_mb": peak_rss_mb(), "layers": [dataclasses.asdict(r) for r in result.reports]})
 

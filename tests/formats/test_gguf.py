@@ -381,11 +381,35 @@ def test_multimodal_gemma3_is_written_as_its_language_model(tmp_path, sentencepi
         want = model(input_ids=ids).logits
         got = load_quantized(out)(ids).logits
     assert float((got - want).norm() / want.norm()) < 0.02
-    from quantize_llm.calibration.data import CalibrationSpec
 
-    with pytest.raises(SpecError, match="written by rtn so far, not gptq"):
-        quantize(str(src), tmp_path / "q.gguf", QuantSpec(method="gptq", format="gguf"),
-                 calibration=CalibrationSpec(source="self"))
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_multimodal_gemma3_calibrates_as_its_language_model(tmp_path, calib_file, method):
+    """gptq/awq to GGUF of a Gemma3ForConditionalGeneration: calibrated through the whole model on
+    text, the tensors are those of the same run on its language model saved as a Gemma3ForCausalLM."""
+    from conftest import build_gemma3_multimodal, byte_tokenizer
+    from transformers import Gemma3ForCausalLM
+
+    from quantize_llm.calibration.data import CalibrationSpec
+    from quantize_llm.run.execute import quantize
+
+    src = tmp_path / "gemma3-mm"
+    model = build_gemma3_multimodal(src)
+    byte_tokenizer().save_pretrained(src)
+    text = tmp_path / "gemma3-text"
+    causal = Gemma3ForCausalLM(model.config.text_config)
+    causal.model.load_state_dict(model.model.language_model.state_dict())
+    causal.lm_head.weight.data.copy_(model.lm_head.weight.data)
+    causal.save_pretrained(text)
+    byte_tokenizer().save_pretrained(text)
+    cal = CalibrationSpec(source=str(calib_file), nsamples=4, seqlen=32)
+    files = {}
+    for name, folder in (("mm", src), ("text", text)):
+        out = quantize(str(folder), tmp_path / f"{name}.gguf", QuantSpec(method=method, format="gguf:Q4_K_M"),
+                       calibration=cal).output
+        files[name] = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(out).tensors}
+    assert set(files["mm"]) == set(files["text"]) and "blk.1.ffn_down.weight" in files["mm"]
+    assert [n for n in files["mm"] if files["mm"][n] != files["text"][n]] == []
 
 
 @pytest.mark.parametrize("rope", [
