@@ -79,6 +79,7 @@ SETTINGS = [
     Setting("gptq-w3g128-feedback", "gptq", 3, 128, options={"clip": "feedback"}),
     Setting("gptq-w3g128-actorder", "gptq", 3, 128, act_order=True),
     Setting("gptq-w4g128-static", "gptq", 4, 128, options={"static_groups": True}),
+    Setting("gptq-w3g128-static", "gptq", 3, 128, options={"static_groups": True}),
     Setting("gptq-w4g128-actorder-feedback", "gptq", 4, 128, act_order=True, options={"clip": "feedback"}),
     Setting("gptq-w3g128-actorder-feedback", "gptq", 3, 128, act_order=True, options={"clip": "feedback"}),
     # --qep: fitted to the float model's outputs (1: GPTAQ's objective; 0.5: a tempered QEP correction)
