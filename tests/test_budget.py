@@ -169,3 +169,45 @@ def test_gptq_proxy_is_measured_apart_from_the_rounding_proxy(tiny_model, tmp_pa
     assert gptq["sensitivity"] == rtn["sensitivity"]     # the same measured effect on the output
     assert gptq["error"] != rtn["error"]                 # a different estimate of each module's error
     assert chosen.bits <= chosen.limit
+
+
+def test_parts_vllm_merges_share_one_setting_at_the_optimum():
+    """q/k/v and gate/up of a block get one setting (vLLM runs each as one module), and among such
+    allocations the solver's is the cheapest: checked against every tied assignment."""
+    import itertools
+    import random
+
+    from quantize_llm.run.budget import Measurement, allocate, tied_groups
+
+    names = [f"model.layers.{b}.{m}" for b in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                  "self_attn.v_proj", "self_attn.o_proj",
+                                                                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    rng = random.Random(0)
+    settings = [(2, 128, True), (4, 128, True), (8, 128, True)]
+    params = [rng.choice([64, 128, 256]) * 64 for _ in names]
+    sizes = [[p * bits + p // 8 for bits, _, _ in settings] for p in params]
+    error = [[rng.uniform(0.5, 2.0) * 4.0 ** -bits for bits, _, _ in settings] for _ in names]
+    m = Measurement("k", names, settings, error, [rng.uniform(0.2, 3.0) for _ in names], [])
+    groups = tied_groups(names)
+    assert [len(g) for g in groups] == [3, 1, 2, 1] * 2
+    choice = allocate(m, Budget(bpw=4.1), sizes, params)
+    for group in groups:
+        assert len({choice.settings[i] for i in group}) == 1
+    limit = int(4.1 * sum(params))
+    best = min(sum(m.sensitivity[i] * error[i][k] for g, k in zip(groups, pick, strict=True) for i in g)
+               for pick in itertools.product(range(3), repeat=len(groups))
+               if sum(sizes[i][k] for g, k in zip(groups, pick, strict=True) for i in g) <= limit)
+    assert choice.predicted == pytest.approx(best, rel=1e-9)
+
+
+def test_strict_vllm_candidates_are_what_vllm_serves_everywhere():
+    from quantize_llm.formats.gptq import GPTQFormat
+    from quantize_llm.formats.vllm import setting_reason
+    from quantize_llm.run.budget import candidates
+
+    spec = QuantSpec(method="gptq", bits=4, group_size=128)
+    strict = candidates(spec, GPTQFormat, strict_vllm=True)
+    loose = candidates(spec, GPTQFormat, strict_vllm=False)
+    assert strict and set(strict) < set(loose)
+    assert all(setting_reason(spec.replace(bits=b, group_size=g, sym=s), "gptq") is None for b, g, s in strict)
+    assert (8, 128, True) in loose and (8, 128, True) not in strict   # vLLM's CPU backend serves 4-bit only

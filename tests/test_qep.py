@@ -106,7 +106,7 @@ def reference_qep(src: Path, tokens: torch.Tensor, spec: QuantSpec, options: GPT
         for stage in stages:
             seen: dict[tuple[str, str], list[torch.Tensor]] = {}
 
-            def hook(key):
+            def hook(key, seen=seen):
                 def fn(module, args):
                     seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).double())
                 return fn
@@ -202,8 +202,9 @@ def test_cli_records_qep_and_the_plan_says_so(tiny_model, tmp_path, calib_file, 
 
 
 def test_the_plan_counts_both_streams(tiny_model, calib_file, monkeypatch):
-    import quantize_llm.run.plan as plan_module
     from test_plan_phases import plan_of
+
+    import quantize_llm.run.plan as plan_module
 
     src = tiny_model("llama", config={"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4,
                                       "num_key_value_heads": 2, "num_hidden_layers": 2}, dtype=torch.bfloat16)

@@ -30,6 +30,7 @@ from .base import (
     headers_of,
     need,
 )
+from .vllm import FUSED, fused_name
 
 V1, V2 = "gptq", "gptq_v2"
 BITS = (2, 3, 4, 8)
@@ -166,6 +167,18 @@ class GPTQFormat:
         dynamic: dict[str, dict] = {f"-:^{re.escape(name)}$": {} for name in facts.excluded}
         dynamic.update({f"+:^{re.escape(name)}$": {"bits": own.bits, "group_size": own.group_size, "sym": own.sym}
                         for name, own in facts.overrides.items()})
+        # vLLM looks a merged q/k/v (gate/up) up under its merged name: a rule for it where every
+        # part has the same own setting (parts that differ are refused by the vLLM preflight)
+        merged: dict[str, set] = {}
+        for name, own in facts.overrides.items():
+            fused = fused_name(name)
+            if fused is not None:
+                merged.setdefault(fused, set()).add((own.bits, own.group_size, own.sym))
+        for fused, settings in sorted(merged.items()):
+            parts = [f"{fused.rpartition('.')[0]}.{leaf}" for leaf in FUSED[fused.rpartition(".")[2]]]
+            if len(settings) == 1 and all(p in facts.overrides for p in parts):
+                bits, group_size, sym = next(iter(settings))
+                dynamic[f"+:^{re.escape(fused)}$"] = {"bits": bits, "group_size": group_size, "sym": sym}
         if dynamic:
             config["dynamic"] = dynamic
         return config

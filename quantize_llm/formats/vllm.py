@@ -158,6 +158,43 @@ def shape_problems(fmt: str, group_size: int, out_features: int, in_features: in
     return problems
 
 
+# vLLM runs these Linears of a block as one (its packed_modules_mapping for Llama-like models): one
+# quantization setting serves all of them, looked up under the merged name (gptq_utils.py
+# override_config matches `dynamic` against "...self_attn.qkv_proj", not the parts)
+FUSED: dict[str, tuple[str, ...]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                                     "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fused_name(name: str) -> str | None:
+    """The merged module vLLM makes of Linear `name` ("model.layers.0.self_attn.q_proj" ->
+    "model.layers.0.self_attn.qkv_proj"), or None."""
+    parent, _, leaf = name.rpartition(".")
+    merged = next((m for m, parts in FUSED.items() if leaf in parts), None)
+    return None if merged is None else (f"{parent}.{merged}" if parent else merged)
+
+
+def setting_reason(s: Any, fmt_name: str) -> str | None:
+    """Why vLLM refuses (or serves only slowly) the setting `s` in `fmt_name`, whatever the shape; None when
+    it serves it on GPU and CPU."""
+    rule = rule_for(fmt_name, s.bits, s.sym, s.group_size, bool(s.act_order))
+    if s.codebook != "int":
+        label = f"{s.codebook} {fmt_name}"
+    else:
+        act = ", act-order" if s.act_order and s.group_size != -1 else ""
+        label = f"{s.bits}-bit {'sym' if s.sym else 'asym'} group {s.group_size}{act} {fmt_name}"
+    if rule is None:
+        return f"{label} checkpoints are not in the table of what vLLM {VLLM_VERSION} serves; check before serving"
+    if not rule.why:
+        return None
+    if rule.gpu == REFUSED and rule.cpu == REFUSED:
+        where = "refused on GPU and CPU"
+    elif rule.cpu == REFUSED:
+        where = f"served on a GPU ({rule.gpu}) but refused on the CPU"
+    else:
+        where = f"served on a GPU only by {rule.gpu}"
+    return f"{label} checkpoints are {where} by vLLM {VLLM_VERSION}: {rule.why}; {rule.nearest}"
+
+
 def preflight(spec: Any, fmt_name: str, shapes: Iterable[tuple[str, int, int, Any]]) -> list[str]:
     """What vLLM 0.32 will refuse, or serve only slowly, of the run's checkpoint; [] when all is well.
 
@@ -170,26 +207,21 @@ def preflight(spec: Any, fmt_name: str, shapes: Iterable[tuple[str, int, int, An
         if reason not in reasons:
             reasons.append(reason)
 
+    merged: dict[str, set[tuple]] = {}
     for name, out_f, in_f, own in shapes:
         s = own or spec
-        rule = rule_for(fmt_name, s.bits, s.sym, s.group_size, bool(s.act_order))
-        if s.codebook != "int":
-            label = f"{s.codebook} {fmt_name}"
-        else:
-            act = ", act-order" if s.act_order and s.group_size != -1 else ""
-            label = f"{s.bits}-bit {'sym' if s.sym else 'asym'} group {s.group_size}{act} {fmt_name}"
-        if rule is None:
-            add(f"{label} checkpoints are not in the table of what vLLM {VLLM_VERSION} serves; check before serving")
-        elif rule.why:
-            if rule.gpu == REFUSED and rule.cpu == REFUSED:
-                where = "refused on GPU and CPU"
-            elif rule.cpu == REFUSED:
-                where = f"served on a GPU ({rule.gpu}) but refused on the CPU"
-            else:
-                where = f"served on a GPU only by {rule.gpu}"
-            add(f"{label} checkpoints are {where} by vLLM {VLLM_VERSION}: {rule.why}; {rule.nearest}")
+        reason = setting_reason(s, fmt_name)
+        if reason is not None:
+            add(reason)
         for problem in shape_problems(fmt_name, s.group_size, out_f, in_f):
             add(f"{name}: {problem}")
+        fused = fused_name(name)
+        if fused is not None:
+            merged.setdefault(fused, set()).add((s.bits, s.group_size, s.sym, bool(s.act_order)))
+    for fused, settings in merged.items():
+        if len(settings) > 1:
+            add(f"{fused}: vLLM runs {', '.join(FUSED[fused.rpartition('.')[2]])} as one module with one setting, "
+                "and these have different ones; give them the same bits, group size and sym")
     return reasons
 
 

@@ -79,7 +79,7 @@ def setting_label(bits: int, group_size: int, sym: bool) -> str:
 
 def candidates(spec: QuantSpec, fmt: Any, strict_vllm: bool) -> list[tuple[int, int, bool]]:
     """The settings a module may get: the format holds them (and vLLM serves them, with --strict-vllm)."""
-    from ..formats.vllm import preflight
+    from ..formats.vllm import setting_reason
 
     out = []
     for sym in ((True,) if spec.sym else (True, False)):
@@ -88,7 +88,7 @@ def candidates(spec: QuantSpec, fmt: Any, strict_vllm: bool) -> list[tuple[int, 
                 s = spec.replace(bits=bits, group_size=group, sym=sym, overrides=())
                 if fmt.supports(s) is not None:
                     continue
-                if strict_vllm and preflight(s, fmt.name, []):
+                if strict_vllm and setting_reason(s, fmt.name) is not None:
                     continue
                 out.append((bits, group, sym))
     if not out:
@@ -408,20 +408,37 @@ def load_or_measure(output: Path, key: str, **kwargs: Any) -> Measurement:
     return m
 
 
+def tied_groups(modules: list[str]) -> list[list[int]]:
+    """Indices of `modules` that must share one setting: the parts vLLM runs as one module
+    (formats/vllm.FUSED: q/k/v, gate/up of a block), each other module alone; in first-seen order."""
+    from ..formats.vllm import fused_name
+
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(modules):
+        groups.setdefault(fused_name(name) or name, []).append(i)
+    return list(groups.values())
+
+
 def allocate(m: Measurement, budget: Budget, sizes: list[list[int | None]], params: list[int],
              fixed_bits: int = 0) -> Choice:
     """The cheapest settings within `budget` (sizes[module][setting]: exact bits, None = cannot
-    hold). `fixed_bits`: what the rest of the checkpoint takes (counted against --target-size)."""
+    hold). `fixed_bits`: what the rest of the checkpoint takes (counted against --target-size).
+    Modules vLLM merges (tied_groups) are one item: one setting, their sizes and costs summed."""
     total = sum(params)
     limit = math.floor(budget.bpw * total) if budget.bpw is not None else 8 * (budget.size or 0) - fixed_bits
     settings = [tuple(s) for s in m.settings]
+    groups = tied_groups(list(m.modules))
     items, index = [], []
-    for i in range(len(m.modules)):
-        opts = [(size, m.sensitivity[i] * m.error[i][k], k) for k, size in enumerate(sizes[i]) if size is not None]
+    for group in groups:
+        opts = [(sum(sizes[i][k] or 0 for i in group), sum(m.sensitivity[i] * m.error[i][k] for i in group), k)
+                for k in range(len(settings)) if all(sizes[i][k] is not None for i in group)]
         items.append([(s, c) for s, c, _ in opts])
         index.append([k for _, _, k in opts])
     a: Allocation = solve(items, limit)
-    chosen = [index[i][k] for i, k in enumerate(a.choice)]
+    chosen = [0] * len(m.modules)
+    for g, group in enumerate(groups):
+        for i in group:
+            chosen[i] = index[g][a.choice[g]]
     uniform = []
     for k, s in enumerate(settings):
         column = [sz[k] for sz in sizes]

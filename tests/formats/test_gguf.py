@@ -368,7 +368,6 @@ def test_multimodal_gemma3_is_written_as_its_language_model(tmp_path, sentencepi
     from conftest import build_gemma3_multimodal
 
     from quantize_llm import load_quantized
-    from quantize_llm.run.execute import quantize
 
     src = tmp_path / "gemma3-mm"
     model = build_gemma3_multimodal(src)

@@ -73,3 +73,33 @@ def test_shape_check():
     spec = QuantSpec()
     assert GPTQFormat.check_shape(spec, 64, 576) is None
     assert "multiples of 32" in GPTQFormat.check_shape(spec, 64, 100)
+
+
+def test_dynamic_names_the_module_vllm_merges_when_its_parts_agree():
+    """vLLM looks `dynamic` up under the merged name (qkv_proj, gate_up_proj): a rule for it is
+    written where every part has the same own setting, none where they differ (which the vLLM
+    preflight refuses)."""
+    import re
+
+    from quantize_llm.core.spec import MethodRecord
+    from quantize_llm.formats.base import ConfigFacts
+    from quantize_llm.formats.gptq import GPTQFormat
+    from quantize_llm.formats.vllm import preflight
+
+    spec = QuantSpec(method="gptq", bits=4, group_size=128)
+    g32 = spec.replace(group_size=32)
+    p = "model.layers.0."
+    overrides = {p + "self_attn.q_proj": g32, p + "self_attn.k_proj": g32, p + "self_attn.v_proj": g32,
+                 p + "mlp.gate_proj": g32, p + "mlp.up_proj": spec.replace(group_size=64)}
+    config = GPTQFormat.quantization_config(ConfigFacts(spec, [], overrides=overrides, record=MethodRecord()))
+    rules = config["dynamic"]
+
+    def lookup(name):   # vLLM's get_dynamic_override: the first rule whose pattern matches
+        return next((v for k, v in rules.items() if re.match(k.removeprefix("+:"), name)), None)
+    assert lookup(p + "self_attn.qkv_proj") == {"bits": 4, "group_size": 32, "sym": True}
+    assert lookup(p + "mlp.gate_up_proj") is None
+    assert lookup(p + "self_attn.q_proj") == {"bits": 4, "group_size": 32, "sym": True}
+    shapes = [(n, 256, 256, s) for n, s in overrides.items()]
+    reasons = preflight(spec, "gptq", shapes)
+    assert any(r.startswith(p + "mlp.gate_up_proj: vLLM runs gate_proj, up_proj as one module") for r in reasons)
+    assert not any("qkv_proj" in r for r in reasons)
