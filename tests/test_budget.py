@@ -211,3 +211,23 @@ def test_strict_vllm_candidates_are_what_vllm_serves_everywhere():
     assert strict and set(strict) < set(loose)
     assert all(setting_reason(spec.replace(bits=b, group_size=g, sym=s), "gptq") is None for b, g, s in strict)
     assert (8, 128, True) in loose and (8, 128, True) not in strict   # vLLM's CPU backend serves 4-bit only
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_budget_in_compressed_tensors_is_config_groups(tiny_model, tmp_path, dtype):
+    """Its stored bits are the predicted ones: scales are kept in the model's dtype (float32 for a
+    bfloat16 model, whose float16 scales bfloat16 cannot hold)."""
+    import torch
+
+    src = tiny_model("llama", dtype=getattr(torch, dtype))
+    out = tmp_path / "out"
+    spec = QuantSpec(method="rtn", bits=4, group_size=32, format="compressed-tensors")
+    choice = plan_run(Job("j", str(src), out, spec, budget=Budget(bpw=5.5))).allocation
+    assert choice is not None and len(set(choice.settings)) > 1
+    assert {s[0] for s in choice.settings} <= {2, 4, 8}                     # the widths the format holds
+    summary = quantize(str(src), out, spec, device="cpu", budget=Budget(bpw=5.5))
+    assert 8 * summary.quantized_bytes == choice.bits and summary.bits_per_weight <= 5.5
+    got = {m.name: (m.bits, m.group_size, m.sym) for m in inspect_checkpoint(out).modules}
+    assert got == dict(zip(choice.modules, choice.settings, strict=True))
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == len(set(choice.settings))

@@ -36,9 +36,14 @@ def format_for_config(qconfig: dict) -> type[Format]:
 def module_qconfig(qconfig: dict, module: str) -> dict:
     """`quantization_config` as it applies to one module: the first positive `dynamic` entry
     ("+:regex" or a bare regex, matched with re.match as GPTQModel does) whose pattern matches
-    the module's full name overrides bits / group_size / sym / desc_act."""
+    the module's full name overrides bits / group_size / sym / desc_act; for compressed-tensors,
+    the config group that targets the module (compressed_tensors.module_group)."""
     import re
 
+    if qconfig.get("quant_method") == "compressed-tensors":
+        from .compressed_tensors import module_group
+
+        return module_group(qconfig, module)
     dynamic = qconfig.get("dynamic") or {}
     if not isinstance(dynamic, dict):
         raise ValueError(f"quantization_config's dynamic is {type(dynamic).__name__}, not an object of "

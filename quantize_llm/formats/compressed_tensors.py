@@ -9,8 +9,11 @@ Per Linear, in nn.Linear orientation:
 The signed code and zero are ours minus 2^(b-1), so w = scale * (code - zero) is the same number and
 the stored unsigned fields are exactly our codes and zeros. Groups are contiguous columns: the
 deprecated `weight_g_idx` is not written (CT 0.20 ignores it), so act-order results are refused
-unless their groups are static. One scheme for the whole checkpoint; every dense Linear is in
-`ignore`.
+unless their groups are static. Every dense Linear is in `ignore`. Modules with settings of their
+own (recipe overrides, a --target-bpw allocation) get config groups of their own, which list them
+by name (and, where a block's q/k/v or gate/up all share one, the module vLLM merges them into:
+vLLM matches a layer's own name before the "Linear" class of the base group); reading picks a
+module's group the same way (`module_group`).
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ class CompressedTensorsFormat:
     markers: ClassVar[tuple[str, ...]] = ("weight_packed",)
     bias_dtype: ClassVar[torch.dtype | None] = None           # the model's dtype
     config_file: ClassVar[str | None] = None
-    per_module: ClassVar[bool] = False    # one setting for the whole checkpoint
+    per_module: ClassVar[bool] = True     # per-module settings as config groups of their own
     description: ClassVar[str] = ("compressed-tensors pack-quantized layout that transformers (with "
                                   "compressed-tensors) and vLLM load")
 
@@ -109,8 +112,9 @@ class CompressedTensorsFormat:
             raise ValueError(f"compressed-tensors format {fmt!r} is not read; only pack-quantized, compressed")
         groups = qconfig.get("config_groups") or {}
         if not isinstance(groups, dict) or len(groups) != 1:
-            raise ValueError(f"config_groups holds {len(groups) if isinstance(groups, dict) else 'no'} scheme(s): "
-                             "only checkpoints with exactly one are read")
+            raise ValueError(f"config_groups holds {len(groups) if isinstance(groups, dict) else 'no'} scheme(s) "
+                             "for this module: a module's scheme is the one group whose targets name it, or else "
+                             "the one targeting Linear")
         group = next(iter(groups.values()))
         weights = group.get("weights") if isinstance(group, dict) else None
         if not isinstance(weights, dict):
@@ -175,21 +179,37 @@ class CompressedTensorsFormat:
                                g_idx=None, spec=spec)
 
     @staticmethod
-    def quantization_config(facts: ConfigFacts) -> dict[str, Any]:
+    def _scheme(spec: QuantSpec, targets: list[str]) -> dict[str, Any]:
         # §4.4: QuantizationArgs forbids unknown keys, so nothing of ours goes inside `weights`.
-        spec, dense_modules = facts.spec, facts.dense_modules
         channel = spec.group_size == -1
         weights: dict[str, Any] = {
             "num_bits": spec.bits, "type": "int", "symmetric": spec.sym,
             "strategy": "channel" if channel else "group", "group_size": None if channel else spec.group_size,
             "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {},
         }
+        return {"targets": targets, "weights": weights, "input_activations": None, "output_activations": None,
+                "format": "pack-quantized"}
+
+    @staticmethod
+    def quantization_config(facts: ConfigFacts) -> dict[str, Any]:
+        from .vllm import FUSED, fused_name
+
+        spec, dense_modules = facts.spec, facts.dense_modules
+        groups = {"group_0": CompressedTensorsFormat._scheme(spec, ["Linear"])}
+        by_setting: dict[tuple, list[str]] = {}
+        for name, own in sorted(facts.overrides.items()):
+            by_setting.setdefault((own.bits, own.group_size, own.sym), []).append(name)
+        for (bits, group_size, sym), names in by_setting.items():
+            merged = {fused_name(n) for n in names} - {None}
+            targets = names + sorted(m for m in merged if m is not None and all(
+                f"{m.rpartition('.')[0]}.{leaf}" in names for leaf in FUSED[m.rpartition(".")[2]]))
+            groups[f"group_{len(groups)}"] = CompressedTensorsFormat._scheme(
+                spec.replace(bits=bits, group_size=group_size, sym=sym), targets)
         config: dict[str, Any] = {
             "quant_method": "compressed-tensors",
             "format": "pack-quantized",
             "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                          "output_activations": None, "format": "pack-quantized"}},
+            "config_groups": groups,
             "ignore": sorted(dense_modules),
             "kv_cache_scheme": None,
             "global_compression_ratio": None,
@@ -199,3 +219,31 @@ class CompressedTensorsFormat:
         }
         config["meta"] = facts.meta
         return config
+
+
+def module_group(qconfig: Mapping[str, Any], module: str) -> dict[str, Any]:
+    """`quantization_config` with only the config group that applies to `module` (full name): the
+    first whose targets hold its name (or a "re:" pattern matching it), else the first targeting
+    the Linear class, as vLLM and compressed-tensors match them. Unchanged when there is one group
+    or none applies (describe then says what is wrong)."""
+    import re
+
+    groups = qconfig.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) < 2:
+        return dict(qconfig)
+
+    def names(target: Any) -> bool:
+        if not isinstance(target, str):
+            return False
+        if target.startswith("re:"):
+            try:
+                return re.match(target[3:], module) is not None
+            except re.error:
+                return False
+        return target == module
+    for by_class in (False, True):
+        for key, group in groups.items():
+            targets = group.get("targets") if isinstance(group, dict) else None
+            if isinstance(targets, list) and any(t == "Linear" if by_class else names(t) for t in targets):
+                return {**qconfig, "config_groups": {key: group}}
+    return dict(qconfig)

@@ -100,10 +100,12 @@ def candidates(spec: QuantSpec, fmt: Any, strict_vllm: bool) -> list[tuple[int, 
 _BITS_CACHE: dict[tuple, int | None] = {}
 
 
-def exact_bits(fmt: Any, spec: QuantSpec, out_features: int, in_features: int) -> int | None:
+def exact_bits(fmt: Any, spec: QuantSpec, out_features: int, in_features: int,
+               dtype: torch.dtype | None = None) -> int | None:
     """Stored bits of one module with `spec` in `fmt` (every tensor the format writes), or None
-    when the format cannot hold that shape."""
-    key = (fmt.name, spec.bits, spec.group_size, spec.sym, spec.act_order, out_features, in_features)
+    when the format cannot hold that shape. `dtype`: the stored weight's (compressed-tensors keeps
+    scales in it)."""
+    key = (fmt.name, spec.bits, spec.group_size, spec.sym, spec.act_order, out_features, in_features, dtype)
     if key not in _BITS_CACHE:
         if fmt.check_shape(spec, out_features, in_features) is not None:
             _BITS_CACHE[key] = None
@@ -111,10 +113,12 @@ def exact_bits(fmt: Any, spec: QuantSpec, out_features: int, in_features: int) -
             groups = spec.n_groups(in_features)
             spec = spec.replace(min_zero=fmt.min_zero(spec))
             qw = QuantizedWeight(codes=torch.zeros(out_features, in_features, dtype=torch.uint8),
-                                 scale=torch.ones(out_features, groups, dtype=torch.float16),
+                                 # 1 + 2^-10: a float16 scale bfloat16 cannot hold (compressed-tensors then
+                                 # stores float32 scales for a bfloat16 model, as it does for most real ones)
+                                 scale=torch.full((out_features, groups), 1 + 2 ** -10, dtype=torch.float16),
                                  zero=torch.full((out_features, groups), 2 ** (spec.bits - 1), dtype=torch.int32),
                                  g_idx=(torch.arange(in_features, dtype=torch.int32) // spec.effective_group_size(
-                                     in_features)) if spec.act_order else None, spec=spec)
+                                     in_features)) if spec.act_order else None, spec=spec, source_dtype=dtype)
             _BITS_CACHE[key] = 8 * sum(t.numel() * t.element_size() for t in fmt.encode(qw).values())
     return _BITS_CACHE[key]
 
@@ -471,7 +475,8 @@ def plan_budget(job: Any, fmt: Any, spec: QuantSpec, folder: Path, blocks: list,
 
     # a group size vLLM cannot load for this module's shape is not a candidate for it
     sizes = [[None if shape_problems(fmt.name, g, lp.out_features, lp.in_features) else
-              exact_bits(fmt, base.replace(bits=b, group_size=g, sym=s), lp.out_features, lp.in_features)
+              exact_bits(fmt, base.replace(bits=b, group_size=g, sym=s), lp.out_features, lp.in_features,
+                         reader.dtype(lp.name + ".weight"))
               for b, g, s in settings] for lp in units]
     key = measurement_key(model_fingerprint(folder), job, settings)
     calibration = job.calibration if spec.method != "rtn" else None
@@ -481,6 +486,7 @@ def plan_budget(job: Any, fmt: Any, spec: QuantSpec, folder: Path, blocks: list,
                         calibration=calibration, batch_size=job.batch_size, device=device,
                         trust_remote_code=job.trust_remote_code, proxy=job.budget.proxy)
     fixed = 8 * (reader.total_bytes - sum(reader.nbytes(lp.name + ".weight") for lp in quantized))
-    fixed += sum(exact_bits(fmt, lp.spec.replace(min_zero=0), lp.out_features, lp.in_features) or 0
+    fixed += sum(exact_bits(fmt, lp.spec.replace(min_zero=0), lp.out_features, lp.in_features,
+                            reader.dtype(lp.name + ".weight")) or 0
                  for lp in quantized if lp.spec is not None)
     return allocate(m, job.budget, sizes, [lp.out_features * lp.in_features for lp in units], fixed)

@@ -115,3 +115,51 @@ def test_transformers_loads_it_on_cpu(tiny_model, tmp_path, calib_file, args):
 def test_cli_refuses_3_bits_before_touching_the_model(tmp_path, capsys):
     expect_error(capsys, ["rtn", tmp_path / "none", "-o", tmp_path / "o", "--bits", 3, "--format", "compressed-tensors"],
                  "use 4 or 8 bits")
+
+
+RECIPE = """[[jobs]]
+model = "{src}"
+output = "{out}"
+method = "rtn"
+group_size = 32
+format = "{fmt}"
+[[jobs.overrides]]
+match = 'mlp\\.up_proj$'
+bits = 8
+[[jobs.overrides]]
+match = 'layers\\.1\\.self_attn\\.[qkv]_proj$'
+group_size = -1
+"""
+
+
+def test_per_module_settings_are_config_groups_transformers_reads(tiny_model, tmp_path):
+    """Overrides written as config groups of their own (q/k/v of block 1 also under vLLM's merged
+    name): stock transformers + compressed-tensors loads the checkpoint to our logits, and every
+    module holds what the gptq format holds for the same recipe."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from quantize_llm import load_quantized
+    from quantize_llm.formats import module_qconfig
+
+    src = tiny_model("llama", dtype=torch.bfloat16)
+    for fmt in ("compressed-tensors", "gptq"):
+        recipe = tmp_path / f"{fmt}.toml"
+        recipe.write_text(RECIPE.format(src=src, out=tmp_path / fmt, fmt=fmt))
+        assert cli("run", recipe) == 0
+    out = tmp_path / "compressed-tensors"
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    groups = qconfig["config_groups"]
+    assert len(groups) == 3 and groups["group_0"]["targets"] == ["Linear"]
+    targets = {t for g in groups.values() for t in g["targets"]}
+    assert "model.layers.1.self_attn.qkv_proj" in targets and "model.layers.0.mlp.up_proj" in targets
+    assert module_qconfig(qconfig, "model.layers.0.mlp.up_proj")["config_groups"].popitem()[1]["weights"][
+        "num_bits"] == 8
+    assert module_qconfig(qconfig, "model.layers.0.mlp.down_proj")["config_groups"] == {"group_0": groups["group_0"]}
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours, same = load_quantized(out, dtype=torch.float32), load_quantized(tmp_path / "gptq", dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=0, atol=2e-5)
+        torch.testing.assert_close(same(ids).logits, ours(ids).logits, rtol=0, atol=2e-5)
+    assert cli("inspect", out) == 0
