@@ -193,7 +193,8 @@ def test_llamacpp_runs_scaled_rotations(tiny_model, tmp_path, sentencepiece_mode
 
     config = dict(WIDE, rope_parameters=rope, max_position_embeddings=256)
     if arch == "gemma3":
-        config.update(vocab_size=320, num_hidden_layers=3, query_pre_attn_scalar=16, sliding_window=8)
+        config.update(vocab_size=320, num_hidden_layers=3, query_pre_attn_scalar=16, sliding_window=8,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     src = tiny_model(arch, config=config, tokenizer=False)
     if arch == "gemma3":
         sentencepiece_model(src, 320)
