@@ -79,12 +79,14 @@ def _summary(model: str, out: Path, spec: dict, blocks: int, start: float, input
     return summary
 
 
-def check_method(spec: QuantSpec) -> None:
+def check_method(spec: QuantSpec, options: Any = None) -> None:
     """GGUF files are written by round-to-nearest (llama.cpp's reference quantizer), by GPTQ on
     the same block grids, or by AWQ's scaling before either (algorithms/ggml_gptq.py)."""
     if spec.method not in ("rtn", "gptq", "awq"):
         raise SpecError(f"GGUF output is written by rtn, gptq and awq, not {spec.method}",
                         "quantize with `quantize-llm rtn|gptq|awq ... --format gguf`")
+    if getattr(options, "qep", 0):
+        raise SpecError("--qep is not applied to GGUF output yet", "drop --qep, or write the gptq format")
 
 
 def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *, overwrite: bool = False,
@@ -97,7 +99,7 @@ def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *,
     Linears before them, which are written as folded), the rest as rtn."""
 
     emit = on_event or (lambda kind, data: None)
-    check_method(spec)
+    check_method(spec, options)
     start = time.perf_counter()
     out = _checked_output(output, overwrite)
     folder = resolve_model(model, trust_remote_code=trust_remote_code)

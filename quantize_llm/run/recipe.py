@@ -372,7 +372,7 @@ def job_from_dict(data: Mapping[str, Any], where: str = "job", own_calibration: 
         if parse_format(spec.format) is not None:   # one GGUF file (run/gguf.py), not a planned checkpoint
             from .gguf import check_method
 
-            check_method(spec)
+            check_method(spec, options)
         else:
             prepare(spec, options)       # the format holds the spec, the method produces its codes
     except SpecError as exc:
