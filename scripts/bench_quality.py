@@ -111,6 +111,8 @@ BUDGET_SETTINGS = [
     *[Setting(f"gptq-w{bits}g{group}{'-actorder' if act else ''}", "gptq", bits, group, act_order=act)
       for act in (False, True) for bits, group in ((4, 128), (4, 64), (3, 128), (3, 64), (4, 32), (3, 32))],
     *[Setting(f"budget-{b:g}", "gptq", 4, 128, target_bpw=b) for b in (4.25, 3.25, 3.5, 4.0, 4.5, 2.5)],
+    # the allocation solved with --qep (the measurement is the same: it does not depend on the options)
+    *[Setting(f"budget-{b:g}-qep", "gptq", 4, 128, target_bpw=b, options={"qep": 1.0}) for b in (4.25, 3.25)],
     # the same budgets, each module's cost GPTQ's estimated error (run/budget.gptq_error_estimate)
     *[Setting(f"budget-{b:g}-gptq-proxy", "gptq", 4, 128, target_bpw=b, budget_proxy="gptq")
       for b in (4.25, 3.25, 3.5, 4.0, 4.5, 2.5)],
