@@ -608,6 +608,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                     index=plan.index, weights=weights, input_of=input_of, block=block,
                     report=lambda n, m: extra[n].update(m), specs=_specs(quantize.values()), devices=devices,
                     prefix=plan.prefix))
+                del weights   # narrow: the stored weights go with their Linears' (_serve_codes)
                 t = timer.add("solve", t)
                 if narrow:   # true-sequential: the next stage sees them quantized; else after the last pass
                     if cal.true_sequential:

@@ -141,22 +141,41 @@ def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor, bits: 
     """Codes uint8 (out, in) = clamp(round(w / scale) + zero, 0, maxq), per column's group.
 
     `w` (out, in) float; `scale` float16 (out, G); `zero` int32 (out, G); `g_idx` int32 (in,).
+    Formed a slice of rows at a time (ELEMENTWISE_SLICE): only the codes are held whole.
     """
-    s = expand_groups(scale, g_idx).float()                             # (out, in)
-    z = expand_groups(zero, g_idx).float()                              # (out, in)
-    q = torch.round(w.float() / s) + z
-    return q.clamp(0, 2 ** bits - 1).to(torch.uint8)
+    codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    for rows in _row_slices(w.shape):
+        s = expand_groups(scale[rows], g_idx).float()                   # (slice, in)
+        z = expand_groups(zero[rows], g_idx).float()
+        q = torch.round(w[rows].float() / s).add_(z)
+        codes[rows] = q.clamp_(0, 2 ** bits - 1)
+    return codes
 
 
 def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor,
                      dtype: torch.dtype = torch.float32) -> Tensor:
-    """w' = scale * (code - zero) per column's group; (out, in) in `dtype`.
+    """w' = scale * (code - zero) per column's group; (out, in) in `dtype`, formed a slice of rows
+    at a time (the result is the only full-size tensor: a Linear served from its codes costs one
+    copy of its weight in `dtype`, not five).
 
     Exact in float32: a float16 scale times an integer below 2^9 needs at most 20 mantissa bits.
     """
-    s = expand_groups(scale, g_idx).to(dtype)                           # (out, in)
-    z = expand_groups(zero, g_idx).to(dtype)                            # (out, in)
-    return (codes.to(dtype) - z) * s
+    out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    for rows in _row_slices(codes.shape):
+        s = expand_groups(scale[rows], g_idx).to(dtype)                 # (slice, in)
+        z = expand_groups(zero[rows], g_idx).to(dtype)
+        torch.sub(codes[rows].to(dtype), z, out=out[rows]).mul_(s)
+    return out
+
+
+# quantize_codes / dequantize_codes: elements formed per slice of rows (the per-column scale and
+# zero, the float codes): 16 MiB in float32, whatever the weight's size.
+ELEMENTWISE_SLICE = 1 << 22
+
+
+def _row_slices(shape: torch.Size | tuple[int, ...]) -> list[slice]:
+    step = max(1, ELEMENTWISE_SLICE // max(shape[1], 1))
+    return [slice(r, r + step) for r in range(0, shape[0], step)]
 
 
 CLIPS = ("minmax", "mse")

@@ -417,6 +417,7 @@ def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantS
                               solver=solver, search=calibrated and spec.method == "awq", self_text=self_text,
                               masks=calibrated and spec.method == "outlier",
                               paired=calibrated and bool(getattr(options, "qep", 0)),
+                              sequential=getattr(options, "true_sequential", True) is not False,
                               room=_room(memory_room(dev), max_memory) if calibrated else None)
 
 

@@ -179,7 +179,7 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
              seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool = True,
              devices: int = 1, solver: bool | None = None, search: bool = False,
              self_text: SelfText | None = None, room: int | None = None, masks: bool = False,
-             paired: bool = False) -> ResourcePlan:
+             paired: bool = False, sequential: bool = True) -> ResourcePlan:
     """The plan for quantizing `plans` (plan.plan_blocks) of the checkpoint behind `reader`.
 
     devices: GPUs the run is spread over; the device peak is the first one's (it also holds the
@@ -188,13 +188,15 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
     search: AWQ's scale search runs per block; masks: the solve keeps a mask of its weights (a byte
     each: the outlier split's); paired: the float model's activations run beside the quantized
     model's (--qep: twice the activations, a second n x n per solve and the block's float weights
-    kept beside their quantized values); self_text: how the model generates its calibration text;
+    kept beside their quantized values); sequential: each stage's inputs come from the block with
+    the earlier stages quantized (true-sequential: a narrow block releases them as it goes);
+    self_text: how the model generates its calibration text;
     room: the memory the work device has (host memory on a CPU). Where the plan does not fit in
     it, the first of these that does is chosen: calibration activations kept on the host (a GPU
     run) or on disk (a CPU run); the block's quantized Linears held as stored (`narrow`: a
     calibrated method without a block search, on one device, without fused experts); both."""
     args = (reader, plans, config, output_bytes, calibrated, nsamples, seqlen, batch_size, device_type,
-            resume, verify, devices, solver, search, self_text, masks, paired)
+            resume, verify, devices, solver, search, self_text, masks, paired, sequential)
     plan = _estimate(*args, "device")
 
     def peak(p: ResourcePlan) -> int | None:
@@ -215,7 +217,7 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
 def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibrated: bool, nsamples: int,
               seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool, devices: int,
               solver: bool | None, search: bool, self_text: SelfText | None, masks: bool, paired: bool,
-              where: str, narrow: bool = False) -> ResourcePlan:
+              sequential: bool, where: str, narrow: bool = False) -> ResourcePlan:
     solver = calibrated if solver is None else solver
     block_elems = max(sum(_numel(reader.shape(n)) for n in p.tensors) for p in plans)
     block_bytes = 4 * block_elems
@@ -242,7 +244,7 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
             phases["calibration text"] = self_text.work_bytes(device_type == "cpu")
         held = batches if where == "disk" else activation   # on disk: the batches at work
         phases["capture"] = embeddings + stored_embeddings + held // 2
-        work = max(_narrow_bytes(reader, p, masks) for p in plans) if narrow else block_bytes + solve
+        work = max(_narrow_bytes(reader, p, masks, sequential) for p in plans) if narrow else block_bytes + solve
         phases["blocks"] = work + held + temporaries
     else:   # one Linear at a time (as stored, in float32, its rounding's temporaries) and the block's
         # codes, a byte per weight (fitted to scripts/bench_memory.py at 405B shapes: 6.3 GB)
@@ -272,7 +274,7 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
         if calibrated:
             held = batches if where == "host" else -(-activation // devices)
             device_phases["capture"] = embeddings + stored_embeddings + held // 2
-            device_phases["blocks"] = (max(_narrow_bytes(reader, p, masks) for p in plans) if narrow
+            device_phases["blocks"] = (max(_narrow_bytes(reader, p, masks, sequential) for p in plans) if narrow
                                        else block_bytes + solve) + held + temporaries
         device = max(device_phases.values())
         host_phases = {"outside": phases["outside"],   # the Hessian a solve factors in place is kept here
@@ -311,36 +313,40 @@ def _stage_bytes(plan: Any, solver: bool) -> int:
     return max(4 * (k_h * n * n + k_w * elems) for (_, n), elems in stages.items())
 
 
-def _narrow_bytes(reader: Any, plan: Any, masks: bool = False) -> int:
+def _narrow_bytes(reader: Any, plan: Any, masks: bool = False, sequential: bool = True) -> int:
     """A block's peak with its quantized Linears held as stored (sequential.py, Calibration.narrow):
     input groups (Linears under one parent reading inputs of one width) are observed one pass
     each, in the block's order, and solved in turn, their codes (a byte per weight) kept. While a
-    group's Hessian (4 n^2) is gathered every original is still held (and the largest Linear
-    widened for its call); its solve adds the working
-    float32 copy (the Linears sharing the input stacked into it) and the codes (and, `masks`, a
-    byte per weight of the outlier split's mask);
-    before the last group is solved the others' originals are released. After the solves the
-    block runs on its codes, each Linear dequantized to float32 for its call (three copies of the
-    largest, as in the error measurement)."""
+    group's Hessian (4 n^2) is gathered, the Linears not yet solved are held as stored (every one
+    of them without `sequential`, when later groups see the block unchanged) and one Linear at a
+    time is widened to float32 for its call (from its codes once solved). Its solve adds the
+    working float32 copy (the Linears sharing the input stacked into it) and the codes (and,
+    `masks`, a byte per weight of the outlier split's mask); a solved group's originals are
+    released after its solve (`sequential`), else before the last group's solve. After the solves
+    the block runs on its codes, each Linear dequantized to float32 for its call (three copies of
+    the largest, as in the error measurement)."""
     quantized = {f"{lp.name}.weight": lp for lp in plan.linears if lp.quantize}
-    held = sum(reader.nbytes(n) if n in quantized else 4 * _numel(reader.shape(n)) for n in plan.tensors)
+    dense = sum(4 * _numel(reader.shape(n)) for n in plan.tensors if n not in quantized)
     stages: dict[tuple[str, int], list[Any]] = {}
     for lp in quantized.values():
         stages.setdefault((lp.local.rpartition(".")[0], lp.in_features), []).append(lp)
     if not stages:
-        return held
+        return dense
+    stored = {key: sum(reader.nbytes(f"{lp.name}.weight") for lp in linears) for key, linears in stages.items()}
+    unsolved = sum(stored.values())
     codes = peak = 0
     largest = max(lp.out_features * lp.in_features for lp in quantized.values())
-    for i, ((_, n), linears) in enumerate(stages.items()):
+    for i, ((key, n), linears) in enumerate(zip(stages, stages.values(), strict=True)):
         elems = sum(lp.out_features * lp.in_features for lp in linears)
-        stored = sum(reader.nbytes(f"{lp.name}.weight") for lp in linears)
-        hold = held - sum(reader.nbytes(f"{lp.name}.weight") for lp in quantized.values()) + stored \
-            if i == len(stages) - 1 else held
+        observed = dense + unsolved + codes + 4 * n * n
+        last = i == len(stages) - 1
+        held = dense + (unsolved if sequential or not last else stored[(key, n)]) + codes + 4 * n * n
         work = 4 * elems + elems + (elems if masks else 0)
-        # a pass widens one Linear at a time to float32 for its call
-        peak = max(peak, held + codes + 4 * n * n + 4 * largest, hold + codes + 4 * n * n + work)
+        peak = max(peak, observed + 4 * largest, held + work)
         codes += elems
-    return max(peak, held - sum(reader.nbytes(n) for n in quantized) + codes + 3 * 4 * largest)
+        if sequential:
+            unsolved -= stored[(key, n)]
+    return max(peak, dense + codes + 3 * 4 * largest)
 
 
 def _cut_table(reader: Any, tokens: int) -> int:
