@@ -13,6 +13,7 @@ import torch
 from test_cli import cli
 from test_plan_phases import plan_of
 
+import quantize_llm.algorithms.awq as awq
 import quantize_llm.calibration.sequential as sequential
 import quantize_llm.run.plan as plan_module
 from quantize_llm.calibration.data import CalibrationSpec
@@ -22,21 +23,35 @@ def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
 
 
+real_input_energy = awq.input_energy
+
 METHODS = {
     "gptq": ["gptq", "--group-size", 32],
     "gptq-act-order-all-at-once": ["gptq", "--group-size", 32, "--act-order", "--no-true-sequential"],
     "outlier-gptq": ["outlier", "--group-size", 32, "--inner", "gptq", "--outlier-fraction", 0.01],
     "nf4-gptq": ["nf4", "--rounding", "gptq"],
+    # AWQ: its folds into Linears held narrow are replayed when they are widened (v_proj's rows for
+    # o_proj under full multi-head attention, up_proj's rows for down_proj, every group's columns)
+    "awq": ["awq", "--group-size", 32],
+    "awq-then-gptq": ["awq", "--group-size", 32, "--then", "gptq"],
+    "awq-few-tokens": ["awq", "--group-size", 32],   # down_proj's search on its inputs (64 tokens < 128 wide)
 }
+# AWQ's models: every head its own key-value head, so o_proj's scales fold into v_proj too
+CONFIGS = {name: {"num_key_value_heads": 4} for name in METHODS if name.startswith("awq")}
+NSAMPLES = {"awq-few-tokens": 2}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_a_narrow_block_writes_the_same_checkpoint(tiny_model, tmp_path, calib_file, monkeypatch, capsys, method):
-    src = tiny_model("llama", config={"num_hidden_layers": 2}, dtype=torch.bfloat16)
+    src = tiny_model("llama", config={"num_hidden_layers": 2, **CONFIGS.get(method, {})}, dtype=torch.bfloat16)
     head, *rest = METHODS[method]
-    args = [head, src, *rest, "--dataset", calib_file, "--nsamples", 8, "--seqlen", 32, "--batch-size", 4]
+    args = [head, src, *rest, "--dataset", calib_file, "--nsamples", NSAMPLES.get(method, 8), "--seqlen", 32,
+            "--batch-size", 4]
+    energies = []
+    monkeypatch.setattr(awq, "input_energy", lambda *a: energies.append(1) or real_input_energy(*a))
     assert cli(*args, "-o", tmp_path / "wide") == 0
     assert "block weights:" not in "".join(capsys.readouterr())
+    assert bool(energies) == (method == "awq-few-tokens")   # the search measured down_proj on its inputs
 
     calls = {"wide": 0, "codes": 0}
     for name in calls:
@@ -67,8 +82,8 @@ def test_the_plan_holds_the_block_narrow_only_where_it_must(tiny_model, calib_fi
     src = tiny_model("llama", config={"hidden_size": 256, "intermediate_size": 1024, "num_attention_heads": 4,
                                       "num_key_value_heads": 2, "num_hidden_layers": 2}, dtype=torch.bfloat16)
     cal = CalibrationSpec(source=str(calib_file), nsamples=2, seqlen=16)
-    roomy = plan_of(src, "gptq", cal)
-    assert not roomy.narrow
+    roomy, roomy_awq = plan_of(src, "gptq", cal), plan_of(src, "awq", cal)
+    assert not roomy.narrow and not roomy_awq.narrow
     narrow_peak = sequential_peak = None
     # activations are a sliver here: only the narrow block brings the peak under the room
     monkeypatch.setattr(plan_module, "memory_room", lambda dev: roomy.host_peak_bytes - 1)
@@ -79,7 +94,10 @@ def test_the_plan_holds_the_block_narrow_only_where_it_must(tiny_model, calib_fi
     # the Linears in bf16 instead of float32 at the least, the codes and a Hessian at a time besides
     linears = 4 * (256 * 256 * 2 + 2 * 256 * 128 + 3 * 256 * 1024)
     assert sequential_peak - narrow_peak > linears // 4
-    assert not plan_of(src, "awq", cal).narrow                         # AWQ's search rewrites the block
+    # AWQ too: its search's trial weights and scaled groups in float32, the rest as stored
+    monkeypatch.setattr(plan_module, "memory_room", lambda dev: roomy_awq.host_peak_bytes - 1)
+    tight_awq = plan_of(src, "awq", cal)
+    assert tight_awq.narrow and tight_awq.host_phases["blocks"] < roomy_awq.host_phases["blocks"] - linears // 4
     monkeypatch.setattr(plan_module, "memory_room", lambda dev: 1)      # nothing fits: the usual plan, refused
     assert not plan_of(src, "gptq", cal).narrow
 

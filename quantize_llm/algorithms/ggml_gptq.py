@@ -387,9 +387,9 @@ class GgmlAWQ(AWQ):
         self.block_types = {local: t for (index, local), t in self.types.items() if index == ctx.index}
         super().prepare_block(ctx)
 
-    def fake(self, name: str, weight: Tensor, s: Tensor) -> Tensor:
+    def fake(self, name: str, weight: Tensor, s: Tensor, rows: Callable[[int, int], Tensor] | None = None) -> Tensor:
         type_name = self.block_types[name]
-        scaled = (weight.float() * s).cpu().numpy()
+        scaled = ((weight if rows is None else rows(0, weight.shape[0])).float() * s).cpu().numpy()
         rounded = ggml.dequantize(ggml.quantize_rtn(type_name, scaled))
         return torch.from_numpy(rounded).to(weight.device).div_(s)
 

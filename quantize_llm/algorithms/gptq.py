@@ -282,7 +282,7 @@ class GPTQ:
                 qw = rtn_quantize(layer.weights[name], spec)
             metrics: dict[str, Any] = {"method": "rtn"}
             if h is not None:
-                metrics["rel_error"] = output_error(layer.weights[name].float(), qw.dequantize(torch.float32), h)
+                metrics["rel_error"] = output_error(layer.weights[name].float(), qw, h)
             layer.report(name, metrics)
             results[name] = qw
         by_input: dict[tuple[str, QuantSpec], list[str]] = {}   # same input and same spec: stacked

@@ -193,7 +193,7 @@ class NF4:
             h = self.hessians[layer.input_of.get(name, name)].to(device)
             with naming(layer.full_name(name)):   # the absmax is fixed: an overflow is the weight's own
                 qw, stats = nf4_gptq_quantize(weight, h, self.spec, self.options)
-            layer.report(name, {"rel_error": output_error(weight.float(), qw.dequantize(torch.float32), h),
+            layer.report(name, {"rel_error": output_error(weight.float(), qw, h),
                                 "damp": stats.damp,
                                 "dead_columns": stats.dead_columns, "seconds": stats.seconds})
             return qw

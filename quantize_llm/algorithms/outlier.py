@@ -280,7 +280,7 @@ class OutlierSplit:
                 metrics["rel_error"] = math.sqrt(solve_energy(stats.row_error, stats.ridge, squared)
                                                  / max(total, 1e-30))
             elif h is not None:
-                metrics["rel_error"] = output_error(w, qw.dequantize(torch.float32), h)
+                metrics["rel_error"] = output_error(w, qw, h)
             layer.report(name, metrics)
             return qw
 

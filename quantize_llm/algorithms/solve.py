@@ -14,13 +14,16 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ..errors import SpecError
 from .base import HessianNotFinite, NotPositiveDefinite
+
+if TYPE_CHECKING:
+    from ..core.qweight import QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -281,15 +284,17 @@ def input_error_target(weight: Tensor, hessian: Tensor, cross: Tensor, alpha: fl
     return out
 
 
-def energy(d: Tensor, h: Tensor) -> float:
+def energy(d: Tensor | tuple[int, Callable[[int, int], Tensor]], h: Tensor) -> float:
     """tr(D H D^T) for D (out, in) and H = X^T X (in, in): ||D X^T||^2 without keeping X. A slice
     of rows at a time, in h's dtype (d's rows are converted as they come): no temporary of D's
     size (at 405B's down_proj D H alone would be 3.5 GB); the same sum as in one piece up to its
-    order."""
+    order. d may also be (rows, fn): fn(start, stop) gives rows start:stop of D, formed only then
+    (D itself is never held; the same sum as on the tensor)."""
+    rows, part_of = (d.shape[0], lambda a, b: d[a:b]) if isinstance(d, Tensor) else d
     step = max(1, ENERGY_ELEMENTS // max(h.shape[1], 1))
     total = 0.0
-    for r in range(0, d.shape[0], step):
-        part = d[r:r + step].to(h.device, h.dtype)
+    for r in range(0, rows, step):
+        part = part_of(r, min(r + step, rows)).to(h.device, h.dtype)
         total += float(((part @ h) * part).sum(dtype=torch.float64))
     return total
 
@@ -323,11 +328,13 @@ def squared_residual(weight: Tensor, dequantize_rows: Callable[[int, int], Tenso
     return total
 
 
-def output_error(w: Tensor, q: Tensor, h: Tensor) -> float:
-    """||WX - QX|| / ||WX|| for a weight `w` (out, in) and its dequantized `q`, from H = X^T X;
-    computed in w's dtype."""
+def output_error(w: Tensor, q: Tensor | QuantizedWeight, h: Tensor) -> float:
+    """||WX - QX|| / ||WX|| for a weight `w` (out, in) and its dequantized `q` (or the result
+    itself, dequantized a slice of rows at a time), from H = X^T X; computed in w's dtype."""
     h = h.to(w.device, w.dtype)
-    return math.sqrt(max(energy(w - q, h), 0.0) / max(energy(w, h), 1e-30))
+    d = w - q if isinstance(q, Tensor) else \
+        (w.shape[0], lambda a, b: w[a:b] - q.dequantize_rows(a, b, w.dtype).to(w.device))
+    return math.sqrt(max(energy(d, h), 0.0) / max(energy(w, h), 1e-30))
 
 
 class Grid:

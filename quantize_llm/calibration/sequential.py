@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..algorithms.base import Algorithm, BlockContext, LayerContext
+from ..core import narrow as narrow_weights
 from ..core.devices import move, spread
 from ..core.qweight import QuantizedWeight
 from ..errors import RunError
@@ -533,7 +534,7 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
         block = layers[plan.index]
         template = copy.deepcopy(block) if ndev > 1 else None   # still on meta: the replicas' skeleton
         quantize = {lp.local: lp for lp in plan.linears if lp.quantize}
-        narrow = cal.narrow and ndev == 1 and algorithm.prepare_block is None and not paired \
+        narrow = cal.narrow and ndev == 1 and not paired \
             and not expert_units(list(quantize.values())).units
         _materialize(block, plan.module_prefix, cal.loader(read), primary, cal.dtype,
                      stored=frozenset(f"{n}.weight" for n in quantize) if narrow else frozenset())
@@ -598,6 +599,8 @@ def _run_calibrated(blocks: list[BlockPlan], algorithm: Algorithm, read: Callabl
                                                                            block_calls[i]),
                        consume=lambda i, y: float_outputs.append(y))  # noqa: F821
             for k, stage in enumerate(stages):
+                if narrow:   # scalings AWQ folded into the stage's Linears: applied now, once
+                    _apply_scalings(block, [n for g in stage for n in g])
                 t = _observe_stage(replicas, devices, stage, algorithm, inputs, block_calls, timer, t,
                                    floats if paired else None, originals)
                 if narrow and k == len(stages) - 1:   # nothing reads the solved Linears' originals again
@@ -670,15 +673,28 @@ def _weights_of(block: nn.Module, weights: dict[str, list[Tensor]], replica: int
 
 def _widen(block: nn.Module, names: tuple[str, ...], dtype: torch.dtype) -> None:
     """Linears `names` of `block` held narrower than dtype run on their weight widened to dtype for
-    the call (exact: the same product as on a widened copy)."""
+    the call (exact: the same product as on a widened copy; scalings a block search folds into
+    them are kept beside the stored weight and replayed: core/narrow.py)."""
     for name in names:
         module = block.get_submodule(name)
         if isinstance(module, nn.Linear) and module.weight.dtype != dtype:
             module.forward = functools.partial(_wide_linear, module)   # type: ignore[method-assign]
+            narrow_weights.hold(module, dtype)
 
 
 def _wide_linear(module: nn.Linear, x: Tensor) -> Tensor:
-    return nn.functional.linear(x, module.weight.to(x.dtype), module.bias)
+    return nn.functional.linear(x, narrow_weights.widened(module).to(x.dtype), module.bias)
+
+
+def _apply_scalings(block: nn.Module, names: list[str]) -> None:
+    """Linears `names` held narrow with scalings (AWQ's folds) take their widened weight as theirs
+    (exactly the wide run's), so their stage observes and solves what a wide run would."""
+    for name in names:
+        module = block.get_submodule(name)
+        if isinstance(module, nn.Linear) and narrow_weights.scaled(module):
+            wide = narrow_weights.widened(module)
+            narrow_weights.release(module)
+            module.weight.data = wide
 
 
 def _serve_codes(block: nn.Module, results: dict[str, QuantizedWeight], dtype: torch.dtype) -> None:
@@ -702,6 +718,7 @@ def _unwiden(block: nn.Module) -> None:
     """Back to the modules' own forward (the skeleton block is materialized again by later passes)."""
     for module in block.modules():
         module.__dict__.pop("forward", None)
+        narrow_weights.release(module)
 
 
 EXPERT_STATISTICS_BYTES = 2 << 30   # Hessians of experts gathered in one pass over the calibration set

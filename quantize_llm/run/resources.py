@@ -194,7 +194,7 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
     room: the memory the work device has (host memory on a CPU). Where the plan does not fit in
     it, the first of these that does is chosen: calibration activations kept on the host (a GPU
     run) or on disk (a CPU run); the block's quantized Linears held as stored (`narrow`: a
-    calibrated method without a block search, on one device, without fused experts); both."""
+    calibrated method on one device, without fused experts); both."""
     args = (reader, plans, config, output_bytes, calibrated, nsamples, seqlen, batch_size, device_type,
             resume, verify, devices, solver, search, self_text, masks, paired, sequential)
     plan = _estimate(*args, "device")
@@ -205,7 +205,7 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
     if not calibrated or room is None or (peak(plan) or 0) <= room:
         return plan
     away = "host" if device_type == "cuda" else "disk"
-    narrowable = not search and not paired and devices == 1 and not any(lp.expert for p in plans for lp in p.linears)
+    narrowable = not paired and devices == 1 and not any(lp.expert for p in plans for lp in p.linears)
     tries = [(away, False)] + ([("device", True), (away, True)] if narrowable else [])
     for where, narrow in tries:   # activations kept away, the block narrow, both: the first that fits
         other = _estimate(*args, where, narrow)
@@ -244,7 +244,8 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
             phases["calibration text"] = self_text.work_bytes(device_type == "cpu")
         held = batches if where == "disk" else activation   # on disk: the batches at work
         phases["capture"] = embeddings + stored_embeddings + held // 2
-        work = max(_narrow_bytes(reader, p, masks, sequential) for p in plans) if narrow else block_bytes + solve
+        work = max(_narrow_bytes(reader, p, masks, sequential, search, solver, nsamples * seqlen) for p in plans) \
+            if narrow else block_bytes + solve
         phases["blocks"] = work + held + temporaries
     else:   # one Linear at a time (as stored, in float32, its rounding's temporaries) and the block's
         # codes, a byte per weight (fitted to scripts/bench_memory.py at 405B shapes: 6.3 GB)
@@ -274,7 +275,8 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
         if calibrated:
             held = batches if where == "host" else -(-activation // devices)
             device_phases["capture"] = embeddings + stored_embeddings + held // 2
-            device_phases["blocks"] = (max(_narrow_bytes(reader, p, masks, sequential) for p in plans) if narrow
+            device_phases["blocks"] = (max(_narrow_bytes(reader, p, masks, sequential, search, solver,
+                                                         nsamples * seqlen) for p in plans) if narrow
                                        else block_bytes + solve) + held + temporaries
         device = max(device_phases.values())
         host_phases = {"outside": phases["outside"],   # the Hessian a solve factors in place is kept here
@@ -313,7 +315,8 @@ def _stage_bytes(plan: Any, solver: bool) -> int:
     return max(4 * (k_h * n * n + k_w * elems) for (_, n), elems in stages.items())
 
 
-def _narrow_bytes(reader: Any, plan: Any, masks: bool = False, sequential: bool = True) -> int:
+def _narrow_bytes(reader: Any, plan: Any, masks: bool = False, sequential: bool = True, search: bool = False,
+                  solver: bool = True, tokens: int = 0) -> int:
     """A block's peak with its quantized Linears held as stored (sequential.py, Calibration.narrow):
     input groups (Linears under one parent reading inputs of one width) are observed one pass
     each, in the block's order, and solved in turn, their codes (a byte per weight) kept. While a
@@ -324,7 +327,13 @@ def _narrow_bytes(reader: Any, plan: Any, masks: bool = False, sequential: bool 
     `masks`, a byte per weight of the outlier split's mask); a solved group's originals are
     released after its solve (`sequential`), else before the last group's solve. After the solves
     the block runs on its codes, each Linear dequantized to float32 for its call (three copies of
-    the largest, as in the error measurement)."""
+    the largest, as in the error measurement).
+
+    search (AWQ): first the scale search over the stored block: a group's trial weights in float32
+    and one Linear widened for the inspected module's call, or for a lone Linear its inputs (`tokens`
+    rows) or Hessian, whichever is smaller; then each group's Linears take their scaled weight in
+    float32 in place of the stored one, and round one Linear at a time (`solver`: GPTQ on a clamped
+    copy, two float32 copies of it)."""
     quantized = {f"{lp.name}.weight": lp for lp in plan.linears if lp.quantize}
     dense = sum(4 * _numel(reader.shape(n)) for n in plan.tensors if n not in quantized)
     stages: dict[tuple[str, int], list[Any]] = {}
@@ -336,12 +345,21 @@ def _narrow_bytes(reader: Any, plan: Any, masks: bool = False, sequential: bool 
     unsolved = sum(stored.values())
     codes = peak = 0
     largest = max(lp.out_features * lp.in_features for lp in quantized.values())
+    if search:
+        for (_, n), linears in stages.items():
+            elems = sum(lp.out_features * lp.in_features for lp in linears)
+            alone = 4 * min(n * n, tokens * n) if len(linears) == 1 else 4 * largest
+            peak = max(peak, dense + unsolved + 4 * elems + alone)
     for i, ((key, n), linears) in enumerate(zip(stages, stages.values(), strict=True)):
         elems = sum(lp.out_features * lp.in_features for lp in linears)
-        observed = dense + unsolved + codes + 4 * n * n
+        scaled = 4 * elems - stored[(key, n)] if search else 0
+        observed = dense + unsolved + scaled + codes + 4 * n * n
         last = i == len(stages) - 1
-        held = dense + (unsolved if sequential or not last else stored[(key, n)]) + codes + 4 * n * n
-        work = 4 * elems + elems + (elems if masks else 0)
+        held = dense + (unsolved if sequential or not last else stored[(key, n)]) + scaled + codes + 4 * n * n
+        if search:
+            work = elems + (8 * max(lp.out_features * lp.in_features for lp in linears) if solver else 0)
+        else:
+            work = 4 * elems + elems + (elems if masks else 0)
         peak = max(peak, observed + 4 * largest, held + work)
         codes += elems
         if sequential:

@@ -9,7 +9,9 @@ import torch
 from conftest import ARCHS, TINY_CONFIGS
 from torch import nn
 
+from quantize_llm.algorithms import awq
 from quantize_llm.algorithms.awq import AWQ, AWQOptions, _Capture, awq_scales, fold, fold_problem, hessian_clip_params
+from quantize_llm.algorithms.solve import accumulate_hessian, energy
 from quantize_llm.core.spec import QuantSpec
 from quantize_llm.errors import SpecError
 from quantize_llm.models.architectures import ARCHITECTURES, AWQScale
@@ -235,3 +237,49 @@ def test_duo_scales_formula() -> None:
     s = act.double() ** 0.3 / (expected_w.double() ** 0.7 + 1e-4)
     torch.testing.assert_close(duo_scales(act, w_mean, 0.3).double(), s / (s.max() * s.min()).sqrt(),
                                rtol=1e-5, atol=0)
+
+
+def test_a_lone_linear_seeing_fewer_tokens_than_its_width_is_measured_on_its_inputs() -> None:
+    """With fewer tokens than input channels the search keeps the inputs X (smaller than X^T X, and
+    the cheaper product); the scales and errors are those of the Hessian's objective."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 64, generator=g)
+    x[:, :4] *= 20
+    spec = QuantSpec(bits=3, group_size=32, sym=False)
+    block = _Block()
+    stats = _Capture(block, [ENTRY], n_search=1)
+    for fn in stats.hooks().values():
+        fn(0, (x,), {})
+    assert "norm" in stats.flat and "norm" not in stats.hessians
+    s_inputs, m_inputs = AWQ(spec)._search([block], (torch.device("cpu"),), ENTRY, stats, ("fc",))
+    stats.flat.pop("norm")
+    stats.hessians["norm"] = x.t() @ x                                     # the Hessian's objective
+    s_hessian, m_hessian = AWQ(spec)._search([block], (torch.device("cpu"),), ENTRY, stats, ("fc",))
+    assert m_inputs["alpha"] == m_hessian["alpha"] > 0 and torch.equal(s_inputs, s_hessian)
+    for key in ("search_error_before", "search_error_after"):
+        assert m_inputs[key] == pytest.approx(m_hessian[key], rel=1e-5)
+
+
+def test_the_inputs_give_way_to_their_hessian_once_they_outgrow_it() -> None:
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(40, 64, generator=g) for _ in range(3)]
+    stats = _Capture(_Block(), [ENTRY], n_search=1)
+    hook = next(iter(stats.hooks().values()))
+    hook(0, (batches[0],), {})
+    assert [x.shape[0] for x in stats.flat["norm"]] == [40]
+    for i, x in enumerate(batches[1:], start=1):
+        hook(i, (x,), {})
+    expected: dict = {}
+    for x in batches:                                  # as if the Hessian had been gathered from the first
+        accumulate_hessian(expected, "norm", x)
+    assert "norm" not in stats.flat and torch.equal(stats.hessians["norm"], expected["norm"])
+
+
+def test_input_energy_against_float64() -> None:
+    g = torch.Generator().manual_seed(4)
+    d = torch.randn(300, 96, generator=g)
+    xs = [torch.randn(n, 96, generator=g) for n in (17, 50)]
+    reference = float(sum(((x.double() @ d.double().t()) ** 2).sum() for x in xs))
+    got = awq.input_energy((300, lambda a, b: d[a:b]), xs)
+    assert got == pytest.approx(reference, rel=1e-5)
+    assert energy((300, lambda a, b: d[a:b]), sum(x.t() @ x for x in xs)) == pytest.approx(reference, rel=1e-4)
