@@ -68,3 +68,41 @@ def test_the_solver_needs_more_than_rounding(tiny_model, calib_file):
     assert gptq.host_phases["blocks"] > rtn.host_phases["blocks"]
     gpu = plan_of(src, "gptq", cal, device="cuda")
     assert gpu.device_phases["blocks"] == gptq.host_phases["blocks"] - PROCESS_BASELINE
+
+
+def test_the_compute_the_plan_predicts_is_what_the_run_multiplies(tiny_model, tmp_path, calib_file):
+    """The plan's matrix-product count against the products the run makes, counted by torch's
+    FlopCounterMode (with the in-place and CPU attention kernels it does not know added), for
+    GPTQ and AWQ; LAPACK's factorizations are not torch products and are left out of both."""
+    from test_cli import cli
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from quantize_llm.algorithms.awq import AWQOptions
+    from quantize_llm.algorithms.gptq import GPTQOptions
+
+    aten = torch.ops.aten
+
+    def product(x, a, b, *args, out_shape=None, **kw):
+        return 2 * a[0] * a[1] * b[1]
+
+    def outer(x, u, v, *args, out_shape=None, **kw):
+        return 2 * u[0] * v[0]
+
+    def attention(q, k, v, *args, out_shape=None, **kw):
+        return 4 * q[0] * q[1] * q[2] * k[-2] * q[3]
+
+    mapping = {aten.addmm_: product, aten.addr_: outer, aten._scaled_dot_product_flash_attention_for_cpu: attention}
+    src = tiny_model("llama", config={"hidden_size": 128, "intermediate_size": 512})
+    cal = CalibrationSpec(source=str(calib_file), nsamples=8, seqlen=32)
+    # few trials: every torch call runs through the counter (the counted products are the same kind)
+    options = {"gptq": GPTQOptions(clip="minmax"), "awq": AWQOptions(grid=4, max_shrink=0.2)}
+    extra = {"gptq": ["--clip", "minmax"], "awq": ["--grid", 4, "--max-shrink", 0.2]}
+    for method in ("gptq", "awq"):
+        flops = plan_of(src, method, cal, options=options[method]).flops
+        assert flops and flops["forward"] > 0 and flops["hessians"] > 0
+        assert (flops["search"] > 0) == (method == "awq") and (flops["factorizations"] > 0) == (method == "gptq")
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            assert cli(method, src, "-o", tmp_path / method, "--group-size", 32, "--dataset", calib_file,
+                       "--nsamples", 8, "--seqlen", 32, "--batch-size", 4, "--no-verify", *extra[method]) == 0
+        predicted = sum(flops.values()) - flops["factorizations"]
+        assert 0.8 < counter.get_total_flops() / predicted < 1.25, (method, counter.get_flop_counts()["Global"], flops)

@@ -418,7 +418,16 @@ def resource_plan(reader: CheckpointReader, plans: list[BlockPlan], spec: QuantS
                               masks=calibrated and spec.method == "outlier",
                               paired=calibrated and bool(getattr(options, "qep", 0)),
                               sequential=getattr(options, "true_sequential", True) is not False,
+                              trials=_trials(options),
                               room=_room(memory_room(dev), max_memory) if calibrated else None)
+
+
+def _trials(options: Any) -> tuple[int, int]:
+    """AWQ's scale trials per group and clip trials per weight group (the plan's compute)."""
+    grid = int(getattr(options, "grid", 20))
+    clip = int(getattr(options, "max_shrink", 0.5) * getattr(options, "clip_grid", 20)) + 1 \
+        if getattr(options, "clip", True) else 0
+    return grid, clip
 
 
 def _room(free: int | None, limit: int | None) -> int | None:

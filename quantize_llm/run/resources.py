@@ -136,6 +136,7 @@ class ResourcePlan:
     offload_bytes: int = 0         # disk: a block's inputs and outputs in files beside the output
     narrow: bool = False           # the block's quantized Linears held as stored, one input group per pass
     paired: bool = False           # --qep: the float model's activations kept beside the quantized model's
+    flops: dict[str, float] | None = None   # a calibrated run's floating-point operations per phase (compute_flops)
 
     @property
     def disk_bytes(self) -> int:
@@ -170,6 +171,9 @@ class ResourcePlan:
         if self.paired:
             out.append("calibration activations: the float model's kept beside the quantized model's (--qep), "
                        "each block run from both")
+        if self.flops:
+            out.append(f"compute: about {_flop_text(sum(self.flops.values()))} in matrix products ("
+                       + ", ".join(f"{k} {_flop_text(v)}" for k, v in self.flops.items() if v) + ")")
         if self.self_text is not None:
             out.append(self.self_text.line())
         return out
@@ -179,7 +183,7 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
              seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool = True,
              devices: int = 1, solver: bool | None = None, search: bool = False,
              self_text: SelfText | None = None, room: int | None = None, masks: bool = False,
-             paired: bool = False, sequential: bool = True) -> ResourcePlan:
+             paired: bool = False, sequential: bool = True, trials: tuple[int, int] = (20, 11)) -> ResourcePlan:
     """The plan for quantizing `plans` (plan.plan_blocks) of the checkpoint behind `reader`.
 
     devices: GPUs the run is spread over; the device peak is the first one's (it also holds the
@@ -190,13 +194,14 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
     model's (--qep: twice the activations, a second n x n per solve and the block's float weights
     kept beside their quantized values); sequential: each stage's inputs come from the block with
     the earlier stages quantized (true-sequential: a narrow block releases them as it goes);
+    trials: AWQ's scale trials per group and clip trials per weight group (compute_flops);
     self_text: how the model generates its calibration text;
     room: the memory the work device has (host memory on a CPU). Where the plan does not fit in
     it, the first of these that does is chosen: calibration activations kept on the host (a GPU
     run) or on disk (a CPU run); the block's quantized Linears held as stored (`narrow`: a
     calibrated method on one device, without fused experts); both."""
     args = (reader, plans, config, output_bytes, calibrated, nsamples, seqlen, batch_size, device_type,
-            resume, verify, devices, solver, search, self_text, masks, paired, sequential)
+            resume, verify, devices, solver, search, self_text, masks, paired, sequential, trials)
     plan = _estimate(*args, "device")
 
     def peak(p: ResourcePlan) -> int | None:
@@ -217,7 +222,7 @@ def estimate(reader: Any, plans: list, config: dict, *, output_bytes: int, calib
 def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibrated: bool, nsamples: int,
               seqlen: int, batch_size: int, device_type: str, resume: bool, verify: bool, devices: int,
               solver: bool | None, search: bool, self_text: SelfText | None, masks: bool, paired: bool,
-              sequential: bool, where: str, narrow: bool = False) -> ResourcePlan:
+              sequential: bool, trials: tuple[int, int], where: str, narrow: bool = False) -> ResourcePlan:
     solver = calibrated if solver is None else solver
     block_elems = max(sum(_numel(reader.shape(n)) for n in p.tensors) for p in plans)
     block_bytes = 4 * block_elems
@@ -288,13 +293,17 @@ def _estimate(reader: Any, plans: list, config: dict, output_bytes: int, calibra
     else:
         host_phases = phases
     resume_bytes = (output_bytes + (activation // 2)) if resume else 0
+    flops = compute_flops(plans, config, nsamples * seqlen, seqlen, solver=solver, search=search,
+                          sequential=sequential, paired=paired, search_tokens=min(nsamples, 16) * seqlen,
+                          grid=trials[0], clip_trials=trials[1]) \
+        if calibrated else None
     return ResourcePlan(blocks=len(plans), output_bytes=output_bytes, resume_bytes=resume_bytes,
                         host_peak_bytes=host, device_peak_bytes=device, activation_bytes=activation,
                         block_bytes=block_bytes, hessian_bytes=hessian,
                         host_phases={k: PROCESS_BASELINE + v for k, v in host_phases.items()},
                         device_phases=device_phases or None, self_text=self_text, activations=where,
                         offload_bytes=activation if where == "disk" else 0, narrow=narrow,
-                        paired=paired and calibrated)
+                        paired=paired and calibrated, flops=flops)
 
 
 def _stage_bytes(plan: Any, solver: bool) -> int:
@@ -365,6 +374,72 @@ def _narrow_bytes(reader: Any, plan: Any, masks: bool = False, sequential: bool 
         if sequential:
             unsolved -= stored[(key, n)]
     return max(peak, dense + codes + 3 * 4 * largest)
+
+
+def compute_flops(plans: list, config: dict, tokens: int, seqlen: int, *, solver: bool, search: bool,
+                  sequential: bool = True, paired: bool = False, search_tokens: int = 0,
+                  clip_trials: int = 11, grid: int = 20) -> dict[str, float]:
+    """Floating-point operations of a calibrated run's matrix products, per phase, summed over the
+    blocks (what its time on a device follows once the weights are read; elementwise work such as
+    rounding and the clip search's trials is left out). Per block, with the quantized Linears in
+    input groups (stages: q/k/v, o, gate/up, down; n the group's input width, E its weights):
+
+    forward    each stage's pass runs the block up to the stage (true-sequential; else one pass up
+               to the last), then one whole pass makes the next block's inputs: 2 x tokens x E per
+               Linear run, and 4 x tokens x seqlen x (heads x head_dim) for the attention scores
+               and their use once a pass is past the first group; twice with the float stream (qep)
+    hessians   2 x tokens x n^2 per group (twice with qep: (X_f - X)^T X besides)
+    factorizations  GPTQ: factor, invert and factor H again (4/3 n^3; LAPACK or cuSOLVER)
+    solves     GPTQ: the error feedback (E n), the output energy ||W X||^2 (2 E n) and with qep the
+               corrected target (4 E n); without
+               error feedback (AWQ's rounding): the clip trials on each group's Hessian block
+               (clip_trials x 2 x E x 128) and the output error (4 E n)
+    search     AWQ: one pass gathering statistics, then `grid` trials per group: the inspected
+               module run on search_tokens (a lone Linear: its error from whichever is smaller,
+               its inputs or its Hessian)
+    """
+    heads = int(config.get("num_attention_heads") or 0)
+    hidden = int(config.get("hidden_size") or 0)
+    head_dim = int(config.get("head_dim") or (hidden // heads if heads else 0))
+    attention = 4 * tokens * seqlen * heads * head_dim
+    out = {"forward": 0.0, "hessians": 0.0, "factorizations": 0.0, "solves": 0.0, "search": 0.0}
+    streams = 2 if paired else 1
+    for plan in plans:
+        stages: dict[tuple[str, int], int] = {}
+        for lp in plan.linears:
+            if lp.quantize:
+                key = (lp.local.rpartition(".")[0], lp.in_features)
+                stages[key] = stages.get(key, 0) + lp.out_features * lp.in_features
+        if not stages:
+            continue
+        sizes = list(stages.values())
+        total = sum(sizes)
+        passes = range(len(sizes)) if sequential else [len(sizes) - 1]
+        forward = sum(2 * tokens * sum(sizes[:i]) + (attention if i else 0) for i in passes)
+        out["forward"] += streams * (forward + 2 * tokens * total + attention)
+        out["hessians"] += streams * sum(2 * tokens * n * n for (_, n) in stages)
+        for (parent, n), elems in stages.items():
+            if solver:
+                out["factorizations"] += 4 / 3 * n ** 3
+                out["solves"] += 3 * elems * n + (4 * elems * n if paired else 0)
+            else:
+                out["solves"] += clip_trials * 2 * elems * min(128, n) + 4 * elems * n
+            if search:
+                lone = sum(1 for lp in plan.linears if lp.quantize and lp.in_features == n
+                           and lp.local.rpartition(".")[0] == parent) == 1
+                under = sum(lp.out_features * lp.in_features for lp in plan.linears
+                            if lp.local.startswith(parent + ".")) if parent else total
+                out["search"] += grid * (2 * elems * min(n, tokens) if lone else 2 * search_tokens * under)
+        if search:
+            out["search"] += 2 * tokens * total + attention
+    return out
+
+
+def _flop_text(flops: float) -> str:
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if flops >= size:
+            return f"{flops / size:.3g} {unit}"
+    return f"{flops / 1e6:.3g} MFLOP"
 
 
 def _cut_table(reader: Any, tokens: int) -> int:
