@@ -106,3 +106,30 @@ def test_the_compute_the_plan_predicts_is_what_the_run_multiplies(tiny_model, tm
                        "--nsamples", 8, "--seqlen", 32, "--batch-size", 4, "--no-verify", *extra[method]) == 0
         predicted = sum(flops.values()) - flops["factorizations"]
         assert 0.8 < counter.get_total_flops() / predicted < 1.25, (method, counter.get_flop_counts()["Global"], flops)
+
+
+def test_a_header_only_checkpoint_plans_like_the_real_one(tmp_path):
+    """scripts/project_scale.py plans 70B / 405B from checkpoints with headers and no data: the
+    planner must see them as it sees the same shapes written out (bench_memory's checkpoint)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))
+    try:
+        spec = importlib.util.spec_from_file_location("project_scale", scripts / "project_scale.py")
+        project = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(project)
+        import bench_memory
+    finally:
+        sys.path.remove(str(scripts))
+    shape = bench_memory.Shape(hidden=256, intermediate=512, heads=4, kv_heads=2, vocab=512)
+    hollow = project.sparse_checkpoint(tmp_path / "hollow", shape, 2)
+    real = tmp_path / "real"
+    bench_memory.build_checkpoint(real, shape, 2)
+    assert sum(f.stat().st_blocks for f in hollow.glob("*.safetensors")) * 512 < 64 * 1024   # holes, no data
+    a, b = (project.plan_for(folder, "gptq", 8, 64, "cuda", 1e9, 2)[0] for folder in (hollow, real))
+    assert a.flops == b.flops and a.flops["forward"] > 0
+    assert (a.device_peak_bytes, a.host_peak_bytes, a.output_bytes) == (b.device_peak_bytes, b.host_peak_bytes,
+                                                                       b.output_bytes)
