@@ -463,14 +463,13 @@ class _Capture:
             self.abs_sum[key] = self.abs_sum.get(key, 0) + flat.abs().sum(0)
             self.count[key] = self.count.get(key, 0) + flat.shape[0]
             if self._linear_inspect(entry):
-                if key in self.hessians:
-                    accumulate_hessian(self.hessians, key, flat)
-                    return
-                kept = self.flat.setdefault(key, [])
-                kept.append(flat.clone())
-                if sum(x.shape[0] for x in kept) > flat.shape[1]:   # the Hessian is smaller now
-                    for x in self.flat.pop(key):
+                kept = self.flat.get(key, [])
+                if key in self.hessians or sum(x.shape[0] for x in kept) + flat.shape[0] > flat.shape[1]:
+                    for x in self.flat.pop(key, []):   # the Hessian is the smaller now
                         accumulate_hessian(self.hessians, key, x)
+                    accumulate_hessian(self.hessians, key, flat)
+                else:
+                    self.flat.setdefault(key, []).append(flat.clone())
         return hook
 
     def _input_hook(self, entry: Any) -> Callable:
