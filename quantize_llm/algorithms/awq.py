@@ -487,8 +487,9 @@ class _Capture:
 
     def error_fn(self, block: nn.Module, entry: Any,
                  device: torch.device | None = None) -> Callable[[dict, dict], float]:
-        """error(linears, originals): the inspected module's relative output error with the
-        linears' current (trial) weights against the original ones; `block` is on `device`."""
+        """error(linears, rows): the inspected module's relative output error with the linears'
+        current (trial) weights against the original ones (rows[name](start, stop): a Linear's
+        original rows, as _trials gives them); `block` is on `device`."""
         if self._linear_inspect(entry):
             if entry.prev in self.flat:
                 xs = [x if device is None else x.to(device) for x in self.flat[entry.prev]]
