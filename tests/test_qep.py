@@ -199,9 +199,10 @@ def test_cli_records_qep_and_the_plan_says_so(tiny_model, tmp_path, calib_file, 
     err = capsys.readouterr().err
     assert "--qep 2 must be in [0, 1]" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
-    assert cli(*args, "--qep", "1", "--format", "gguf", "-o", tmp_path / "bad.gguf") == 2
-    err = capsys.readouterr().err
-    assert "--qep is not applied to GGUF output yet" in err and not (tmp_path / "bad.gguf").exists()
+    # GGUF too: the same correction onto llama.cpp's block grids (a file unlike the plain run's)
+    assert cli(*args, "--qep", "1", "--format", "gguf", "-o", tmp_path / "qep.gguf") == 0
+    assert cli(*args, "--format", "gguf", "-o", tmp_path / "plain.gguf") == 0
+    assert (tmp_path / "qep.gguf").read_bytes() != (tmp_path / "plain.gguf").read_bytes()
 
 
 def test_the_plan_counts_both_streams(tiny_model, calib_file, monkeypatch):

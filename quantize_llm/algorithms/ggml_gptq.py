@@ -41,11 +41,13 @@ from .base import BlockContext, LayerContext, naming
 from .gptq import GPTQOptions
 from .solve import (
     Grid,
+    accumulate_cross,
     accumulate_hessian,
     cholesky_inverse_upper,
     energy,
     feedback,
     feedback_cost,
+    input_error_target,
     output_error,
     solve_diagonal,
     solve_energy,
@@ -331,12 +333,23 @@ class GgmlGPTQ:
         self.options = options or GPTQOptions()
         self.types = types or {}
         self.hessians: dict[str, Tensor] = {}
+        self.crosses: dict[str, Tensor] = {}   # --qep: (X_f - X)^T X per input, as GPTQ's
+
+    @property
+    def float_inputs(self) -> bool:
+        """--qep: the runner shows it the float model's inputs beside the quantized model's."""
+        return self.options.qep > 0
 
     def observe(self, linear_name: str, x: Tensor) -> None:
         accumulate_hessian(self.hessians, linear_name, x)
 
+    def observe_pair(self, linear_name: str, x: Tensor, x_float: Tensor) -> None:
+        accumulate_hessian(self.hessians, linear_name, x)
+        accumulate_cross(self.crosses, linear_name, x, x_float)
+
     def record(self) -> MethodRecord:
-        return MethodRecord(damp=self.options.damp, true_sequential=self.options.true_sequential)
+        return MethodRecord(damp=self.options.damp, true_sequential=self.options.true_sequential,
+                            keys=(("qep", self.options.qep),) if self.options.qep else ())
 
     def quantize_layer(self, layer: LayerContext) -> dict[str, Any]:
         users = Counter(layer.input_of.get(name, name) for name in layer.weights)
@@ -354,6 +367,10 @@ class GgmlGPTQ:
             h = self.hessians.pop(key) if own else self.hessians[key]
             w = weight.float()
             total = energy(w, h)
+            cross = self.crosses.pop(key, None) if own else self.crosses.get(key)
+            if cross is not None:   # --qep: the target corrected for the input error (the error is reported against it)
+                w = input_error_target(w, h, cross, self.options.qep, self.options.damp, self.options.damp_max)
+            del cross
             with naming(full):
                 gw, stats = ggml_gptq(w, h, type_name, self.options, self.spec.act_order, own_hessian=own)
             del h

@@ -85,8 +85,6 @@ def check_method(spec: QuantSpec, options: Any = None) -> None:
     if spec.method not in ("rtn", "gptq", "awq"):
         raise SpecError(f"GGUF output is written by rtn, gptq and awq, not {spec.method}",
                         "quantize with `quantize-llm rtn|gptq|awq ... --format gguf`")
-    if getattr(options, "qep", 0):
-        raise SpecError("--qep is not applied to GGUF output yet", "drop --qep, or write the gptq format")
 
 
 def export_gguf(model: str, output: str | Path, spec: QuantSpec, scheme: str, *, overwrite: bool = False,
