@@ -313,15 +313,22 @@ def _stage_bytes(plan: Any, solver: bool) -> int:
     weights, their working copy, codes and the error terms measured after (3 x); without it (a
     clip search on the Hessian): the Hessian and the weights twice. (A Hessian shared by Linears
     with different settings is copied for all but the last: one n x n more.)"""
+    stages = _stage_weights(plan)
+    if not stages:
+        return 0
+    k_h, k_w = (1, 3) if solver else (1, 2)
+    return max(4 * (k_h * n * n + k_w * elems) for (_, n), elems in stages.items())
+
+
+def _stage_weights(plan: Any) -> dict[tuple[str, int], int]:
+    """The block's input groups in order, (parent module, input width) -> the weights quantized in
+    it: Linears under one parent reading inputs of one width share a Hessian (q/k/v, gate/up)."""
     stages: dict[tuple[str, int], int] = {}
     for lp in plan.linears:
         if lp.quantize:
             key = (lp.local.rpartition(".")[0], lp.in_features)
             stages[key] = stages.get(key, 0) + lp.out_features * lp.in_features
-    if not stages:
-        return 0
-    k_h, k_w = (1, 3) if solver else (1, 2)
-    return max(4 * (k_h * n * n + k_w * elems) for (_, n), elems in stages.items())
+    return stages
 
 
 def _narrow_bytes(reader: Any, plan: Any, masks: bool = False, sequential: bool = True, search: bool = False,
@@ -405,11 +412,7 @@ def compute_flops(plans: list, config: dict, tokens: int, seqlen: int, *, solver
     out = {"forward": 0.0, "hessians": 0.0, "factorizations": 0.0, "solves": 0.0, "search": 0.0}
     streams = 2 if paired else 1
     for plan in plans:
-        stages: dict[tuple[str, int], int] = {}
-        for lp in plan.linears:
-            if lp.quantize:
-                key = (lp.local.rpartition(".")[0], lp.in_features)
-                stages[key] = stages.get(key, 0) + lp.out_features * lp.in_features
+        stages = _stage_weights(plan)
         if not stages:
             continue
         sizes = list(stages.values())
